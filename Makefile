@@ -1,0 +1,37 @@
+# pgolf — two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# CPU build by default (the file on this machine); GPU machines use environment.yml instead.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: run test test-gpu lab venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev,lab]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name pgolf --display-name "pgolf (.venv)" >/dev/null
+	touch $(STAMP)
+
+# The main job on the embedded default: sample corpus -> train (cpu-smoke, or baseline on a GPU)
+# -> run directory under runs/ and a loss-curve figure under figures/.
+run: $(STAMP)
+	$(BIN)/python -m pgolf.mainjob
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# GPU-only tests (run on a CUDA machine).
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+clean:
+	rm -rf $(VENV) data/sample

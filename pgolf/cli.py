@@ -1,0 +1,130 @@
+"""The `pgolf` command line (the contract is ../shared/docs/cli-contract.md).
+
+Every command returns a dict; the last line on stdout is that dict as one JSON object. Progress goes
+to stderr. A `PgolfError` (bad input) becomes one line on stderr and exit status 2; `--debug` shows
+the traceback instead. Each subcommand's work lives in the module that owns it; this file only
+parses arguments and dispatches, importing lazily so `pgolf --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from typing import Any
+
+from pgolf.errors import PgolfError
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field by dotted path (repeatable), e.g. model.num_layers=4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pgolf", description="Parameter Golf research workbench")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("params", help="count the trainable parameters of a preset")
+    p.add_argument("--preset", default="baseline")
+    _add_set(p)
+    p.set_defaults(handler="pgolf.model:cmd_params")
+
+    data = sub.add_parser("data", help="build, fetch and audit challenge shards")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    p = dsub.add_parser("build", help="documents -> challenge shards (+ manifest)")
+    p.add_argument("--input", nargs="+", default=[], help=".jsonl (text field) or .txt files")
+    p.add_argument("--sample", action="store_true", help="use the embedded sample corpus (pydoc_data)")
+    p.add_argument("--tokenizer", help="SentencePiece .model to encode with")
+    p.add_argument("--vocab-size", type=int, help="train a SentencePiece model with the challenge settings")
+    p.add_argument("--val-docs", type=int, help="the first N documents form the validation split")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
+    p.add_argument("--out", required=True)
+    p.set_defaults(handler="pgolf.data.cli:cmd_build")
+    p = dsub.add_parser("fetch", help="download the published challenge export from the Hugging Face Hub")
+    p.add_argument("--variant", choices=["sp1024", "sp8192"], default="sp1024")
+    p.add_argument("--train-shards", type=int, default=80)
+    p.add_argument("--out", default=None)
+    p.add_argument("--repo-id", default=None, help="dataset repository (default: the official export)")
+    p.set_defaults(handler="pgolf.data.cli:cmd_fetch")
+    p = dsub.add_parser("audit", help="validation bytes by the scoring LUTs vs the decoded UTF-8 text")
+    p.add_argument("--data", required=True)
+    p.add_argument("--tokenizer", default=None)
+    p.set_defaults(handler="pgolf.data.cli:cmd_audit")
+
+    p = sub.add_parser("train", help="train a preset (single process or under torchrun)")
+    p.add_argument("--preset", default="baseline")
+    p.add_argument("--config", default=None, help="a config.json to start from instead of a preset")
+    p.add_argument("--data", default=None)
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--out", default=None, help="run directory (default runs/<run_id>)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-seconds", type=float, default=None)
+    p.add_argument("--runs-root", default="runs")
+    _add_set(p)
+    p.set_defaults(handler="pgolf.train:cmd_train")
+
+    p = sub.add_parser("quantize", help="GPTQ + compression of a run's weights; re-evaluates the artifact")
+    p.add_argument("run_dir")
+    p.add_argument("--strict", action="store_true", help="fail when the artifact is over the limit")
+    p.add_argument("--no-eval", action="store_true", help="skip the re-evaluation of the artifact")
+    _add_set(p)
+    p.set_defaults(handler="pgolf.quant.cli:cmd_quantize")
+
+    p = sub.add_parser("eval", help="score the validation set from the artifact, optionally with TTT")
+    p.add_argument("run_dir")
+    p.add_argument("--artifact", default=None)
+    p.add_argument("--ttt", action="store_true")
+    p.add_argument("--trace", default=None, help="write one entry per scored token to FILE.npz")
+    _add_set(p)
+    p.set_defaults(handler="pgolf.eval.cli:cmd_eval")
+
+    p = sub.add_parser("bench", help="time training steps on the current device")
+    p.add_argument("--preset", default="baseline")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--looping", choices=["auto", "on", "off"], default="auto")
+    _add_set(p)
+    p.set_defaults(handler="pgolf.bench:cmd_bench")
+
+    p = sub.add_parser("sweep", help="execute a parameterised notebook once per seed x grid point")
+    p.add_argument("notebook")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1337])
+    p.add_argument("-p", dest="params", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
+    p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2")
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--runs-root", default="runs")
+    p.set_defaults(handler="pgolf.sweep:cmd_sweep")
+
+    p = sub.add_parser("stats", help="seed statistics and the challenge's significance test")
+    p.add_argument("a_glob")
+    p.add_argument("--vs", dest="b_glob", default=None)
+    p.add_argument("--metric", default="val_bpb")
+    p.add_argument("--runs-root", default="runs")
+    p.set_defaults(handler="pgolf.stats:cmd_stats")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    module, func = args.handler.split(":")
+    try:
+        handler = getattr(importlib.import_module(module), func)
+        result: dict[str, Any] = handler(args)
+    except PgolfError as e:
+        if args.debug:
+            raise
+        print(f"pgolf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pgolf: interrupted", file=sys.stderr)
+        return 130
+    sys.stdout.flush()
+    print(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

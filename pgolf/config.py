@@ -1,0 +1,336 @@
+"""One tree of small dataclasses: the whole configuration of a run.
+
+`Config` holds one section per concern (data, model, optim, train, quant, eval, ttt). Presets are
+plain functions in `pgolf.presets`; `--set section.key=value` overrides any field by its dotted
+path. `to_dict`/`from_dict` round-trip through JSON and reject unknown keys and wrong types with a
+message that names the key. No exec, no globals, no metaprogramming beyond `dataclasses.fields`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pgolf.errors import PgolfError
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/sample"  # folder with fineweb_train_*.bin / fineweb_val_*.bin
+    tokenizer: str = ""  # SentencePiece .model; "" = <path>/tokenizer.model
+    val_max_tokens: int = 0  # 0 = the whole validation split (truncated to whole sequences)
+    bos_id: int = 1
+
+
+@dataclass
+class ModelConfig:
+    # --- shape
+    vocab_size: int = 1024
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 2.0
+    activation: str = "relu2"  # relu2 | leaky_relu2 (LeakyReLU(slope)^2, PR #549)
+    leaky_slope: float = 0.5
+    tie_embeddings: bool = True
+    tied_embed_init_std: float = 0.005
+    logit_softcap: float = 30.0
+    init: str = "default"  # default (nn.Linear) | orthogonal (records); O and MLP-down are zero in both
+    # --- attention
+    rope_base: float = 10000.0
+    rope_dims: int = 0  # rotated dims per head; 0 = the whole head (partial RoPE: 16)
+    rope_ntk_factor: float = 1.0  # NTK base rescale: base * f^(d/(d-2)); 2.0 in the #430 line
+    qk_norm: bool = True
+    qk_gain_init: float = 1.5
+    xsa_last_n: int = 0  # exclusive self-attention on the last N physical layers (PR #478)
+    attn_gate: str = "none"  # none | attn_out (#1667) | dense (#1736) | sparse (#1787) | head_scalar (#430)
+    attn_gate_width: int = 12  # input width of attn_out / sparse gates (24 in #1790)
+    attn_gate_input: str = "block"  # block (normalised block input) | q (raw q), attn_out only
+    attn_gate_scale: float = 1.0  # c in sigma(c W x[:w]) of the sparse gate
+    attn_gate_init_std: float = 0.0  # dense / sparse gate weight init std (0 = zeros)
+    doc_mask: bool = False  # attention never crosses a BOS (segments at every BOS and every row)
+    # --- embedding path
+    smear_gate: str = "off"  # off | gated (#1667, width-w input) | channel (#430 per-channel)
+    smear_gate_width: int = 12
+    smear_bos_mask: bool = True  # token mixing (smear, bigram) never crosses a BOS (#1851/#1855)
+    bigram_buckets: int = 0  # BigramHash buckets (0 = off)
+    bigram_dim: int = 128
+    bigram_scale_init: float = 0.05
+    ve_dim: int = 0  # value embeddings (0 = off)
+    ve_layers: list[int] = field(default_factory=list)
+    ve_scale_init: float = 0.1
+    # --- structure
+    ln_scale: bool = False  # RMSNorm(x) * 1/sqrt(l+1)
+    unet_skips: bool = True
+    skip_gates: bool = False  # x <- lerp(w*skip, x, sigmoid(g))
+    resid_mix: bool = True
+    value_residual: bool = False  # x_out += lambda_v * x0 per block (#430, lambda init 0)
+    parallel_start_layer: int = -1  # two residual lanes from this physical layer on (-1 = off)
+    num_loops: int = 0  # extra passes over [loop_start, loop_end] (depth recurrence)
+    loop_start: int = 3
+    loop_end: int = 5
+    enable_looping_at: float = 0.0  # fraction of the training budget after which looping is on
+    recur_carry: str = "none"  # none | frozen (#1801 alpha/beta buffers) | learned (#1766)
+
+
+@dataclass
+class OptimConfig:
+    matrix_lr: float = 0.04
+    scalar_lr: float = 0.04
+    tied_embed_lr: float = 0.05
+    embed_lr: float = 0.6  # untied input embedding
+    head_lr: float = 0.008  # untied output head
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_backend_steps: int = 5
+    muon_coeffs: str = "classic"  # classic (3.4445, -4.7750, 2.0315) | polar_express (PR #1344)
+    muon_row_normalize: bool = False  # MuonEq-R (PR #1285)
+    muon_wd: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    adam_wd: float = 0.0  # control tensors / scalars
+    embed_wd: float = 0.0
+    grad_clip_norm: float = 0.0  # 0 = off
+    ema_decay: float = 0.0  # 0 = off; the EMA weights are the ones exported
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337
+    train_batch_tokens: int = 524_288  # global tokens per optimizer step
+    train_seq_len: int = 1024
+    micro_batch_tokens: int = 0  # tokens per rank per forward; 0 = train_batch_tokens / world
+    iterations: int = 20_000
+    max_seconds: float = 600.0  # wall-clock cap of the training loop (0 = none)
+    gptq_reserve_seconds: float = 0.0  # left free inside max_seconds for GPTQ calibration
+    warmdown_iters: int = 1200  # linear warm-down over the last N steps (estimated on wall-clock)
+    warmdown_frac: float = 0.0  # > 0: warm-down over this fraction of the wall-clock budget instead
+    min_lr: float = 0.0  # floor of the LR multiplier during warm-down
+    warmup_steps: int = 20  # compile warm-up steps, rolled back afterwards
+    val_every: int = 0  # steps between validations (0 = only the final one)
+    val_batch_tokens: int = 524_288
+    eval_seq_len: int = 1024
+    log_every: int = 50
+    compile: bool = True  # torch.compile on CUDA (never on CPU)
+    attention_backend: str = "auto"  # auto | flash | flex | sdpa
+    fused_ce: bool = True  # fused soft-capped CE on CUDA (eager elsewhere)
+    export: str = "int8"  # artifact written at the end of training: int8 (baseline) | none
+
+
+@dataclass
+class QuantConfig:
+    method: str = "gptq"  # gptq | rtn | int8 (the baseline's per-row int8)
+    attn_bits: int = 6
+    mlp_bits: int = 6
+    embed_bits: int = 8
+    other_bits: int = 6
+    attn_clip_sigmas: float = 13.0
+    mlp_clip_sigmas: float = 12.0
+    embed_clip_sigmas: float = 20.0
+    other_clip_sigmas: float = 12.85
+    calibration_batches: int = 16
+    calibration_seqs: int = 48  # sequences per calibration batch
+    calibration_seq_len: int = 2048
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = True
+    gate_int8: bool = True  # per-row int8 for attention-gate weights
+    gate_numel_min: int = 32
+    gate_numel_max: int = 8192
+    passthrough_numel: int = 65_536  # other float tensors up to this size are stored fp16
+    lqer: bool = False
+    lqer_rank: int = 4
+    lqer_top_k: int = 3
+    lqer_asym: bool = True
+    lqer_group: int = 64
+    lqer_factor_bits: int = 4
+    compressor: str = "brotli"  # zlib | lzma | brotli | zstd | pergroup | best
+    level: int = -1  # -1 = the compressor's strongest setting
+    byte_shuffle: int = 2  # 0 = off
+    limit_bytes: int = 16_000_000
+
+
+@dataclass
+class EvalConfig:
+    seq_len: int = 0  # 0 = train.eval_seq_len
+    stride: int = 0  # sliding-window stride; 0 = non-overlapping windows
+    batch_seqs: int = 32
+    time_budget_seconds: float = 600.0
+
+
+@dataclass
+class TTTConfig:
+    method: str = "lora"  # lora | sgd | hedge (what `pgolf eval --ttt` runs)
+    # per-document LoRA (PR #1530; #1765 alpha/r and warm-start A)
+    lora_rank: int = 96
+    lora_alpha: float = 0.0  # 0 = no alpha/r scaling (pre-#1765)
+    lora_lr: float = 1e-4
+    warm_start_a: bool = False
+    beta1: float = 0.0
+    beta2: float = 0.999
+    eps: float = 1e-10
+    weight_decay: float = 0.5
+    chunk_size: int = 48
+    eval_seq_len: int = 2048
+    batch_size: int = 64
+    grad_steps: int = 1
+    q_lora: bool = True
+    k_lora: bool = True
+    v_lora: bool = True
+    o_lora: bool = True
+    mlp_lora: bool = True
+    head_lora: bool = True
+    # phased global SGD (PR #1610/#1626/#1700)
+    phases: int = 0
+    prefix_docs: int = 2000
+    global_lr: float = 0.001
+    global_momentum: float = 0.9
+    global_epochs: int = 1
+    global_chunk_tokens: int = 32_768
+    global_batch_seqs: int = 32
+    global_grad_clip: float = 1.0
+    # score-first SGD of the #549 / #430 line
+    sgd_chunk_tokens: int = 32_768
+    sgd_epochs: int = 3
+    sgd_lr: float = 0.002
+    sgd_momentum: float = 0.9
+    sgd_params: str = "all"  # all | last2 (last two blocks + norm/scale/head, #688 family)
+    sgd_grad_clip: float = 1.0
+    # the legal Hedge mixer (#430 line, normalised)
+    hedge_eta: float = 0.1
+    hedge_alpha: float = 0.1  # add-alpha smoothing of the count experts
+    hedge_trigram_buckets: int = 65_536
+
+
+@dataclass
+class Config:
+    preset: str = "baseline"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ttt: TTTConfig = field(default_factory=TTTConfig)
+
+    # ---- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "Config":
+        return _build(cls, d, where)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise PgolfError(f"{p}: config file not found") from None
+        except json.JSONDecodeError as e:
+            raise PgolfError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_dict(d, where=str(p))
+
+    def with_overrides(self, overrides: list[str] | None) -> "Config":
+        """A copy with `section.key=value` overrides applied (values parsed as JSON when they parse)."""
+        d = self.to_dict()
+        for item in overrides or []:
+            if "=" not in item:
+                raise PgolfError(f"--set {item!r}: expected key=value")
+            key, raw = item.split("=", 1)
+            key = key.strip()
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            node = d
+            parts = key.split(".")
+            for i, part in enumerate(parts):
+                if not isinstance(node, dict) or part not in node:
+                    raise PgolfError(f"--set {key}: unknown config key {'.'.join(parts[:i + 1])!r}")
+                if i == len(parts) - 1:
+                    if isinstance(node[part], dict):
+                        raise PgolfError(f"--set {key}: is a section, not a field")
+                    node[part] = value
+                else:
+                    node = node[part]
+        return Config.from_dict(d, where="--set")
+
+
+def _type_ok(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Check `value` against a field annotation; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        out = []
+        for v in value:
+            ok, v2 = _type_ok(v, inner)
+            if not ok:
+                return False, value
+            out.append(v2)
+        return True, out
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            ok, v2 = _type_ok(value, arg)
+            if ok:
+                return True, v2
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    raise TypeError(f"unsupported config annotation {tp!r}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _build(cls: type, d: Any, where: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `d`; errors name the source (`where`) and the dotted key."""
+    if not isinstance(d, dict):
+        raise PgolfError(f"{where}: key {prefix.rstrip('.') or '<root>'!r} expects an object, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise PgolfError(f"{where}: unknown config key {prefix + unknown[0]!r}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        tp, value, key = hints[f.name], d[f.name], prefix + f.name
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, value, where, key + ".")
+            continue
+        ok, coerced = _type_ok(value, tp)
+        if not ok:
+            raise PgolfError(f"{where}: key {key!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        kwargs[f.name] = coerced
+    return cls(**kwargs)
+
+
+def section_defaults(section: str) -> dict[str, Any]:
+    """Default values of one section, e.g. `section_defaults('ttt')`."""
+    return dataclasses.asdict(getattr(Config(), section))
