@@ -1,0 +1,44 @@
+"""The model: one GPT with every record feature as a config switch (see gpt.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pgolf.config import Config, ModelConfig
+from pgolf.model.gpt import GPT, count_params, validate
+from pgolf.model.lora import BatchedLoRA
+
+__all__ = ["GPT", "BatchedLoRA", "build_model", "count_params", "validate", "load_from_run", "cmd_params"]
+
+
+def build_model(cfg: Config | ModelConfig, device: str | torch.device = "cpu", *,
+                attention_backend: str = "sdpa") -> GPT:
+    """A freshly initialised model on `device` ("meta" builds without allocating)."""
+    mcfg = cfg.model if isinstance(cfg, Config) else cfg
+    bos = cfg.data.bos_id if isinstance(cfg, Config) else 1
+    with torch.device(device):
+        return GPT(mcfg, bos_id=bos, attention_backend=attention_backend)
+
+
+def load_from_run(run_dir: str | Path, device: str | torch.device = "cpu",
+                  weights: str = "final_model.pt") -> tuple[Config, GPT]:
+    """The config and final (EMA) weights of a finished training run, with looping as trained."""
+    from pgolf.runs import resolve
+
+    run = resolve(run_dir)
+    cfg = Config.load(run.file("config.json"))
+    model = build_model(cfg, device)
+    state = torch.load(run.file(weights), map_location=device, weights_only=True)
+    model.load_state_dict(state)
+    model.looping = bool(cfg.model.num_loops)  # looping stays on for evaluation (record-stack §2.6)
+    return cfg, model
+
+
+def cmd_params(args: Any) -> dict[str, Any]:
+    from pgolf.presets import get_preset
+
+    cfg = get_preset(args.preset, args.overrides)
+    model = build_model(cfg, "meta")
+    return {"preset": args.preset, "params": count_params(model)}
