@@ -1,0 +1,228 @@
+"""Documents -> challenge shards + `tokenizer.model` + `manifest.json` in one self-contained folder.
+
+Each document becomes `[BOS] + sp.encode(text)` (no EOS), concatenated back to back as in the
+official export (record-stack.md §1.2); the first `val_docs` documents are the validation split.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from pgolf.data import shards
+from pgolf.data.tokenizer import BOS_ID, load_tokenizer, train_tokenizer
+from pgolf.errors import PgolfError
+
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.model"
+MAX_VOCAB = 2 ** 16  # ids are stored as uint16
+ENCODE_BATCH = 1024  # documents per sp.encode call
+
+
+# ---- small file helpers (also used by fetch)
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    with shards.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    return Path(path)
+
+
+def copy_atomic(src: str | Path, dst: str | Path) -> Path:
+    with shards.atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dst)
+
+
+def log(msg: str) -> None:
+    print(f"pgolf data: {msg}", file=sys.stderr, flush=True)
+
+
+# ---- reading documents
+def read_documents(path: str | Path) -> list[str]:
+    """`.jsonl` (one object with a "text" string per line) or `.txt` (documents separated by blank lines)."""
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".txt"):
+        raise PgolfError(f"{path}: expected a .jsonl or .txt file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PgolfError(f"{path}: input file not found") from None
+    except UnicodeDecodeError as e:
+        raise PgolfError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if path.suffix == ".txt":
+        return [d.strip() for d in re.split(r"\n[ \t]*\n", raw) if d.strip()]
+    docs = []
+    for n, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PgolfError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise PgolfError(f"{path}:{n}: expected an object with a string field 'text'")
+        docs.append(obj["text"])
+    return docs
+
+
+# ---- writing one split as fixed-size shards
+class _SplitWriter:
+    def __init__(self, out: Path, split: str, shard_tokens: int):
+        self.out, self.split, self.shard_tokens = out, split, shard_tokens
+        self.buf: list[np.ndarray] = []
+        self.fill = 0
+        self.tokens = 0
+        self.files: list[Path] = []
+
+    def add(self, toks: np.ndarray) -> None:
+        self.buf.append(toks)
+        self.fill += toks.size
+        self.tokens += toks.size
+        while self.fill >= self.shard_tokens:
+            flat = np.concatenate(self.buf)
+            self._flush(flat[: self.shard_tokens])
+            rest = flat[self.shard_tokens:]
+            self.buf, self.fill = [rest], rest.size
+
+    def close(self) -> None:
+        if self.fill:
+            self._flush(np.concatenate(self.buf))
+        self.buf, self.fill = [], 0
+
+    def _flush(self, toks: np.ndarray) -> None:
+        path = self.out / f"fineweb_{self.split}_{len(self.files):06d}.bin"
+        self.files.append(shards.write_shard(path, toks))
+
+
+def build_shards(docs: list[str], out: str | Path, *, val_docs: int, tokenizer: str | Path | None = None,
+                 vocab_size: int | None = None, shard_tokens: int = 100_000_000,
+                 sources: Iterable[dict] = ()) -> dict[str, Any]:
+    """Encode `docs` into `out` (replacing any shards there); returns the CLI's result dict."""
+    out = Path(out)
+    if not 1 <= val_docs < len(docs):
+        raise PgolfError(f"--val-docs {val_docs}: must be between 1 and {len(docs) - 1} "
+                         f"(there are {len(docs)} documents and training needs at least one)")
+    if shard_tokens < 1:
+        raise PgolfError(f"--shard-tokens {shard_tokens}: must be positive")
+    if tokenizer is None and vocab_size is None:
+        raise PgolfError("--tokenizer / --vocab-size: give a tokenizer to encode with, or a vocabulary size to train one")
+    if vocab_size is not None and not 0 < vocab_size <= MAX_VOCAB:
+        raise PgolfError(f"--vocab-size {vocab_size}: must be in 1..{MAX_VOCAB} (token ids are stored as uint16)")
+    sp = load_tokenizer(tokenizer) if tokenizer is not None else None  # fail before touching `out`
+    if sp is not None:
+        if sp.vocab_size() > MAX_VOCAB:
+            raise PgolfError(f"{tokenizer}: vocabulary of {sp.vocab_size()} does not fit uint16 shards")
+        if vocab_size is not None and sp.vocab_size() != vocab_size:
+            raise PgolfError(f"{tokenizer}: vocabulary size {sp.vocab_size()} != --vocab-size {vocab_size} "
+                             "(vocabulary mismatch)")
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # the folder is unfinished until the manifest is back
+    for stale in out.glob("fineweb_*.bin"):
+        stale.unlink()
+    tok_path = out / TOKENIZER
+    if sp is not None:
+        if Path(tokenizer).resolve() != tok_path.resolve():
+            copy_atomic(tokenizer, tok_path)  # the data folder carries its own tokenizer
+    else:
+        log(f"training a {vocab_size}-piece SentencePiece BPE on {len(docs) - val_docs} training documents")
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            model = train_tokenizer(docs[val_docs:], vocab_size, Path(tmp) / "tokenizer")
+            os.replace(model, tok_path)
+        sp = load_tokenizer(tok_path)
+    vocab = sp.vocab_size()
+
+    writers = {"val": _SplitWriter(out, "val", shard_tokens), "train": _SplitWriter(out, "train", shard_tokens)}
+    for start in range(0, len(docs), ENCODE_BATCH):
+        batch = docs[start:start + ENCODE_BATCH]
+        for i, ids in enumerate(sp.encode(batch, out_type=int, num_threads=min(os.cpu_count() or 1, 8))):
+            toks = np.empty(len(ids) + 1, dtype=np.uint16)
+            toks[0] = BOS_ID
+            toks[1:] = ids
+            writers["val" if start + i < val_docs else "train"].add(toks)
+        log(f"encoded {min(start + ENCODE_BATCH, len(docs))}/{len(docs)} documents")
+    for w in writers.values():
+        w.close()
+
+    manifest = {
+        "format": "pgolf-shards/1",
+        "vocab_size": vocab,
+        "bos_id": BOS_ID,
+        "append_eos": False,
+        "tokenizer": {"file": TOKENIZER, "sha256": sha256_file(tok_path),
+                      "source": None if tokenizer is None else str(tokenizer), "trained": tokenizer is None},
+        "documents": {"val": val_docs, "train": len(docs) - val_docs},
+        "tokens": {"val": writers["val"].tokens, "train": writers["train"].tokens},
+        "shard_tokens": shard_tokens,
+        "shards": {f.name: {"tokens": shards.read_header(f), "sha256": sha256_file(f)}
+                   for w in writers.values() for f in w.files},
+        "sources": list(sources),
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    log(f"wrote {len(manifest['shards'])} shards to {out}")
+    return {"out": str(out), "tokenizer": str(tok_path), "train_tokens": writers["train"].tokens,
+            "val_tokens": writers["val"].tokens, "val_docs": val_docs, "train_docs": len(docs) - val_docs,
+            "vocab_size": vocab}
+
+
+def build_from_files(paths: list[str | Path], out: str | Path, **kw) -> dict[str, Any]:
+    docs, sources = [], []
+    for p in paths:
+        d = read_documents(p)
+        docs += d
+        sources.append({"path": str(p), "sha256": sha256_file(p), "documents": len(d)})
+    return build_shards(docs, out, sources=sources, **kw)
+
+
+def build_sample(out: str | Path, *, vocab_size: int | None = None, tokenizer: str | Path | None = None,
+                 val_docs: int | None = None, shard_tokens: int = 100_000_000) -> dict[str, Any]:
+    from pgolf.data.sample import SOURCE, sample_documents
+
+    docs = sample_documents()
+    if tokenizer is None and vocab_size is None:
+        vocab_size = 1024
+    if val_docs is None:
+        val_docs = max(1, len(docs) // 10)
+    src = {"path": SOURCE, "python": sys.version.split()[0], "documents": len(docs)}
+    return build_shards(docs, out, val_docs=val_docs, tokenizer=tokenizer, vocab_size=vocab_size,
+                        shard_tokens=shard_tokens, sources=[src])
+
+
+# ---- a data folder and the tokenizer used with it
+def default_tokenizer_path(data_dir: str | Path) -> Path:
+    return Path(data_dir) / TOKENIZER
+
+
+def check_tokenizer_pairing(data_dir: str | Path, tokenizer_path: str | Path, sp, vocab_size: int | None) -> None:
+    """Reject a tokenizer that is not the one the shards were built with, or a model vocabulary
+    that differs from the tokenizer's: either would score bytes against the wrong pieces."""
+    n = sp.vocab_size()
+    if vocab_size is not None and vocab_size != n:
+        raise PgolfError(f"{tokenizer_path}: tokenizer vocabulary {n} != model vocab_size {vocab_size} "
+                         "(vocabulary mismatch)")
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PgolfError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if manifest.get("vocab_size") not in (None, n):
+        raise PgolfError(f"{tokenizer_path}: tokenizer vocabulary {n} != {manifest['vocab_size']} that the shards "
+                         f"in {data_dir} were built with (vocabulary mismatch)")
+    want = (manifest.get("tokenizer") or {}).get("sha256")
+    if want and sha256_file(tokenizer_path) != want:
+        raise PgolfError(f"{tokenizer_path}: not the tokenizer the shards in {data_dir} were built with "
+                         f"(sha256 differs from {path.name})")

@@ -1,0 +1,106 @@
+"""Training batches: a sequential stream over the train shards, and random calibration windows.
+
+The stream follows the records' loader (record-stack.md §1.2): shards in sorted order, no shuffling;
+a span that would cross a shard's end drops that shard's remainder and starts at the next shard,
+wrapping around after the last. Each optimizer step takes ONE span of
+`accum_steps * world_size * (micro_tokens + 1)` tokens; micro-step m of rank r is chunk
+`m * world_size + r`, so one process with accumulation A*W sees exactly the chunks that W
+processes with accumulation A see, shard ends included.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pgolf.data import shards
+from pgolf.errors import PgolfError
+
+
+def _train_files(data_dir: str | Path) -> list[Path]:
+    files = shards.list_shards(data_dir, "train")
+    if not files:
+        raise PgolfError(f"{data_dir}: no fineweb_train_*.bin shards found")
+    return files
+
+
+class TrainLoader:
+    def __init__(self, data_dir: str | Path, seq_len: int, rank: int = 0, world_size: int = 1,
+                 vocab_size: int | None = None):
+        if not 0 <= rank < world_size:
+            raise PgolfError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
+        self.data_dir, self.seq_len, self.rank, self.world_size = Path(data_dir), seq_len, rank, world_size
+        self.vocab_size = vocab_size
+        self.files = _train_files(data_dir)
+        self._checked: set[int] = set()  # shards whose ids were already checked against vocab_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Rewind to the first token of the first shard."""
+        self.shard, self.pos = 0, 0
+        self.tokens = self._open(0)
+
+    def _open(self, i: int) -> np.ndarray:
+        vocab = None if i in self._checked else self.vocab_size
+        toks = shards.read_shard(self.files[i], vocab)
+        self._checked.add(i)
+        return toks
+
+    def _take(self, n: int) -> np.ndarray:
+        for _ in range(len(self.files) + 1):
+            if self.pos + n <= self.tokens.size:
+                span = self.tokens[self.pos:self.pos + n]
+                self.pos += n
+                return span
+            self.shard = (self.shard + 1) % len(self.files)  # drop the remainder, as the records do
+            self.pos = 0
+            self.tokens = self._open(self.shard)
+        raise PgolfError(f"{self.data_dir}: no train shard holds a span of {n} tokens "
+                         "(lower train_batch_tokens / micro_batch_tokens or use larger shards)")
+
+    def next_batch(self, micro_tokens: int, accum_steps: int = 1, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`accum_steps` pairs (x, y) of int64 tensors shaped (micro_tokens // seq_len, seq_len)."""
+        if micro_tokens <= 0 or micro_tokens % self.seq_len:
+            raise PgolfError(f"micro-batch of {micro_tokens} tokens: must be a positive multiple of "
+                             f"seq_len {self.seq_len}")
+        chunk = micro_tokens + 1  # +1: the last input's target
+        span = self._take(accum_steps * self.world_size * chunk)
+        out = []
+        for m in range(accum_steps):
+            k = m * self.world_size + self.rank
+            c = torch.from_numpy(span[k * chunk:(k + 1) * chunk].astype(np.int64))
+            x, y = c[:-1].view(-1, self.seq_len), c[1:].view(-1, self.seq_len)  # (B, T) each
+            if device is not None:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            out.append((x, y))
+        return out
+
+
+def calibration_batches(data_dir: str | Path, n_batches: int, seqs: int, seq_len: int, seed: int = 0,
+                        rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+    """`n_batches` int64 tensors (seqs, seq_len) of random non-overlapping windows from the TRAIN
+    shards only (GPTQ calibration, record-stack.md §4.2): rank r uses shards files[r::world_size],
+    each shard's windows start at a random phase, RNG seeded by (seed, rank)."""
+    files = _train_files(data_dir)
+    mine = files[rank::world_size] or files  # more ranks than shards: share them
+    rng = np.random.default_rng([seed, rank])
+    file_idx, starts = [], []
+    for i, f in enumerate(mine):
+        n = shards.read_header(f)
+        if n < seq_len:
+            continue
+        phase = int(rng.integers(0, min(seq_len, n - seq_len + 1)))
+        s = np.arange(phase, n - seq_len + 1, seq_len)
+        file_idx.append(np.full(s.size, i))
+        starts.append(s)
+    need = n_batches * seqs
+    total = sum(s.size for s in starts)
+    if total < need:
+        raise PgolfError(f"{data_dir}: train shards hold {total} windows of {seq_len} tokens for rank {rank}, "
+                         f"calibration needs {need} ({n_batches} x {seqs})")
+    file_idx, starts = np.concatenate(file_idx), np.concatenate(starts)
+    pick = rng.choice(total, size=need, replace=False)
+    tokens = [shards.read_shard(f) for f in mine]
+    windows = np.stack([tokens[file_idx[j]][starts[j]:starts[j] + seq_len] for j in pick]).astype(np.int64)
+    return list(torch.from_numpy(windows).view(n_batches, seqs, seq_len).unbind(0))

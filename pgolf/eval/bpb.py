@@ -1,0 +1,158 @@
+"""Tokenizer-true bits per byte: the challenge's byte-count lookup tables (record-stack.md §1.4).
+
+`val_bpb = Σ loss_i / (ln 2 · Σ bytes_i)` over every scored target. A target's bytes come from its
+SentencePiece piece: boundary tokens (control / unknown / unused, e.g. BOS) count 0, byte-fallback
+pieces 1, any other piece the UTF-8 length of its text with one leading `▁` removed, plus 1 for
+that `▁` (a space) unless the previous token is a boundary (a document's first piece after BOS).
+With CaseOps the per-token byte sidecars (`fineweb_val_bytes_*.bin`) replace the tables.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pgolf.data import shards
+from pgolf.data.build import check_tokenizer_pairing, default_tokenizer_path
+from pgolf.data.tokenizer import BOS_ID, load_tokenizer
+from pgolf.errors import PgolfError
+
+SPACE = "\u2581"  # SentencePiece's word-boundary marker
+
+
+@dataclass
+class Luts:
+    base_bytes: torch.Tensor  # (V,) int16
+    has_leading_space: torch.Tensor  # (V,) bool
+    is_boundary: torch.Tensor  # (V,) bool
+
+    def to(self, device) -> "Luts":
+        return Luts(self.base_bytes.to(device), self.has_leading_space.to(device), self.is_boundary.to(device))
+
+
+def build_luts(sp, vocab_size: int) -> Luts:
+    """Tables over `vocab_size` ids; ids past the tokenizer's vocabulary (padding) are boundaries."""
+    n = sp.vocab_size()
+    if vocab_size < n:
+        raise PgolfError(f"vocab_size {vocab_size} < tokenizer vocabulary {n} (vocabulary mismatch)")
+    base = np.zeros(vocab_size, dtype=np.int16)
+    lead = np.zeros(vocab_size, dtype=bool)
+    boundary = np.ones(vocab_size, dtype=bool)
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1  # one raw byte, whatever the piece's "<0xAB>" spelling
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith(SPACE):
+            lead[i] = True
+            piece = piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return Luts(torch.from_numpy(base), torch.from_numpy(lead), torch.from_numpy(boundary))
+
+
+def target_bytes(prev_tokens, targets, luts: Luts) -> torch.Tensor:
+    """Bytes of each target given the token before it (same shapes); int16 on the tables' device."""
+    x, y = _as_long(prev_tokens), _as_long(targets)
+    space = luts.has_leading_space[y] & ~luts.is_boundary[x]
+    return luts.base_bytes[y] + space.to(luts.base_bytes.dtype)
+
+
+def _as_long(a) -> torch.Tensor:
+    if isinstance(a, np.ndarray):  # uint16 shards have no torch dtype
+        return torch.from_numpy(a.astype(np.int64))
+    return torch.as_tensor(a).long()
+
+
+@dataclass
+class ValSet:
+    tokens: torch.Tensor  # (N+1,) int64: inputs tokens[:-1], targets tokens[1:]
+    bytes: torch.Tensor  # (N,) int16: bytes[i] is the byte count of target tokens[i+1]
+    doc_starts: torch.Tensor  # (D,) int64: positions of BOS in `tokens`
+    byte_source: str  # "lut" or "sidecar" (CaseOps)
+
+    @property
+    def num_targets(self) -> int:
+        return self.tokens.numel() - 1
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.bytes.sum())
+
+
+def load_val(data_dir: str | Path, tokenizer_path: str | Path | None, vocab_size: int, seq_len: int,
+             max_tokens: int = 0, bos_id: int = BOS_ID) -> ValSet:
+    """The validation stream truncated to whole `seq_len` sequences (+1 for the last target).
+
+    `max_tokens > 0` caps the scored targets (rounded down to whole sequences) for quick evals.
+    """
+    tok_path = Path(tokenizer_path) if tokenizer_path else default_tokenizer_path(data_dir)
+    sp = load_tokenizer(tok_path)
+    check_tokenizer_pairing(data_dir, tok_path, sp, vocab_size)
+    val = shards.load_split(data_dir, "val", vocab_size)
+    usable = (val.size - 1) // seq_len * seq_len
+    if max_tokens > 0:
+        usable = min(usable, max_tokens // seq_len * seq_len)
+    if usable <= 0:
+        raise PgolfError(f"{data_dir}: validation split ({val.size} tokens) is shorter than one "
+                         f"sequence of {seq_len} (+1) tokens")
+    tokens = torch.from_numpy(val[:usable + 1].astype(np.int64))
+    sidecars = shards.list_shards(data_dir, "val_bytes")
+    if sidecars:
+        side = shards.load_split(data_dir, "val_bytes")
+        if side.size != val.size:
+            raise PgolfError(f"{sidecars[0].parent}: byte sidecars hold {side.size} entries for {val.size} "
+                             "validation tokens (they must be parallel)")
+        nbytes, source = torch.from_numpy(side[1:usable + 1].astype(np.int16)), "sidecar"
+    else:
+        nbytes, source = target_bytes(tokens[:-1], tokens[1:], build_luts(sp, vocab_size)), "lut"
+    doc_starts = torch.nonzero(tokens == bos_id).flatten()
+    return ValSet(tokens=tokens, bytes=nbytes, doc_starts=doc_starts, byte_source=source)
+
+
+def bpb_from_sums(loss_sum_nats, token_count, byte_count) -> tuple[float, float]:
+    """(val_loss in nats/token, val_bpb) from summed per-token losses, in float64."""
+    loss_sum, ntok, nbytes = float(loss_sum_nats), float(token_count), float(byte_count)
+    if ntok <= 0 or nbytes <= 0:
+        raise ValueError(f"bpb_from_sums: need positive token and byte counts, got {ntok} and {nbytes}")
+    return loss_sum / ntok, loss_sum / (math.log(2) * nbytes)
+
+
+def allreduce_sums(*values, device=None) -> tuple[float, ...]:
+    """Sum scalars (numbers or 0-d tensors) over all ranks as one float64 tensor; identity without
+    torch.distributed. float64 because the byte and loss sums reach ~1.5e8 over the full split."""
+    if device is None:
+        device = next((v.device for v in values if isinstance(v, torch.Tensor)), "cpu")
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return tuple(t.tolist())
+
+
+def audit(data_dir: str | Path, tokenizer_path: str | Path | None = None, bos_id: int = BOS_ID) -> dict:
+    """Validation bytes two ways over the whole split: the scoring tables, and the UTF-8 length of
+    each document decoded by the tokenizer. They agree when the tables are right."""
+    tok_path = Path(tokenizer_path) if tokenizer_path else default_tokenizer_path(data_dir)
+    sp = load_tokenizer(tok_path)
+    check_tokenizer_pairing(data_dir, tok_path, sp, None)
+    val = shards.load_split(data_dir, "val", sp.vocab_size()).astype(np.int64)
+    luts = build_luts(sp, sp.vocab_size())
+    lut_bytes = int(target_bytes(val[:-1], val[1:], luts).sum())
+    # documents = the spans between BOS markers (a prefix before the first BOS is decoded as well)
+    cuts = np.flatnonzero(val == bos_id)
+    bounds = np.concatenate([[0], cuts, [val.size]])
+    docs = [val[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    decoded = 0
+    for i in range(0, len(docs), 1024):  # batches keep the Python lists small
+        texts = sp.decode([d[d != bos_id].tolist() for d in docs[i:i + 1024]])
+        decoded += sum(len(t.encode("utf-8")) for t in texts)
+    out = {"val_tokens": int(val.size), "lut_bytes": lut_bytes, "decoded_bytes": decoded,
+           "match": lut_bytes == decoded, "val_docs": int(cuts.size), "tokenizer": str(tok_path)}
+    if shards.list_shards(data_dir, "val_bytes"):
+        out["sidecar_bytes"] = int(shards.load_split(data_dir, "val_bytes").astype(np.int64)[1:].sum())
+    return out

@@ -1,0 +1,64 @@
+"""Shared fixtures: the reference material in ../shared and data folders built from it once per session.
+
+`sp1024_data` / `sp8192_data`: validation = docs_selected_sample200.jsonl (200 documents, first),
+training = fineweb_default_sample300.jsonl + fineweb_sample10bt_1000.jsonl, encoded with the
+official tokenizer, in 500k-token shards (so several train shards and two val shards exist).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+# Several engineers and CI share two cores: never more than 2 intra-op threads.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+VAL_FILE = "docs_selected_sample200.jsonl"
+TRAIN_FILES = ("fineweb_default_sample300.jsonl", "fineweb_sample10bt_1000.jsonl")
+SHARD_TOKENS = 500_000
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not (SHARED / "data").is_dir() or not (SHARED / "tokenizers").is_dir():
+        pytest.fail(f"{SHARED}: the shared reference folder (data/, tokenizers/) is missing; "
+                    "tests need ../shared beside the checkout", pytrace=False)
+    return SHARED
+
+
+def _build(shared: Path, out: Path, model: str) -> Path:
+    from pgolf.data.build import build_from_files
+
+    data = shared / "data"
+    build_from_files([data / VAL_FILE] + [data / f for f in TRAIN_FILES], out, val_docs=200,
+                     tokenizer=shared / "tokenizers" / model, shard_tokens=SHARD_TOKENS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sp1024_data(shared_dir, tmp_path_factory) -> Path:
+    return _build(shared_dir, tmp_path_factory.mktemp("sp1024"), "fineweb_1024_bpe.model")
+
+
+@pytest.fixture(scope="session")
+def sp8192_data(shared_dir, tmp_path_factory) -> Path:
+    return _build(shared_dir, tmp_path_factory.mktemp("sp8192"), "fineweb_8192_bpe.model")
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `pgolf ARGS...` in-process: returns (exit status, final JSON line or None, stderr text)."""
+    import json
+
+    from pgolf.cli import main
+
+    def run(*argv):
+        capsys.readouterr()
+        rc = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        lines = out.strip().splitlines()
+        return rc, (json.loads(lines[-1]) if rc == 0 and lines else None), err
+
+    return run

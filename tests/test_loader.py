@@ -1,0 +1,95 @@
+"""The training stream and calibration windows, on tiny shards whose token ids are their global
+positions (so every batch says exactly where it came from)."""
+import numpy as np
+import pytest
+import torch
+
+from pgolf.data import shards
+from pgolf.data.loader import TrainLoader, calibration_batches
+from pgolf.errors import PgolfError
+
+SIZES = [100, 57, 80]
+OFFSETS = np.cumsum([0] + SIZES)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    for i, n in enumerate(SIZES):
+        shards.write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", np.arange(OFFSETS[i], OFFSETS[i] + n))
+    shards.write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(1000, 1100))
+    return tmp_path
+
+
+def test_one_process_with_accumulation_sees_what_two_processes_see(tiny):
+    one = TrainLoader(tiny, seq_len=4)
+    ranks = [TrainLoader(tiny, seq_len=4, rank=r, world_size=2) for r in range(2)]
+    for step in range(12):  # long enough to cross every shard end and wrap around
+        a = one.next_batch(8, accum_steps=2)
+        b = [loader.next_batch(8, accum_steps=1)[0] for loader in ranks]
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_stream_order_shard_ends_and_wrap(tiny):
+    loader = TrainLoader(tiny, seq_len=4)
+    starts = []
+    for _ in range(14):
+        ((x, y),) = loader.next_batch(8)
+        assert x.shape == y.shape == (2, 4) and x.dtype == y.dtype == torch.int64
+        flat_x, flat_y = x.flatten(), y.flatten()
+        assert torch.equal(flat_y[:-1], flat_x[1:]) and flat_y[-1] == flat_x[-1] + 1  # y = x shifted by one
+        starts.append(int(flat_x[0]))
+    # spans of 9 tokens: 11 fit in shard 0 (the last token is dropped), 6 in shard 1, 8 in shard 2
+    assert starts[:11] == list(range(0, 99, 9))
+    assert starts[11:14] == [100, 109, 118]
+    for _ in range(6 - 3 + 8):
+        loader.next_batch(8)
+    assert int(loader.next_batch(8)[0][0][0, 0]) == 0  # wrapped around to shard 0
+    loader.next_batch(8)
+    loader.reset()
+    assert int(loader.next_batch(8)[0][0][0, 0]) == 0
+
+
+def test_micro_steps_are_rank_interleaved_chunks(tiny):
+    # world 2, accumulation 2: the step's span holds chunks [m0r0, m0r1, m1r0, m1r1]
+    r1 = TrainLoader(tiny, seq_len=4, rank=1, world_size=2)
+    (x0, _), (x1, _) = r1.next_batch(4, accum_steps=2)
+    assert int(x0[0, 0]) == 5 and int(x1[0, 0]) == 15
+
+
+def test_loader_errors(tiny, tmp_path_factory):
+    with pytest.raises(PgolfError, match="multiple of seq_len"):
+        TrainLoader(tiny, seq_len=4).next_batch(10)
+    with pytest.raises(PgolfError, match="no train shard holds a span"):
+        TrainLoader(tiny, seq_len=4).next_batch(100)
+    with pytest.raises(PgolfError, match="rank"):
+        TrainLoader(tiny, seq_len=4, rank=2, world_size=2)
+    with pytest.raises(PgolfError, match="no fineweb_train"):
+        TrainLoader(tmp_path_factory.mktemp("empty"), seq_len=4)
+    with pytest.raises(PgolfError, match="vocab_size 64"):
+        TrainLoader(tiny, seq_len=4, vocab_size=64)
+
+
+def test_calibration_windows(tiny):
+    batches = calibration_batches(tiny, n_batches=3, seqs=4, seq_len=8, seed=7)
+    assert len(batches) == 3 and all(b.shape == (4, 8) and b.dtype == torch.int64 for b in batches)
+    rows = torch.cat(batches)
+    assert (rows < OFFSETS[-1]).all()  # train shards only, never the val split
+    assert torch.equal(rows[:, 1:] - rows[:, :-1], torch.ones(12, 7, dtype=torch.int64))  # contiguous
+    assert rows.flatten().unique().numel() == rows.numel()  # non-overlapping
+    again = calibration_batches(tiny, n_batches=3, seqs=4, seq_len=8, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    other = calibration_batches(tiny, n_batches=3, seqs=4, seq_len=8, seed=8)
+    assert not all(torch.equal(a, b) for a, b in zip(batches, other))
+    r1 = torch.cat(calibration_batches(tiny, n_batches=1, seqs=4, seq_len=8, rank=1, world_size=2))
+    assert ((r1 >= OFFSETS[1]) & (r1 < OFFSETS[2])).all()  # rank 1 of 2 uses shards[1::2]
+    with pytest.raises(PgolfError, match="calibration needs"):
+        calibration_batches(tiny, n_batches=10, seqs=4, seq_len=8)
+
+
+def test_real_shards(sp1024_data):
+    loader = TrainLoader(sp1024_data, seq_len=1024, vocab_size=1024)
+    batches = [loader.next_batch(8 * 1024, accum_steps=2) for _ in range(3)]
+    x, y = batches[0][0]
+    assert x.shape == (8, 1024) and x[0, 0] == 1  # the stream starts at the first BOS
+    assert int(torch.cat([b[0][0] for b in batches]).max()) < 1024
