@@ -1,0 +1,140 @@
+"""The optimizer split (record-stack.md §3.2; hedge-stack.md §1.3) and the `OptimizerSet` the
+trainer steps.
+
+  muon    2-D (or higher) weight matrices: the blocks' projections and, as in the #688 family,
+          other projections such as the BigramHash / value-embedding `proj`
+  embed   embedding tables: `tok_emb` and any other `nn.Embedding` (bigram, VE tables)
+  head    the untied `lm_head.weight`
+  scalar  ndim < 2, or a control-pattern name (gates, scales, mixes, lambdas), even when 2-D
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from pgolf.config import OptimConfig
+from pgolf.optim.muon import Muon
+from pgolf.optim.schedule import momentum_at
+
+# Names of control tensors: AdamW at scalar_lr whatever their rank (record-stack.md §3.2,
+# hedge-stack.md §4.3 for lambda_v / attn_gate; recur_alpha #1766; ve/bigram scales #688 family).
+CONTROL_PATTERNS = (
+    "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes", "q_gain",
+    "skip_weight", "skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_resid_lambdas",
+    "attn_gate_proj", "attn_gate_w", "attn_gate", "smear_gate", "smear_lambda", "lambda_v",
+    "recur_alpha", "ve_scale", "bigram_scale",
+)
+GROUPS = ("muon", "embed", "head", "scalar")
+
+Named = list[tuple[str, nn.Parameter]]
+
+
+def is_control(name: str) -> bool:
+    return any(pat in name for pat in CONTROL_PATTERNS)
+
+
+def classify_params(model: nn.Module) -> dict[str, Named]:
+    """Trainable parameters of `model` by optimizer group (every one in exactly one group).
+
+    A parameter may carry `optim_group = "<group>"` as an attribute to override the name rules.
+    """
+    embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    out: dict[str, Named] = {g: [] for g in GROUPS}
+    for name, p in model.named_parameters():  # shared (tied) parameters appear once
+        if not p.requires_grad:
+            continue
+        group = getattr(p, "optim_group", None)
+        if group is None:
+            if p.ndim < 2 or is_control(name):
+                group = "scalar"
+            elif id(p) in embed_ids or name.split(".")[0] == "tok_emb":
+                group = "embed"
+            elif name.split(".")[0] == "lm_head":
+                group = "head"
+            else:
+                group = "muon"
+        if group not in out:
+            raise ValueError(f"{name}: unknown optim_group {group!r} (choose from {', '.join(GROUPS)})")
+        out[group].append((name, p))
+    return out
+
+
+class OptimizerSet:
+    """Muon for the matrices + one AdamW with a param group per other group.
+
+    `step(lr_mult, step)` sets every group's lr to base_lr * lr_mult and the Muon momentum
+    warm-up, then steps everything.
+    """
+
+    def __init__(self, groups: dict[str, Named], optimizers: dict[str, torch.optim.Optimizer],
+                 cfg: OptimConfig):
+        self.groups = groups
+        self.optimizers = optimizers
+        self.cfg = cfg
+
+    def step(self, lr_mult: float = 1.0, step: int = 0) -> None:
+        mu = momentum_at(step, self.cfg)
+        for opt in self.optimizers.values():
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_mult
+                if isinstance(opt, Muon):
+                    g["momentum"] = mu
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        """A deep copy, so a snapshot taken before compile warm-up survives the warm-up steps."""
+        return {k: copy.deepcopy(opt.state_dict()) for k, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.optimizers):
+            raise KeyError(f"optimizer state has {sorted(state)}, expected {sorted(self.optimizers)}")
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(copy.deepcopy(state[k]))
+
+    def summary(self, numel: bool = False) -> dict[str, int]:
+        """Group -> number of parameter tensors (or of elements with numel=True), for logs."""
+        return {g: sum(p.numel() if numel else 1 for _, p in ps) for g, ps in self.groups.items() if ps}
+
+    def lrs(self) -> dict[str, float]:
+        """Current lr of each group (after the last `step`)."""
+        return {g["name"]: g["lr"] for opt in self.optimizers.values() for g in opt.param_groups}
+
+
+def build_optimizers(model: nn.Module, cfg: OptimConfig, tied: bool) -> OptimizerSet:
+    groups = classify_params(model)
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    if groups["muon"]:
+        optimizers["muon"] = Muon(
+            [{"params": [p for _, p in groups["muon"]], "name": "muon", "base_lr": cfg.matrix_lr}],
+            lr=cfg.matrix_lr, momentum=momentum_at(0, cfg), nesterov=True, weight_decay=cfg.muon_wd,
+            backend_steps=cfg.muon_backend_steps, coeffs=cfg.muon_coeffs,
+            row_normalize=cfg.muon_row_normalize)
+    # (group, base lr, decoupled wd). The records' untied head uses plain Adam: no weight decay.
+    adam_spec = [
+        ("embed", cfg.tied_embed_lr if tied else cfg.embed_lr, cfg.embed_wd),
+        ("head", cfg.head_lr, 0.0),
+        ("scalar", cfg.scalar_lr, cfg.adam_wd),
+    ]
+    adam_groups = [{"params": [p for _, p in groups[g]], "name": g, "base_lr": lr, "lr": lr,
+                    "weight_decay": wd} for g, lr, wd in adam_spec if groups[g]]
+    if adam_groups:
+        on_cuda = all(p.is_cuda for g in adam_groups for p in g["params"])
+        optimizers["adam"] = torch.optim.AdamW(
+            adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=True if on_cuda else None)
+    return OptimizerSet(groups, optimizers, cfg)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global L2 clip over all parameters (GRAD_CLIP_NORM; 0 = off, returning a zero norm).
+
+    Returns the pre-clip norm as a 0-d tensor: no device sync until the caller logs it.
+    """
+    if max_norm <= 0:
+        return torch.zeros(())
+    return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)

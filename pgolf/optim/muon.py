@@ -1,0 +1,171 @@
+"""Muon: momentum + Newton-Schulz orthogonalisation for the 2-D weight matrices.
+
+Written from the description in record-stack.md §3.3 and hedge-stack.md §1.3 (Muon by Keller
+Jordan, modded-nanogpt). pgolf keeps projections as separate `nn.Linear`s, so instead of the records'
+3-D banks this optimizer stacks same-shape matrices itself and orthogonalises each stack in one
+batched call. Under torch.distributed each rank orthogonalises a round-robin share and the updates
+are exchanged, so every rank applies identical updates (the #688-family "classic Muon" layout).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# The quintic that every record before #1787 used, five times.
+CLASSIC = (3.4445, -4.7750, 2.0315)
+
+# Polar Express, PR #1344 -> #1787: one (a, b, c) per iteration, in this order.
+POLAR_EXPRESS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def ns_coefficients(steps: int, coeffs: str = "classic") -> list[tuple[float, float, float]]:
+    """The (a, b, c) of each Newton-Schulz iteration.
+
+    Polar Express has exactly five tuples: fewer steps use the first ones; more steps still run
+    each tuple once (record-stack.md §3.3), i.e. at most five iterations.
+    """
+    if coeffs == "classic":
+        return [CLASSIC] * steps
+    if coeffs == "polar_express":
+        return list(POLAR_EXPRESS[:steps])
+    raise ValueError(f"unknown Newton-Schulz coefficients {coeffs!r} (classic | polar_express)")
+
+
+def ns_dtype_for(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, as in the records. CPUs without bf16 matmul units run it ~20x slower than
+    fp32, which would make Muon dominate a CPU smoke run, so CPU iterates in fp32."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def zeropower(G: torch.Tensor, steps: int = 5, coeffs: str = "classic",
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Approximate the orthogonal polar factor U V^T of G (..., m, n) with Newton-Schulz.
+
+    Leading dimensions are a batch. Runs in `dtype` (default `ns_dtype_for(G.device)`) and
+    returns that dtype.
+    """
+    X = G.to(dtype or ns_dtype_for(G.device))
+    tall = X.size(-2) > X.size(-1)
+    if tall:  # iterate on the wide side: A = X X^T is then the smaller Gram matrix
+        X = X.mT
+    X = X / (torch.linalg.matrix_norm(X, keepdim=True) + 1e-7)  # Frobenius norm >= spectral norm
+    for a, b, c in ns_coefficients(steps, coeffs):
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def shape_scale(p: torch.Tensor) -> float:
+    """max(1, rows/cols)^(1/2): 2 for a (2048, 512) MLP-up, 1 for square and wide matrices."""
+    return max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for parameters with ndim >= 2 (the last two dims are the matrix).
+
+    Per parameter: Nesterov momentum (`buf <- mu*buf + g; u = g + mu*buf`), optional MuonEq-R row
+    normalisation of u (PR #1285/#1334), Newton-Schulz, then decoupled weight decay
+    `p <- p*(1 - lr*wd)` and `p <- p - lr*max(1, rows/cols)^(1/2) * X`.
+    The momentum is a group value the caller sets each step (warm-up lives in `OptimizerSet`).
+    Gradients must already be averaged across ranks. `ns_dtype` None = `ns_dtype_for(device)`.
+    """
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, backend_steps: int = 5, coeffs: str = "classic",
+                 row_normalize: bool = False, ns_dtype: torch.dtype | None = None):
+        ns_coefficients(0, coeffs)  # validate the name early
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                        backend_steps=backend_steps, coeffs=coeffs, row_normalize=row_normalize,
+                        ns_dtype=ns_dtype)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim < 2:
+                    raise ValueError(f"Muon needs matrices; got a parameter of shape {tuple(p.shape)}")
+
+    def _plan(self, world: int, rank: int):
+        """All (param, group) with a gradient, and this rank's share as same-shape stacks.
+
+        Same-shape parameters of a group form a bucket; a running counter over the buckets deals
+        parameters round-robin to ranks, so the split is identical on every rank and balanced.
+        """
+        live, mine, k = [], [], 0
+        for group in self.param_groups:
+            buckets: dict[tuple, list[torch.Tensor]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    live.append((p, group))
+                    buckets.setdefault((tuple(p.shape), p.dtype), []).append(p)
+            for ps in buckets.values():
+                share = [p for j, p in enumerate(ps, start=k) if j % world == rank]
+                k += len(ps)
+                if share:
+                    mine.append((group, share))
+        return live, mine
+
+    def _orthogonalise(self, group: dict, ps: list[torch.Tensor]) -> torch.Tensor:
+        grads = [p.grad for p in ps]
+        bufs = []
+        for p in ps:
+            st = self.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p.grad)
+            bufs.append(st["momentum_buffer"])
+        mu = group["momentum"]
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        us = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+        U = torch.stack(us)  # (k, ..., rows, cols)
+        if group["row_normalize"]:  # MuonEq-R: unit rows *before* orthogonalising
+            U = U / U.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+        return zeropower(U, group["backend_steps"], group["coeffs"], group["ns_dtype"])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        world, rank = _world()
+        live, mine = self._plan(world, rank)
+        updates: dict[torch.Tensor, torch.Tensor] = {}
+        for group, ps in mine:
+            for p, x in zip(ps, self._orthogonalise(group, ps).unbind(0)):
+                updates[p] = x
+
+        if world > 1 and live:
+            # One flat all-reduce: each slot is non-zero on exactly one rank, so the sum is exact
+            # and every rank ends up with bitwise-identical updates.
+            offsets, total = [], 0
+            for p, _ in live:
+                offsets.append(total)
+                total += p.numel()
+            dtype = torch.bfloat16  # the same on every rank, whatever share it got
+            for p, g in live:
+                dtype = torch.promote_types(dtype, g["ns_dtype"] or ns_dtype_for(p.device))
+            flat = torch.zeros(total, dtype=dtype, device=live[0][0].device)
+            for (p, _), off in zip(live, offsets):
+                if p in updates:
+                    flat[off:off + p.numel()].copy_(updates[p].reshape(-1))
+            dist.all_reduce(flat)
+            updates = {p: flat[off:off + p.numel()].view(p.shape) for (p, _), off in zip(live, offsets)}
+
+        for p, group in live:
+            lr, wd = group["lr"], group["weight_decay"]
+            if wd:
+                p.mul_(1.0 - lr * wd)
+            p.add_(updates[p].to(p.dtype), alpha=-lr * shape_scale(p))
+        return loss
