@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pgolf.config import ModelConfig
 from pgolf.errors import PgolfError
 from pgolf.model.attention import attend, doc_ids_from_tokens
-from pgolf.model.loss import softcap_cross_entropy
+from pgolf.model.loss import fused_softcap_cross_entropy, softcap_cross_entropy
 
 # Frozen recurrent carry of PR #1801 (leon2k2k2k): learned in a separate run, rounded, frozen.
 FROZEN_CARRY_BETA = (1.56, 1.85, 2.13)
@@ -73,6 +73,23 @@ def validate(cfg: ModelConfig) -> None:
             bad("ve_layers", f"layer {layer} outside {cfg.num_layers} layers")
     if cfg.parallel_start_layer >= cfg.num_layers:
         bad("parallel_start_layer", f"{cfg.parallel_start_layer} >= num_layers {cfg.num_layers}")
+    if cfg.parallel_start_layer >= 0:
+        # once the two lanes exist every later decoder slot must run them: a sequential block there would
+        # read the stale single stream and its output would be dropped by the final lane mean
+        for looping in (False, True):
+            order = virtual_layer_order(cfg, looping)
+            lanes = [phys >= cfg.parallel_start_layer for phys in order[len(order) // 2:]]
+            if True in lanes and not all(lanes[lanes.index(True):]):
+                bad("parallel_start_layer", f"{cfg.parallel_start_layer}: a sequential layer would follow the "
+                    f"parallel lanes in the virtual order {order}")
+
+
+def virtual_layer_order(cfg: ModelConfig, looping: bool) -> list[int]:
+    """Physical layer index of every virtual layer, e.g. [0,1,2,3,4,5,3,4,5,3,4,5,6,...] looped."""
+    if not (looping and cfg.num_loops):
+        return list(range(cfg.num_layers))
+    loop = list(range(cfg.loop_start, cfg.loop_end + 1))
+    return list(range(cfg.loop_start)) + loop * (cfg.num_loops + 1) + list(range(cfg.loop_end + 1, cfg.num_layers))
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -284,6 +301,7 @@ class GPT(nn.Module):
         self.bos_id = bos_id
         self.attention_backend = attention_backend
         self.looping = False  # depth recurrence is switched on by the trainer (enable_looping_at)
+        self.fused_ce = False  # compiled soft-capped CE for CUDA training (scoring always eager)
         d, V, L = cfg.model_dim, cfg.vocab_size, cfg.num_layers
         self.tok_emb = nn.Embedding(V, d)
         if cfg.bigram_buckets:
@@ -318,12 +336,7 @@ class GPT(nn.Module):
     # ---- structure
     def layer_order(self, looping: bool | None = None) -> list[int]:
         """Physical layer index of every virtual layer, e.g. [0,1,2,3,4,5,3,4,5,3,4,5,6,...] looped."""
-        cfg = self.cfg
-        looping = self.looping if looping is None else looping
-        if not (looping and cfg.num_loops):
-            return list(range(cfg.num_layers))
-        loop = list(range(cfg.loop_start, cfg.loop_end + 1))
-        return list(range(cfg.loop_start)) + loop * (cfg.num_loops + 1) + list(range(cfg.loop_end + 1, cfg.num_layers))
+        return virtual_layer_order(self.cfg, self.looping if looping is None else looping)
 
     def _num_skips(self, order: list[int]) -> int:
         return min(len(order) // 2, len(order) - len(order) // 2) if self.cfg.unet_skips else 0
@@ -386,7 +399,8 @@ class GPT(nn.Module):
         if targets is None:
             return self.cfg.logit_softcap * torch.tanh(logits.float() / self.cfg.logit_softcap) \
                 if self.cfg.logit_softcap > 0 else logits.float()
-        return softcap_cross_entropy(logits, targets, self.cfg.logit_softcap, reduction=reduction)
+        ce = fused_softcap_cross_entropy if self.fused_ce and self.training else softcap_cross_entropy
+        return ce(logits, targets, self.cfg.logit_softcap, reduction=reduction)
 
     def logits(self, h: torch.Tensor, *, lora=None) -> torch.Tensor:
         """Pre-cap logits from the final normalised hidden state h (B, T, d)."""

@@ -1,0 +1,98 @@
+"""`pgolf bench`: time training steps of a preset on the current device, on synthetic tokens.
+
+Reports ms/step, tokens/s and MFU (model FLOPs utilisation: 6 N + 12 L d T FLOPs per token, over
+the device's dense bf16 peak). Performance targets live here and in docs/perf.md, never in tests.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+
+# Dense bf16 peaks (TFLOP/s) used for MFU; None where unknown (MFU then reported as null).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """6 N (non-embedding matmul weights, the tied head counted once) + attention 12 L d T."""
+    cfg = model.cfg
+    n = sum(p.numel() for name, p in model.named_parameters() if p.ndim == 2 and "tok_emb" not in name)
+    n += cfg.vocab_size * cfg.model_dim  # the head matmul
+    layers = len(model.layer_order())
+    return 6.0 * n + 12.0 * layers * cfg.model_dim * seq_len
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
+    from pgolf import distributed
+    from pgolf.model import build_model, count_params
+    from pgolf.model.attention import resolve_backend
+    from pgolf.optim import build_optimizers, clip_grad_norm
+    from pgolf.presets import get_preset
+    from pgolf.eval.score import autocast_for
+    from pgolf.train import batch_shape
+
+    cfg = get_preset(args.preset, args.overrides)
+    ctx = distributed.setup()
+    dev = ctx.device
+    t = cfg.train
+    micro, accum = batch_shape(cfg, ctx.world_size)
+    backend = resolve_backend(t.attention_backend, dev)
+    torch.manual_seed(t.seed)
+    model = build_model(cfg, dev, attention_backend=backend)
+    model.fused_ce = t.fused_ce and dev.type == "cuda"
+    looping = {"on": True, "off": False}.get(args.looping, False)
+    model.looping = looping and bool(cfg.model.num_loops)
+    step_model = torch.compile(model, dynamic=False) if t.compile and dev.type == "cuda" else model
+    opt = build_optimizers(model, cfg.optim, cfg.model.tie_embeddings)
+    rows = micro // t.train_seq_len
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    batches = [(torch.randint(0, cfg.model.vocab_size, (rows, t.train_seq_len + 1), generator=gen)
+                .to(dev)) for _ in range(4)]
+
+    def step(i: int) -> None:
+        for a in range(accum):
+            b = batches[(i * accum + a) % len(batches)]
+            with autocast_for(dev):
+                loss = step_model(b[:, :-1], b[:, 1:])
+            (loss / accum).backward()
+        distributed.all_reduce_mean_([p.grad for p in model.parameters() if p.grad is not None])
+        clip_grad_norm(model, cfg.optim.grad_clip_norm)
+        opt.step(1.0, i)
+        opt.zero_grad(set_to_none=True)
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for i in range(args.warmup):
+        step(i)
+    sync()
+    times = []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        step(i)
+        sync()
+        times.append(time.perf_counter() - t0)
+    distributed.teardown()
+    ms = 1000 * statistics.median(times)
+    tokens = micro * accum * ctx.world_size
+    tps = tokens / (ms / 1000)
+    peak = peak_tflops(dev)
+    mfu = tps / ctx.world_size * flops_per_token(model, t.train_seq_len) / (peak * 1e12) if peak else None
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    return {"device": name, "preset": args.preset, "attention_backend": backend, "compiled": step_model is not model,
+            "looping": model.looping, "params": count_params(model), "tokens_per_step": tokens,
+            "accum_steps": accum, "ms_per_step": round(ms, 2), "ms_per_step_mean": round(1000 * statistics.mean(times), 2),
+            "tokens_per_s": round(tps), "mfu": round(mfu, 4) if mfu is not None else None,
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None,
+            "steps": args.steps}

@@ -1,0 +1,318 @@
+"""Training under a wall-clock budget: `python -m pgolf.train` (works under torchrun) or `pgolf train`.
+
+One process, or `torchrun --nproc_per_node=N -m pgolf.train ...` (NCCL on CUDA, gloo on the CPU).
+The global batch is `train.train_batch_tokens`, reached by gradient accumulation. Compile warm-up
+steps are rolled back (weights, optimizer state and data order restored) before the timer starts.
+Validation time is excluded from the training clock. Rank 0 writes the run directory; the run is
+recorded as finished only after the final evaluation and the export have succeeded.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pgolf import distributed
+from pgolf.config import Config
+from pgolf.errors import PgolfError
+from pgolf.runs import RunDir, new_run_id
+
+
+# --------------------------------------------------------------------------- configuration
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Preset (or --config) + --set overrides + the explicit flags, validated."""
+    from pgolf.model import validate
+    from pgolf.presets import get_preset
+
+    if getattr(args, "config", None):
+        cfg = Config.load(args.config).with_overrides(args.overrides)
+    else:
+        cfg = get_preset(args.preset, args.overrides)
+    if args.data:
+        cfg.data.path = args.data
+    if args.tokenizer:
+        cfg.data.tokenizer = args.tokenizer
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    if args.max_seconds is not None:
+        cfg.train.max_seconds = args.max_seconds
+    validate(cfg.model)
+    return cfg
+
+
+def batch_shape(cfg: Config, world: int) -> tuple[int, int]:
+    """(tokens per rank per micro-step, accumulation steps) for the global batch."""
+    t = cfg.train
+    micro = t.micro_batch_tokens or t.train_batch_tokens // world
+    if micro <= 0 or micro % t.train_seq_len:
+        raise PgolfError(f"train.micro_batch_tokens: {micro} tokens per rank is not a positive multiple of "
+                         f"train.train_seq_len {t.train_seq_len}")
+    if t.train_batch_tokens % (micro * world):
+        raise PgolfError(f"train.train_batch_tokens: {t.train_batch_tokens} is not a multiple of "
+                         f"{world} ranks x {micro} tokens per micro-step")
+    return micro, t.train_batch_tokens // (micro * world)
+
+
+# --------------------------------------------------------------------------- the loop
+class Trainer:
+    def __init__(self, cfg: Config, ctx: distributed.Dist, run: RunDir | None):
+        from pgolf.data.loader import TrainLoader
+        from pgolf.eval.bpb import load_val
+        from pgolf.model import build_model, count_params
+        from pgolf.model.attention import resolve_backend
+        from pgolf.optim import EMA, build_optimizers
+
+        self.cfg, self.ctx, self.run = cfg, ctx, run
+        t = cfg.train
+        # Inputs first: a bad data dir or tokenizer fails before anything is written.
+        self.val = load_val(cfg.data.path, cfg.data.tokenizer or None, cfg.model.vocab_size, t.eval_seq_len,
+                            cfg.data.val_max_tokens, bos_id=cfg.data.bos_id)
+        self.loader = TrainLoader(cfg.data.path, t.train_seq_len, ctx.rank, ctx.world_size, cfg.model.vocab_size)
+        self.micro, self.accum = batch_shape(cfg, ctx.world_size)
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        self.backend = resolve_backend(t.attention_backend, ctx.device)
+        self.model = build_model(cfg, ctx.device, attention_backend=self.backend)
+        self.model.fused_ce = t.fused_ce and ctx.device.type == "cuda"
+        self.params = count_params(self.model)
+        self.step_model = self.model
+        if t.compile and ctx.device.type == "cuda":
+            self.step_model = torch.compile(self.model, dynamic=False)
+        self.opt = build_optimizers(self.model, cfg.optim, cfg.model.tie_embeddings)
+        self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        self.budget = max(t.max_seconds - t.gptq_reserve_seconds, 0.0) if t.max_seconds > 0 else 0.0
+        self.timings: dict[str, float] = {}
+
+    # ---- helpers
+    def log(self, msg: str) -> None:
+        if self.run is not None:
+            self.run.log(msg)
+
+    def metric(self, row: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.append_jsonl("metrics.jsonl", row)
+
+    def autocast(self):
+        from pgolf.eval.score import autocast_for
+        return autocast_for(self.ctx.device)
+
+    def train_step(self, step: int, lr_mult: float) -> torch.Tensor:
+        """One optimizer step over the global batch; returns the mean loss (a 0-d tensor)."""
+        total = torch.zeros((), device=self.ctx.device)
+        for x, y in self.loader.next_batch(self.micro, self.accum, self.ctx.device):
+            with self.autocast():
+                loss = self.step_model(x, y)
+            (loss / self.accum).backward()
+            total += loss.detach() / self.accum
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        distributed.all_reduce_mean_(grads)
+        from pgolf.optim import clip_grad_norm
+        clip_grad_norm(self.model, self.cfg.optim.grad_clip_norm)
+        self.opt.step(lr_mult, step)
+        self.opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return total
+
+    def sync(self) -> None:
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+
+    def warmup(self) -> None:
+        """Compile warm-up on real training batches, then roll everything back (record-stack §3.8)."""
+        n = self.cfg.train.warmup_steps
+        if n <= 0:
+            return
+        t0 = time.perf_counter()
+        model_state = copy.deepcopy(self.model.state_dict())
+        opt_state = self.opt.state_dict()
+        modes = [False, True] if self.cfg.model.num_loops else [False]
+        for looping in modes:
+            self.model.looping = looping
+            for i in range(n):
+                self.train_step(i, 1.0)
+        self.model.load_state_dict(model_state)
+        self.opt.load_state_dict(opt_state)
+        if self.ema is not None:
+            self.ema = type(self.ema)(self.model, self.cfg.optim.ema_decay)
+        self.model.looping = False
+        self.loader.reset()
+        self.sync()
+        self.timings["warmup_s"] = time.perf_counter() - t0
+        self.log(f"warmup: {n} steps x {len(modes)} mode(s) in {self.timings['warmup_s']:.1f}s, rolled back")
+
+    def validate(self, step: int, elapsed: float) -> dict[str, Any]:
+        from pgolf.eval.score import evaluate
+        res = evaluate(self.model, self.val, self.cfg.train.eval_seq_len, max(1, self.cfg.train.val_batch_tokens
+                       // self.cfg.train.eval_seq_len // self.ctx.world_size), rank=self.ctx.rank,
+                       world_size=self.ctx.world_size)
+        self.metric({"step": step, "time_s": round(elapsed, 3), "val_loss": res["val_loss"], "val_bpb": res["val_bpb"]})
+        self.log(f"step {step} val_loss {res['val_loss']:.4f} val_bpb {res['val_bpb']:.4f} ({res['seconds']:.1f}s)")
+        return res
+
+    def fit(self) -> dict[str, Any]:
+        from pgolf.optim.schedule import lr_multiplier
+
+        cfg, t = self.cfg, self.cfg.train
+        self.warmup()
+        elapsed, step, last_loss = 0.0, 0, float("nan")
+        self.log(f"training: {self.params:,} params, batch {t.train_batch_tokens} tokens = {self.ctx.world_size} "
+                 f"ranks x {self.accum} x {self.micro}, budget {self.budget:.0f}s, attention {self.backend}")
+        while step < t.iterations:
+            if (cfg.model.num_loops and not self.model.looping and self.budget > 0
+                    and elapsed >= cfg.model.enable_looping_at * self.budget):
+                self.model.looping = True  # depth recurrence on from this fraction of the budget
+                self.log(f"step {step}: looping on, order {self.model.layer_order()}")
+            if t.val_every and step and step % t.val_every == 0:
+                self.validate(step, elapsed)
+            self.sync()
+            t0 = time.perf_counter()
+            mult = lr_multiplier(step, elapsed, t, self.budget, 1000 * elapsed / max(step, 1))
+            loss = self.train_step(step, mult)
+            self.sync()
+            elapsed += time.perf_counter() - t0
+            step += 1
+            if step % t.log_every == 0 or step == 1:
+                lt = loss.clone()
+                distributed.all_reduce_mean_([lt])
+                last_loss = lt.item()
+                if not math.isfinite(last_loss):
+                    raise PgolfError(f"step {step}: training loss is {last_loss} (diverged)")
+                self.metric({"step": step, "time_s": round(elapsed, 3), "train_loss": last_loss, "lr_mult": mult})
+                self.log(f"step {step} loss {last_loss:.4f} lr x{mult:.3f} {1000 * elapsed / step:.0f}ms/step")
+            if self.budget > 0 and distributed.any_rank(elapsed >= self.budget, self.ctx.device):
+                break
+        if cfg.model.num_loops:
+            self.model.looping = True  # looping stays on for evaluation (record-stack §2.6)
+        if self.ema is not None:
+            self.ema.copy_to(self.model)  # the EMA weights are the ones evaluated and exported
+        self.timings["train_s"] = elapsed
+        self.log(f"stopped at step {step} after {elapsed:.1f}s of training")
+        return {"steps": step, "train_seconds": elapsed, "train_loss": last_loss}
+
+    def export(self) -> dict[str, Any]:
+        """The baseline artifact (per-row int8 + zlib), re-evaluated from the file alone."""
+        from pgolf.eval.score import evaluate
+        from pgolf.model import build_model
+        from pgolf.quant.int8 import export_int8, load_int8
+
+        out: dict[str, Any] = {}
+        if self.cfg.train.export != "int8":
+            return out
+        t0 = time.perf_counter()
+        blob = export_int8({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+        name = "final_model.int8.ptz"
+        if self.run is not None:
+            self.run.write_bytes(name, blob)
+        distributed.barrier()
+        fresh = build_model(self.cfg, self.ctx.device, attention_backend=self.backend)
+        fresh.load_state_dict(load_int8(self.run.file(name).read_bytes() if self.run else blob))
+        fresh.looping = self.model.looping
+        res = evaluate(fresh, self.val, self.cfg.train.eval_seq_len,
+                       max(1, self.cfg.train.val_batch_tokens // self.cfg.train.eval_seq_len // self.ctx.world_size),
+                       rank=self.ctx.rank, world_size=self.ctx.world_size)
+        code = _code_bytes()
+        out = {"artifact": name, "model_bytes": len(blob), **code,
+               "total_bytes": len(blob) + code["code_bytes"], "limit": self.cfg.quant.limit_bytes,
+               "artifact_val_loss": res["val_loss"], "artifact_val_bpb": res["val_bpb"]}
+        self.timings["export_s"] = time.perf_counter() - t0
+        self.log(f"artifact {name}: {len(blob):,} B model + {code['code_bytes']:,} B code; "
+                 f"val_bpb from the file alone {res['val_bpb']:.4f}")
+        return out
+
+
+def _code_bytes() -> dict[str, int]:
+    """Code bytes as the records count them (minified + compressed wrapper), via pgolf.quant."""
+    from pgolf.quant.codebytes import code_bytes
+    info = code_bytes()
+    return {"code_bytes": int(info["code_bytes"]), "code_bytes_raw": int(info["code_bytes_raw"])}
+
+
+def train(cfg: Config, ctx: distributed.Dist, out: str | None = None, runs_root: str = "runs") -> dict[str, Any]:
+    from pgolf.envinfo import environment
+
+    t_start = time.perf_counter()
+    run = None
+    run_path = Path(out) if out else Path(runs_root) / new_run_id(cfg.preset, cfg.train.seed)
+    # Validate inputs on every rank before anything is written.
+    if ctx.is_main and RunDir(run_path).is_finished():
+        raise PgolfError(f"{run_path}: already holds a finished run (choose another --out)")
+    trainer = Trainer(cfg, ctx, None)
+    if ctx.is_main:
+        run = RunDir.create(run_path)
+        run.write_json("config.json", cfg.to_dict())
+        run.write_json("env.json", {**environment(cfg.data.path, cfg.data.tokenizer or Path(cfg.data.path) / "tokenizer.model",
+                                                  ctx.device, trainer.backend),
+                                    "world_size": ctx.world_size, "device": str(ctx.device),
+                                    "dist_backend": ctx.backend})
+        run.log(f"pgolf train: preset {cfg.preset}, seed {cfg.train.seed}, world {ctx.world_size}, device {ctx.device}")
+        run.log("config " + json.dumps(cfg.to_dict()), echo=False)
+    trainer.run = run
+    trainer.timings["setup_s"] = time.perf_counter() - t_start
+    try:
+        fit = trainer.fit()
+        t0 = time.perf_counter()
+        final = trainer.validate(fit["steps"], fit["train_seconds"])
+        trainer.timings["final_eval_s"] = time.perf_counter() - t0
+        if run is not None:
+            run.write_bytes("final_model.pt", _state_bytes(trainer.model))
+        export = trainer.export()
+    except BaseException as e:
+        if run is not None:  # never recorded as finished; say what happened
+            run.write_json("result.json", {"status": "failed" if isinstance(e, Exception) else "interrupted",
+                                           "error": f"{type(e).__name__}: {e}"})
+        raise
+    result = {"run_dir": str(run_path), "preset": cfg.preset, "seed": cfg.train.seed, "params": trainer.params,
+              **fit, "val_loss": final["val_loss"], "val_bpb": final["val_bpb"], "val_tokens": final["tokens"],
+              "val_bytes": final["bytes"], "attention_backend": trainer.backend, "device": str(ctx.device),
+              "world_size": ctx.world_size, **export,
+              "timings": {k: round(v, 3) for k, v in trainer.timings.items()}}
+    if run is not None:
+        result = run.finish(result)
+        run.log(f"finished: val_bpb {final['val_bpb']:.4f}")
+    return result
+
+
+def _state_bytes(model: torch.nn.Module) -> bytes:
+    import io
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- entry points
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = resolve_config(args)
+    ctx = distributed.setup()
+    try:
+        if ctx.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        result = train(cfg, ctx, args.out, args.runs_root)
+    finally:
+        distributed.teardown()
+    keys = ("run_dir", "preset", "seed", "params", "steps", "train_seconds", "val_loss", "val_bpb",
+            "model_bytes", "total_bytes", "attention_backend")
+    return {k: result.get(k) for k in keys}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pgolf.train ...` (the torchrun entry): same flags as `pgolf train`."""
+    from pgolf.cli import main as cli_main
+    import os
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0:  # only rank 0 prints the final JSON line
+        sys.stdout = open(os.devnull, "w")
+    debug = ["--debug"] if "--debug" in argv else []
+    return cli_main([*debug, "train", *[a for a in argv if a != "--debug"]])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
