@@ -155,6 +155,9 @@ class QuantConfig:
     level: int = -1  # -1 = the compressor's strongest setting
     byte_shuffle: int = 2  # 0 = off
     limit_bytes: int = 16_000_000
+    group_codec: str = "brotli"  # pergroup's per-group streams (the record's lrzip is not available)
+    calibration_seed: int = 0  # RNG of the calibration windows (training shards only)
+    eval_max_tokens: int = 0  # cap on validation tokens when re-scoring the artifact (0 = data.val_max_tokens)
 
 
 @dataclass

@@ -1,0 +1,247 @@
+"""The quantised state, its serialisation, and byte accounting (record-stack.md §4.1-§4.6).
+
+A state_dict becomes a *qstate*: `{"format", "tensors": {name: entry}}` where every entry records the
+original `dtype` and `shape` and one `kind`:
+- "quant": a matrix (2-D or more, flattened to rows) with more than `passthrough_numel` elements:
+  int8 values `q` (rows, cols), fp16 row scales `s`, `bits`, and optionally `lqer` factors;
+  GPTQ when the tensor has a Hessian and method is "gptq", else round-to-nearest (SDClip); method
+  "int8" is the baseline's percentile-clipped per-row int8;
+- "gate": attention-gate weights (`attn_gate_w`, numel 32-8192), per-row absmax int8 (PR #1736/#1784);
+  checked before the passthrough rule, or an 8x12 sparse gate silently falls back to fp16 (§7.9);
+- "pass": other float tensors, stored fp16 (fp32 for the baseline's control tensors), restored to
+  their dtype on load;
+- "raw": non-float tensors as they are.
+Serialisation: torch.save + one codec (compress.py), or the per-group container (pergroup.py).
+The baseline's `export_int8` blobs (int8.py) load through `load_artifact` as well.
+"""
+from __future__ import annotations
+
+import io
+import time
+
+import torch
+
+from pgolf.config import QuantConfig
+from pgolf.errors import PgolfError
+from pgolf.quant import compress as C
+from pgolf.quant import lqer, pergroup
+from pgolf.quant.gptq import dequantize, quantize_absmax_int8, quantize_gptq, quantize_rtn
+from pgolf.quant.int8 import is_control, load_int8, quantize_rows_int8
+
+FORMAT = "pgolf_quant_v1"
+GROUPS = ("attn", "mlp", "embed", "other")
+GATE_PATTERNS = ("attn_gate_w",)  # dense (#1736) and sparse (#1787) gates; attn_gate_proj stays fp16
+
+
+def tensor_group(name: str) -> str:
+    """Which bits / clip-multiplier group a matrix belongs to."""
+    if ".attn." in name:
+        return "attn"
+    if ".mlp." in name:
+        return "mlp"
+    if name.startswith(("tok_emb.", "lm_head.")) or ".embed." in name:
+        return "embed"
+    return "other"
+
+
+def classify(name: str, t: torch.Tensor, q: QuantConfig) -> str:
+    if not t.is_floating_point():
+        return "raw"
+    if (q.gate_int8 and t.ndim == 2 and any(p in name for p in GATE_PATTERNS)
+            and q.gate_numel_min <= t.numel() <= q.gate_numel_max):
+        return "gate"
+    if t.ndim < 2 or t.numel() <= q.passthrough_numel:
+        return "pass"
+    return "quant"
+
+
+def group_setting(q: QuantConfig, group: str) -> tuple[int, float]:
+    return getattr(q, f"{group}_bits"), getattr(q, f"{group}_clip_sigmas")
+
+
+def quantize_state_dict(sd: dict[str, torch.Tensor], q: QuantConfig,
+                        hessians: dict[str, torch.Tensor] | None = None,
+                        device: str | torch.device | None = None) -> tuple[dict, dict]:
+    """state_dict -> (qstate, info). info: per-tensor method/bits/error, LQER choices, timings."""
+    if q.method not in ("gptq", "rtn", "int8"):
+        raise PgolfError(f"quant.method {q.method!r}: expected gptq, rtn or int8")
+    hessians = hessians or {}
+    device = torch.device(device or "cpu")
+    tensors, info = {}, {"tensors": {}, "lqer": []}
+    errors: dict[str, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    for name, t in sd.items():
+        t = t.detach()
+        kind = classify(name, t, q)
+        e = {"kind": kind, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        if kind == "raw":
+            e["t"] = t.cpu().clone()
+        elif kind == "pass":
+            keep32 = q.method == "int8" and is_control(name)  # the baseline keeps control tensors fp32
+            e["t"] = t.cpu().float().clone() if keep32 else t.cpu().half().clone()
+        else:
+            w = t.to(device).float().reshape(t.shape[0], -1)
+            if kind == "gate":
+                qq, s, method, bits = *quantize_absmax_int8(w), "absmax_int8", 8
+            elif q.method == "int8":
+                qq, s, method, bits = *quantize_rows_int8(w), "int8_percentile", 8
+            else:
+                group = tensor_group(name)
+                bits, k = group_setting(q, group)
+                H = hessians.get(name)
+                if q.method == "gptq" and H is not None and H.shape == (w.shape[1], w.shape[1]):
+                    qq, s = quantize_gptq(w, H.to(device), bits, k, damp=q.damp, block_size=q.block_size,
+                                          act_order=q.act_order)
+                    method = "gptq"
+                else:
+                    qq, s = quantize_rtn(w, bits, k)
+                    method = "rtn"
+                errors[name] = w - dequantize(qq, s)
+            e.update(q=qq.cpu(), s=s.cpu(), bits=bits, cols=w.shape[1])
+            info["tensors"][name] = {"kind": kind, "method": method, "bits": bits, "group": tensor_group(name)}
+        tensors[name] = e
+    info["quantize_seconds"] = time.perf_counter() - t0
+    if q.lqer and q.lqer_rank > 0 and q.lqer_top_k > 0 and errors:
+        t0 = time.perf_counter()
+        # LQER, PR #1797: correct the k matrices with the largest ||W - W_hat||_F
+        top = sorted(errors, key=lambda n: float(errors[n].norm()), reverse=True)[:q.lqer_top_k]
+        for name in top:
+            A, B = lqer.factors(errors[name], q.lqer_rank)
+            tensors[name]["lqer"] = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in
+                                     lqer.pack(A, B, asym=q.lqer_asym, group=q.lqer_group,
+                                               bits=q.lqer_factor_bits).items()}
+            info["lqer"].append({"name": name, "mode": tensors[name]["lqer"]["mode"],
+                                 "error_norm": float(errors[name].norm())})
+        info["lqer_seconds"] = time.perf_counter() - t0
+    return {"format": FORMAT, "tensors": tensors}, info
+
+
+def dequantize_state(qstate: dict) -> dict[str, torch.Tensor]:
+    """qstate -> state_dict with the original names, shapes and dtypes."""
+    if qstate.get("format") != FORMAT:
+        raise PgolfError(f"not a pgolf quantised state (format {qstate.get('format')!r})")
+    out = {}
+    for name, e in qstate["tensors"].items():
+        dtype, shape = getattr(torch, e["dtype"]), e["shape"]
+        if e["kind"] in ("raw", "pass"):
+            out[name] = e["t"].to(dtype).reshape(shape)
+            continue
+        w = dequantize(e["q"], e["s"])
+        if "lqer" in e:
+            w = w + lqer.correction(e["lqer"])
+        out[name] = w.reshape(shape).to(dtype)
+    return out
+
+
+# ---- serialisation
+def serialize(qstate: dict, q: QuantConfig) -> tuple[bytes, dict]:
+    """qstate -> (artifact bytes, stream sizes)."""
+    if q.compressor == "pergroup":
+        return pergroup.pack(qstate, codec=q.group_codec, level=q.level, shuffle=q.byte_shuffle)
+    buf = io.BytesIO()
+    torch.save(qstate, buf)
+    blob = C.compress(buf.getvalue(), q.compressor, q.level, q.byte_shuffle)
+    return blob, {"stream": len(blob), "codec": C.codec_of(blob)}
+
+
+def load_qstate(blob: bytes) -> dict:
+    if blob[:4] == pergroup.MAGIC:
+        return pergroup.unpack(blob)
+    try:
+        obj = torch.load(io.BytesIO(C.decompress(blob)), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError) as e:
+        raise PgolfError(f"corrupt artifact: not a torch.save payload ({e})") from None
+    return obj
+
+
+def load_artifact(blob: bytes) -> dict[str, torch.Tensor]:
+    """Artifact bytes (any pgolf format, including the baseline's int8+zlib) -> state_dict."""
+    if blob[:1] == b"\x78":  # a bare zlib stream: the baseline export (int8.py)
+        return load_int8(blob)
+    return dequantize_state(load_qstate(blob))
+
+
+# ---- accounting
+def _entry_bytes(e: dict) -> dict[str, bytes]:
+    """The raw payload of one entry, split by what it is (values, scales, LQER)."""
+    if e["kind"] in ("raw", "pass"):
+        return {"values": e["t"].numpy().tobytes()}
+    out = {"values": e["q"].numpy().tobytes(), "scales": e["s"].numpy().tobytes()}
+    if "lqer" in e:
+        out["lqer"] = b"".join(v.numpy().tobytes() for v in e["lqer"].values() if isinstance(v, torch.Tensor))
+    return out
+
+
+def report_group(name: str, e: dict) -> str:
+    """The row of the byte report an entry's values belong to."""
+    if e["kind"] == "quant":
+        return tensor_group(name)
+    return {"gate": "gate", "pass": "passthrough", "raw": "passthrough"}[e["kind"]]
+
+
+def _allocate(total: int, weights: dict[str, float]) -> dict[str, int]:
+    """Split `total` bytes in proportion to `weights` (largest remainder), summing exactly to total."""
+    wsum = sum(weights.values())
+    if total <= 0 or wsum <= 0:
+        out = {k: 0 for k in weights}
+        if weights:
+            out[next(iter(weights))] = total
+        return out
+    raw = {k: total * w / wsum for k, w in weights.items()}
+    out = {k: int(v) for k, v in raw.items()}
+    for k in sorted(raw, key=lambda k: raw[k] - out[k], reverse=True)[:total - sum(out.values())]:
+        out[k] += 1
+    return out
+
+
+def byte_report(qstate: dict, blob: bytes, streams: dict) -> dict:
+    """Bytes per tensor group that sum exactly to len(blob), params and bits per parameter.
+
+    With one compressed stream the split is an attribution: each group's payload is compressed on
+    its own with zstd level 3 and the file's bytes are shared in proportion. With pergroup, the
+    integer streams are exact and only the "rest" stream is attributed. Container headers, the codec
+    tag and (pergroup) the header are reported as "container".
+    """
+    import zstandard
+
+    fast = zstandard.ZstdCompressor(level=3)
+    payload: dict[str, list[bytes]] = {}
+    params: dict[str, int] = {}
+    pergroup_mode = blob[:4] == pergroup.MAGIC
+    for name, e in qstate["tensors"].items():
+        g = report_group(name, e)
+        n = 1
+        for d in e["shape"]:
+            n *= d
+        if e["kind"] != "raw":
+            params[g] = params.get(g, 0) + n
+        for part, data in _entry_bytes(e).items():
+            key = "lqer" if part == "lqer" else g
+            if pergroup_mode and part == "values" and e["kind"] == "quant":
+                continue  # these bytes live in the exact group streams
+            payload.setdefault(key, []).append(data)
+    est = {k: float(len(fast.compress(b"".join(v)))) for k, v in payload.items()}
+    if pergroup_mode:
+        out = {"container": streams["header"]}
+        for k, v in _allocate(streams["rest"], est).items():
+            out[k] = out.get(k, 0) + v
+        for stream in streams["groups"].values():  # exact; a mixed "other" stream is split by numel
+            numel: dict[str, float] = {}
+            for name in stream["members"]:
+                g = tensor_group(name)
+                numel[g] = numel.get(g, 0) + qstate["tensors"][name]["q"].numel()
+            for g, v in _allocate(stream["bytes"], numel).items():
+                out[g] = out.get(g, 0) + v
+    else:
+        out = {"container": 1}  # the codec tag byte
+        out.update(_allocate(len(blob) - 1, est))
+    assert sum(out.values()) == len(blob)
+    total_params = sum(params.values())
+    return {
+        "bytes_by_group": out,
+        "params_by_group": params,
+        "params": total_params,
+        "bits_per_param": 8 * len(blob) / max(total_params, 1),
+        "bits_per_param_by_group": {g: 8 * out.get(g, 0) / n for g, n in params.items() if n},
+    }
+

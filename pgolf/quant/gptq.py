@@ -1,0 +1,137 @@
+"""Per-row quantisers for weight matrices: round-to-nearest and GPTQ, both with SDClip scales.
+
+A matrix W is (rows = output channels, cols = input channels). For `bits` b the integers lie in
+[-R, R] with R = 2^(b-1) - 1, stored one per int8; a row's scale s_r = k * std(W_r) / R is stored
+fp16 (SDClip, PR #1394: no clip search, clipping is implicit in clamp(round(w / s), -R, R)).
+GPTQ (Frantar et al. 2022; the records' form, PR #1019/#1394, record-stack.md §4.3) quantises columns
+in order and feeds each column's error forward through the upper Cholesky factor of H^-1, so the
+Hessian-weighted error tr(E H E^T) is lower than rounding each weight on its own.
+Everything runs on the tensors' device (CUDA or CPU).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+MIN_SCALE = 1e-6  # keeps fp16 scales non-zero for all-zero rows (zero-init projections at init)
+
+
+def clip_range(bits: int) -> int:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be in 2..8, got {bits}")
+    return 2 ** (bits - 1) - 1
+
+
+def sdclip_scale(w: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
+    """(rows, cols) -> fp16 (rows,) scales: k * std(row) / R (SDClip, PR #1394)."""
+    std = w.float().std(dim=1) if w.shape[1] > 1 else w.float().abs()[:, 0]
+    return (clip_sigmas * std / clip_range(bits)).clamp_min(MIN_SCALE).half()
+
+
+def dequantize(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """int8 (rows, cols) and fp16 (rows,) -> fp32 (rows, cols)."""
+    return q.float() * s.float()[:, None]
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, clip_sigmas: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest with the SDClip scale: the baseline GPTQ is measured against."""
+    R = clip_range(bits)
+    s = sdclip_scale(w, bits, clip_sigmas)
+    q = torch.clamp(torch.round(w.float() / s.float()[:, None]), -R, R)
+    return q.to(torch.int8), s
+
+
+def quantize_absmax_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8, s = max|row| / 127: the attention-gate path (PR #1736/#1784)."""
+    s = (w.float().abs().amax(dim=1) / 127.0).clamp_min(MIN_SCALE).half()
+    q = torch.clamp(torch.round(w.float() / s.float()[:, None]), -127, 127)
+    return q.to(torch.int8), s
+
+
+def _upper_chol_of_inverse(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1; retries with more damping if H is numerically not PD."""
+    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    extra = 0.0
+    for _ in range(6):
+        L, info = torch.linalg.cholesky_ex(H + extra * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U
+        extra = max(extra * 10, 1e-6 * float(H.diagonal().mean()))
+    raise RuntimeError("GPTQ: Hessian is not positive definite even after extra damping")
+
+
+def quantize_gptq(w: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: float, *, damp: float = 0.01,
+                  block_size: int = 128, act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ of one matrix (rows, cols) against its input Hessian H (cols, cols) = E[x x^T].
+
+    Returns int8 values and fp16 per-row scales, in the original column order.
+    """
+    with one_thread_on_cpu(w.device):
+        return _gptq(w, H, bits, clip_sigmas, damp, block_size, act_order)
+
+
+def _gptq(w, H, bits, clip_sigmas, damp, block_size, act_order):
+    R = clip_range(bits)
+    W = w.float().clone()
+    H = H.to(device=W.device, dtype=torch.float32).clone()
+    cols = W.shape[1]
+    s = sdclip_scale(w, bits, clip_sigmas)  # 5. SDClip scales, from the unmodified rows
+    sf = s.float()[:, None]
+    # 1. dead columns: inputs that never fire carry no information; their weights are dropped
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    # 2. damping, relative to the mean diagonal
+    H.diagonal().add_(damp * H.diagonal().mean())
+    # 3. act-order: most-activated inputs first, so their errors can still be compensated
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    # 4. upper Cholesky factor of H^-1: row j holds the feedback weights for column j
+    U = _upper_chol_of_inverse(H)
+    Wt = W.t().contiguous()  # (cols, rows): a column of W is a contiguous row here
+    Qt = torch.zeros_like(Wt)
+    st = sf[:, 0]
+    # 6. lazy-batch updates: exact feedback inside a block, one GEMM for the rest per block
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = Wt[i1:i2].clone()  # (b, rows)
+        Err = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            col = W1[j]
+            q = torch.round(col / st).clamp_(-R, R)
+            Qt[i1 + j] = q
+            err = (col - q * st) / U1[j, j]
+            W1[j:].addr_(U1[j, j:], err, alpha=-1.0)  # feed the error to the later columns
+            Err[j] = err
+        if i2 < cols:
+            Wt[i2:] -= U[i1:i2, i2:].t() @ Err
+    # 7. undo the permutation
+    Q = Qt.t()[:, torch.argsort(perm)]
+    return Q.to(torch.int8), s
+
+
+@contextmanager
+def one_thread_on_cpu(device: torch.device) -> Iterator[None]:
+    """One intra-op thread for GPTQ on the CPU: the column loop's ops are tiny and the matrices
+    small, and extra threads only spin (Cholesky was 10x slower with 2 threads on a shared machine)."""
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def hessian_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(E H E^T) with E = W - W_hat: the expected squared output error for inputs with E[xx^T] = H."""
+    E = w.float() - w_hat.float()
+    return float(((E @ H.float().to(E.device)) * E).sum())

@@ -1,0 +1,107 @@
+"""Compressors, per-group container, quantised state and byte accounting: exact round trips."""
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from pgolf.config import QuantConfig
+from pgolf.errors import PgolfError
+from pgolf.quant import compress as C
+from pgolf.quant import pergroup
+from pgolf.quant.artifact import (byte_report, dequantize_state, load_artifact, load_qstate,
+                                  quantize_state_dict, serialize)
+from pgolf.quant.int8 import export_int8
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.one_of(st.binary(max_size=3000), st.just(b"BSHF\x02abc"), st.just(b"")),
+       codec=st.sampled_from(list(C.CODECS) + ["best"]), level=st.sampled_from([-1, 1]),
+       shuffle=st.sampled_from([0, 2, 3, 4]))
+def test_every_compressor_round_trips(data, codec, level, shuffle):
+    blob = C.compress(data, codec, level, shuffle)
+    assert C.decompress(blob) == data
+
+
+def test_best_is_smallest_and_corrupt_stream_is_an_error():
+    data = bytes(range(256)) * 40
+    assert len(C.compress(data, "best", 1)) == min(len(C.compress(data, c, 1)) for c in C.CODECS)
+    with pytest.raises(PgolfError):
+        C.decompress(b"\x03garbage")
+    with pytest.raises(PgolfError):
+        C.decompress(b"\x55")
+
+
+def test_nn_chain_is_a_permutation_that_groups_similar_rows():
+    base = torch.randint(-20, 20, (4, 64), dtype=torch.int8)
+    q = base[torch.arange(40) % 4]  # 4 distinct rows, interleaved
+    order = pergroup.nn_chain_order(q)
+    assert sorted(order.tolist()) == list(range(40)) and order[0] == 0
+    changes = int((q[order][1:] != q[order][:-1]).any(dim=1).sum())
+    assert changes == 3  # each distinct row visited as one run
+
+
+def _tiny_state(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    sd = {"tok_emb.weight": torch.randn(300, 256, generator=g).to(dtype) * 0.02}
+    for i in range(2):
+        p = f"blocks.{i}."
+        sd[p + "attn.c_q.weight"] = torch.randn(256, 272, generator=g)
+        sd[p + "attn.c_k.weight"] = torch.randn(272, 256, generator=g)
+        sd[p + "attn.proj.weight"] = torch.zeros(256, 272)  # zero-init: all-zero rows
+        sd[p + "mlp.fc.weight"] = torch.randn(512, 256, generator=g)
+        sd[p + "attn.attn_gate_w"] = torch.randn(8, 12, generator=g)  # sparse gate: 96 values
+        sd[p + "attn.q_gain"] = torch.full((8,), 5.0)
+        sd[p + "resid_mix"] = torch.randn(2, 256, generator=g)
+    sd["skip_weights"] = torch.ones(1, 256)
+    sd["bigram.embed.weight"] = torch.randn(300, 240, generator=g)  # embedding group, "other" role
+    sd["carry_idx"] = torch.arange(3)
+    return sd
+
+
+def _q(**kw):
+    return dataclasses.replace(QuantConfig(), level=5, **kw)
+
+
+@pytest.mark.parametrize("compressor", ["brotli", "zstd", "pergroup", "best"])
+def test_artifact_round_trip_and_report_sums(compressor):
+    sd = _tiny_state(torch.bfloat16)
+    q = _q(method="rtn", compressor=compressor, lqer=True, lqer_top_k=2, lqer_rank=2)
+    qstate, info = quantize_state_dict(sd, q)
+    kinds = {n: e["kind"] for n, e in qstate["tensors"].items()}
+    assert kinds["blocks.0.attn.attn_gate_w"] == "gate"  # routed before the passthrough rule
+    assert kinds["blocks.0.resid_mix"] == "pass" and kinds["carry_idx"] == "raw"
+    assert len(info["lqer"]) == 2
+    blob, streams = serialize(qstate, q)
+    back = load_artifact(blob)
+    ref = dequantize_state(qstate)
+    assert list(back) == list(sd)
+    for n, t in sd.items():
+        assert back[n].dtype == t.dtype and back[n].shape == t.shape
+        assert torch.equal(back[n], ref[n]), n  # the file holds exactly the quantised state
+    rep = byte_report(load_qstate(blob) if compressor != "pergroup" else qstate, blob, streams)
+    assert sum(rep["bytes_by_group"].values()) == len(blob)
+    assert rep["params"] == sum(t.numel() for t in sd.values() if t.is_floating_point())
+    assert rep["bytes_by_group"]["lqer"] > 0 and rep["bytes_by_group"]["gate"] > 0
+
+
+def test_passthrough_restores_dtype_and_int8_baseline_loads():
+    sd = _tiny_state()
+    q = _q(method="gptq", compressor="zlib")  # no Hessians: falls back to RTN
+    qstate, info = quantize_state_dict(sd, q)
+    assert {v["method"] for v in info["tensors"].values()} == {"rtn", "absmax_int8"}
+    back = load_artifact(serialize(qstate, q)[0])
+    assert torch.equal(back["blocks.0.resid_mix"], sd["blocks.0.resid_mix"].half().float())
+    assert torch.equal(back["blocks.1.attn.proj.weight"], sd["blocks.1.attn.proj.weight"])
+    base = load_artifact(export_int8(sd))  # the trainer's baseline file loads through the same door
+    assert set(base) == set(sd)
+
+
+def test_group_bits_apply():
+    sd = _tiny_state()
+    q = _q(method="rtn", attn_bits=3, mlp_bits=5, embed_bits=7, other_bits=4, compressor="zstd")
+    qstate, _ = quantize_state_dict(sd, q)
+    t = qstate["tensors"]
+    assert t["blocks.0.attn.c_q.weight"]["bits"] == 3 and int(t["blocks.0.attn.c_q.weight"]["q"].abs().max()) <= 3
+    assert t["blocks.0.mlp.fc.weight"]["bits"] == 5 and t["tok_emb.weight"]["bits"] == 7
+    assert t["bigram.embed.weight"]["bits"] == 7
