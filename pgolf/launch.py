@@ -1,0 +1,185 @@
+"""Launch `pgolf.train` under torchrun from a notebook (or any process) and stream its log.
+
+The caller never imports torch: training runs in child processes started by
+`python -m torch.distributed.run --standalone`, so a notebook kernel never initialises CUDA or
+NCCL and a crashed run cannot take the kernel with it. One process on a CPU machine, one per GPU
+on a GPU machine (counted with `nvidia-smi`, not torch).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from pgolf.errors import PgolfError
+
+
+def gpu_count() -> int:
+    """Visible NVIDIA GPUs, asked of `nvidia-smi` so this process never touches CUDA."""
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    n = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        n = min(n, len([v for v in visible.split(",") if v.strip()]))
+    return n
+
+
+def default_nproc() -> int:
+    return gpu_count() or 1
+
+
+def train_args(preset: str | None = None, data: str | None = None, *, config: str | None = None,
+               tokenizer: str | None = None, out: str | None = None, seed: int | None = None,
+               max_seconds: float | None = None, overrides: Sequence[str] = ()) -> list[str]:
+    """The `pgolf.train` flags; None and "" mean "not given" (the preset's value)."""
+    argv: list[str] = []
+    for flag, value in (("--preset", preset), ("--config", config), ("--data", data),
+                        ("--tokenizer", tokenizer), ("--out", out), ("--seed", seed),
+                        ("--max-seconds", max_seconds)):
+        if value is not None and value != "":
+            argv += [flag, str(value)]
+    for item in overrides:
+        argv += ["--set", str(item)]
+    return argv
+
+
+def torchrun_cmd(train_argv: Sequence[str], nproc: int = 1) -> list[str]:
+    """`torchrun --standalone --nproc_per_node=N -m pgolf.train ...` with this interpreter."""
+    if int(nproc) < 1:
+        raise PgolfError(f"nproc must be >= 1 (got {nproc})")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(int(nproc)),
+            "-m", "pgolf.train", *map(str, train_argv)]
+
+
+def _last_metrics(path: Path, state: dict[str, Any]) -> dict[str, Any] | None:
+    """The newest complete line of a growing metrics.jsonl (reads only what was appended)."""
+    if not path.exists():
+        return None
+    with open(path) as f:
+        f.seek(state.get("offset", 0))
+        chunk = state.get("rest", "") + f.read()
+        state["offset"] = f.tell()
+    *lines, state["rest"] = chunk.split("\n")
+    for line in reversed(lines):
+        if line.strip():
+            try:
+                state["last"] = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            break
+    return state.get("last")
+
+
+def stream(cmd: Sequence[str], *, echo: Callable[[str], None] | None = None, run_dir: str | Path | None = None,
+           total_seconds: float | None = None, env: dict[str, str] | None = None, tail: int = 60,
+           file: Any = None) -> list[str]:
+    """Run `cmd`, echoing its merged stdout/stderr line by line to `file` (stdout by default); with
+    `run_dir`, a text progress bar follows the run's metrics.jsonl (`time_s` of `total_seconds`).
+    Returns all lines; raises PgolfError with the log tail on a non-zero exit."""
+    from tqdm import tqdm  # the text bar: the same in a terminal, a notebook and a papermill output
+
+    file = file or sys.stdout
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    lines: list[str] = []
+    last: deque[str] = deque(maxlen=tail)
+    fmt = ("{desc}: {percentage:3.0f}%|{bar:20}| {n:.0f}/{total:.0f} s of training [{elapsed}{postfix}]"
+           if total_seconds else "{desc}: {n:.0f} s of training [{elapsed}{postfix}]")
+    bar = tqdm(total=round(total_seconds) if total_seconds else None, desc="train", file=file, leave=True,
+               bar_format=fmt, dynamic_ncols=False) if run_dir else None
+    if echo is None:
+        echo = (lambda s: bar.write(s, file=file)) if bar is not None else (lambda s: print(s, file=file, flush=True))
+    mstate: dict[str, Any] = {}
+    # Own process group, so an interrupt stops torchrun and all its workers.
+    proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1, env=full_env, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            lines.append(line)
+            last.append(line)
+            echo(line)
+            if bar is not None:
+                m = _last_metrics(Path(run_dir) / "metrics.jsonl", mstate)
+                if m and m.get("time_s") is not None:
+                    bar.n = min(round(float(m["time_s"])), bar.total or float("inf"))
+                    bar.set_postfix({k: m[k] for k in ("step", "train_loss", "val_bpb") if m.get(k) is not None},
+                                    refresh=False)
+                    bar.refresh()
+        rc = proc.wait()
+    except BaseException:
+        _kill(proc)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if rc != 0:
+        shown = "\n".join(last)
+        raise PgolfError(f"{' '.join(map(str, cmd[:8]))} ... exited with status {rc}; last lines:\n{shown}")
+    return lines
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def final_json(lines: Sequence[str]) -> dict[str, Any]:
+    """The last line that is a JSON object (the command's result, by the CLI contract)."""
+    for line in reversed(lines):
+        s = line.strip()
+        if s.startswith("{") and s.endswith("}"):
+            try:
+                obj = json.loads(s)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+    raise PgolfError("the training command printed no final JSON line")
+
+
+def train(preset: str | None = None, data: str | None = None, *, nproc: int = 1, config: str | None = None,
+          tokenizer: str | None = None, out: str | None = None, seed: int | None = None,
+          max_seconds: float | None = None, overrides: Sequence[str] = (),
+          echo: Callable[[str], None] | None = None, budget_seconds: float | None = None) -> dict[str, Any]:
+    """Train under torchrun, streaming the log; returns the final JSON of rank 0.
+
+    `budget_seconds` only sizes the progress bar (default: `max_seconds`, else the config's budget)."""
+    cmd = torchrun_cmd(train_args(preset, data, config=config, tokenizer=tokenizer, out=out, seed=seed,
+                                  max_seconds=max_seconds, overrides=overrides), nproc)
+    if budget_seconds is None:
+        budget_seconds = max_seconds or _config_budget(config)
+    return final_json(stream(cmd, echo=echo, run_dir=out, total_seconds=budget_seconds or None))
+
+
+def _config_budget(config: str | None) -> float | None:
+    try:
+        return float(json.loads(Path(config).read_text())["train"]["max_seconds"]) if config else None
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def kernel_is_clean() -> bool:
+    """True while this process has not initialised CUDA nor a torch.distributed process group."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return True
+    cuda_up = bool(getattr(torch, "cuda", None) and torch.cuda.is_initialized())
+    dist = getattr(torch, "distributed", None)
+    dist_up = bool(dist and dist.is_available() and dist.is_initialized())
+    return not (cuda_up or dist_up)

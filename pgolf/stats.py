@@ -1,0 +1,188 @@
+"""Seed statistics and the challenge's significance rule.
+
+A new record must beat the previous one by at least 0.005 nats/token at p < 0.01
+(../shared/docs/record-stack.md §0). With A the reference runs and B the new ones, we test the
+*shifted* one-sided hypothesis on per-seed validation losses (nats/token):
+
+    H0: mu_A - mu_B <= 0.005      against      H1: mu_A - mu_B > 0.005
+
+with Welch's t-test (unequal variances): `scipy.stats.ttest_ind(a - 0.005, b, equal_var=False,
+alternative="greater")`. `significant` is `p_value < 0.01`. Subtracting the margin from A's values
+leaves the variances alone and moves the null from "no difference" to "a difference of 0.005".
+
+Losses come from `result.json`: `val_loss` for `val_bpb`, `<x>_loss` for a metric `<x>_bpb` when the
+run recorded it, otherwise the metric converted to nats/token with the run's own bytes-per-token
+ratio (`val_loss / val_bpb`: the same validation set, so the same tokens and bytes).
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+from pgolf.errors import PgolfError
+from pgolf.runs import RunDir
+
+MIN_DELTA_NATS = 0.005
+ALPHA = 0.01
+
+
+# ---- numbers
+
+def mean_std(values: Iterable[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1; None for a single value)."""
+    v = [float(x) for x in values]
+    if not v:
+        raise PgolfError("no values to average")
+    m = sum(v) / len(v)
+    if len(v) < 2:
+        return m, None
+    return m, math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+
+
+def welch(a: Iterable[float], b: Iterable[float], min_delta: float = MIN_DELTA_NATS,
+          alpha: float = ALPHA) -> dict[str, Any]:
+    """Does B beat A by more than `min_delta`? One-sided Welch test on nats/token (lower is better)."""
+    from scipy import stats as st
+
+    a, b = [float(x) for x in a], [float(x) for x in b]
+    if len(a) < 2 or len(b) < 2:
+        raise PgolfError(f"the significance test needs at least 2 runs per group (got {len(a)} and {len(b)})")
+    res = st.ttest_ind([x - min_delta for x in a], b, equal_var=False, alternative="greater")
+    p = float(res.pvalue)
+    delta = sum(a) / len(a) - sum(b) / len(b)
+    return {"delta_nats": delta, "t": float(res.statistic), "df": float(res.df), "p_value": p,
+            "significant": bool(p < alpha), "min_delta_nats": min_delta, "alpha": alpha}
+
+
+def loss_nats(result: dict[str, Any], metric: str = "val_bpb") -> float:
+    """One run's nats/token for `metric` (see the module notes)."""
+    where = result.get("run_dir", "run")
+    if metric not in result or result[metric] is None:
+        raise PgolfError(f"{where}: result.json has no {metric!r}")
+    loss_key = metric[:-3] + "loss" if metric.endswith("bpb") else None
+    if loss_key and result.get(loss_key) is not None:
+        return float(result[loss_key])
+    if result.get("val_loss") is None or not result.get("val_bpb"):
+        raise PgolfError(f"{where}: needs val_loss and val_bpb to convert {metric!r} to nats/token")
+    return float(result[metric]) * float(result["val_loss"]) / float(result["val_bpb"])
+
+
+# ---- run groups
+
+def finished_runs(pattern: str, runs_root: str | Path = "runs") -> list[dict[str, Any]]:
+    """result.json of every finished run whose directory name under `runs_root` matches `pattern`."""
+    root = Path(runs_root)
+    if not root.is_dir():
+        raise PgolfError(f"{root}: runs root not found")
+    out = []
+    for p in sorted(root.iterdir()):
+        if p.is_dir() and fnmatch.fnmatchcase(p.name, pattern) and RunDir(p).is_finished():
+            out.append({**RunDir(p).result(), "run_dir": str(p), "run_id": p.name})
+    if not out:
+        raise PgolfError(f"{root}/{pattern}: matches no finished run")
+    return out
+
+
+def summarize(results: list[dict[str, Any]], metric: str = "val_bpb", label: str = "") -> dict[str, Any]:
+    """Seed mean and std of `metric` and of its nats/token over one group of runs."""
+    vals = [float(r[metric]) for r in results if r.get(metric) is not None]
+    if len(vals) != len(results):
+        missing = [r.get("run_id") for r in results if r.get(metric) is None]
+        raise PgolfError(f"{missing[0]}: result.json has no {metric!r}")
+    nats = [loss_nats(r, metric) for r in results]
+    m, s = mean_std(vals)
+    ln, ls = mean_std(nats)
+    return {"label": label, "n": len(results), "runs": [r.get("run_id") for r in results],
+            "seeds": [r.get("seed") for r in results], "config_keys": sorted({str(r.get("config_key")) for r in results}),
+            "metric": metric, "mean": m, "std": s, "loss_mean": ln, "loss_std": ls,
+            "total_bytes_mean": _mean_or_none(r.get("total_bytes") for r in results)}
+
+
+def _mean_or_none(values: Iterable[Any]) -> float | None:
+    v = [float(x) for x in values if x is not None and x == x]
+    return sum(v) / len(v) if v else None
+
+
+def compare(a_results: list[dict[str, Any]], b_results: list[dict[str, Any]], metric: str = "val_bpb",
+            a_label: str = "A", b_label: str = "B") -> dict[str, Any]:
+    """The challenge criterion for B (new) against A (reference)."""
+    a = summarize(a_results, metric, a_label)
+    b = summarize(b_results, metric, b_label)
+    test = welch([loss_nats(r, metric) for r in a_results], [loss_nats(r, metric) for r in b_results])
+    return {"a": a, "b": b, "metric": metric, "delta_metric": a["mean"] - b["mean"], **test,
+            "test": f"one-sided Welch: H0 mu_A - mu_B <= {MIN_DELTA_NATS} nats/token, reject at p < {ALPHA}"}
+
+
+# ---- DataFrames (runs.load())
+
+def by_config(df: "pandas.DataFrame", metric: str = "val_bpb", key: str = "config_key") -> "pandas.DataFrame":  # noqa: F821
+    """One row per configuration: runs, seed mean/std of `metric`, of its nats/token and of the bytes."""
+    import pandas as pd
+
+    rows = []
+    if len(df) and metric in df.columns:
+        for k, g in df[df[metric].notna()].groupby(key, sort=False):
+            recs = g.to_dict("records")
+            s = summarize(recs, metric, str(k))
+            rows.append({key: k, "preset": _first(g, "preset"), "n": s["n"], "seeds": s["seeds"],
+                         f"{metric}_mean": s["mean"], f"{metric}_std": s["std"],
+                         "loss_mean": s["loss_mean"], "loss_std": s["loss_std"],
+                         "total_bytes": s["total_bytes_mean"]})
+    cols = [key, "preset", "n", "seeds", f"{metric}_mean", f"{metric}_std", "loss_mean", "loss_std", "total_bytes"]
+    return pd.DataFrame(rows, columns=cols).sort_values(f"{metric}_mean", ignore_index=True)
+
+
+def _first(g: "pandas.DataFrame", col: str) -> Any:  # noqa: F821
+    return g[col].iloc[0] if col in g.columns else None
+
+
+def pairwise(df: "pandas.DataFrame", metric: str = "val_bpb", key: str = "config_key",  # noqa: F821
+             reference: str | None = None) -> "pandas.DataFrame":  # noqa: F821
+    """The criterion for every pair of configurations with >= 2 seeds, B the one with the lower mean.
+
+    With `reference` (a config key or preset name), only pairs with that configuration as A.
+    """
+    import pandas as pd
+
+    groups = []
+    if len(df) and metric in df.columns:
+        for k, g in df[df[metric].notna()].groupby(key, sort=False):
+            if len(g) >= 2:
+                groups.append((str(k), _first(g, "preset"), g.to_dict("records")))
+    rows = []
+    for i, (ka, pa, ra) in enumerate(groups):
+        for kb, pb, rb in groups[i + 1:]:
+            c = compare(ra, rb, metric, ka, kb)
+            if c["delta_nats"] < 0:  # orient so that B is the better one
+                c = compare(rb, ra, metric, kb, ka)
+                (ka2, pa2), (kb2, pb2) = (kb, pb), (ka, pa)
+            else:
+                (ka2, pa2), (kb2, pb2) = (ka, pa), (kb, pb)
+            if reference and reference not in (ka2, pa2):
+                continue
+            rows.append({"a": ka2, "a_preset": pa2, "b": kb2, "b_preset": pb2, "n_a": c["a"]["n"],
+                         "n_b": c["b"]["n"], "delta_nats": c["delta_nats"], f"delta_{metric}": c["delta_metric"],
+                         "p_value": c["p_value"], "significant": c["significant"]})
+    cols = ["a", "a_preset", "b", "b_preset", "n_a", "n_b", "delta_nats", f"delta_{metric}", "p_value", "significant"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+# ---- CLI
+
+def cmd_stats(args: Any) -> dict[str, Any]:
+    """`pgolf stats A_GLOB [--vs B_GLOB] [--metric M] [--runs-root DIR]`."""
+    a_runs = finished_runs(args.a_glob, args.runs_root)
+    if not args.b_glob:
+        import pandas as pd
+
+        groups = by_config(pd.DataFrame(a_runs), args.metric)
+        return {"a": summarize(a_runs, args.metric, args.a_glob), "b": None, "delta_nats": None,
+                "p_value": None, "significant": False, "metric": args.metric,
+                "groups": groups.to_dict("records")}
+    b_runs = finished_runs(args.b_glob, args.runs_root)
+    overlap = {r["run_id"] for r in a_runs} & {r["run_id"] for r in b_runs}
+    if overlap:
+        raise PgolfError(f"run {sorted(overlap)[0]} matches both {args.a_glob!r} and {args.b_glob!r}")
+    return compare(a_runs, b_runs, args.metric, args.a_glob, args.b_glob)

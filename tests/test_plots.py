@@ -1,0 +1,70 @@
+"""pgolf.plots: every standard figure is written as PNG and SVG under a stable name."""
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pgolf import plots
+from pgolf.errors import PgolfError
+from pgolf.runs import RunDir, load
+
+
+def fake_run(root, name, preset, seed, key, bpb, total_bytes, steps=30):
+    run = RunDir.create(root / name)
+    run.write_json("config.json", {"model": {"key": key}, "train": {"seed": seed}})
+    for s in range(0, steps + 1, 5):
+        row = {"step": s, "time_s": s * 0.1, "train_loss": 7.0 - 0.1 * s}
+        if s % 15 == 0:
+            row.update(val_loss=7.05 - 0.1 * s, val_bpb=(7.05 - 0.1 * s) / 1.7)
+        run.append_jsonl("metrics.jsonl", row)
+    run.finish({"preset": preset, "seed": seed, "val_loss": bpb * 1.7, "val_bpb": bpb, "quant_val_bpb": bpb + 0.01,
+                "ttt_val_bpb": bpb - 0.02, "total_bytes": total_bytes})
+    return run
+
+
+def assert_written(paths, stem, out):
+    assert [Path(p).name for p in paths] == [f"{stem}.png", f"{stem}.svg"]
+    for p in paths:
+        assert Path(p).parent == Path(out) and Path(p).stat().st_size > 1000
+
+
+def test_loss_curves_signature_and_names(tmp_path):
+    run = fake_run(tmp_path / "runs", "r1", "cpu-smoke", 1, "k", 1.5, 10)
+    out = tmp_path / "figures"
+    paths = plots.plot_loss_curves(run.path, out_dir=str(out))  # the call `make run` makes
+    assert_written(paths, "loss_r1", out)
+    # stable: the same data gives the same SVG bytes
+    svg = Path(paths[1]).read_bytes()
+    assert Path(plots.plot_loss_curves(run.path, out_dir=out)[1]).read_bytes() == svg
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PgolfError, match="no metrics"):
+        plots.plot_loss_curves(tmp_path / "empty", out_dir=out)
+
+
+def test_pareto_front():
+    pts = [(10, 1.3), (12, 1.2), (11, 1.35), (15, 1.1), (16, 1.15), (9, 1.5)]
+    assert plots.pareto_front(pts) == [5, 0, 1, 3]
+
+
+def test_bpb_vs_artifact_precision_and_ttt(tmp_path):
+    root = tmp_path / "runs"
+    for i, (key, bpb, size) in enumerate([("a", 1.30, 15.2e6), ("a", 1.31, 15.2e6), ("b", 1.25, 15.9e6),
+                                          ("b", 1.26, 15.9e6), ("c", 1.22, 16.3e6)]):
+        fake_run(root, f"{key}_s{i}", f"p{key}", i, key, bpb, int(size))
+    df = load(root)
+    pts = plots.config_points(df)
+    assert pts["n"].tolist() == [2, 2, 1]
+    assert pts.loc[0, "val_bpb"] == pytest.approx(1.305) and pts.loc[2, "val_bpb_std"] == 0.0
+    out = tmp_path / "fig"
+    assert_written(plots.plot_bpb_vs_artifact(df, out_dir=out), "bpb_vs_artifact", out)
+    prec = pd.DataFrame({"label": ["int8", "int6", "int5"], "total_bytes": [20e6, 15.9e6, 13e6],
+                         "val_bpb": [1.20, 1.21, 1.24]})
+    assert_written(plots.plot_precision_vs_bytes(prec, out_dir=out), "precision_vs_bytes", out)
+    ttt = pd.DataFrame({"step": list(range(10)) * 2, "bpb": [1.1 - 0.01 * i for i in range(10)] * 2,
+                        "label": ["lora"] * 10 + ["sgd"] * 10})
+    assert_written(plots.plot_ttt_convergence(ttt, out_dir=out, baseline=1.12), "ttt_convergence", out)
+    est = {"base": {"params": 10, "code_bytes": 5, "bytes_by_kind": {"mlp": 50, "attn": 20}},
+           "tweak": {"params": 12, "code_bytes": 5, "bytes_by_kind": {"mlp": 50, "attn": 20, "gate": 3}}}
+    assert_written(plots.plot_size_breakdown(est, out_dir=out), "architecture_bytes", out)
+    with pytest.raises(PgolfError):
+        plots.plot_bpb_vs_artifact(pd.DataFrame(), out_dir=out)

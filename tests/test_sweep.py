@@ -1,0 +1,98 @@
+"""pgolf sweep: one papermill execution per seed x grid point, failures recorded, finished runs skipped.
+
+The sweep's mechanics are tested on a tiny notebook that finishes a run through RunDir (no training);
+the acceptance sweep over notebooks/train.ipynb lives in test_notebooks.py.
+"""
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from pgolf import cli, sweep
+from pgolf.errors import PgolfError
+from pgolf.runs import RunDir, load
+
+PARAMS = 'seed = 0\nrun_dir = ""\nscale = 1.0\nfail_at = -1\nfail_flag = ""\nnproc = 1\n'
+BODY = """\
+import os
+from pgolf.runs import RunDir
+if seed == fail_at and os.path.exists(fail_flag):
+    raise ValueError(f"seed {seed} fails on purpose")
+run = RunDir.create(run_dir)
+run.write_json("config.json", {"model": {"scale": scale}, "train": {"seed": seed}})
+run.finish({"preset": "dummy", "seed": seed, "val_loss": 2.0 * scale, "val_bpb": scale, "nproc": nproc})
+"""
+
+
+@pytest.fixture
+def dummy_nb(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    p = nbformat.v4.new_code_cell(PARAMS)
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell(BODY)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "dummy.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def test_plan_names_are_deterministic(tmp_path):
+    grid = sweep.parse_grid(["scale=0.5,2", "gate=sparse"])
+    assert grid == {"scale": [0.5, 2], "gate": ["sparse"]}
+    p1 = sweep.plan("nb/train.ipynb", [1, 2], {"preset": "cpu-smoke"}, grid, tmp_path)
+    p2 = sweep.plan("other/train.ipynb", [1, 2], {"preset": "cpu-smoke"}, grid, tmp_path)
+    assert [x["run_dir"] for x in p1] == [x["run_dir"] for x in p2]  # depends on the stem, not the folder
+    names = [Path(x["run_dir"]).name for x in p1]
+    assert len(set(names)) == 4 and names[0].startswith("train-") and names[0].endswith("scale-0.5_gate-sparse_s1")
+    assert p1[0]["parameters"] == {"preset": "cpu-smoke", "scale": 0.5, "gate": "sparse", "seed": 1,
+                                   "run_dir": p1[0]["run_dir"], "runs_root": str(tmp_path.absolute())}
+    other = sweep.plan("train.ipynb", [1], {"preset": "pr1855"}, {}, tmp_path)[0]["run_dir"]
+    assert Path(other).name != Path(sweep.plan("train.ipynb", [1], {"preset": "cpu-smoke"}, {}, tmp_path)[0]["run_dir"]).name
+    for bad in (["scale"], ["scale="], ["1x=2"]):
+        with pytest.raises(PgolfError):
+            sweep.parse_grid(bad)
+    with pytest.raises(PgolfError, match="set by the sweep"):
+        sweep.plan("t.ipynb", [1], {"seed": 3}, {}, tmp_path)
+    assert sweep.parse_value("20") == 20 and sweep.parse_value("cpu-smoke") == "cpu-smoke"
+    assert sweep.parse_value('["model.num_layers=2"]') == ["model.num_layers=2"]
+
+
+def test_sweep_records_failures_and_skips_finished(tmp_path, dummy_nb, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "runs"
+    flag = tmp_path / "FAIL"
+    flag.touch()
+    argv = ["sweep", str(dummy_nb), "--seeds", "1", "2", "-p", "fail_at", "2", "-p", "fail_flag", str(flag),
+            "--grid", "scale=0.5", "--nproc", "1", "--runs-root", str(root)]
+    assert cli.main(argv) == 0
+    out, err = capsys.readouterr()
+    res = json.loads(out.strip().splitlines()[-1])
+    assert len(res["runs"]) == 1 and len(res["failed"]) == 1 and res["skipped"] == []
+    ok, bad = Path(res["runs"][0]), Path(res["failed"][0]["run_dir"])
+    assert RunDir(ok).is_finished() and RunDir(ok).result()["seed"] == 1
+    assert RunDir(ok).result()["nproc"] == 1  # --nproc reaches the notebook
+    assert (ok / "dummy.ipynb").exists() and (bad / "dummy.ipynb").exists()  # executed notebooks kept
+    executed = nbformat.read(ok / "dummy.ipynb", as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    error = json.loads((bad / "error.json").read_text())
+    assert error["status"] == "failed" and "fails on purpose" in error["error"]
+    assert not RunDir(bad).is_finished() and "fails on purpose" in res["failed"][0]["error"]
+    assert "sweep dummy.ipynb" in err  # the progress bar is on stderr
+    assert len(load(root)) == 1
+
+    # Re-run once the cause is gone: the finished point is skipped, the failed one retried (its
+    # old attempt moved to .failed/, not deleted), and the index gains exactly one line.
+    flag.unlink()
+    assert cli.main(argv) == 0
+    res2 = json.loads(capsys.readouterr()[0].strip().splitlines()[-1])
+    assert res2["skipped"] == [str(ok)] and res2["runs"] == [str(bad)] and res2["failed"] == []
+    assert RunDir(bad).is_finished() and not (bad / "error.json").exists()
+    (moved,) = (root / ".failed").iterdir()
+    assert moved.name.startswith(bad.name + "-") and (moved / "error.json").exists()
+    assert len((root / "index.jsonl").read_text().splitlines()) == 2
+
+
+def test_sweep_bad_input(tmp_path, capsys):
+    rc = cli.main(["sweep", str(tmp_path / "missing.ipynb"), "--runs-root", str(tmp_path)])
+    assert rc == 2 and "notebook not found" in capsys.readouterr()[1]
