@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev,lab]"
+	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name pgolf --display-name "pgolf (.venv)" >/dev/null
 	touch $(STAMP)
 
@@ -31,6 +31,7 @@ test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
 
 lab: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[lab]"
 	$(BIN)/jupyter lab --notebook-dir=notebooks
 
 clean:

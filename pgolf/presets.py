@@ -29,7 +29,7 @@ def cpu_smoke() -> Config:
     m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads, m.mlp_mult = 4, 128, 4, 2, 2.0
     t = c.train
     t.train_seq_len = t.eval_seq_len = 256
-    t.train_batch_tokens = 8192
+    t.train_batch_tokens = 4096
     t.max_seconds = 60.0
     t.warmup_steps = 0
     t.warmdown_iters = 0
