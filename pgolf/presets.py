@@ -15,6 +15,7 @@ from pgolf.errors import PgolfError
 def baseline() -> Config:
     """The official root `train_gpt.py`: 9x512, SP1024, 17,059,912 parameters, 1.2244 BPB."""
     c = Config(preset="baseline")
+    c.train.micro_batch_tokens = 65_536  # grad_accum = 8 / world_size, as the official script
     c.quant.method = "int8"
     c.quant.compressor = "zlib"
     c.quant.byte_shuffle = 0
@@ -30,6 +31,7 @@ def cpu_smoke() -> Config:
     t = c.train
     t.train_seq_len = t.eval_seq_len = 256
     t.train_batch_tokens = 4096
+    t.micro_batch_tokens = 0  # the whole batch per rank
     t.max_seconds = 60.0
     t.warmup_steps = 0
     t.warmdown_iters = 0
@@ -78,6 +80,7 @@ def _record_1626() -> Config:
     o.ema_decay = 0.9965
     t = c.train
     t.train_batch_tokens = 786_432
+    t.micro_batch_tokens = 98_304  # 48 x 2048 per GPU: accumulation 1 on 8 GPUs, 8 on one
     t.train_seq_len = t.eval_seq_len = 2048
     t.warmdown_iters = 0
     t.warmdown_frac = 0.72
@@ -208,6 +211,7 @@ def pr430() -> Config:
     o.ema_decay = 0.997
     t = c.train
     t.train_batch_tokens = 786_432
+    t.micro_batch_tokens = 98_304
     t.train_seq_len = t.eval_seq_len = 2048
     t.max_seconds = 600.0
     t.gptq_reserve_seconds = 18.0  # a 582 s loop + 18 s for EMA, calibration and quantisation
