@@ -22,8 +22,9 @@ from pgolf.runs import RunDir
 
 LIMIT_BYTES = 16_000_000
 FORMATS = ("png", "svg")
-# (column, label, marker) of the three BPB stages a run can have.
-STAGES = (("val_bpb", "pre-quant", "o"), ("quant_val_bpb", "quantised", "s"), ("ttt_val_bpb", "after TTT", "^"))
+# (metric, label, marker) of the three BPB stages a run can have (pgolf.stats.metric_value).
+STAGES = (("val_bpb_prequant", "pre-quant", "o"), ("quant_val_bpb", "quantised", "s"),
+          ("ttt_val_bpb", "after TTT", "^"))
 
 
 def _plt():
@@ -99,15 +100,18 @@ def config_points(df: "pandas.DataFrame", key: str = "config_key") -> "pandas.Da
     """Seed mean and std of each BPB stage and of the artifact bytes, per configuration."""
     import pandas as pd
 
+    from pgolf.stats import mean_std, metric_value
+
     rows = []
-    if len(df) and "total_bytes" in df.columns:
+    if len(df) and "total_bytes" in df.columns and key in df.columns:
         for k, g in df[df["total_bytes"].notna()].groupby(key, sort=False):
-            row = {key: k, "preset": g["preset"].iloc[0] if "preset" in g else None, "n": len(g),
-                   "total_bytes": g["total_bytes"].mean()}
+            recs = g.to_dict("records")
+            row = {key: k, "preset": recs[0].get("preset"), "n": len(g), "total_bytes": g["total_bytes"].mean()}
             for col, _, _ in STAGES:
-                if col in g.columns and g[col].notna().any():
-                    row[col] = g[col].mean()
-                    row[col + "_std"] = g[col].std(ddof=1) if g[col].notna().sum() > 1 else 0.0
+                vals = [v for v in (metric_value(r, col) for r in recs) if v is not None]
+                if vals:
+                    m, sd = mean_std(vals)
+                    row[col], row[col + "_std"] = m, sd or 0.0
             rows.append(row)
     return pd.DataFrame(rows)
 

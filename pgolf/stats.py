@@ -10,9 +10,14 @@ with Welch's t-test (unequal variances): `scipy.stats.ttest_ind(a - 0.005, b, eq
 alternative="greater")`. `significant` is `p_value < 0.01`. Subtracting the margin from A's values
 leaves the variances alone and moves the null from "no difference" to "a difference of 0.005".
 
-Losses come from `result.json`: `val_loss` for `val_bpb`, `<x>_loss` for a metric `<x>_bpb` when the
-run recorded it, otherwise the metric converted to nats/token with the run's own bytes-per-token
-ratio (`val_loss / val_bpb`: the same validation set, so the same tokens and bytes).
+Metrics are `result.json` keys. `val_bpb` is a run's latest score: the trainer's, replaced by the
+artifact's once `pgolf quantize` has evaluated it (which keeps the trainer's as `val_bpb_prequant`);
+`quant_val_bpb` and `ttt_val_bpb` are the quantised and test-time-trained scores. `val_bpb_prequant`
+falls back to `val_bpb` for a run that was never quantised.
+
+Losses (nats/token) come from the key with "bpb" replaced by "loss" (`val_loss`, `ttt_val_loss`,
+`val_loss_prequant`) when the run recorded it, otherwise the metric is converted with the run's own
+bytes-per-token ratio (`val_loss / val_bpb`: the same validation set, so the same tokens and bytes).
 """
 from __future__ import annotations
 
@@ -56,17 +61,36 @@ def welch(a: Iterable[float], b: Iterable[float], min_delta: float = MIN_DELTA_N
             "significant": bool(p < alpha), "min_delta_nats": min_delta, "alpha": alpha}
 
 
+def _present(v: Any) -> bool:
+    return v is not None and v == v  # not None, not NaN (DataFrame rows)
+
+
+def _quantised(result: dict[str, Any]) -> bool:
+    return _present(result.get("quant_val_bpb")) or _present(result.get("val_bpb_prequant"))
+
+
+def metric_value(result: dict[str, Any], metric: str = "val_bpb") -> float | None:
+    """One run's `metric` (None when absent); see the module notes for `val_bpb_prequant`."""
+    v = result.get(metric)
+    if not _present(v) and metric == "val_bpb_prequant" and not _quantised(result):
+        v = result.get("val_bpb")
+    return float(v) if _present(v) else None
+
+
 def loss_nats(result: dict[str, Any], metric: str = "val_bpb") -> float:
     """One run's nats/token for `metric` (see the module notes)."""
     where = result.get("run_dir", "run")
-    if metric not in result or result[metric] is None:
+    value = metric_value(result, metric)
+    if value is None:
         raise PgolfError(f"{where}: result.json has no {metric!r}")
-    loss_key = metric[:-3] + "loss" if metric.endswith("bpb") else None
-    if loss_key and result.get(loss_key) is not None:
-        return float(result[loss_key])
-    if result.get("val_loss") is None or not result.get("val_bpb"):
+    loss = result.get(metric.replace("bpb", "loss")) if "bpb" in metric else None
+    if not _present(loss) and metric == "val_bpb_prequant" and not _quantised(result):
+        loss = result.get("val_loss")
+    if _present(loss):
+        return float(loss)
+    if not _present(result.get("val_loss")) or not result.get("val_bpb"):
         raise PgolfError(f"{where}: needs val_loss and val_bpb to convert {metric!r} to nats/token")
-    return float(result[metric]) * float(result["val_loss"]) / float(result["val_bpb"])
+    return value * float(result["val_loss"]) / float(result["val_bpb"])
 
 
 # ---- run groups
@@ -87,9 +111,9 @@ def finished_runs(pattern: str, runs_root: str | Path = "runs") -> list[dict[str
 
 def summarize(results: list[dict[str, Any]], metric: str = "val_bpb", label: str = "") -> dict[str, Any]:
     """Seed mean and std of `metric` and of its nats/token over one group of runs."""
-    vals = [float(r[metric]) for r in results if r.get(metric) is not None]
-    if len(vals) != len(results):
-        missing = [r.get("run_id") for r in results if r.get(metric) is None]
+    vals = [metric_value(r, metric) for r in results]
+    if None in vals:
+        missing = [r.get("run_id") for r, v in zip(results, vals) if v is None]
         raise PgolfError(f"{missing[0]}: result.json has no {metric!r}")
     nats = [loss_nats(r, metric) for r in results]
     m, s = mean_std(vals)
@@ -122,16 +146,22 @@ def by_config(df: "pandas.DataFrame", metric: str = "val_bpb", key: str = "confi
     import pandas as pd
 
     rows = []
-    if len(df) and metric in df.columns:
-        for k, g in df[df[metric].notna()].groupby(key, sort=False):
-            recs = g.to_dict("records")
-            s = summarize(recs, metric, str(k))
-            rows.append({key: k, "preset": _first(g, "preset"), "n": s["n"], "seeds": s["seeds"],
-                         f"{metric}_mean": s["mean"], f"{metric}_std": s["std"],
-                         "loss_mean": s["loss_mean"], "loss_std": s["loss_std"],
-                         "total_bytes": s["total_bytes_mean"]})
+    for k, g in _with_metric(df, metric, key).groupby(key, sort=False):
+        s = summarize(g.to_dict("records"), metric, str(k))
+        rows.append({key: k, "preset": _first(g, "preset"), "n": s["n"], "seeds": s["seeds"],
+                     f"{metric}_mean": s["mean"], f"{metric}_std": s["std"],
+                     "loss_mean": s["loss_mean"], "loss_std": s["loss_std"], "total_bytes": s["total_bytes_mean"]})
     cols = [key, "preset", "n", "seeds", f"{metric}_mean", f"{metric}_std", "loss_mean", "loss_std", "total_bytes"]
     return pd.DataFrame(rows, columns=cols).sort_values(f"{metric}_mean", ignore_index=True)
+
+
+def _with_metric(df: "pandas.DataFrame", metric: str, key: str) -> "pandas.DataFrame":  # noqa: F821
+    """The rows (runs) that have `metric` (an empty frame with a `key` column when there are none)."""
+    import pandas as pd
+
+    if not len(df) or key not in df.columns:
+        return pd.DataFrame(columns=[key])
+    return df[[metric_value(r, metric) is not None for r in df.to_dict("records")]]
 
 
 def _first(g: "pandas.DataFrame", col: str) -> Any:  # noqa: F821
@@ -147,10 +177,9 @@ def pairwise(df: "pandas.DataFrame", metric: str = "val_bpb", key: str = "config
     import pandas as pd
 
     groups = []
-    if len(df) and metric in df.columns:
-        for k, g in df[df[metric].notna()].groupby(key, sort=False):
-            if len(g) >= 2:
-                groups.append((str(k), _first(g, "preset"), g.to_dict("records")))
+    for k, g in _with_metric(df, metric, key).groupby(key, sort=False):
+        if len(g) >= 2:
+            groups.append((str(k), _first(g, "preset"), g.to_dict("records")))
     rows = []
     for i, (ka, pa, ra) in enumerate(groups):
         for kb, pb, rb in groups[i + 1:]:

@@ -17,8 +17,10 @@ def fake_run(root, name, preset, seed, key, bpb, total_bytes, steps=30):
         if s % 15 == 0:
             row.update(val_loss=7.05 - 0.1 * s, val_bpb=(7.05 - 0.1 * s) / 1.7)
         run.append_jsonl("metrics.jsonl", row)
-    run.finish({"preset": preset, "seed": seed, "val_loss": bpb * 1.7, "val_bpb": bpb, "quant_val_bpb": bpb + 0.01,
-                "ttt_val_bpb": bpb - 0.02, "total_bytes": total_bytes})
+    # as after `pgolf quantize` + `pgolf eval --ttt`: val_bpb is the artifact's score now
+    run.finish({"preset": preset, "seed": seed, "val_loss": (bpb + 0.01) * 1.7, "val_bpb": bpb + 0.01,
+                "val_bpb_prequant": bpb, "quant_val_bpb": bpb + 0.01, "ttt_val_bpb": bpb - 0.02,
+                "total_bytes": total_bytes})
     return run
 
 
@@ -54,7 +56,8 @@ def test_bpb_vs_artifact_precision_and_ttt(tmp_path):
     df = load(root)
     pts = plots.config_points(df)
     assert pts["n"].tolist() == [2, 2, 1]
-    assert pts.loc[0, "val_bpb"] == pytest.approx(1.305) and pts.loc[2, "val_bpb_std"] == 0.0
+    assert pts.loc[0, "val_bpb_prequant"] == pytest.approx(1.305) and pts.loc[2, "val_bpb_prequant_std"] == 0.0
+    assert pts.loc[0, "quant_val_bpb"] == pytest.approx(1.315) and pts.loc[0, "ttt_val_bpb"] == pytest.approx(1.285)
     out = tmp_path / "fig"
     assert_written(plots.plot_bpb_vs_artifact(df, out_dir=out), "bpb_vs_artifact", out)
     prec = pd.DataFrame({"label": ["int8", "int6", "int5"], "total_bytes": [20e6, 15.9e6, 13e6],

@@ -73,6 +73,18 @@ def test_loss_nats_conversion():
     assert stats.loss_nats(r, "ttt_val_bpb") == 1.9  # the run's own loss wins
 
 
+def test_metric_stages_after_quantize():
+    trained = {"val_loss": 2.0, "val_bpb": 1.0}
+    quantised = {"val_loss": 2.02, "val_bpb": 1.01, "quant_val_bpb": 1.01, "val_bpb_prequant": 1.0,
+                 "val_loss_prequant": 2.0}
+    assert stats.metric_value(trained, "val_bpb_prequant") == 1.0  # never quantised: the trainer's score
+    assert stats.loss_nats(trained, "val_bpb_prequant") == 2.0
+    assert stats.metric_value(quantised, "val_bpb_prequant") == 1.0
+    assert stats.loss_nats(quantised, "val_bpb_prequant") == 2.0 and stats.loss_nats(quantised, "val_bpb") == 2.02
+    assert stats.metric_value(trained, "quant_val_bpb") is None
+    assert stats.metric_value({"val_bpb": 1.0, "quant_val_bpb": 1.01}, "val_bpb_prequant") is None
+
+
 def test_cli_stats_vs(tmp_path, capsys):
     make_runs(tmp_path, "old", A)
     make_runs(tmp_path, "new", B_FAR)
