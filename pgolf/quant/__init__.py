@@ -8,7 +8,7 @@ pergroup.py  per-group streams with row reordering (PR #1855)
 artifact.py  the quantised state, serialisation, `load_artifact`, byte accounting
 codebytes.py the code a submission needs, minified and wrapped
 hessian.py   calibration on training data, Hessians cached in the run directory
-pipeline.py  `pgolf quantize`; sweep.py: `sweep(run, grid)` for precision-vs-bytes analysis
+pipeline.py  `pgolf quantize`; analysis.py: `sweep(run, grid)`, Pareto front and figure
 
 Imports stay lazy here: the code counted in `code_bytes` imports this package.
 """
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 
 def sweep(run, grid, **kwargs):
-    """Bytes and BPB change per grid point (see `pgolf.quant.sweep.sweep`)."""
-    from pgolf.quant.sweep import sweep as _sweep
+    """Bytes and BPB change per grid point (see `pgolf.quant.analysis.sweep`)."""
+    from pgolf.quant.analysis import sweep as _sweep
 
     return _sweep(run, grid, **kwargs)
 

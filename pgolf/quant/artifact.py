@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -25,7 +26,8 @@ from pgolf.config import QuantConfig
 from pgolf.errors import PgolfError
 from pgolf.quant import compress as C
 from pgolf.quant import lqer, pergroup
-from pgolf.quant.gptq import dequantize, quantize_absmax_int8, quantize_gptq, quantize_rtn
+from pgolf.quant.gptq import (cpu_workers, dequantize, one_thread_on_cpu, quantize_absmax_int8, quantize_gptq,
+                              quantize_rtn)
 from pgolf.quant.int8 import is_control, load_int8, quantize_rows_int8
 
 FORMAT = "pgolf_quant_v1"
@@ -59,59 +61,70 @@ def group_setting(q: QuantConfig, group: str) -> tuple[int, float]:
     return getattr(q, f"{group}_bits"), getattr(q, f"{group}_clip_sigmas")
 
 
+def _quantize_matrix(name: str, t: torch.Tensor, kind: str, q: QuantConfig, H: torch.Tensor | None,
+                     device: torch.device) -> tuple[dict, dict, float | None]:
+    """One matrix -> (entry fields, info, ||W - W_hat||_F for LQER or None)."""
+    w = t.to(device).float().reshape(t.shape[0], -1)
+    err = None
+    if kind == "gate":
+        qq, s, method, bits = *quantize_absmax_int8(w), "absmax_int8", 8
+    elif q.method == "int8":
+        qq, s, method, bits = *quantize_rows_int8(w), "int8_percentile", 8
+    else:
+        bits, k = group_setting(q, tensor_group(name))
+        if q.method == "gptq" and H is not None and H.shape == (w.shape[1], w.shape[1]):
+            qq, s = quantize_gptq(w, H.to(device), bits, k, damp=q.damp, block_size=q.block_size,
+                                  act_order=q.act_order)
+            method = "gptq"
+        else:  # RTN baseline, or a matrix without a Hessian (never seen by calibration)
+            qq, s = quantize_rtn(w, bits, k)
+            method = "rtn"
+        err = float((w - dequantize(qq, s)).norm())
+    fields = {"q": qq.cpu(), "s": s.cpu(), "bits": bits, "cols": w.shape[1]}
+    return fields, {"kind": kind, "method": method, "bits": bits, "group": tensor_group(name)}, err
+
+
 def quantize_state_dict(sd: dict[str, torch.Tensor], q: QuantConfig,
                         hessians: dict[str, torch.Tensor] | None = None,
                         device: str | torch.device | None = None) -> tuple[dict, dict]:
-    """state_dict -> (qstate, info). info: per-tensor method/bits/error, LQER choices, timings."""
+    """state_dict -> (qstate, info). info: per-tensor method/bits, LQER choices, timings."""
     if q.method not in ("gptq", "rtn", "int8"):
         raise PgolfError(f"quant.method {q.method!r}: expected gptq, rtn or int8")
     hessians = hessians or {}
     device = torch.device(device or "cpu")
     tensors, info = {}, {"tensors": {}, "lqer": []}
-    errors: dict[str, torch.Tensor] = {}
+    jobs = []
     t0 = time.perf_counter()
     for name, t in sd.items():
         t = t.detach()
         kind = classify(name, t, q)
-        e = {"kind": kind, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        tensors[name] = {"kind": kind, "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
         if kind == "raw":
-            e["t"] = t.cpu().clone()
+            tensors[name]["t"] = t.cpu().clone()
         elif kind == "pass":
             keep32 = q.method == "int8" and is_control(name)  # the baseline keeps control tensors fp32
-            e["t"] = t.cpu().float().clone() if keep32 else t.cpu().half().clone()
+            tensors[name]["t"] = t.cpu().float().clone() if keep32 else t.cpu().half().clone()
         else:
-            w = t.to(device).float().reshape(t.shape[0], -1)
-            if kind == "gate":
-                qq, s, method, bits = *quantize_absmax_int8(w), "absmax_int8", 8
-            elif q.method == "int8":
-                qq, s, method, bits = *quantize_rows_int8(w), "int8_percentile", 8
-            else:
-                group = tensor_group(name)
-                bits, k = group_setting(q, group)
-                H = hessians.get(name)
-                if q.method == "gptq" and H is not None and H.shape == (w.shape[1], w.shape[1]):
-                    qq, s = quantize_gptq(w, H.to(device), bits, k, damp=q.damp, block_size=q.block_size,
-                                          act_order=q.act_order)
-                    method = "gptq"
-                else:
-                    qq, s = quantize_rtn(w, bits, k)
-                    method = "rtn"
-                errors[name] = w - dequantize(qq, s)
-            e.update(q=qq.cpu(), s=s.cpu(), bits=bits, cols=w.shape[1])
-            info["tensors"][name] = {"kind": kind, "method": method, "bits": bits, "group": tensor_group(name)}
-        tensors[name] = e
+            jobs.append((name, t, kind))
+    errors: dict[str, float] = {}
+    with one_thread_on_cpu(device), ThreadPoolExecutor(cpu_workers(device)) as pool:
+        results = pool.map(lambda j: _quantize_matrix(*j, q, hessians.get(j[0]), device), jobs)
+        for (name, t, kind), (fields, tinfo, err) in zip(jobs, results):
+            tensors[name].update(fields)
+            info["tensors"][name] = tinfo
+            if err is not None:
+                errors[name] = err
     info["quantize_seconds"] = time.perf_counter() - t0
     if q.lqer and q.lqer_rank > 0 and q.lqer_top_k > 0 and errors:
         t0 = time.perf_counter()
         # LQER, PR #1797: correct the k matrices with the largest ||W - W_hat||_F
-        top = sorted(errors, key=lambda n: float(errors[n].norm()), reverse=True)[:q.lqer_top_k]
-        for name in top:
-            A, B = lqer.factors(errors[name], q.lqer_rank)
-            tensors[name]["lqer"] = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in
-                                     lqer.pack(A, B, asym=q.lqer_asym, group=q.lqer_group,
-                                               bits=q.lqer_factor_bits).items()}
-            info["lqer"].append({"name": name, "mode": tensors[name]["lqer"]["mode"],
-                                 "error_norm": float(errors[name].norm())})
+        for name in sorted(errors, key=errors.get, reverse=True)[:q.lqer_top_k]:
+            e = tensors[name]
+            w = sd[name].detach().to(device).float().reshape(e["shape"][0], -1)
+            A, B = lqer.factors(w - dequantize(e["q"].to(device), e["s"].to(device)), q.lqer_rank)
+            packed = lqer.pack(A, B, asym=q.lqer_asym, group=q.lqer_group, bits=q.lqer_factor_bits)
+            e["lqer"] = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in packed.items()}
+            info["lqer"].append({"name": name, "mode": packed["mode"], "error_norm": errors[name]})
         info["lqer_seconds"] = time.perf_counter() - t0
     return {"format": FORMAT, "tensors": tensors}, info
 

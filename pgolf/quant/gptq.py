@@ -10,6 +10,8 @@ Everything runs on the tensors' device (CUDA or CPU).
 """
 from __future__ import annotations
 
+import os
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -116,19 +118,35 @@ def _gptq(w, H, bits, clip_sigmas, damp, block_size, act_order):
     return Q.to(torch.int8), s
 
 
+_THREADS_LOCK = threading.Lock()
+_THREADS_STATE = {"depth": 0, "saved": 1}
+
+
 @contextmanager
 def one_thread_on_cpu(device: torch.device) -> Iterator[None]:
     """One intra-op thread for GPTQ on the CPU: the column loop's ops are tiny and the matrices
-    small, and extra threads only spin (Cholesky was 10x slower with 2 threads on a shared machine)."""
-    if device.type != "cpu":
+    small, and extra threads only spin (Cholesky was 10x slower with 2 threads on a shared machine).
+    Re-entrant and safe when several worker threads quantise at once. No effect on CUDA."""
+    if torch.device(device).type != "cpu":
         yield
         return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with _THREADS_LOCK:
+        if _THREADS_STATE["depth"] == 0:
+            _THREADS_STATE["saved"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS_STATE["depth"] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(n)
+        with _THREADS_LOCK:
+            _THREADS_STATE["depth"] -= 1
+            if _THREADS_STATE["depth"] == 0:
+                torch.set_num_threads(_THREADS_STATE["saved"])
+
+
+def cpu_workers(device: torch.device) -> int:
+    """Matrices are independent: on the CPU, quantise several at once (ops release the GIL)."""
+    return min(os.cpu_count() or 1, 8) if torch.device(device).type == "cpu" else 1
 
 
 def hessian_error(w: torch.Tensor, w_hat: torch.Tensor, H: torch.Tensor) -> float:

@@ -16,7 +16,9 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -27,6 +29,7 @@ from pgolf.quant import compress as C
 MAGIC = b"PGRP"
 ROLES = ("tok_emb", "c_k", "c_q", "c_v", "attn.proj", "mlp.fc", "mlp.proj", "other")
 HOT = ("tok_emb", "c_q", "mlp.fc")
+_WORKERS = min(os.cpu_count() or 1, 8)
 
 
 def role(name: str) -> str:
@@ -66,16 +69,19 @@ def nn_chain_order(q: torch.Tensor) -> torch.Tensor:
             left[nxt] = False
         return torch.tensor(order, dtype=torch.int64)
     x = (q.cpu().numpy().astype(np.int16) + 128).astype(np.uint8)
+    hi, lo = np.empty_like(x), np.empty_like(x)  # reused buffers: allocation dominated otherwise
     idx = np.arange(n)
     order = [0]
     cur = x[0].copy()
-    m = n  # candidates are x[1:m]; the visited row is swapped with the last candidate
+    m = n  # candidates are x[:m]; a visited row is swapped with the last candidate
     x[0], idx[0] = x[m - 1], idx[m - 1]
     m -= 1
     while m > 0:
-        cand = x[:m]
-        d = (np.maximum(cand, cur) - np.minimum(cand, cur)).sum(axis=1, dtype=np.int32)
-        k = int(np.argmin(d))
+        a, b = hi[:m], lo[:m]
+        np.maximum(x[:m], cur, out=a)
+        np.minimum(x[:m], cur, out=b)
+        np.subtract(a, b, out=a)  # |x - cur| in uint8
+        k = int(np.argmin(a.sum(axis=1, dtype=np.int32)))
         order.append(int(idx[k]))
         cur = x[k].copy()
         x[k], idx[k] = x[m - 1], idx[m - 1]
@@ -87,26 +93,25 @@ def pack(qstate: dict, *, codec: str = "brotli", level: int = -1, shuffle: int =
          rest_codec: str = "brotli") -> tuple[bytes, dict]:
     """qstate (see artifact.py) -> container bytes, and the byte size of every stream."""
     tensors = {k: dict(v) for k, v in qstate["tensors"].items()}  # shallow copies: q is removed
-    blobs: dict[str, list[bytes]] = {r: [] for r in ROLES}
     members: dict[str, list[str]] = {r: [] for r in ROLES}
     for name, e in tensors.items():
-        if e["kind"] != "quant":
-            continue
-        r = role(name)
-        q = e.pop("q")
-        if r in HOT and q.shape[0] > 1:
-            perm = nn_chain_order(q)
-            q = q[perm.to(q.device)]
-            # uint16 as the record, viewed as int16 for torch.save
-            e["perm"] = torch.from_numpy(perm.numpy().astype(np.uint16).view(np.int16))
-        blobs[r].append(q.t().contiguous().cpu().numpy().tobytes())  # column-major
-        members[r].append(name)
+        if e["kind"] == "quant":
+            members[role(name)].append(name)
     roles = [r for r in ROLES if members[r]]
-    rest = {**qstate, "tensors": tensors, "pergroup": {"roles": roles, "members": [members[r] for r in roles]}}
-    buf = io.BytesIO()
-    torch.save(rest, buf)
-    streams = [C.compress(buf.getvalue(), rest_codec, level, shuffle)]
-    streams += [C.compress(b"".join(blobs[r]), codec, level, 0) for r in roles]
+    hot = [n for r in HOT for n in members[r] if tensors[n]["q"].shape[0] > 1]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the chain is O(rows^2 cols): a GPU helps
+    with ThreadPoolExecutor(_WORKERS) as pool:  # numpy, CUDA and the codecs release the GIL
+        for name, perm in zip(hot, pool.map(lambda n: nn_chain_order(tensors[n]["q"].to(dev)), hot)):
+            # rows reordered; the permutation stored as uint16 (as the record), viewed int16 for torch.save
+            tensors[name]["q"] = tensors[name]["q"][perm.to(tensors[name]["q"].device)]
+            tensors[name]["perm"] = torch.from_numpy(perm.numpy().astype(np.uint16).view(np.int16))
+        blobs = {r: b"".join(tensors[n].pop("q").t().contiguous().cpu().numpy().tobytes()  # column-major
+                             for n in members[r]) for r in roles}
+        rest = {**qstate, "tensors": tensors, "pergroup": {"roles": roles, "members": [members[r] for r in roles]}}
+        buf = io.BytesIO()
+        torch.save(rest, buf)
+        jobs = [(buf.getvalue(), rest_codec, shuffle)] + [(blobs[r], codec, 0) for r in roles]
+        streams = list(pool.map(lambda j: C.compress(j[0], j[1], level, j[2]), jobs))
     header = MAGIC + struct.pack(f"<I{len(streams)}I", len(streams), *map(len, streams))
     sizes = {"header": len(header), "rest": len(streams[0]),
              "groups": {r: {"bytes": len(s), "members": members[r]} for r, s in zip(roles, streams[1:])}}
@@ -122,10 +127,9 @@ def unpack(blob: bytes) -> dict:
     pos = 8 + 4 * n
     if pos + sum(lens) != len(blob):
         raise PgolfError(f"corrupt artifact: PGRP streams hold {sum(lens)} bytes, file has {len(blob) - pos}")
-    streams = []
-    for k in lens:
-        streams.append(C.decompress(blob[pos:pos + k]))
-        pos += k
+    offsets = [pos + sum(lens[:i]) for i in range(n)]
+    with ThreadPoolExecutor(_WORKERS) as pool:  # the streams decompress in parallel (as the record)
+        streams = list(pool.map(lambda i: C.decompress(blob[offsets[i]:offsets[i] + lens[i]]), range(n)))
     qstate = torch.load(io.BytesIO(streams[0]), map_location="cpu", weights_only=True)
     meta = qstate.pop("pergroup")
     for names, raw in zip(meta["members"], streams[1:]):

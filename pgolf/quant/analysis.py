@@ -1,0 +1,135 @@
+"""Precision against bytes: `sweep(run, grid)` quantises one trained run at every grid point.
+
+The run is loaded once, its Hessians come from the run directory's cache (computed on the first
+call), the unquantised score is taken once, and each point is quantised, serialised and re-loaded
+in memory through the same bytes path as the artifact file, then scored.
+
+Grid keys (values are lists; the points are their Cartesian product):
+- "bits", "clip": bit width / clip multiplier k applied to every group in "groups";
+- "groups": which groups "bits" and "clip" apply to ("attn", "mlp", "embed", "other", or tuples /
+  "+"-joined names of several); default all four;
+- "lqer_rank": 0 turns LQER off, r > 0 turns it on with rank r;
+- any `QuantConfig` field by name ("method", "mlp_bits", "compressor", "lqer_top_k", ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pgolf.config import QuantConfig
+from pgolf.errors import PgolfError
+from pgolf.quant import artifact as A
+from pgolf.quant import pipeline as P
+
+ALL_GROUPS = A.GROUPS
+
+
+def _groups(v: Any) -> tuple[str, ...]:
+    gs = tuple(v.split("+")) if isinstance(v, str) else tuple(v)
+    bad = [g for g in gs if g not in ALL_GROUPS]
+    if bad:
+        raise PgolfError(f"sweep: unknown group {bad[0]!r} (choose from {', '.join(ALL_GROUPS)})")
+    return gs
+
+
+def point_config(base: QuantConfig, point: dict[str, Any]) -> QuantConfig:
+    """The QuantConfig of one grid point."""
+    fields = {f.name for f in dataclasses.fields(QuantConfig)}
+    groups = _groups(point.get("groups", ALL_GROUPS))
+    upd: dict[str, Any] = {}
+    for k, v in point.items():
+        if k == "groups":
+            continue
+        if k == "bits":
+            upd.update({f"{g}_bits": int(v) for g in groups})
+        elif k in ("clip", "clip_sigmas"):
+            upd.update({f"{g}_clip_sigmas": float(v) for g in groups})
+        elif k == "lqer_rank":
+            upd.update(lqer=int(v) > 0, lqer_rank=max(int(v), 0))
+        elif k in fields:
+            upd[k] = v
+        else:
+            raise PgolfError(f"sweep: unknown grid key {k!r} (bits, clip, groups, lqer_rank or a quant field)")
+    return dataclasses.replace(base, **upd)
+
+
+def sweep(run: str | Path, grid: dict[str, list], *, overrides: list[str] | None = None, device=None,
+          evaluate: bool = True, verbose: bool = True) -> "pandas.DataFrame":  # noqa: F821
+    """One row per grid point: the grid values, model/code/total bytes, bits per parameter, val_bpb,
+    delta_bpb (against the unquantised model on the same tokens) and seconds."""
+    import pandas as pd
+
+    from pgolf.quant.codebytes import code_bytes
+
+    keys = list(grid)
+    points = [dict(zip(keys, vals)) for vals in itertools.product(*(list(grid[k]) for k in keys))]
+    cfg0 = P.Config.load(Path(run) / "config.json").with_overrides(overrides)
+    configs = [point_config(cfg0.quant, pt) for pt in points]
+    need_h = any(c.method == "gptq" for c in configs)
+    p = P.prepare(run, overrides, device=device, evaluate=evaluate, hessians=need_h)
+    code = code_bytes()["code_bytes"]
+    rows = []
+    for pt, q in zip(points, configs):
+        t0 = time.perf_counter()
+        blob, qstate, info, streams = P.quantize_state(p, q)
+        row = {k: ("+".join(_groups(v)) if k == "groups" else v) for k, v in pt.items()}
+        row.update(model_bytes=len(blob), code_bytes=code, total_bytes=len(blob) + code,
+                   bits_per_param=8 * len(blob) / max(A.byte_report(qstate, blob, streams)["params"], 1))
+        row["under_limit"] = row["total_bytes"] <= q.limit_bytes
+        if evaluate:
+            res = P.score(p.cfg, A.load_artifact(blob), p.val, p.device)
+            row.update(val_bpb=res["val_bpb"], delta_bpb=res["val_bpb"] - p.prequant["val_bpb"])
+        row["seconds"] = time.perf_counter() - t0
+        row["label"] = " ".join(f"{k}={row[k]}" for k in keys)
+        rows.append(row)
+        if verbose:
+            msg = f"sweep {row['label']}: {row['total_bytes']:,} B"
+            print(msg + (f", val_bpb {row['val_bpb']:.4f} ({row['delta_bpb']:+.4f})" if evaluate else ""),
+                  file=sys.stderr, flush=True)
+    df = pd.DataFrame(rows)
+    df.attrs.update(prequant_bpb=p.prequant["val_bpb"] if p.prequant else None, limit=cfg0.quant.limit_bytes,
+                    hessians=p.hessian_info)
+    return df
+
+
+def pareto_mask(df, x: str = "total_bytes", y: str = "val_bpb") -> list[bool]:
+    """True for the points no other point beats on both bytes and BPB."""
+    order = sorted(range(len(df)), key=lambda i: (df[x].iloc[i], df[y].iloc[i]))
+    keep, best = [False] * len(df), float("inf")
+    for i in order:
+        if df[y].iloc[i] < best:
+            keep[i], best = True, df[y].iloc[i]
+    return keep
+
+
+def plot(df, out_dir: str | Path = "figures", name: str = "gptq_precision_vs_bytes", *,
+         limit: int | None = None, x: str = "total_bytes", y: str = "val_bpb") -> list[str]:
+    """BPB against bytes with the Pareto front and the byte limit (log x axis, so both show)."""
+    import matplotlib
+
+    if "ipykernel" not in sys.modules:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pgolf.plots import save
+
+    limit = limit or df.attrs.get("limit") or 16_000_000
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.scatter(df[x], df[y], s=18, label="grid points")
+    front = df[pareto_mask(df, x, y)].sort_values(x)
+    ax.plot(front[x], front[y], "k--", lw=1, marker="o", ms=4, label="Pareto front")
+    for _, r in front.iterrows():
+        ax.annotate(str(r.get("label", "")), (r[x], r[y]), fontsize=6, textcoords="offset points", xytext=(3, 3))
+    if df.attrs.get("prequant_bpb") is not None:
+        ax.axhline(df.attrs["prequant_bpb"], color="gray", lw=1, ls=":", label="unquantised")
+    ax.axvline(limit, color="red", lw=1, label=f"{limit:,} bytes")
+    ax.set_xscale("log")
+    ax.set(xlabel=f"{x.replace('_', ' ')} (log scale)", ylabel=y.replace("_", " "), title="GPTQ precision vs bytes")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save(fig, name, out_dir)

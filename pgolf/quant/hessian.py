@@ -1,0 +1,121 @@
+"""GPTQ calibration: input Hessians H = sum(x x^T) / n of every quantised linear layer.
+
+Calibration windows come from the TRAINING shards only (`pgolf.data.loader.calibration_batches`,
+record-stack.md §4.2); validation is never read. The forward is the model's one forward
+(`model.hidden`, looping as configured), so looped layers accumulate every visit. Hooks record:
+- each `nn.Linear` whose weight is large enough to be quantised (q/k/v/o, MLP fc/proj, an untied
+  head): its input;
+- the tied embedding as the output head: the final normalised hidden state (the head's input).
+H is normalised by the number of input rows (tokens x visits), in fp32 on the model's device.
+Results are cached in the run directory (`hessians.pt`), keyed by a hash of the calibration settings
+and the weights file, so sweeps compute them once.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+CACHE = "hessians.pt"
+
+
+def _autocast(device: torch.device):
+    from pgolf.eval.score import autocast_for
+
+    return autocast_for(device)
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, batches, *, min_numel: int = 65_536) -> dict[str, torch.Tensor]:
+    """{parameter name: H (in, in) fp32} for every Linear with weight.numel() > min_numel, and
+    `tok_emb.weight` (from the head input) when the embedding is tied."""
+    device = next(model.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def add(key: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        if key not in sums:
+            sums[key] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            rows[key] = 0
+        sums[key].addmm_(x.T, x)
+        rows[key] += x.shape[0]
+
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and mod.weight.numel() > min_numel:
+            hooks.append(mod.register_forward_hook(lambda m, inp, out, key=f"{name}.weight": add(key, inp[0])))
+    tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
+    was_training = model.training
+    model.eval()
+    try:
+        for idx in batches:
+            with _autocast(device):
+                h = model.hidden(idx.to(device))  # (B, T, d): the head's input
+            if tied:
+                add("tok_emb.weight", h)
+    finally:
+        for hk in hooks:
+            hk.remove()
+        model.train(was_training)
+    return {k: sums[k] / max(rows[k], 1) for k in sums}
+
+
+def calibration_key(cfg, weights: Path) -> str:
+    """Hash of everything the Hessians depend on: data, windows, seed, looping and the weights."""
+    st = weights.stat()
+    q = cfg.quant
+    blob = json.dumps({"data": str(Path(cfg.data.path).resolve()), "batches": q.calibration_batches,
+                       "seqs": q.calibration_seqs, "seq_len": q.calibration_seq_len, "seed": q.calibration_seed,
+                       "looping": bool(cfg.model.num_loops), "min_numel": q.passthrough_numel,
+                       "weights": [weights.name, st.st_size, st.st_mtime_ns]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def calibrate(model: nn.Module, cfg, *, rank: int = 0, world_size: int = 1) -> tuple[dict, dict]:
+    """Draw calibration windows from the train shards and collect Hessians; timed."""
+    from pgolf.data.loader import calibration_batches
+
+    q = cfg.quant
+    t0 = time.perf_counter()
+    batches = calibration_batches(cfg.data.path, q.calibration_batches, q.calibration_seqs,
+                                  q.calibration_seq_len, seed=q.calibration_seed, rank=rank, world_size=world_size)
+    t1 = time.perf_counter()
+    H = collect_hessians(model, batches, min_numel=q.passthrough_numel)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    info = {"calibration_data_seconds": t1 - t0, "hessian_seconds": t2 - t1,
+            "calibration_tokens": sum(b.numel() for b in batches), "hessians": len(H)}
+    return H, info
+
+
+def cached_hessians(run_dir: str | Path, model: nn.Module, cfg, weights: str = "final_model.pt") -> tuple[dict, dict]:
+    """Hessians from `<run>/hessians.pt` when the key matches, else computed and cached there.
+
+    The trainer can call this right after training, inside `train.gptq_reserve_seconds`; the
+    info then says how long calibration took against that reserve.
+    """
+    from pgolf.runs import atomic_write_bytes
+
+    run_dir = Path(run_dir)
+    key = calibration_key(cfg, run_dir / weights)
+    path = run_dir / CACHE
+    if path.exists():
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if obj.get("key") == key:
+                return obj["hessians"], {**obj["info"], "cached": True}
+        except (RuntimeError, EOFError, KeyError, AttributeError):
+            pass  # a stale or broken cache is recomputed
+    H, info = calibrate(model, cfg)
+    info["reserve_seconds"] = cfg.train.gptq_reserve_seconds
+    buf = io.BytesIO()
+    torch.save({"key": key, "hessians": {k: v.cpu() for k, v in H.items()}, "info": info}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return H, {**info, "cached": False}

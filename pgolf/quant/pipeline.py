@@ -1,0 +1,197 @@
+"""`pgolf quantize RUN`: weights -> Hessians -> GPTQ/RTN (+LQER) -> compressed artifact -> accounting
+-> the artifact alone re-scored (record-stack.md §4.1). Every phase is timed into result.json.
+
+The artifact counts as `model_bytes` (its size on disk) + `code_bytes` (codebytes.py) = `total_bytes`
+against `quant.limit_bytes` (16,000,000). Over the limit is an error with `strict`, otherwise a loud
+warning on stderr and `under_limit: false` in the result, never a silent pass.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pgolf.config import Config
+from pgolf.errors import PgolfError
+from pgolf.quant import artifact as A
+
+WEIGHTS = "final_model.pt"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Prepared:
+    """A run loaded for quantisation: config, trained weights, validation set, Hessians, scores."""
+    run: Any
+    cfg: Config
+    state: dict[str, torch.Tensor]
+    device: torch.device
+    timings: dict[str, float] = field(default_factory=dict)
+    val: Any = None
+    hessians: dict[str, torch.Tensor] | None = None
+    hessian_info: dict[str, Any] = field(default_factory=dict)
+    prequant: dict[str, Any] | None = None
+
+
+def _timed(timings: dict[str, float], key: str, t0: float) -> None:
+    timings[key] = round(time.perf_counter() - t0, 3)
+
+
+def build(cfg: Config, state: dict[str, torch.Tensor], device: torch.device):
+    """A fresh model with `state` loaded (strict) and looping as evaluated."""
+    from pgolf.model import build_model
+
+    model = build_model(cfg, device)
+    model.load_state_dict({k: v.to(device) for k, v in state.items()})
+    model.looping = bool(cfg.model.num_loops)  # looping stays on for calibration and scoring (§2.6, §4.2)
+    return model
+
+
+def prepare(run_dir: str | Path, overrides: list[str] | None = None, *, device=None,
+            evaluate: bool = True, hessians: bool | None = None) -> Prepared:
+    """Load a run; Hessians (cached in the run dir) when GPTQ needs them; the pre-quantisation score."""
+    from pgolf.runs import resolve
+
+    t0 = time.perf_counter()
+    run = resolve(run_dir)
+    cfg = Config.load(run.file("config.json")).with_overrides(overrides)
+    device = torch.device(device) if device else default_device()
+    wpath = run.file(WEIGHTS)
+    if not wpath.exists():
+        raise PgolfError(f"{wpath}: not found (quantize needs the trained weights the trainer saves)")
+    try:
+        state = torch.load(wpath, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise PgolfError(f"{wpath}: not a torch state_dict ({e})") from None
+    p = Prepared(run=run, cfg=cfg, state=state, device=device)
+    _timed(p.timings, "load_s", t0)
+    if hessians if hessians is not None else cfg.quant.method == "gptq":
+        from pgolf.quant.hessian import cached_hessians
+
+        t0 = time.perf_counter()
+        p.hessians, p.hessian_info = cached_hessians(run.path, build(cfg, state, device), cfg, WEIGHTS)
+        _timed(p.timings, "hessians_s", t0)
+    if evaluate:
+        p.val = load_val(cfg)
+        p.prequant = _prequant(p)
+    return p
+
+
+def load_val(cfg: Config):
+    from pgolf.eval.bpb import load_val as _load_val
+
+    return _load_val(cfg.data.path, cfg.data.tokenizer or None, cfg.model.vocab_size, eval_seq_len(cfg),
+                     max_tokens=cfg.quant.eval_max_tokens or cfg.data.val_max_tokens, bos_id=cfg.data.bos_id)
+
+
+def eval_seq_len(cfg: Config) -> int:
+    return cfg.eval.seq_len or cfg.train.eval_seq_len
+
+
+def score(cfg: Config, state: dict[str, torch.Tensor], val, device) -> dict[str, Any]:
+    from pgolf.eval.score import evaluate
+
+    return evaluate(build(cfg, state, device), val, eval_seq_len(cfg), cfg.eval.batch_seqs)
+
+
+def _prequant(p: Prepared) -> dict[str, Any]:
+    """The unquantised model's score on the same validation tokens (reused from result.json if there)."""
+    res, n = p.run.result(), p.val.num_targets
+    if res.get("val_bpb_prequant") is not None and res.get("val_tokens_prequant") == n:
+        return {"val_bpb": res["val_bpb_prequant"], "val_loss": res.get("val_loss_prequant"), "reused": True}
+    t0 = time.perf_counter()
+    out = score(p.cfg, p.state, p.val, p.device)
+    _timed(p.timings, "eval_prequant_s", t0)
+    return out
+
+
+def quantize_state(p: Prepared, q=None) -> tuple[bytes, dict, dict, dict]:
+    """Quantise + serialise in memory: (artifact bytes, qstate, info, stream sizes)."""
+    q = q or p.cfg.quant
+    t0 = time.perf_counter()
+    qstate, info = A.quantize_state_dict(p.state, q, p.hessians, p.device)
+    _timed(p.timings, "quantize_s", t0)
+    t0 = time.perf_counter()
+    blob, streams = A.serialize(qstate, q)
+    _timed(p.timings, "serialize_s", t0)
+    return blob, qstate, info, streams
+
+
+def warn_over_limit(total: int, limit: int, model_bytes: int, code: int, artifact: str) -> None:
+    bar = "!" * 78
+    print(f"\n{bar}\nWARNING: ARTIFACT OVER THE {limit:,}-BYTE LIMIT\n"
+          f"  {artifact}: total {total:,} B = model {model_bytes:,} B + code {code:,} B\n"
+          f"  over by {total - limit:,} B; this is NOT a valid submission (use --strict to fail)\n{bar}\n",
+          file=sys.stderr, flush=True)
+
+
+def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict: bool = False, *,
+                 evaluate: bool = True, device=None) -> dict[str, Any]:
+    """The whole `pgolf quantize` pipeline; merges its results into result.json and returns them."""
+    from pgolf.quant.codebytes import code_bytes
+
+    t_start = time.perf_counter()
+    p = prepare(run_dir, overrides, device=device, evaluate=evaluate)
+    cfg, q, run = p.cfg, p.cfg.quant, p.run
+    blob, qstate, info, streams = quantize_state(p)
+    name = f"final_model.{q.method}.ptz"
+    t0 = time.perf_counter()
+    run.write_bytes(name, blob)  # atomic: temporary file + rename
+    _timed(p.timings, "write_s", t0)
+    t0 = time.perf_counter()
+    code = code_bytes()
+    _timed(p.timings, "code_bytes_s", t0)
+    model_bytes = run.file(name).stat().st_size  # the file on disk is what counts
+    total = model_bytes + code["code_bytes"]
+    report = A.byte_report(qstate, blob, streams)
+    out: dict[str, Any] = {
+        "artifact": str(run.file(name)), "model_bytes": model_bytes, "code_bytes": code["code_bytes"],
+        "code_bytes_raw": code["code_bytes_raw"], "code_bytes_minified": code["code_bytes_minified"],
+        "code_files": code["code_files"], "total_bytes": total, "limit": q.limit_bytes,
+        "margin": q.limit_bytes - total, "under_limit": total <= q.limit_bytes,
+        "quant_method": q.method, "compressor": q.compressor,
+        "bytes_by_group": report["bytes_by_group"], "params_by_group": report["params_by_group"],
+        "bits_per_param": report["bits_per_param"], "bits_per_param_by_group": report["bits_per_param_by_group"],
+        "lqer_tensors": [x["name"] for x in info["lqer"]],
+        "quant_methods": sorted({v["method"] for v in info["tensors"].values()}),
+        "calibration": {k: v for k, v in p.hessian_info.items()},
+    }
+    if not out["under_limit"]:
+        if strict:
+            run.update_result({**out, "quant_timings": p.timings})
+            raise PgolfError(f"{name}: total {total:,} bytes (model {model_bytes:,} + code {code['code_bytes']:,}) "
+                             f"is over the {q.limit_bytes:,}-byte limit by {total - q.limit_bytes:,} (--strict)")
+        warn_over_limit(total, q.limit_bytes, model_bytes, code["code_bytes"], name)
+    out["val_bpb_prequant"] = out["val_bpb"] = out["quant_val_bpb"] = None
+    if evaluate:
+        t0 = time.perf_counter()
+        state = A.load_artifact(run.file(name).read_bytes())  # the file alone: decompress -> dequantise
+        _timed(p.timings, "load_artifact_s", t0)
+        t0 = time.perf_counter()
+        res = score(cfg, state, p.val, p.device)
+        _timed(p.timings, "eval_quant_s", t0)
+        out.update(val_bpb_prequant=p.prequant["val_bpb"], val_loss_prequant=p.prequant.get("val_loss"),
+                   val_tokens_prequant=p.val.num_targets, val_bpb=res["val_bpb"], quant_val_bpb=res["val_bpb"],
+                   val_loss=res["val_loss"], quant_delta_bpb=res["val_bpb"] - p.prequant["val_bpb"])
+    _timed(p.timings, "total_s", t_start)
+    out["quant_timings"] = p.timings
+    prev = run.result()
+    updates = dict(out)
+    if not evaluate:  # keep the trainer's scores; only the artifact changed
+        for k in ("val_bpb", "val_bpb_prequant", "quant_val_bpb"):
+            updates.pop(k)
+    elif "val_bpb" in prev and "val_bpb_train" not in prev:
+        updates["val_bpb_train"] = prev["val_bpb"]  # the trainer's (unquantised) score, kept once
+    run.update_result(updates)
+    return out
+
+
+CLI_KEYS = ("artifact", "model_bytes", "code_bytes", "total_bytes", "limit", "under_limit",
+            "val_bpb_prequant", "val_bpb")
