@@ -5,6 +5,8 @@ train.ipynb is executed the way the issue's acceptance does it, through `pgolf s
 runs are skipped.
 """
 import ast
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -20,7 +22,7 @@ from pgolf.runs import RunDir, load
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 # Every notebook the test suite executes. A listed notebook that is missing fails the test.
-NOTEBOOKS = ["train.ipynb", "architecture_tweaks.ipynb", "bpb_vs_artifact.ipynb"]
+NOTEBOOKS = ["train.ipynb", "architecture_tweaks.ipynb", "bpb_vs_artifact.ipynb", "gptq_precision_vs_bytes.ipynb"]
 TINY = ["model.num_layers=2", "model.model_dim=64", "model.num_heads=2", "model.num_kv_heads=1",
         "train.train_batch_tokens=2048", "train.val_batch_tokens=8192", "data.val_max_tokens=8192"]
 
@@ -71,32 +73,43 @@ def fake_run(root, name, key, seed, loss, total_bytes):
                 "val_bpb_prequant": bpb - 0.01, "total_bytes": total_bytes})
 
 
-def run_train_sweep(tmp_path, sp1024_data, capsys):
+def cli_sweep(root, data):
+    """`pgolf sweep notebooks/train.ipynb --seeds 1 2 ...` in-process; returns its final JSON."""
     argv = ["sweep", str(NB_DIR / "train.ipynb"), "--seeds", "1", "2", "-p", "preset", "cpu-smoke",
-            "-p", "data", str(sp1024_data), "-p", "max_seconds", "2", "-p", "overrides", json.dumps(TINY),
-            "-p", "figures_dir", str(tmp_path / "figures"), "--runs-root", str(tmp_path / "runs")]
-    capsys.readouterr()
-    assert cli.main(argv) == 0
-    return json.loads(capsys.readouterr()[0].strip().splitlines()[-1])
+            "-p", "data", str(data), "-p", "max_seconds", "2", "-p", "overrides", json.dumps(TINY),
+            "-p", "figures_dir", str(root / "figures"), "--runs-root", str(root / "runs")]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(argv) == 0
+    return json.loads(out.getvalue().strip().splitlines()[-1])
 
 
-def check_train(tmp_path, sp1024_data, capsys):
-    res = run_train_sweep(tmp_path, sp1024_data, capsys)
+@pytest.fixture(scope="module")
+def train_sweep(tmp_path_factory, sp1024_data):
+    """Two tiny training runs made by sweeping train.ipynb (also the input of the analysis notebooks)."""
+    root = tmp_path_factory.mktemp("train_sweep")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # kernels and trainers: two shared cores, no thread spinning
+        return root, cli_sweep(root, sp1024_data), sp1024_data
+
+
+def check_train(tmp_path, request, monkeypatch):
+    root, res, data = request.getfixturevalue("train_sweep")
     assert res["failed"] == [] and res["skipped"] == [] and len(res["runs"]) == 2
     results = [RunDir(r).result() for r in res["runs"]]
     assert [r["status"] for r in results] == ["finished", "finished"]
     assert sorted(r["seed"] for r in results) == [1, 2]
     for r in res["runs"]:
         assert (Path(r) / "train.ipynb").is_file() and (Path(r) / "result.json").is_file()
-        assert (tmp_path / "figures" / f"loss_{Path(r).name}.png").is_file()
-    assert len((tmp_path / "runs" / "index.jsonl").read_text().splitlines()) == 2
-    assert len(load(tmp_path / "runs")) == 2
-    again = run_train_sweep(tmp_path, sp1024_data, capsys)
+        assert (root / "figures" / f"loss_{Path(r).name}.png").is_file()
+    assert len((root / "runs" / "index.jsonl").read_text().splitlines()) == 2
+    assert len(load(root / "runs")) == 2
+    again = cli_sweep(root, data)
     assert sorted(again["skipped"]) == sorted(res["runs"]) and again["runs"] == [] and again["failed"] == []
-    assert len((tmp_path / "runs" / "index.jsonl").read_text().splitlines()) == 2
+    assert len((root / "runs" / "index.jsonl").read_text().splitlines()) == 2
 
 
-def check_architecture_tweaks(tmp_path):
+def check_architecture_tweaks(tmp_path, request, monkeypatch):
     nb = execute("architecture_tweaks.ipynb", tmp_path, figures_dir=str(tmp_path / "fig"))
     assert (tmp_path / "fig" / "architecture_bytes.png").is_file()
     assert (tmp_path / "fig" / "architecture_bytes.svg").is_file()
@@ -104,7 +117,7 @@ def check_architecture_tweaks(tmp_path):
     assert any("set_widget_values" in c.source and c.get("execution_count") for c in nb.cells)
 
 
-def check_bpb_vs_artifact(tmp_path):
+def check_bpb_vs_artifact(tmp_path, request, monkeypatch):
     root = tmp_path / "runs"
     for i, loss in enumerate([2.3300, 2.3320, 2.3340]):
         fake_run(root, f"ref_s{i}", "ref", i, loss, 15_500_000)
@@ -116,18 +129,27 @@ def check_bpb_vs_artifact(tmp_path):
     assert "True" in table  # the significance table: new beats ref by 0.015 nats with p ~ 0.002
 
 
+def check_gptq_precision_vs_bytes(tmp_path, request, monkeypatch):
+    _, res, _ = request.getfixturevalue("train_sweep")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    fast = ["quant.passthrough_numel=4096", "quant.eval_max_tokens=8192", "quant.level=9", 'quant.compressor="zstd"']
+    execute("gptq_precision_vs_bytes.ipynb", tmp_path, run_dir=res["runs"][0], bits=[6], clips=[12.85],
+            lqer_ranks=[0], overrides=fast, figures_dir=str(tmp_path / "fig"))
+    assert (tmp_path / "fig" / "gptq_precision_vs_bytes.png").is_file()
+
+
+HEADLESS = {"train.ipynb": check_train, "architecture_tweaks.ipynb": check_architecture_tweaks,
+            "bpb_vs_artifact.ipynb": check_bpb_vs_artifact,
+            "gptq_precision_vs_bytes.ipynb": check_gptq_precision_vs_bytes}
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "train.ipynb" else n
                                   for n in NOTEBOOKS])
-def test_notebook_executes_headless(name, tmp_path, monkeypatch, request, capsys):
+def test_notebook_executes_headless(name, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)
-    if name == "train.ipynb":
-        check_train(tmp_path, request.getfixturevalue("sp1024_data"), capsys)
-    elif name == "architecture_tweaks.ipynb":
-        check_architecture_tweaks(tmp_path)
-    elif name == "bpb_vs_artifact.ipynb":
-        check_bpb_vs_artifact(tmp_path)
-    else:
+    if name not in HEADLESS:
         pytest.fail(f"no headless parameters defined for {name}")
+    HEADLESS[name](tmp_path, request, monkeypatch)
 
 
 # ---- the helpers the notebooks call
