@@ -158,6 +158,9 @@ class QuantConfig:
     group_codec: str = "brotli"  # pergroup's per-group streams (the record's lrzip is not available)
     calibration_seed: int = 0  # RNG of the calibration windows (training shards only)
     eval_max_tokens: int = 0  # cap on validation tokens when re-scoring the artifact (0 = data.val_max_tokens)
+    clip_mode: str = "sdclip"  # sdclip (k * std / R, PR #1394) | quantile (#688: best of 5 |w| quantiles per row)
+    act_order_ascending: bool = False  # the #688 family sorted columns by ascending diag(H)
+    prune_quantile: float = 0.0  # zero |w| below this quantile of each quantised matrix first (#688: 0.03)
 
 
 @dataclass

@@ -94,3 +94,21 @@ def test_lqer_reduces_error(cols, mode):
     if mode == "asym":
         assert p["a"].dtype == torch.uint8 and p["a"].numel() == 64 * 4 // 4  # INT2: 4 per byte
         assert p["b"].numel() == 4 * cols // 2 and p["sb"].numel() == 4 * cols // 64  # INT4 groups of 64
+
+
+def test_quantile_clip_and_688_options():
+    from pgolf.quant.gptq import QUANTILE_CANDIDATES, quantile_clip_scale
+
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(32, 256, generator=g)
+    W[0, 0] = 40.0  # an outlier: row 0 prefers clipping it
+    s = quantile_clip_scale(W, 5)
+    R = clip_range(5)
+    allowed = torch.stack([torch.quantile(W.abs(), qt, dim=1) / R for qt in QUANTILE_CANDIDATES]).half()
+    assert bool((allowed == s[None]).any(dim=0).all())  # each row uses one of the candidate clips
+    assert float(s[0]) * R < 40.0
+    q, s2 = quantize_rtn(W, 5, 12.0, scale=s)
+    assert torch.equal(s2, s)
+    W2, H = _problem(rows=16, cols=64)
+    qa, _ = quantize_gptq(W2, H, 5, 12.0, ascending=True, scale=quantile_clip_scale(W2, 5))
+    assert int(qa.abs().max()) <= R

@@ -105,3 +105,13 @@ def test_group_bits_apply():
     assert t["blocks.0.attn.c_q.weight"]["bits"] == 3 and int(t["blocks.0.attn.c_q.weight"]["q"].abs().max()) <= 3
     assert t["blocks.0.mlp.fc.weight"]["bits"] == 5 and t["tok_emb.weight"]["bits"] == 7
     assert t["bigram.embed.weight"]["bits"] == 7
+
+
+def test_688_style_options():
+    sd = _tiny_state()
+    q = _q(method="rtn", clip_mode="quantile", prune_quantile=0.03, compressor="zstd", attn_bits=5)
+    qstate, _ = quantize_state_dict(sd, q)
+    qq = qstate["tensors"]["blocks.0.attn.c_q.weight"]["q"]
+    assert float((qq == 0).float().mean()) >= 0.03  # the pruned 3% (and whatever rounds to 0)
+    with pytest.raises(PgolfError, match="clip_mode"):
+        quantize_state_dict(sd, _q(method="rtn", clip_mode="nope"))

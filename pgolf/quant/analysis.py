@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pgolf.config import QuantConfig
+from pgolf.config import Config, QuantConfig
 from pgolf.errors import PgolfError
 from pgolf.quant import artifact as A
 from pgolf.quant import pipeline as P
@@ -59,15 +59,16 @@ def point_config(base: QuantConfig, point: dict[str, Any]) -> QuantConfig:
 
 def sweep(run: str | Path, grid: dict[str, list], *, overrides: list[str] | None = None, device=None,
           evaluate: bool = True, verbose: bool = True) -> "pandas.DataFrame":  # noqa: F821
-    """One row per grid point: the grid values, model/code/total bytes, bits per parameter, val_bpb,
-    delta_bpb (against the unquantised model on the same tokens) and seconds."""
+    """One row per grid point: the grid values, model/code/total bytes, bits per parameter, bytes per
+    tensor group (`bytes_<group>`, as `byte_report`), val_bpb, delta_bpb (against the unquantised
+    model on the same tokens) and seconds."""
     import pandas as pd
 
     from pgolf.quant.codebytes import code_bytes
 
     keys = list(grid)
     points = [dict(zip(keys, vals)) for vals in itertools.product(*(list(grid[k]) for k in keys))]
-    cfg0 = P.Config.load(Path(run) / "config.json").with_overrides(overrides)
+    cfg0 = Config.load(Path(run) / "config.json").with_overrides(overrides)
     configs = [point_config(cfg0.quant, pt) for pt in points]
     need_h = any(c.method == "gptq" for c in configs)
     p = P.prepare(run, overrides, device=device, evaluate=evaluate, hessians=need_h)
@@ -77,8 +78,10 @@ def sweep(run: str | Path, grid: dict[str, list], *, overrides: list[str] | None
         t0 = time.perf_counter()
         blob, qstate, info, streams = P.quantize_state(p, q)
         row = {k: ("+".join(_groups(v)) if k == "groups" else v) for k, v in pt.items()}
+        rep = A.byte_report(qstate, blob, streams)
         row.update(model_bytes=len(blob), code_bytes=code, total_bytes=len(blob) + code,
-                   bits_per_param=8 * len(blob) / max(A.byte_report(qstate, blob, streams)["params"], 1))
+                   bits_per_param=rep["bits_per_param"],
+                   **{f"bytes_{g}": n for g, n in rep["bytes_by_group"].items()})
         row["under_limit"] = row["total_bytes"] <= q.limit_bytes
         if evaluate:
             res = P.score(p.cfg, A.load_artifact(blob), p.val, p.device)

@@ -26,8 +26,8 @@ from pgolf.config import QuantConfig
 from pgolf.errors import PgolfError
 from pgolf.quant import compress as C
 from pgolf.quant import lqer, pergroup
-from pgolf.quant.gptq import (cpu_workers, dequantize, one_thread_on_cpu, quantize_absmax_int8, quantize_gptq,
-                              quantize_rtn)
+from pgolf.quant.gptq import (cpu_workers, dequantize, one_thread_on_cpu, quantile_clip_scale, quantize_absmax_int8,
+                              quantize_gptq, quantize_rtn)
 from pgolf.quant.int8 import is_control, load_int8, quantize_rows_int8
 
 FORMAT = "pgolf_quant_v1"
@@ -64,7 +64,7 @@ def group_setting(q: QuantConfig, group: str) -> tuple[int, float]:
 def _quantize_matrix(name: str, t: torch.Tensor, kind: str, q: QuantConfig, H: torch.Tensor | None,
                      device: torch.device) -> tuple[dict, dict, float | None]:
     """One matrix -> (entry fields, info, ||W - W_hat||_F for LQER or None)."""
-    w = t.to(device).float().reshape(t.shape[0], -1)
+    w = w0 = t.to(device).float().reshape(t.shape[0], -1)
     err = None
     if kind == "gate":
         qq, s, method, bits = *quantize_absmax_int8(w), "absmax_int8", 8
@@ -72,14 +72,20 @@ def _quantize_matrix(name: str, t: torch.Tensor, kind: str, q: QuantConfig, H: t
         qq, s, method, bits = *quantize_rows_int8(w), "int8_percentile", 8
     else:
         bits, k = group_setting(q, tensor_group(name))
+        if q.prune_quantile > 0:  # magnitude pruning before quantisation (#688 family: 3rd percentile)
+            cut = w.abs().flatten().kthvalue(max(1, int(q.prune_quantile * w.numel()))).values
+            w = torch.where(w.abs() < cut, torch.zeros_like(w), w)
+        if q.clip_mode not in ("sdclip", "quantile"):
+            raise PgolfError(f"quant.clip_mode {q.clip_mode!r}: expected sdclip or quantile")
+        scale = quantile_clip_scale(w, bits) if q.clip_mode == "quantile" else None
         if q.method == "gptq" and H is not None and H.shape == (w.shape[1], w.shape[1]):
             qq, s = quantize_gptq(w, H.to(device), bits, k, damp=q.damp, block_size=q.block_size,
-                                  act_order=q.act_order)
+                                  act_order=q.act_order, ascending=q.act_order_ascending, scale=scale)
             method = "gptq"
         else:  # RTN baseline, or a matrix without a Hessian (never seen by calibration)
-            qq, s = quantize_rtn(w, bits, k)
+            qq, s = quantize_rtn(w, bits, k, scale=scale)
             method = "rtn"
-        err = float((w - dequantize(qq, s)).norm())
+        err = float((w0 - dequantize(qq, s)).norm())
     fields = {"q": qq.cpu(), "s": s.cpu(), "bits": bits, "cols": w.shape[1]}
     return fields, {"kind": kind, "method": method, "bits": bits, "group": tensor_group(name)}, err
 

@@ -3,6 +3,7 @@
 A matrix W is (rows = output channels, cols = input channels). For `bits` b the integers lie in
 [-R, R] with R = 2^(b-1) - 1, stored one per int8; a row's scale s_r = k * std(W_r) / R is stored
 fp16 (SDClip, PR #1394: no clip search, clipping is implicit in clamp(round(w / s), -R, R)).
+The #688 family's per-row quantile clip search (hedge-stack.md §1.4) is the alternative scale.
 GPTQ (Frantar et al. 2022; the records' form, PR #1019/#1394, record-stack.md §4.3) quantises columns
 in order and feeds each column's error forward through the upper Cholesky factor of H^-1, so the
 Hessian-weighted error tr(E H E^T) is lower than rounding each weight on its own.
@@ -32,15 +33,42 @@ def sdclip_scale(w: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor
     return (clip_sigmas * std / clip_range(bits)).clamp_min(MIN_SCALE).half()
 
 
+QUANTILE_CANDIDATES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+
+
+def quantile_clip_scale(w: torch.Tensor, bits: int, candidates=QUANTILE_CANDIDATES) -> torch.Tensor:
+    """The #688 family's clip (hedge-stack.md §1.4): per row, the |w| quantile among `candidates`
+    whose round-to-nearest MSE is lowest; scale = clip / R, fp16."""
+    R = clip_range(bits)
+    a = w.float()
+    srt = a.abs().sort(dim=1).values  # (rows, cols)
+    n = srt.shape[1]
+    best_s, best_err = None, None
+    for qt in candidates:
+        pos = qt * (n - 1)
+        lo, hi = int(pos), min(int(pos) + 1, n - 1)
+        clip = srt[:, lo] + (pos - lo) * (srt[:, hi] - srt[:, lo])
+        sc = (clip / R).clamp_min(MIN_SCALE).half()
+        sf = sc.float()[:, None]
+        err = ((torch.clamp(torch.round(a / sf), -R, R) * sf - a) ** 2).sum(dim=1)
+        if best_s is None:
+            best_s, best_err = sc, err
+        else:
+            better = err < best_err
+            best_s, best_err = torch.where(better, sc, best_s), torch.where(better, err, best_err)
+    return best_s
+
+
 def dequantize(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """int8 (rows, cols) and fp16 (rows,) -> fp32 (rows, cols)."""
     return q.float() * s.float()[:, None]
 
 
-def quantize_rtn(w: torch.Tensor, bits: int, clip_sigmas: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest with the SDClip scale: the baseline GPTQ is measured against."""
+def quantize_rtn(w: torch.Tensor, bits: int, clip_sigmas: float,
+                 scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest with the SDClip scale (or a given one): the baseline GPTQ is measured against."""
     R = clip_range(bits)
-    s = sdclip_scale(w, bits, clip_sigmas)
+    s = sdclip_scale(w, bits, clip_sigmas) if scale is None else scale
     q = torch.clamp(torch.round(w.float() / s.float()[:, None]), -R, R)
     return q.to(torch.int8), s
 
@@ -68,21 +96,23 @@ def _upper_chol_of_inverse(H: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_gptq(w: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: float, *, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  block_size: int = 128, act_order: bool = True, ascending: bool = False,
+                  scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ of one matrix (rows, cols) against its input Hessian H (cols, cols) = E[x x^T].
 
-    Returns int8 values and fp16 per-row scales, in the original column order.
+    Returns int8 values and fp16 per-row scales (SDClip unless `scale` is given), in the original
+    column order. `ascending` sorts act-order by ascending diag(H), as the #688 family did.
     """
     with one_thread_on_cpu(w.device):
-        return _gptq(w, H, bits, clip_sigmas, damp, block_size, act_order)
+        return _gptq(w, H, bits, clip_sigmas, damp, block_size, act_order, ascending, scale)
 
 
-def _gptq(w, H, bits, clip_sigmas, damp, block_size, act_order):
+def _gptq(w, H, bits, clip_sigmas, damp, block_size, act_order, ascending, scale):
     R = clip_range(bits)
     W = w.float().clone()
     H = H.to(device=W.device, dtype=torch.float32).clone()
     cols = W.shape[1]
-    s = sdclip_scale(w, bits, clip_sigmas)  # 5. SDClip scales, from the unmodified rows
+    s = sdclip_scale(w, bits, clip_sigmas) if scale is None else scale  # 5. SDClip, from the unmodified rows
     sf = s.float()[:, None]
     # 1. dead columns: inputs that never fire carry no information; their weights are dropped
     dead = H.diagonal() == 0
@@ -91,7 +121,8 @@ def _gptq(w, H, bits, clip_sigmas, damp, block_size, act_order):
     # 2. damping, relative to the mean diagonal
     H.diagonal().add_(damp * H.diagonal().mean())
     # 3. act-order: most-activated inputs first, so their errors can still be compensated
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols, device=W.device)
+    perm = (torch.argsort(H.diagonal(), descending=not ascending) if act_order
+            else torch.arange(cols, device=W.device))
     W, H = W[:, perm], H[perm][:, perm]
     # 4. upper Cholesky factor of H^-1: row j holds the feedback weights for column j
     U = _upper_chol_of_inverse(H)

@@ -95,11 +95,15 @@ def calibrate(model: nn.Module, cfg, *, rank: int = 0, world_size: int = 1) -> t
     return H, info
 
 
-def cached_hessians(run_dir: str | Path, model: nn.Module, cfg, weights: str = "final_model.pt") -> tuple[dict, dict]:
+def cached_hessians(run_dir: str | Path, model, cfg, weights: str = "final_model.pt",
+                    caller: str = "quantize") -> tuple[dict, dict]:
     """Hessians from `<run>/hessians.pt` when the key matches, else computed and cached there.
+    `model` is the model, or a function building it (only called on a cache miss).
 
-    The trainer can call this right after training, inside `train.gptq_reserve_seconds`; the
-    info then says how long calibration took against that reserve.
+    The trainer calls this right after saving the weights (caller="train"), inside the
+    `train.gptq_reserve_seconds` its loop left free (record-stack.md §3.9); the info records how long
+    calibration took against that reserve. Computed later by `pgolf quantize`, it is outside the
+    training budget and says so (`computed_by`).
     """
     from pgolf.runs import atomic_write_bytes
 
@@ -113,8 +117,10 @@ def cached_hessians(run_dir: str | Path, model: nn.Module, cfg, weights: str = "
                 return obj["hessians"], {**obj["info"], "cached": True}
         except (RuntimeError, EOFError, KeyError, AttributeError):
             pass  # a stale or broken cache is recomputed
-    H, info = calibrate(model, cfg)
-    info["reserve_seconds"] = cfg.train.gptq_reserve_seconds
+    H, info = calibrate(model if isinstance(model, nn.Module) else model(), cfg)
+    spent = info["calibration_data_seconds"] + info["hessian_seconds"]
+    info.update(computed_by=caller, reserve_seconds=cfg.train.gptq_reserve_seconds,
+                within_reserve=caller == "train" and spent <= cfg.train.gptq_reserve_seconds)
     buf = io.BytesIO()
     torch.save({"key": key, "hessians": {k: v.cpu() for k, v in H.items()}, "info": info}, buf)
     atomic_write_bytes(path, buf.getvalue())

@@ -76,7 +76,7 @@ def prepare(run_dir: str | Path, overrides: list[str] | None = None, *, device=N
         from pgolf.quant.hessian import cached_hessians
 
         t0 = time.perf_counter()
-        p.hessians, p.hessian_info = cached_hessians(run.path, build(cfg, state, device), cfg, WEIGHTS)
+        p.hessians, p.hessian_info = cached_hessians(run.path, lambda: build(cfg, state, device), cfg, WEIGHTS)
         _timed(p.timings, "hessians_s", t0)
     if evaluate:
         p.val = load_val(cfg)
