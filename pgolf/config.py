@@ -169,6 +169,7 @@ class EvalConfig:
     stride: int = 0  # sliding-window stride; 0 = non-overlapping windows
     batch_seqs: int = 32
     time_budget_seconds: float = 600.0
+    doc_mask: bool = False  # sliding/windowed scoring: attention never crosses a BOS (on anyway with model.doc_mask)
 
 
 @dataclass
@@ -209,10 +210,12 @@ class TTTConfig:
     sgd_momentum: float = 0.9
     sgd_params: str = "all"  # all | last2 (last two blocks + norm/scale/head, #688 family)
     sgd_grad_clip: float = 1.0
+    sgd_optimizer: str = "sgd"  # sgd (#549, momentum) | adamw (#688 family: betas 0.9/0.999, no WD)
     # the legal Hedge mixer (#430 line, normalised)
     hedge_eta: float = 0.1
     hedge_alpha: float = 0.1  # add-alpha smoothing of the count experts
     hedge_trigram_buckets: int = 65_536
+    hedge_neural_prior: float = 2.0  # initial log-weight of the neural expert (the others start at 0; #430)
 
 
 @dataclass

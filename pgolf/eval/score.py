@@ -1,18 +1,27 @@
 """Scoring the validation set in tokenizer-true bits per byte.
 
-Every target is scored once with the model's one forward (per-token CE in fp32 over the full
-vocabulary, soft-capped logits), its bytes come from the scoring LUTs (or the CaseOps sidecar), and
-the float64 sums are all-reduced across ranks: val_bpb = sum(loss) / (ln 2 * sum(bytes)).
+Every target is scored once with the model's one forward (soft-capped fp32 logits, a log-softmax
+over the full vocabulary), its bytes come from the scoring LUTs (or the CaseOps sidecar), and the
+float64 sums are all-reduced across ranks: val_bpb = sum(loss) / (ln 2 * sum(bytes)).
+
+Windows (record-stack.md §1.5): non-overlapping windows of `seq_len` targets, or sliding windows
+with `stride` (each window scores its last `stride` targets, the first window all of them). With
+`doc_mask` attention inside a window never crosses a BOS (the records' cu_seqlens at BOS). Every
+score passes through an `EvalStream` (pgolf.eval.trace), which can keep the per-token trace.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 import time
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+
+from pgolf.eval.trace import EvalStream, find_docs
 
 
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
@@ -36,30 +45,102 @@ def sums_to_metrics(loss_sum: float, tokens: float, nbytes: float) -> dict[str, 
     return {"val_loss": val_loss, "val_bpb": val_bpb, "tokens": int(tokens), "bytes": int(nbytes)}
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def doc_masking(model: torch.nn.Module, on: bool) -> Iterator[None]:
+    """Switch the model's own BOS segmentation on for a while (attention never crosses a BOS)."""
+    cfg = model.cfg
+    before = cfg.doc_mask
+    cfg.doc_mask = before or on
+    try:
+        yield
+    finally:
+        cfg.doc_mask = before
+
+
+def window_plan(num_targets: int, seq_len: int, stride: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(a, e, s) per window: inputs tokens[a:e], targets [a, e), scored targets [s, e).
+
+    Window j ends at e_j = min(seq_len + j * stride, N) (stride 0: non-overlapping windows) and
+    scores the targets after the previous window's end, so every target is scored exactly once.
+    """
+    step = stride if 0 < stride < seq_len else seq_len
+    ends = np.arange(seq_len, max(num_targets, seq_len) + step, step, dtype=np.int64)
+    ends = np.unique(np.minimum(ends, num_targets))
+    ends = ends[ends > 0]
+    starts = np.maximum(ends - seq_len, 0)
+    scored = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+    return starts, ends, scored
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """The neural distribution: log-softmax of the soft-capped logits over the full vocabulary."""
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def score_windows(model: torch.nn.Module, tokens: torch.Tensor, nbytes: torch.Tensor, windows, stream: EvalStream,
+                  *, batch_seqs: int, vocab_size: int, distribution=None, after_batch=None) -> None:
+    """Score the targets [s, e) of the windows (a, e, s) in order, in batches of `batch_seqs`.
+
+    `distribution(logits (B, K, V), positions (B, K))` -> log-probs (default: the model's softmax; a
+    mixer replaces it); `after_batch(pos, y, nll, valid)` is called after each batch was recorded (the place
+    for updates that use only scored tokens).
+    """
+    device = next(model.parameters()).device
+    a_all, e_all, s_all = windows
+    for i in range(0, len(a_all), batch_seqs):
+        a, e, s = a_all[i:i + batch_seqs], e_all[i:i + batch_seqs], s_all[i:i + batch_seqs]
+        W = int((e - a).max())
+        cols = np.arange(W)
+        src = a[:, None] + cols  # (B, W) input positions
+        inside = cols < (e - a)[:, None]
+        src = np.where(inside, src, 0)
+        x = tokens[torch.from_numpy(src)].masked_fill(~torch.from_numpy(inside), 0)  # (B, W)
+        y = tokens[torch.from_numpy(src + 1)]  # (B, W) targets (garbage where padded; never scored)
+        n = e - s  # scored targets per window
+        K = int(n.max())
+        kcols = np.arange(K)
+        valid = kcols < n[:, None]  # (B, K)
+        gi = np.where(valid, (s - a)[:, None] + kcols, 0)  # row offsets of the scored targets
+        with torch.no_grad(), autocast_for(device):
+            logits = model(x.to(device))  # (B, W, V)
+        gi_t = torch.from_numpy(gi).to(device)
+        z = logits.gather(1, gi_t[..., None].expand(-1, -1, logits.size(-1)))  # (B, K, V)
+        yk = y.to(device).gather(1, gi_t)  # (B, K)
+        pos_grid = np.where(valid, s[:, None] + kcols, 0)  # (B, K) target positions
+        logp = log_probs(z) if distribution is None else distribution(z, pos_grid)
+        nll = stream.score(logp, yk, vocab_size)  # (B, K)
+        pos = pos_grid[valid]
+        valid_t = torch.from_numpy(valid).to(device)
+        stream.record(pos, None, nll[valid_t], nbytes[torch.from_numpy(pos)])
+        if after_batch is not None:
+            after_batch(pos, yk[valid_t], nll[valid_t], valid)
+
+
+def score_stream(model: torch.nn.Module, val: Any, seq_len: int, stride: int = 0, batch_seqs: int = 32, *,
+                 rank: int = 0, world_size: int = 1, doc_mask: bool = False,
+                 stream: EvalStream | None = None, bos_id: int | None = None) -> dict[str, Any]:
+    """Score the whole validation set (rank r takes a contiguous share of the windows)."""
+    t0 = time.perf_counter()
+    device = next(model.parameters()).device
+    n = val.tokens.numel() - 1
+    if stream is None:
+        bos = getattr(model, "bos_id", 1) if bos_id is None else bos_id
+        stream = EvalStream(n, docs=find_docs(val.tokens, bos))
+    windows = window_plan(n, seq_len, stride)
+    lo, hi = len(windows[0]) * rank // world_size, len(windows[0]) * (rank + 1) // world_size
+    mine = tuple(w[lo:hi] for w in windows)
+    was_training = model.training
+    model.eval()
+    with doc_masking(model, doc_mask):
+        score_windows(model, val.tokens, val.bytes, mine, stream, batch_seqs=batch_seqs,
+                      vocab_size=model.cfg.vocab_size)
+    model.train(was_training)
+    out = stream.metrics(device)
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
 def evaluate(model: torch.nn.Module, val: Any, seq_len: int, batch_seqs: int = 32, *,
              rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Non-overlapping windows of `seq_len` targets; rank r takes a contiguous share of windows."""
-    t0 = time.perf_counter()
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    tokens, nbytes = val.tokens, val.bytes
-    n_seqs = (tokens.numel() - 1) // seq_len
-    lo, hi = n_seqs * rank // world_size, n_seqs * (rank + 1) // world_size
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, tokens, bytes
-    for s in range(lo, hi, batch_seqs):
-        e = min(s + batch_seqs, hi)
-        chunk = tokens[s * seq_len: e * seq_len + 1].to(device, non_blocking=True)
-        x = chunk[:-1].view(e - s, seq_len)
-        y = chunk[1:].view(e - s, seq_len)
-        with autocast_for(device):
-            loss = model(x, y, reduction="none")
-        sums[0] += loss.double().sum()
-        sums[1] += y.numel()
-        sums[2] += nbytes[s * seq_len: e * seq_len].to(device).double().sum()
-    sums = reduce_sums(sums)
-    model.train(was_training)
-    out = sums_to_metrics(*sums.tolist())
-    out["seconds"] = time.perf_counter() - t0
-    return out
+    return score_stream(model, val, seq_len, 0, batch_seqs, rank=rank, world_size=world_size)

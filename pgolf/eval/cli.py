@@ -1,0 +1,133 @@
+"""`pgolf eval RUN_DIR [--artifact PATH] [--ttt] [--trace FILE.npz] [--set k=v]`.
+
+Loads the run's config, the weights (the artifact when given, else `final_model.pt`) and the
+validation split; scores it once without TTT and, with `--ttt`, once more with `ttt.method`. Writes
+the convergence record to `RUN_DIR/ttt.jsonl`, the per-token trace to FILE.npz (the evaluation that
+gives `val_bpb`), and merges the results into `result.json`. Runs under torchrun as well (scoring
+sums all-reduced; documents / chunks split across ranks deterministically).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pgolf.config import Config
+from pgolf.errors import PgolfError
+from pgolf.runs import RunDir, resolve
+
+EVAL_SECTIONS = ("eval.", "ttt.", "data.val_max_tokens")  # what --set may change at evaluation time
+
+
+def load_weights(run: RunDir, artifact: str | None) -> tuple[dict[str, torch.Tensor], Path]:
+    """A state_dict from `final_model.pt`, a `.pt` file, or a compressed artifact (`pgolf.quant`)."""
+    path = Path(artifact) if artifact else run.file("final_model.pt")
+    if not path.is_file():
+        raise PgolfError(f"{path}: artifact not found")
+    if path.suffix == ".pt":
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True), path
+        except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
+            raise PgolfError(f"{path}: not a readable state_dict ({type(e).__name__})") from None
+    try:
+        from pgolf.quant.artifact import load_artifact
+    except ImportError:  # the baseline export only
+        from pgolf.quant.int8 import load_int8 as load_artifact
+    return load_artifact(path.read_bytes()), path
+
+
+def load_model(run: RunDir, cfg: Config, artifact: str | None, device: torch.device) -> tuple[torch.nn.Module, Path]:
+    from pgolf.model import build_model
+
+    state, path = load_weights(run, artifact)
+    model = build_model(cfg, device)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise PgolfError(f"{path}: weights do not fit the run's model ({str(e).splitlines()[0]})") from None
+    model.looping = bool(cfg.model.num_loops)  # looping stays on for evaluation (record-stack §2.6)
+    model.eval()
+    return model, path
+
+
+def _gather_losses(losses: np.ndarray, device: torch.device) -> np.ndarray:
+    """Per-position losses from every rank (each position was scored on one rank)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return losses
+    t = torch.from_numpy(np.nan_to_num(losses, nan=0.0)).to(device)
+    dist.all_reduce(t)
+    return t.cpu().numpy()
+
+
+def cmd_eval(args: Any) -> dict[str, Any]:
+    from pgolf.distributed import setup, teardown
+    from pgolf.eval.bpb import load_val
+    from pgolf.eval.score import score_stream
+    from pgolf.eval.trace import EvalStream, find_docs, trace_path
+    from pgolf.eval.ttt import ConvergenceLog, TimeLedger, run_ttt, runner_for, warmup
+
+    for item in args.overrides:
+        if not item.split("=", 1)[0].strip().startswith(EVAL_SECTIONS):
+            raise PgolfError(f"--set {item}: only eval.*, ttt.* and data.val_max_tokens change at evaluation "
+                             "time (the model is fixed by the run)")
+    run = resolve(args.run_dir)
+    cfg = Config.load(run.file("config.json")).with_overrides(args.overrides)
+    if args.ttt:
+        runner_for(cfg)  # an unknown ttt.method fails before anything is loaded
+    ledger = TimeLedger(cfg.eval.time_budget_seconds)
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    ctx = setup()
+    try:
+        with ledger.phase("load"):
+            model, artifact = load_model(run, cfg, args.artifact, ctx.device)
+            seq_len = cfg.eval.seq_len or cfg.train.eval_seq_len
+            val = load_val(cfg.data.path, cfg.data.tokenizer or None, cfg.model.vocab_size, seq_len,
+                           cfg.data.val_max_tokens, bos_id=cfg.data.bos_id)
+        n, docs = val.num_targets, find_docs(val.tokens, cfg.data.bos_id)
+        want_trace = bool(args.trace)
+        base_stream = EvalStream(n, docs=docs, keep_trace=want_trace and not args.ttt, keep_losses=args.ttt,
+                                 method="none")
+        with ledger.phase("score"):
+            base = score_stream(model, val, seq_len, cfg.eval.stride, cfg.eval.batch_seqs, rank=ctx.rank,
+                                world_size=ctx.world_size, doc_mask=cfg.eval.doc_mask, stream=base_stream)
+        base_stream.finish()
+        final, stream = base, base_stream
+        out: dict[str, Any] = {"run_dir": str(run.path), "artifact": str(artifact), "ttt": bool(args.ttt)}
+        if args.ttt:
+            method = cfg.ttt.method + (f"+{cfg.ttt.phases}phase" if cfg.ttt.method == "lora" and cfg.ttt.phases else "")
+            with ledger.phase("warmup"):  # synthetic tokens only
+                warmup(model, cfg, lora=cfg.ttt.method == "lora",
+                       base=cfg.ttt.method != "lora" or cfg.ttt.phases > 0)
+            stream = EvalStream(n, docs=docs, keep_trace=want_trace, method=method)
+            log = ConvergenceLog(run.file("ttt.jsonl") if ctx.is_main else None, stream, method=method,
+                                 baseline=_gather_losses(base_stream.losses, ctx.device),
+                                 eval_id=time.strftime("%Y%m%d-%H%M%S"), label=artifact.name)
+            with ledger.phase("ttt"):
+                final = run_ttt(model, val, cfg, stream, log=log, ledger=ledger, rank=ctx.rank,
+                                world_size=ctx.world_size)
+            out.update({"method": method, "updates": final["updates"], "val_bpb_no_ttt": base["val_bpb"],
+                        "val_loss_no_ttt": base["val_loss"], "ttt_log": str(run.file("ttt.jsonl"))})
+        timed = "ttt" if args.ttt else "score"
+        out.update({"val_bpb": final["val_bpb"], "val_loss": final["val_loss"], "scored_tokens": final["tokens"],
+                    "scored_bytes": final["bytes"], "val_targets": n,
+                    "eval_seconds": round(ledger.seconds[timed], 3), "time": ledger.as_dict(timed)})
+        if want_trace:
+            tr = stream.trace()
+            tr.save(trace_path(args.trace, ctx.rank, ctx.world_size))
+            out.update({"trace": str(args.trace), "trace_entries": len(tr)})  # this rank's entries
+        if ctx.is_main and run.is_finished():
+            prefix = "ttt_" if args.ttt else "eval_"
+            upd = {f"{prefix}val_bpb": out["val_bpb"], f"{prefix}val_loss": out["val_loss"],
+                   f"{prefix}eval_seconds": out["eval_seconds"], f"{prefix}artifact": str(artifact)}
+            if args.ttt:
+                upd.update({"ttt_method": out["method"], "ttt_val_bpb_no_ttt": base["val_bpb"],
+                            "ttt_updates": out["updates"]})
+            run.update_result(upd)
+        return out
+    finally:
+        if owns_group and ctx.backend is not None:
+            teardown()

@@ -1,0 +1,183 @@
+"""Per-document LoRA test-time training through the model's one forward (record-stack.md §5.2-5.3).
+
+Documents (BOS to next BOS inclusive) are sorted by length and batched, one document per row,
+right-padded with 0 (causal attention keeps padding inert). Each document is cut into chunks of
+`ttt.chunk_size` targets; the context of a chunk is the last <= `ttt.eval_seq_len` tokens ending at
+the chunk's end. Per chunk: **score** (per-token CE into the ledger), **then** one AdamW step on
+Σ_docs mean(chunk CE) for the documents not on their last chunk (PR #1530). At every batch B is
+reset to 0, A is kept (`warm_start_a`, PR #1765) or re-drawn, and the optimizer state is zeroed.
+Adapters are scaled by alpha/r (PR #1765) and sit on Q, K, V, O, MLP and the head (each switchable).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pgolf.eval.score import autocast_for, log_probs
+from pgolf.eval.trace import EvalStream, find_docs
+from pgolf.eval.ttt import ConvergenceLog, TimeLedger, doc_batches, lora_targets
+from pgolf.model.lora import BatchedLoRA
+
+LOG_EVERY_CHUNKS = 16  # convergence rows inside a batch of long documents (besides one per batch)
+
+
+@dataclass
+class Chunk:
+    """Chunk c of every row of a batch; row offsets index the (B, W) window."""
+    c: int
+    x: torch.Tensor  # (B, W) inputs, right-padded with 0
+    y: torch.Tensor  # (B, W) targets
+    gi: torch.Tensor  # (B, K) window offsets of the chunk's targets
+    valid: np.ndarray  # (B, K) real chunk targets
+    pos: np.ndarray  # (B, K) their target positions in the validation stream
+    doc: np.ndarray  # (B,) document index of each row (-1 = padding row)
+    trains: np.ndarray  # (B,) rows that update after scoring (not on their last chunk)
+    train_positions: np.ndarray  # targets of the windows of those rows (what the update reads)
+    nll: torch.Tensor | None = None  # (B, K) from the scoring forward, kept for the update
+
+
+class LoRATTT:
+    """score -> update per chunk; subclasses (phased) hook `after_batch`; tests swap `step`."""
+    name = "lora"
+
+    def __init__(self, model: torch.nn.Module, val: Any, cfg: Any, stream: EvalStream, *,
+                 log: ConvergenceLog | None = None, ledger: TimeLedger | None = None,
+                 rank: int = 0, world_size: int = 1):
+        self.model, self.cfg, self.tc = model, cfg, cfg.ttt
+        self.stream, self.log, self.ledger = stream, log, ledger or TimeLedger()
+        self.rank, self.world_size = rank, world_size
+        self.device = next(model.parameters()).device
+        self.V = cfg.model.vocab_size
+        self.tokens = val.tokens.cpu().numpy()  # (N+1,)
+        self.nbytes = val.bytes.cpu().numpy()  # (N,)
+        self.docs = stream.docs if stream.docs is not None else find_docs(val.tokens, cfg.data.bos_id)
+        self.batches = doc_batches(self.docs, self.tc.batch_size)
+        self.phase = 0  # global phases completed (phased TTT)
+        self.lora = self.new_lora()
+        self.opt: torch.optim.Optimizer | None = None
+
+    def new_lora(self) -> BatchedLoRA:
+        tc = self.tc
+        return BatchedLoRA(self.model, tc.batch_size, tc.lora_rank, tc.lora_alpha, lora_targets(tc))
+
+    # ---- the loop
+    def run(self) -> dict[str, Any]:
+        req = [p.requires_grad for p in self.model.parameters()]
+        for p in self.model.parameters():
+            p.requires_grad_(False)  # only the adapters train
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for b, docs in enumerate(self.batches):
+                if b % self.world_size == self.rank:  # deterministic split, no work stealing
+                    self.run_batch(b, docs)
+                self.after_batch(b)
+        finally:
+            for p, r in zip(self.model.parameters(), req):
+                p.requires_grad_(r)
+            self.model.train(was_training)
+        self.stream.finish()
+        out = self.stream.metrics(self.device)
+        out["updates"] = self.stream.step
+        if self.log is not None:
+            self.log.done(phase=self.phase)
+        return out
+
+    def after_batch(self, b: int) -> None:
+        """Called on every rank after batch b (a collective point for phased TTT)."""
+
+    def run_batch(self, b: int, docs: np.ndarray) -> None:
+        tc = self.tc
+        self.lora.reset_B()
+        if not tc.warm_start_a:  # re-drawn from the batch index: the same on any number of ranks
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(b)
+                self.lora.reset_A()
+        self.opt = torch.optim.AdamW(self.lora.parameters(), lr=tc.lora_lr, betas=(tc.beta1, tc.beta2),
+                                     eps=tc.eps, weight_decay=tc.weight_decay)  # fresh state per batch
+        n = len(docs)
+        starts = np.zeros(tc.batch_size, np.int64)
+        lens = np.zeros(tc.batch_size, np.int64)
+        starts[:n], lens[:n] = self.docs.starts[docs], self.docs.lengths[docs]
+        doc = np.full(tc.batch_size, -1, np.int64)
+        doc[:n] = docs
+        nch = -(-lens // tc.chunk_size)  # chunks per row (0 for padding rows)
+        for c in range(int(nch.max())):
+            self.step(self.chunk(c, starts, lens, nch, doc))
+            if self.log is not None and c % LOG_EVERY_CHUNKS == LOG_EVERY_CHUNKS - 1 and c < nch.max() - 1:
+                self.log.batch(b, phase=self.phase, kind="chunk", chunk=c)  # long batches: points inside
+        if self.log is not None:
+            self.log.batch(b, phase=self.phase, docs=n)
+
+    def step(self, ch: Chunk) -> None:
+        """Score, THEN update (Issue #1017 condition 3)."""
+        self.score(ch)
+        self.update(ch)
+
+    # ---- one chunk
+    def chunk(self, c: int, starts: np.ndarray, lens: np.ndarray, nch: np.ndarray, doc: np.ndarray) -> Chunk:
+        C, S, N = self.tc.chunk_size, self.tc.eval_seq_len, self.tokens.size - 1
+        active = c < nch
+        cs = c * C
+        ce = np.where(active, np.minimum(cs + C, lens), 0)  # chunk end (doc-relative)
+        a = np.where(active, np.maximum(ce - S, 0), 0)  # context start
+        w = ce - a  # window width per row
+        W = max(int(w.max()), 1)
+        cols = np.arange(W)
+        inside = cols < w[:, None]  # (B, W)
+        src = np.where(inside, (starts + a)[:, None] + cols, 0)
+        x = np.where(inside, self.tokens[src], 0)
+        y = np.where(inside, self.tokens[np.minimum(src + 1, N)], 0)
+        clen = np.where(active, ce - cs, 0)
+        K = max(int(clen.max()), 1)
+        kc = np.arange(K)
+        valid = kc < clen[:, None]  # (B, K)
+        gi = np.where(valid, (w - clen)[:, None] + kc, 0)
+        pos = (starts + cs)[:, None] + kc
+        trains = active & (c < nch - 1)  # no update on a document's last chunk
+        # an update reads the window's targets and its first input (the target before it, unless
+        # that input is the document's own BOS)
+        lo = starts + a - (a > 0)
+        hi = starts + ce
+        train_pos = np.concatenate([np.arange(lo[r], hi[r]) for r in np.flatnonzero(trains)] or
+                                   [np.zeros(0, np.int64)])
+        dev = self.device
+        return Chunk(c, torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev), torch.from_numpy(gi).to(dev),
+                     valid, pos, doc, trains, train_pos)
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities over the full vocabulary from the model's soft-capped logits."""
+        return log_probs(logits)
+
+    def nll(self, ch: Chunk) -> torch.Tensor:
+        """Per-token CE (B, K) of the chunk's targets: the model's one forward with the adapters."""
+        with autocast_for(self.device):
+            logits = self.model(ch.x, lora=self.lora)  # (B, W, V)
+        z = logits.gather(1, ch.gi[..., None].expand(-1, -1, logits.size(-1)))  # (B, K, V)
+        return self.stream.score(self.distribution(z), ch.y.gather(1, ch.gi), self.V)
+
+    def score(self, ch: Chunk) -> None:
+        with torch.set_grad_enabled(bool(ch.trains.any())):
+            nll = self.nll(ch)  # (B, K); the graph is kept for the update that follows
+        v = torch.from_numpy(ch.valid).to(self.device)
+        pos = ch.pos[ch.valid]
+        rows = np.broadcast_to(ch.doc[:, None], ch.valid.shape)[ch.valid]
+        self.stream.record(pos, rows, nll.detach()[v], self.nbytes[pos])
+        ch.nll = nll if nll.requires_grad else None
+
+    def update(self, ch: Chunk) -> None:
+        if not ch.trains.any():
+            return
+        m = torch.from_numpy(ch.valid & ch.trains[:, None]).to(self.device, torch.float32)  # (B, K)
+        for g in range(self.tc.grad_steps):
+            with torch.enable_grad():
+                nll = ch.nll if g == 0 and ch.nll is not None else self.nll(ch)
+                loss = ((nll * m).sum(1) / m.sum(1).clamp_min(1)).sum()  # Σ_docs mean chunk CE
+            self.stream.declare_update(ch.train_positions)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        ch.nll = None

@@ -1,0 +1,109 @@
+"""Phased TTT: per-document LoRA plus multi-phase global SGD on the base model (record-stack.md §5.5;
+PR #1610 -> #1626 -> #1700).
+
+The first `ttt.prefix_docs` documents of the queue are the prefix. When the count of fully scored
+documents (in queue order) reaches boundary k = floor(P (k+1) / phases), every rank stops, and the
+base model trains with SGD (momentum, cosine decay across chunks of `global_chunk_tokens`, the last
+chunk skipped, gradient clipping) on the first `boundary` documents of the queue, cumulatively. Every
+one of those documents was scored before: the ledger checks it. Then new adapters are built and
+scoring resumes.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from pgolf.eval.lora_ttt import LoRATTT
+from pgolf.eval.score import autocast_for
+from pgolf.eval.trace import EvalStream
+from pgolf.eval.ttt import all_reduce_grads, cosine_lr
+
+
+def pack_docs(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(inputs, targets, target positions) of the documents, concatenated in the given order."""
+    pos = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)] or [np.zeros(0, np.int64)])
+    return tokens[pos], tokens[pos + 1], pos
+
+
+def global_sgd(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, pos: np.ndarray, tc: Any,
+               stream: EvalStream, *, seq_len: int, rank: int = 0, world_size: int = 1) -> int:
+    """SGD on every base weight over the packed pairs (x, y); returns the optimizer steps taken."""
+    device = next(model.parameters()).device
+    params = list(model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=tc.global_lr, momentum=tc.global_momentum)
+    CT = tc.global_chunk_tokens
+    n_chunks = -(-x.size // CT)
+    steps = 0
+    model.train()
+    for _ in range(tc.global_epochs):
+        for c in range(n_chunks - 1):  # the last chunk is skipped (#1626)
+            lo, hi = c * CT, min((c + 1) * CT, x.size)
+            for g in opt.param_groups:
+                g["lr"] = cosine_lr(tc.global_lr, c, n_chunks)
+            stream.declare_update(pos[lo:hi])
+            opt.zero_grad(set_to_none=True)
+            rows = list(range(lo, hi, seq_len))[rank::world_size]  # sequences split across ranks
+            for i in range(0, len(rows), tc.global_batch_seqs):
+                group = rows[i:i + tc.global_batch_seqs]
+                for r0 in sorted({min(seq_len, hi - r) for r in group}):  # full rows, then the short tail
+                    sel = [r for r in group if min(seq_len, hi - r) == r0]
+                    xb = torch.from_numpy(np.stack([x[r:r + r0] for r in sel])).to(device)  # (b, r0)
+                    yb = torch.from_numpy(np.stack([y[r:r + r0] for r in sel])).to(device)
+                    with autocast_for(device):
+                        loss = model(xb, yb, reduction="sum") / (hi - lo)  # mean over the whole chunk
+                    loss.backward()
+            all_reduce_grads(params)
+            if tc.global_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, tc.global_grad_clip)
+            opt.step()
+            steps += 1
+    opt.zero_grad(set_to_none=True)
+    for p in params:
+        p.requires_grad_(False)
+    model.eval()
+    return steps
+
+
+class PhasedTTT(LoRATTT):
+    name = "phased"
+
+    def __init__(self, model: torch.nn.Module, val: Any, cfg: Any, stream: EvalStream, **kw):
+        super().__init__(copy.deepcopy(model), val, cfg, stream, **kw)  # global SGD trains a copy
+        tc = self.tc
+        self.queue = np.concatenate(self.batches)  # documents in queue order
+        prefix = min(tc.prefix_docs, self.queue.size)
+        self.bounds = [prefix * (k + 1) // tc.phases for k in range(tc.phases)]
+        cum = np.cumsum([len(b) for b in self.batches])
+        self.fire: dict[int, list[int]] = {}  # batch index -> phases that start after it
+        for k, bound in enumerate(self.bounds):
+            if bound > 0:
+                self.fire.setdefault(int(np.searchsorted(cum, bound)), []).append(k)
+
+    def after_batch(self, b: int) -> None:
+        for k in self.fire.get(b, []):
+            self.global_phase(k)
+
+    def phase_docs(self, k: int) -> np.ndarray:
+        """The documents phase k trains on: the first `bounds[k]` of the queue (cumulative)."""
+        return self.queue[:self.bounds[k]]
+
+    def global_phase(self, k: int) -> None:
+        t0 = time.perf_counter()
+        self.stream.sync_scored()  # the documents other ranks scored count as scored
+        docs = self.phase_docs(k)
+        x, y, pos = pack_docs(self.tokens, self.docs.starts[docs], self.docs.ends[docs])
+        steps = global_sgd(self.model, x, y, pos, self.tc, self.stream, seq_len=self.tc.eval_seq_len,
+                           rank=self.rank, world_size=self.world_size)
+        self.lora = self.new_lora()  # fresh adapters on the adapted base
+        self.phase = k + 1
+        dt = time.perf_counter() - t0
+        self.ledger.add(f"phase_{k + 1}", dt)
+        if self.log is not None:
+            self.log.phase(k + 1, docs=int(docs.size), trained_tokens=int(x.size), sgd_steps=steps,
+                           phase_seconds=round(dt, 4))

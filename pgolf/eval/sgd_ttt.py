@@ -1,0 +1,134 @@
+"""Score-first SGD test-time training of the #549 / #430 line (hedge-stack.md §6).
+
+The stream is cut into chunks of `ttt.sgd_chunk_tokens` targets; each scoring window (sliding with
+`eval.stride`, or non-overlapping) belongs to the chunk of its first scored target. For chunk c:
+1. score its windows under no_grad with the current weights;
+2. then, unless c is the last chunk, train on the chunk's tokens for `sgd_epochs` steps (one step per
+   epoch over all of the chunk's sequences, gradients summed over ranks, clipped), with the LR cosine
+   across chunks. `sgd_params`: all (#549) or last2 (last two blocks + norm/scale/head, #688 family);
+   `sgd_optimizer`: sgd (#549: momentum, persistent across chunks) or adamw (#688 family).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+
+from pgolf.errors import PgolfError
+from pgolf.eval.score import autocast_for, doc_masking, log_probs, score_windows, window_plan
+from pgolf.eval.trace import EvalStream
+from pgolf.eval.ttt import ConvergenceLog, TimeLedger, all_reduce_grads, cosine_lr
+
+
+def select_params(model: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
+    """all, or last2: the last two blocks plus every norm / scale / head parameter (hedge-stack §6.2)."""
+    if which == "all":
+        return list(model.parameters())
+    if which != "last2":
+        raise PgolfError(f"ttt.sgd_params: unknown selection {which!r} (all | last2)")
+    L = len(model.blocks)
+    last = (f"blocks.{L - 2}.", f"blocks.{L - 1}.")
+    return [p for n, p in model.named_parameters()
+            if n.startswith(last) or any(s in n for s in ("norm", "scale", "lm_head"))]
+
+
+def make_optimizer(params: list[torch.nn.Parameter], tc: Any) -> torch.optim.Optimizer:
+    kind = getattr(tc, "sgd_optimizer", "sgd")
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=tc.sgd_lr, momentum=tc.sgd_momentum)
+    if kind == "adamw":  # the #688 family: AdamW (0.9, 0.999), no weight decay
+        return torch.optim.AdamW(params, lr=tc.sgd_lr, betas=(0.9, 0.999), weight_decay=0.0)
+    raise PgolfError(f"ttt.sgd_optimizer: unknown optimizer {kind!r} (sgd | adamw)")
+
+
+class SGDTTT:
+    """score chunk -> train on chunk; HedgeTTT overrides `distribution` / `after_score_batch`."""
+    name = "sgd"
+
+    def __init__(self, model: torch.nn.Module, val: Any, cfg: Any, stream: EvalStream, *,
+                 log: ConvergenceLog | None = None, ledger: TimeLedger | None = None,
+                 rank: int = 0, world_size: int = 1):
+        self.model = copy.deepcopy(model)  # the base weights train: never the caller's model
+        self.cfg, self.tc = cfg, cfg.ttt
+        self.stream, self.log, self.ledger = stream, log, ledger or TimeLedger()
+        self.rank, self.world_size = rank, world_size
+        self.device = next(model.parameters()).device
+        self.V = cfg.model.vocab_size
+        self.val = val
+        self.tokens = val.tokens.cpu().numpy()
+        self.N = self.tokens.size - 1
+        self.seq_len = cfg.eval.seq_len or cfg.train.eval_seq_len
+        self.windows = window_plan(self.N, self.seq_len, cfg.eval.stride)
+        self.C = self.tc.sgd_chunk_tokens
+        self.n_chunks = -(-self.N // self.C)
+        self.win_chunk = self.windows[2] // self.C  # chunk of each window's first scored target
+        self.params = select_params(self.model, self.tc.sgd_params)
+        self.opt = make_optimizer(self.params, self.tc)  # momentum persists across chunks (#549)
+
+    def run(self) -> dict[str, Any]:
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for p in self.params:
+            p.requires_grad_(True)
+        for c in range(self.n_chunks):
+            self.step(c)
+            if self.log is not None:
+                self.log.batch(c, chunk_tokens=min(self.C, self.N - c * self.C))
+        self.stream.finish()
+        out = self.stream.metrics(self.device)
+        out["updates"] = self.stream.step
+        if self.log is not None:
+            self.log.done()
+        return out
+
+    def step(self, c: int) -> None:
+        """Score, THEN train (Issue #1017 condition 3)."""
+        self.score(c)
+        self.update(c)
+
+    def distribution(self, logits: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
+        return log_probs(logits)
+
+    def after_score_batch(self, pos: np.ndarray, y: torch.Tensor, nll: torch.Tensor, valid: np.ndarray) -> None:
+        """After a batch of windows was scored and recorded (mixers update here)."""
+
+    def score(self, c: int) -> None:
+        idx = np.flatnonzero(self.win_chunk == c)
+        lo, hi = idx.size * self.rank // self.world_size, idx.size * (self.rank + 1) // self.world_size
+        mine = tuple(w[idx[lo:hi]] for w in self.windows)
+        self.model.eval()
+        with doc_masking(self.model, self.cfg.eval.doc_mask):
+            score_windows(self.model, self.val.tokens, self.val.bytes, mine, self.stream,
+                          batch_seqs=self.cfg.eval.batch_seqs, vocab_size=self.V,
+                          distribution=self.distribution, after_batch=self.after_score_batch)
+
+    def update(self, c: int) -> None:
+        tc = self.tc
+        if c == self.n_chunks - 1 or tc.sgd_epochs <= 0:  # the last chunk is never trained on
+            return
+        lo, hi = c * self.C, min((c + 1) * self.C, self.N)
+        first = max(lo - 1, 0)  # the chunk's first input is the target of position lo - 1
+        self.stream.sync_scored(first, hi)
+        for g in self.opt.param_groups:
+            g["lr"] = cosine_lr(tc.sgd_lr, c, self.n_chunks)
+        rows = list(range(lo, hi, self.seq_len))[self.rank::self.world_size]
+        self.model.train()
+        for _ in range(tc.sgd_epochs):
+            self.stream.declare_update(np.arange(first, hi))
+            self.opt.zero_grad(set_to_none=True)
+            for i in range(0, len(rows), self.cfg.eval.batch_seqs):
+                group = rows[i:i + self.cfg.eval.batch_seqs]
+                for r0 in sorted({min(self.seq_len, hi - r) for r in group}):
+                    sel = [r for r in group if min(self.seq_len, hi - r) == r0]
+                    xb = torch.from_numpy(np.stack([self.tokens[r:r + r0] for r in sel])).to(self.device)
+                    yb = torch.from_numpy(np.stack([self.tokens[r + 1:r + r0 + 1] for r in sel])).to(self.device)
+                    with autocast_for(self.device):
+                        loss = self.model(xb, yb, reduction="sum") / (hi - lo)  # (b, r0) -> chunk mean
+                    loss.backward()
+            all_reduce_grads(self.params)
+            if tc.sgd_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, tc.sgd_grad_clip)
+            self.opt.step()
+        self.model.eval()

@@ -1,0 +1,285 @@
+"""Test-time training: the pieces every method shares, and `run_ttt` (what `pgolf eval --ttt` runs).
+
+Methods (record-stack.md §5, hedge-stack.md §5-6):
+- lora    per-document LoRA, score then update per chunk (lora_ttt.py; PR #1530, #1765)
+          with `ttt.phases > 0`: phased global SGD on already scored documents (phased.py; #1610/#1626/#1700)
+- sgd     score-first SGD on chunks of the stream (sgd_ttt.py; #549 / #430 line)
+- hedge   score-first SGD with the normalised Hedge mixer of n-gram experts (hedge.py; #430 made legal)
+
+Also here: document batches, the evaluation time ledger, the convergence record (`ttt.jsonl`), the
+synthetic-token warm-up and the convergence figure.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from pgolf.eval.trace import Docs, EvalStream
+
+METHODS = ("lora", "sgd", "hedge")
+
+
+def doc_batches(docs: Docs, batch_size: int) -> list[np.ndarray]:
+    """Documents sorted by length, cut into batches; the queue runs longest first (record-stack §5.2)."""
+    order = np.argsort(docs.lengths, kind="stable")
+    batches = [order[i:i + batch_size] for i in range(0, order.size, batch_size)]
+    return batches[::-1]
+
+
+def cosine_lr(lr: float, i: int, n: int) -> float:
+    """lr * (1 + cos(pi i / (n - 1))) / 2: the schedule across chunks of #549 and #1626."""
+    return lr if n <= 1 else lr * 0.5 * (1.0 + math.cos(math.pi * i / (n - 1)))
+
+
+def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
+    """Sum gradients over ranks (each rank's loss is already divided by the global token count)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+def _sync(device: torch.device | None = None) -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize(device)
+
+
+class TimeLedger:
+    """Seconds per evaluation phase (load, warm-up, scoring, TTT, each global phase) against the budget."""
+
+    def __init__(self, budget_seconds: float = 600.0):
+        self.budget = budget_seconds
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        _sync()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync()
+            self.add(name, time.perf_counter() - t)
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def as_dict(self, timed: str | None = None) -> dict[str, Any]:
+        """The ledger; `timed` names the entry counted against the budget (the records time the TTT loop)."""
+        out = {f"{k}_seconds": round(v, 3) for k, v in self.seconds.items()}
+        out["total_seconds"] = round(sum(v for k, v in self.seconds.items() if not k.startswith("phase_")), 3)
+        out["budget_seconds"] = self.budget
+        if timed is not None:
+            out["timed"] = timed
+            out["within_budget"] = self.seconds.get(timed, 0.0) <= self.budget
+        return out
+
+
+class ConvergenceLog:
+    """Per batch (or chunk) and per phase: running BPB against tokens scored, time, phase boundaries.
+
+    One JSON line per event in `path` (rank 0 only; in a distributed run the running figures are rank
+    0's partial sums, as in the records' logs). `baseline` (per position, nats) gives the running BPB
+    of the model without TTT over the same tokens, so TTT on and off share one x axis.
+    """
+
+    def __init__(self, path: str | Path | None, stream: EvalStream, *, method: str,
+                 baseline: np.ndarray | None = None, eval_id: str | None = None, label: str = ""):
+        self.path = Path(path) if path is not None else None
+        self.stream, self.method, self.baseline, self.label = stream, method, baseline, label
+        self.eval_id = eval_id or time.strftime("%Y%m%d-%H%M%S")
+        self.t0 = time.perf_counter()
+        self.base_sum = 0.0
+        self.rows: list[dict[str, Any]] = []
+        if baseline is not None:
+            stream.hooks.append(self._on_record)
+
+    def _on_record(self, pos: np.ndarray, loss: np.ndarray, nbytes: np.ndarray) -> None:
+        self.base_sum += float(self.baseline[pos].sum(dtype=np.float64))
+
+    def _emit(self, row: dict[str, Any]) -> dict[str, Any]:
+        row = {"eval_id": self.eval_id, "method": self.method, "label": self.label, **row,
+               "seconds": round(time.perf_counter() - self.t0, 4)}
+        self.rows.append(row)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+    def _running(self) -> dict[str, Any]:
+        loss, ntok, nbytes = self.stream.sums.tolist()
+        out = {"tokens": int(ntok), "bytes": int(nbytes), "step": self.stream.step,
+               "bpb": loss / (math.log(2) * nbytes) if nbytes else None}
+        if self.baseline is not None:
+            out["bpb_no_ttt"] = self.base_sum / (math.log(2) * nbytes) if nbytes else None
+        return out
+
+    def batch(self, batch: int, phase: int = 0, kind: str = "batch", **extra: Any) -> dict[str, Any]:
+        """After a batch (LoRA) or chunk (SGD / Hedge); kind="chunk" marks a point inside a batch."""
+        return self._emit({"kind": kind, "batch": batch, "phase": phase, **self._running(), **extra})
+
+    def phase(self, phase: int, **extra: Any) -> dict[str, Any]:
+        return self._emit({"kind": "phase", "phase": phase, **self._running(), **extra})
+
+    def done(self, **extra: Any) -> dict[str, Any]:
+        return self._emit({"kind": "done", **self._running(), **extra})
+
+
+def warmup(model: torch.nn.Module, cfg: Any, *, lora: bool = True, base: bool = False, seed: int = 0) -> float:
+    """Forward + backward at the TTT shapes on `torch.randint` tokens, never validation data
+    (record-stack §5.1, §7.8); the weights are left exactly as they were. Returns seconds."""
+    from pgolf.model.lora import BatchedLoRA
+
+    t0 = time.perf_counter()
+    tc, V = cfg.ttt, cfg.model.vocab_size
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    req = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(base)
+    try:
+        for T in sorted({min(tc.chunk_size, tc.eval_seq_len), tc.eval_seq_len}):
+            x = torch.randint(0, V, (tc.batch_size, T + 1), generator=g).to(device)  # (B, T+1) synthetic
+            adapters = BatchedLoRA(model, tc.batch_size, tc.lora_rank, tc.lora_alpha, lora_targets(tc)) \
+                if lora else None
+            from pgolf.eval.score import autocast_for
+            with autocast_for(device):
+                loss = model(x[:, :-1], x[:, 1:], lora=adapters)
+            if loss.requires_grad:
+                loss.backward()
+    finally:
+        for p, r in zip(model.parameters(), req):
+            p.grad = None
+            p.requires_grad_(r)
+    _sync()
+    return time.perf_counter() - t0
+
+
+def lora_targets(tc: Any) -> tuple[str, ...]:
+    flags = {"q": tc.q_lora, "k": tc.k_lora, "v": tc.v_lora, "o": tc.o_lora, "mlp": tc.mlp_lora,
+             "head": tc.head_lora}
+    return tuple(k for k, on in flags.items() if on)
+
+
+def runner_for(cfg: Any):
+    """The runner class of `cfg.ttt.method` (phased LoRA when `ttt.phases > 0`)."""
+    from pgolf.errors import PgolfError
+
+    method = cfg.ttt.method
+    if method == "lora":
+        if cfg.ttt.phases > 0:
+            from pgolf.eval.phased import PhasedTTT
+            return PhasedTTT
+        from pgolf.eval.lora_ttt import LoRATTT
+        return LoRATTT
+    if method == "sgd":
+        from pgolf.eval.sgd_ttt import SGDTTT
+        return SGDTTT
+    if method == "hedge":
+        from pgolf.eval.hedge import HedgeTTT
+        return HedgeTTT
+    raise PgolfError(f"ttt.method: unknown method {method!r} (choose from {METHODS})")
+
+
+def run_ttt(model: torch.nn.Module, val: Any, cfg: Any, stream: EvalStream, *, log: ConvergenceLog | None = None,
+            ledger: TimeLedger | None = None, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+    """Score the validation set once with test-time training; returns val_loss/val_bpb (+ steps).
+
+    The caller's model is not modified (methods that train base weights work on a copy)."""
+    runner = runner_for(cfg)(model, val, cfg, stream, log=log, ledger=ledger, rank=rank, world_size=world_size)
+    return runner.run()
+
+
+# ---- the convergence record, read back and plotted
+
+def read_convergence(run_dirs: Sequence[str | Path], eval_id: str = "last") -> "pandas.DataFrame":  # noqa: F821
+    """Rows of `ttt.jsonl` from each run (the last evaluation of each unless eval_id="all" or an id)."""
+    import pandas as pd
+
+    frames = []
+    for d in run_dirs:
+        p = Path(d) / "ttt.jsonl"
+        if not p.exists():
+            continue
+        df = pd.DataFrame([json.loads(line) for line in p.read_text().splitlines() if line.strip()])
+        if df.empty:
+            continue
+        if eval_id == "last":
+            df = df[df["eval_id"] == df["eval_id"].iloc[-1]]
+        elif eval_id != "all":
+            df = df[df["eval_id"] == eval_id]
+        df.insert(0, "run", Path(d).name)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def plot_convergence(df: "pandas.DataFrame", out_dir: str | Path = "figures",  # noqa: F821
+                     name: str = "ttt_convergence") -> list[str]:
+    """Left: running BPB against tokens scored, TTT on (solid) and off (dashed) per run, phase
+    boundaries dotted. Right: BPB of the tokens scored within each phase, on and off."""
+    import sys
+
+    import matplotlib
+
+    from pgolf.errors import PgolfError
+    from pgolf.plots import save
+
+    if df is None or df.empty:
+        raise PgolfError("ttt convergence: no ttt.jsonl rows to plot (run `pgolf eval RUN --ttt` first)")
+    if "ipykernel" not in sys.modules:  # headless: never open a window
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, ((run, eid), g) in enumerate(df.groupby(["run", "eval_id"], sort=False)):
+        color = f"C{i % 10}"
+        b = g[g["kind"].isin(["batch", "chunk"])].sort_values("tokens")
+        label = f"{run} ({g['method'].iloc[0]})"
+        ax.plot(b["tokens"], b["bpb"], color=color, lw=1.3, marker=".", ms=3, label=f"{label} TTT")
+        if "bpb_no_ttt" in b:
+            ax.plot(b["tokens"], b["bpb_no_ttt"], color=color, lw=1.0, ls="--", label=f"{label} no TTT")
+        for t in g.loc[g["kind"] == "phase", "tokens"]:
+            ax.axvline(t, color=color, ls=":", lw=0.8)
+        seg = _per_phase(b)
+        bx.plot(seg["phase"], seg["bpb"], "o-", color=color, label=f"{label} TTT")
+        if "bpb_no_ttt" in seg:
+            bx.plot(seg["phase"], seg["bpb_no_ttt"], "s--", color=color, label=f"{label} no TTT")
+    ax.set(xlabel="tokens scored", ylabel="running BPB", title="TTT convergence")
+    bx.set(xlabel="phase (global SGD rounds before these tokens)", ylabel="BPB of the tokens scored in it",
+           title="per phase")
+    bx.xaxis.get_major_locator().set_params(integer=True)
+    for a in (ax, bx):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, name, out_dir)
+
+
+def _per_phase(b: "pandas.DataFrame") -> "pandas.DataFrame":  # noqa: F821
+    """BPB of the tokens scored within each phase, from the running sums of consecutive batch rows."""
+    import pandas as pd
+
+    b = b.sort_values("tokens")
+    rows = []
+    prev = {"bytes": 0, "loss": 0.0, "base": 0.0}
+    for phase, g in b.groupby("phase", sort=True):
+        last = g.iloc[-1]
+        loss = last["bpb"] * math.log(2) * last["bytes"]
+        nb = last["bytes"] - prev["bytes"]
+        row = {"phase": phase, "bpb": (loss - prev["loss"]) / (math.log(2) * nb) if nb else float("nan")}
+        base = None
+        if "bpb_no_ttt" in g and last.get("bpb_no_ttt") is not None:
+            base = last["bpb_no_ttt"] * math.log(2) * last["bytes"]
+            row["bpb_no_ttt"] = (base - prev["base"]) / (math.log(2) * nb) if nb else float("nan")
+        rows.append(row)
+        prev = {"bytes": last["bytes"], "loss": loss, "base": base or 0.0}
+    return pd.DataFrame(rows)
