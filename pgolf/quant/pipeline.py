@@ -163,6 +163,10 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
         "quant_methods": sorted({v["method"] for v in info["tensors"].values()}),
         "calibration": {k: v for k, v in p.hessian_info.items()},
     }
+    src = p.hessian_info.get("cached")
+    run.log(f"quantize: {q.method} ({', '.join(out['quant_methods'])}), Hessians "
+            f"{'-' if src is None else 'cached' if src else 'computed'}; {name}: {model_bytes:,} B model + "
+            f"{code['code_bytes']:,} B code = {total:,} B ({out['bits_per_param']:.2f} bits/param)")
     if not out["under_limit"]:
         if strict:
             run.update_result({**out, "quant_timings": p.timings})
@@ -177,6 +181,8 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
         t0 = time.perf_counter()
         res = score(cfg, state, p.val, p.device)
         _timed(p.timings, "eval_quant_s", t0)
+        run.log(f"quantize: val_bpb {p.prequant['val_bpb']:.4f} unquantised -> {res['val_bpb']:.4f} "
+                f"from {name} alone")
         out.update(val_bpb_prequant=p.prequant["val_bpb"], val_loss_prequant=p.prequant.get("val_loss"),
                    val_tokens_prequant=p.val.num_targets, val_bpb=res["val_bpb"], quant_val_bpb=res["val_bpb"],
                    val_loss=res["val_loss"], quant_delta_bpb=res["val_bpb"] - p.prequant["val_bpb"])
