@@ -163,16 +163,16 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
         "quant_methods": sorted({v["method"] for v in info["tensors"].values()}),
         "calibration": {k: v for k, v in p.hessian_info.items()},
     }
-    src = p.hessian_info.get("cached")
-    run.log(f"quantize: {q.method} ({', '.join(out['quant_methods'])}), Hessians "
-            f"{'-' if src is None else 'cached' if src else 'computed'}; {name}: {model_bytes:,} B model + "
-            f"{code['code_bytes']:,} B code = {total:,} B ({out['bits_per_param']:.2f} bits/param)")
     if not out["under_limit"]:
         if strict:
             run.update_result({**out, "quant_timings": p.timings})
             raise PgolfError(f"{name}: total {total:,} bytes (model {model_bytes:,} + code {code['code_bytes']:,}) "
                              f"is over the {q.limit_bytes:,}-byte limit by {total - q.limit_bytes:,} (--strict)")
         warn_over_limit(total, q.limit_bytes, model_bytes, code["code_bytes"], name)
+    src = p.hessian_info.get("cached")
+    run.log(f"quantize: {q.method} ({', '.join(out['quant_methods'])}), Hessians "
+            f"{'-' if src is None else 'cached' if src else 'computed'}; {name}: {model_bytes:,} B model + "
+            f"{code['code_bytes']:,} B code = {total:,} B ({out['bits_per_param']:.2f} bits/param)")
     out["val_bpb_prequant"] = out["val_bpb"] = out["quant_val_bpb"] = None
     if evaluate:
         t0 = time.perf_counter()
