@@ -9,6 +9,9 @@ import contextlib
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -22,7 +25,8 @@ from pgolf.runs import RunDir, load
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 # Every notebook the test suite executes. A listed notebook that is missing fails the test.
-NOTEBOOKS = ["train.ipynb", "architecture_tweaks.ipynb", "bpb_vs_artifact.ipynb", "gptq_precision_vs_bytes.ipynb"]
+NOTEBOOKS = ["train.ipynb", "architecture_tweaks.ipynb", "bpb_vs_artifact.ipynb", "gptq_precision_vs_bytes.ipynb",
+             "ttt_convergence.ipynb"]
 TINY = ["model.num_layers=2", "model.model_dim=64", "model.num_heads=2", "model.num_kv_heads=1",
         "train.train_batch_tokens=2048", "train.val_batch_tokens=8192", "data.val_max_tokens=8192"]
 
@@ -138,9 +142,23 @@ def check_gptq_precision_vs_bytes(tmp_path, request, monkeypatch):
     assert (tmp_path / "fig" / "gptq_precision_vs_bytes.png").is_file()
 
 
+def check_ttt_convergence(tmp_path, request, monkeypatch):
+    _, res, _ = request.getfixturevalue("train_sweep")
+    run = res["runs"][1]  # not the one the GPTQ notebook quantised
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ttt = ["--set", "data.val_max_tokens=4096", "--set", "ttt.batch_size=1", "--set", "ttt.eval_seq_len=128"]
+    r = subprocess.run([sys.executable, "-m", "pgolf.cli", "eval", run, "--ttt", *ttt], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    execute("ttt_convergence.ipynb", tmp_path, run_dirs=[run], figures_dir=str(tmp_path / "fig"))
+    assert (tmp_path / "fig" / "ttt_convergence.png").is_file()
+
+
 HEADLESS = {"train.ipynb": check_train, "architecture_tweaks.ipynb": check_architecture_tweaks,
             "bpb_vs_artifact.ipynb": check_bpb_vs_artifact,
-            "gptq_precision_vs_bytes.ipynb": check_gptq_precision_vs_bytes}
+            "gptq_precision_vs_bytes.ipynb": check_gptq_precision_vs_bytes,
+            "ttt_convergence.ipynb": check_ttt_convergence}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "train.ipynb" else n
