@@ -53,10 +53,24 @@ def doc_ids_from_tokens(idx: torch.Tensor, bos_id: int) -> torch.Tensor:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, doc_ids: torch.Tensor | None,
            backend: str) -> torch.Tensor:
     if backend == "flash":
-        return _flash(q, k, v, doc_ids)
+        return _flash(*_autocast_inputs(q, k, v), doc_ids)
     if backend == "flex":
-        return _flex(q, k, v, doc_ids)
+        return _flex(*_autocast_inputs(q, k, v), doc_ids)
     return _sdpa(q, k, v, doc_ids)
+
+
+def _autocast_inputs(q, k, v):
+    """q, k, v in one dtype for the kernels that autocast does not cover (flash-attn, FlexAttention).
+
+    SDPA is an autocast op: under autocast it casts all three to the autocast dtype itself. The other
+    kernels are not, and under autocast q and k can leave the QK RMSNorm in another dtype than v leaves
+    its Linear; they get the cast SDPA would have made (outside autocast nothing changes).
+    """
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        return q.to(dt), k.to(dt), v.to(dt)
+    return q, k, v
 
 
 def _sdpa(q, k, v, doc_ids):
