@@ -226,9 +226,9 @@ def pr430() -> Config:
     q.byte_shuffle = 0
     c.eval.stride = 64
     tt = c.ttt
-    tt.method = "sgd"
+    tt.method = "hedge"  # the mixer made legal (normalised experts) on top of score-first TTT
     tt.sgd_chunk_tokens, tt.sgd_epochs, tt.sgd_lr = 32_768, 3, 5e-4
-    tt.sgd_params = "last2"
+    tt.sgd_params, tt.sgd_optimizer = "last2", "adamw"  # the #688 family: AdamW on the last 2 blocks
     return c
 
 
