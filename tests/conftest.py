@@ -6,13 +6,17 @@ official tokenizer, in 500k-token shards (so several train shards and two val sh
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
-# Several engineers and CI share two cores: never more than 2 intra-op threads.
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread per process: tests start subprocesses (torchrun ranks, papermill kernels) beside
+# the pytest process, and on a 2-core machine OpenMP spin-waits of oversubscribed threads made small
+# ops 10-70x slower. Subprocesses inherit the setting through OMP_NUM_THREADS.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 VAL_FILE = "docs_selected_sample200.jsonl"
