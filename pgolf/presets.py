@@ -222,6 +222,8 @@ def pr430() -> Config:
     q.attn_bits = q.mlp_bits = q.other_bits = 5
     q.embed_bits = 8
     q.calibration_batches, q.calibration_seqs = 1, 128
+    # the #688 family's quantiser: per-row best-of-5 quantile clip, ascending act-order, 3% pruning
+    q.clip_mode, q.act_order_ascending, q.prune_quantile = "quantile", True, 0.03
     q.compressor = "zstd"
     q.byte_shuffle = 0
     c.eval.stride = 64

@@ -263,6 +263,16 @@ def train(cfg: Config, ctx: distributed.Dist, out: str | None = None, runs_root:
         if run is not None:
             run.write_bytes("final_model.pt", _state_bytes(trainer.model))
         export = trainer.export()
+        if run is not None and cfg.quant.method == "gptq" and cfg.train.gptq_reserve_seconds > 0:
+            # GPTQ calibration reads training data: it runs here, inside the reserve the loop left
+            # free (record-stack.md §3.9), and `pgolf quantize` reuses the cached Hessians.
+            from pgolf.quant.hessian import cached_hessians
+            t0 = time.perf_counter()
+            _, calib = cached_hessians(run.path, trainer.model, cfg, caller="train")
+            trainer.timings["gptq_calibration_s"] = time.perf_counter() - t0
+            export["calibration"] = calib
+            run.log(f"GPTQ calibration {trainer.timings['gptq_calibration_s']:.1f}s "
+                    f"(reserve {cfg.train.gptq_reserve_seconds:.1f}s, within: {calib.get('within_reserve')})")
     except BaseException as e:
         if run is not None:  # never recorded as finished; say what happened
             run.write_json("result.json", {"status": "failed" if isinstance(e, Exception) else "interrupted",

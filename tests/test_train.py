@@ -166,3 +166,17 @@ def test_cpu_smoke_learns_in_90_seconds(sp1024_data, tmp_path, cli):
     result = json.loads((tmp_path / "smoke" / "result.json").read_text())
     assert result["val_tokens"] > 600_000  # the whole validation split was scored
     assert res["val_bpb"] < 3.4, res
+
+
+def test_gptq_calibration_runs_inside_the_training_reserve(sp1024_data, tmp_path, cli):
+    """With GPTQ, Hessians are collected by the trainer (inside gptq_reserve_seconds) and reused."""
+    sets = [s for s in TINY if "iterations" not in s] + [
+        "train.iterations=2", "quant.method=\"gptq\"", "train.gptq_reserve_seconds=30",
+        "quant.calibration_batches=1", "quant.calibration_seqs=2", "quant.calibration_seq_len=64"]
+    rc, res, err = cli("train", "--preset", "cpu-smoke", "--data", sp1024_data, "--out", tmp_path / "g",
+                       "--max-seconds", "0", *_sets(sets))
+    assert rc == 0, err
+    result = json.loads((tmp_path / "g" / "result.json").read_text())
+    assert result["calibration"]["computed_by"] == "train"
+    assert "gptq_calibration_s" in result["timings"]
+    assert (tmp_path / "g" / "hessians.pt").exists()
