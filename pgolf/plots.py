@@ -4,8 +4,8 @@
 |---|---|
 | `plot_loss_curves(run_dir)` | `loss_<run_id>` (train loss, val loss and val BPB against step) |
 | `plot_bpb_vs_artifact(df)` | `bpb_vs_artifact` (seed means +- std per configuration, Pareto front, 16 MB line) |
-| `plot_precision_vs_bytes(df)` | `precision_vs_bytes` (BPB against bytes, one point per quantisation setting) |
-| `plot_ttt_convergence(df)` | `ttt_convergence` (running BPB during test-time training) |
+| `plot_precision_vs_bytes(df)` | `gptq_precision_vs_bytes` (`quant.sweep` rows: BPB vs bytes, Pareto front, 16 MB) |
+| `plot_ttt_convergence(df)` | `ttt_convergence` (`ttt.jsonl` rows: running BPB with TTT on and off, per phase) |
 | `plot_size_breakdown(estimates)` | `architecture_bytes` (estimated artifact bytes by tensor kind, per config) |
 
 Each returns the list of paths it wrote. Outside a Jupyter kernel the Agg backend is used, so the
@@ -13,6 +13,7 @@ functions work headless; inside one the figure is also shown inline.
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -149,46 +150,91 @@ def plot_bpb_vs_artifact(df: "pandas.DataFrame", out_dir: str | Path = "figures"
 
 # ---- quantisation and TTT
 
-def plot_precision_vs_bytes(df: "pandas.DataFrame", out_dir: str | Path = "figures", x: str = "total_bytes",  # noqa: F821
-                            y: str = "val_bpb", label: str = "label", limit: int = LIMIT_BYTES) -> list[str]:
-    """BPB against artifact bytes, one point per precision setting (`label` column names each point)."""
+def plot_precision_vs_bytes(df: "pandas.DataFrame", out_dir: str | Path = "figures",  # noqa: F821
+                            name: str = "gptq_precision_vs_bytes", *, limit: int | None = None,
+                            x: str = "total_bytes", y: str = "val_bpb", label: str = "label") -> list[str]:
+    """BPB against bytes, one point per precision setting (`pgolf.quant.sweep` rows), with the Pareto
+    front (labelled by the `label` column), the unquantised BPB (`df.attrs["prequant_bpb"]`) and the
+    byte limit (`limit`, else `df.attrs["limit"]`, else 16,000,000); log x axis, so both show."""
     if df is None or len(df) == 0 or x not in df.columns or y not in df.columns:
-        raise PgolfError(f"precision_vs_bytes needs rows with columns {x!r} and {y!r}")
+        raise PgolfError(f"precision vs bytes: needs rows with columns {x!r} and {y!r}")
+    limit = limit or df.attrs.get("limit") or LIMIT_BYTES
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    d = df.sort_values(x)
-    ax.plot(d[x], d[y], "o-", ms=5)
-    if label in d.columns:
-        for _, r in d.iterrows():
-            ax.annotate(str(r[label]), (r[x], r[y]), fontsize=7, textcoords="offset points", xytext=(4, 4))
-    front = pareto_front(list(zip(d[x], d[y])))
-    ax.plot(d[x].iloc[front], d[y].iloc[front], "k--", lw=1, label="Pareto front")
-    if d[x].max() > 0.5 * limit:
-        ax.axvline(limit, color="red", lw=1, label=f"{limit:,} bytes")
-    ax.set(xlabel=x.replace("_", " "), ylabel=y.replace("_", " "), title="precision vs bytes")
-    ax.grid(alpha=0.3)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    ax.scatter(df[x], df[y], s=18, label="grid points")
+    front = df.iloc[pareto_front(list(zip(df[x], df[y])))]
+    ax.plot(front[x], front[y], "k--", lw=1, marker="o", ms=4, label="Pareto front")
+    for _, r in front.iterrows():
+        ax.annotate(str(r.get(label, "")), (r[x], r[y]), fontsize=6, textcoords="offset points", xytext=(3, 3))
+    if df.attrs.get("prequant_bpb") is not None:
+        ax.axhline(df.attrs["prequant_bpb"], color="gray", lw=1, ls=":", label="unquantised")
+    ax.axvline(limit, color="red", lw=1, label=f"{limit:,} bytes")
+    ax.set_xscale("log")
+    ax.set(xlabel=f"{x.replace('_', ' ')} (log scale)", ylabel=y.replace("_", " "), title="GPTQ precision vs bytes")
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return save(fig, "precision_vs_bytes", out_dir)
+    return save(fig, name, out_dir)
 
 
-def plot_ttt_convergence(df: "pandas.DataFrame", out_dir: str | Path = "figures", x: str = "step",  # noqa: F821
-                         y: str = "bpb", hue: str | None = "label", baseline: float | None = None) -> list[str]:
-    """A running BPB against TTT progress (`x`), one line per `hue` value; `baseline` = BPB without TTT."""
-    if df is None or len(df) == 0 or x not in df.columns or y not in df.columns:
-        raise PgolfError(f"ttt_convergence needs rows with columns {x!r} and {y!r}")
+TTT_COLUMNS = ("run", "eval_id", "method", "kind", "phase", "tokens", "bytes", "bpb")
+
+
+def plot_ttt_convergence(df: "pandas.DataFrame", out_dir: str | Path = "figures",  # noqa: F821
+                         name: str = "ttt_convergence") -> list[str]:
+    """Rows of `ttt.jsonl` (`pgolf.eval.ttt.read_convergence`). Left: running BPB against tokens
+    scored, TTT on (solid) and off (dashed, `bpb_no_ttt`) per run, phase boundaries dotted.
+    Right: BPB of the tokens scored within each phase, on and off."""
+    if df is None or df.empty:
+        raise PgolfError("ttt convergence: no ttt.jsonl rows to plot (run `pgolf eval RUN --ttt` first)")
+    missing = [c for c in TTT_COLUMNS if c not in df.columns]
+    if missing:
+        raise PgolfError(f"ttt convergence: rows lack column(s) {', '.join(missing)} (read them with read_convergence)")
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups = df.groupby(hue, sort=False) if hue and hue in df.columns else [("TTT", df)]
-    for name, g in groups:
-        ax.plot(g[x], g[y], lw=1.2, label=str(name))
-    if baseline is not None:
-        ax.axhline(baseline, color="grey", ls=":", lw=1, label=f"no TTT ({baseline:.4f})")
-    ax.set(xlabel=x.replace("_", " "), ylabel=y.replace("_", " "), title="TTT convergence")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, ((run, eid), g) in enumerate(df.groupby(["run", "eval_id"], sort=False)):
+        color = f"C{i % 10}"
+        b = g[g["kind"].isin(["batch", "chunk"])].sort_values("tokens")
+        label = f"{run} ({g['method'].iloc[0]})"
+        ax.plot(b["tokens"], b["bpb"], color=color, lw=1.3, marker=".", ms=3, label=f"{label} TTT")
+        if "bpb_no_ttt" in b:
+            ax.plot(b["tokens"], b["bpb_no_ttt"], color=color, lw=1.0, ls="--", label=f"{label} no TTT")
+        for t in g.loc[g["kind"] == "phase", "tokens"]:
+            ax.axvline(t, color=color, ls=":", lw=0.8)
+        seg = _per_phase(b)
+        bx.plot(seg["phase"], seg["bpb"], "o-", color=color, label=f"{label} TTT")
+        if "bpb_no_ttt" in seg:
+            bx.plot(seg["phase"], seg["bpb_no_ttt"], "s--", color=color, label=f"{label} no TTT")
+    ax.set(xlabel="tokens scored", ylabel="running BPB", title="TTT convergence")
+    bx.set(xlabel="phase (global SGD rounds before these tokens)", ylabel="BPB of the tokens scored in it",
+           title="per phase")
+    bx.xaxis.get_major_locator().set_params(integer=True)
+    for a in (ax, bx):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
     fig.tight_layout()
-    return save(fig, "ttt_convergence", out_dir)
+    return save(fig, name, out_dir)
+
+
+def _per_phase(b: "pandas.DataFrame") -> "pandas.DataFrame":  # noqa: F821
+    """BPB of the tokens scored within each phase, from the running sums of consecutive batch rows."""
+    import pandas as pd
+
+    b = b.sort_values("tokens")
+    rows = []
+    prev = {"bytes": 0, "loss": 0.0, "base": 0.0}
+    for phase, g in b.groupby("phase", sort=True):
+        last = g.iloc[-1]
+        loss = last["bpb"] * math.log(2) * last["bytes"]
+        nb = last["bytes"] - prev["bytes"]
+        row = {"phase": phase, "bpb": (loss - prev["loss"]) / (math.log(2) * nb) if nb else float("nan")}
+        base = None
+        if "bpb_no_ttt" in g and last.get("bpb_no_ttt") is not None:
+            base = last["bpb_no_ttt"] * math.log(2) * last["bytes"]
+            row["bpb_no_ttt"] = (base - prev["base"]) / (math.log(2) * nb) if nb else float("nan")
+        rows.append(row)
+        prev = {"bytes": last["bytes"], "loss": loss, "base": base or 0.0}
+    return pd.DataFrame(rows)
 
 
 # ---- architecture estimates

@@ -24,6 +24,21 @@ def fake_run(root, name, preset, seed, key, bpb, total_bytes, steps=30):
     return run
 
 
+def ttt_rows():
+    """`ttt.jsonl` rows as `read_convergence` returns them: two runs, batches over two phases, TTT on / off."""
+    rows = []
+    for run, method, gain in (("r_lora", "lora", 0.02), ("r_sgd", "sgd", 0.01)):
+        for b in range(8):
+            phase, tokens = b // 4, 1000 * (b + 1)
+            rows.append({"run": run, "eval_id": "e1", "method": method, "kind": "batch", "batch": b,
+                         "phase": phase, "tokens": tokens, "bytes": 4 * tokens, "bpb": 1.1 - gain * b / 8,
+                         "bpb_no_ttt": 1.1})
+            if b == 3:
+                rows.append({**rows[-1], "kind": "phase", "phase": 1})
+        rows.append({**rows[-1], "kind": "done"})
+    return pd.DataFrame(rows)
+
+
 def assert_written(paths, stem, out):
     assert [Path(p).name for p in paths] == [f"{stem}.png", f"{stem}.svg"]
     for p in paths:
@@ -62,10 +77,20 @@ def test_bpb_vs_artifact_precision_and_ttt(tmp_path):
     assert_written(plots.plot_bpb_vs_artifact(df, out_dir=out), "bpb_vs_artifact", out)
     prec = pd.DataFrame({"label": ["int8", "int6", "int5"], "total_bytes": [20e6, 15.9e6, 13e6],
                          "val_bpb": [1.20, 1.21, 1.24]})
-    assert_written(plots.plot_precision_vs_bytes(prec, out_dir=out), "precision_vs_bytes", out)
-    ttt = pd.DataFrame({"step": list(range(10)) * 2, "bpb": [1.1 - 0.01 * i for i in range(10)] * 2,
-                        "label": ["lora"] * 10 + ["sgd"] * 10})
-    assert_written(plots.plot_ttt_convergence(ttt, out_dir=out, baseline=1.12), "ttt_convergence", out)
+    prec.attrs.update(prequant_bpb=1.19, limit=16_000_000)  # as `quant.sweep` returns it
+    paths = plots.plot_precision_vs_bytes(prec, out_dir=out)
+    assert_written(paths, "gptq_precision_vs_bytes", out)
+    assert Path(plots.plot_precision_vs_bytes(prec, out_dir=out)[1]).read_bytes() == Path(paths[1]).read_bytes()
+    with pytest.raises(PgolfError, match="val_bpb"):
+        plots.plot_precision_vs_bytes(prec.drop(columns="val_bpb"), out_dir=out)
+    ttt = ttt_rows()
+    paths = plots.plot_ttt_convergence(ttt, out_dir=out)
+    assert_written(paths, "ttt_convergence", out)
+    assert Path(plots.plot_ttt_convergence(ttt, out_dir=out)[1]).read_bytes() == Path(paths[1]).read_bytes()
+    with pytest.raises(PgolfError, match="no ttt.jsonl rows"):
+        plots.plot_ttt_convergence(pd.DataFrame(), out_dir=out)
+    with pytest.raises(PgolfError, match="lack column"):
+        plots.plot_ttt_convergence(ttt.drop(columns="eval_id"), out_dir=out)
     est = {"base": {"params": 10, "code_bytes": 5, "bytes_by_kind": {"mlp": 50, "attn": 20}},
            "tweak": {"params": 12, "code_bytes": 5, "bytes_by_kind": {"mlp": 50, "attn": 20, "gate": 3}}}
     assert_written(plots.plot_size_breakdown(est, out_dir=out), "architecture_bytes", out)

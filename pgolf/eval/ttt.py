@@ -200,7 +200,7 @@ def run_ttt(model: torch.nn.Module, val: Any, cfg: Any, stream: EvalStream, *, l
     return runner.run()
 
 
-# ---- the convergence record, read back and plotted
+# ---- the convergence record, read back (pgolf.plots.plot_ttt_convergence draws it)
 
 def read_convergence(run_dirs: Sequence[str | Path], eval_id: str = "last") -> "pandas.DataFrame":  # noqa: F821
     """Rows of `ttt.jsonl` from each run (the last evaluation of each unless eval_id="all" or an id)."""
@@ -222,64 +222,3 @@ def read_convergence(run_dirs: Sequence[str | Path], eval_id: str = "last") -> "
         frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
-
-def plot_convergence(df: "pandas.DataFrame", out_dir: str | Path = "figures",  # noqa: F821
-                     name: str = "ttt_convergence") -> list[str]:
-    """Left: running BPB against tokens scored, TTT on (solid) and off (dashed) per run, phase
-    boundaries dotted. Right: BPB of the tokens scored within each phase, on and off."""
-    import sys
-
-    import matplotlib
-
-    from pgolf.errors import PgolfError
-    from pgolf.plots import save
-
-    if df is None or df.empty:
-        raise PgolfError("ttt convergence: no ttt.jsonl rows to plot (run `pgolf eval RUN --ttt` first)")
-    if "ipykernel" not in sys.modules:  # headless: never open a window
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, ((run, eid), g) in enumerate(df.groupby(["run", "eval_id"], sort=False)):
-        color = f"C{i % 10}"
-        b = g[g["kind"].isin(["batch", "chunk"])].sort_values("tokens")
-        label = f"{run} ({g['method'].iloc[0]})"
-        ax.plot(b["tokens"], b["bpb"], color=color, lw=1.3, marker=".", ms=3, label=f"{label} TTT")
-        if "bpb_no_ttt" in b:
-            ax.plot(b["tokens"], b["bpb_no_ttt"], color=color, lw=1.0, ls="--", label=f"{label} no TTT")
-        for t in g.loc[g["kind"] == "phase", "tokens"]:
-            ax.axvline(t, color=color, ls=":", lw=0.8)
-        seg = _per_phase(b)
-        bx.plot(seg["phase"], seg["bpb"], "o-", color=color, label=f"{label} TTT")
-        if "bpb_no_ttt" in seg:
-            bx.plot(seg["phase"], seg["bpb_no_ttt"], "s--", color=color, label=f"{label} no TTT")
-    ax.set(xlabel="tokens scored", ylabel="running BPB", title="TTT convergence")
-    bx.set(xlabel="phase (global SGD rounds before these tokens)", ylabel="BPB of the tokens scored in it",
-           title="per phase")
-    bx.xaxis.get_major_locator().set_params(integer=True)
-    for a in (ax, bx):
-        a.grid(alpha=0.3)
-        a.legend(fontsize=7)
-    fig.tight_layout()
-    return save(fig, name, out_dir)
-
-
-def _per_phase(b: "pandas.DataFrame") -> "pandas.DataFrame":  # noqa: F821
-    """BPB of the tokens scored within each phase, from the running sums of consecutive batch rows."""
-    import pandas as pd
-
-    b = b.sort_values("tokens")
-    rows = []
-    prev = {"bytes": 0, "loss": 0.0, "base": 0.0}
-    for phase, g in b.groupby("phase", sort=True):
-        last = g.iloc[-1]
-        loss = last["bpb"] * math.log(2) * last["bytes"]
-        nb = last["bytes"] - prev["bytes"]
-        row = {"phase": phase, "bpb": (loss - prev["loss"]) / (math.log(2) * nb) if nb else float("nan")}
-        base = None
-        if "bpb_no_ttt" in g and last.get("bpb_no_ttt") is not None:
-            base = last["bpb_no_ttt"] * math.log(2) * last["bytes"]
-            row["bpb_no_ttt"] = (base - prev["base"]) / (math.log(2) * nb) if nb else float("nan")
-        rows.append(row)
-        prev = {"bytes": last["bytes"], "loss": loss, "base": base or 0.0}
-    return pd.DataFrame(rows)
