@@ -27,7 +27,9 @@ def main() -> int:
     from contextlib import redirect_stdout
     buf = StringIO()
     with redirect_stdout(buf):
-        rc = cli(["train", "--preset", preset, "--data", str(DATA)])
+        # Frequent logging and validation (the sample's validation split is small) for a useful curve.
+        rc = cli(["train", "--preset", preset, "--data", str(DATA),
+                  "--set", "train.log_every=5", "--set", "train.val_every=20"])
     out = buf.getvalue().strip().splitlines()
     if rc or not out:
         return rc or 1
