@@ -180,3 +180,16 @@ def test_gptq_calibration_runs_inside_the_training_reserve(sp1024_data, tmp_path
     assert result["calibration"]["computed_by"] == "train"
     assert "gptq_calibration_s" in result["timings"]
     assert (tmp_path / "g" / "hessians.pt").exists()
+
+
+def test_compile_warmup_is_rolled_back(sp1024_data, tmp_path, cli):
+    """Warm-up steps leave no trace: weights, optimizer state and data order are restored."""
+    losses = {}
+    for warm in (0, 3):
+        sets = [s for s in TINY if "iterations" not in s] + ["train.iterations=4", f"train.warmup_steps={warm}"]
+        rc, res, err = cli("train", "--preset", "cpu-smoke", "--data", sp1024_data, "--out", tmp_path / f"w{warm}",
+                           "--max-seconds", "0", *_sets(sets))
+        assert rc == 0, err
+        losses[warm] = _losses(tmp_path / f"w{warm}")
+    assert len(losses[0]) == 4
+    assert losses[3] == losses[0]
