@@ -1,7 +1,6 @@
 """Provenance of a run: library, CUDA and GPU versions, code version, data and tokenizer hashes."""
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import json
 import platform
@@ -13,16 +12,9 @@ from typing import Any
 import torch
 
 import pgolf
+from pgolf.fileio import sha256_file
 
 _PACKAGES = ("numpy", "sentencepiece", "zstandard", "brotli", "triton", "flash-attn", "flash_attn_3")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def git_commit() -> dict[str, Any]:

@@ -14,44 +14,17 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from pgolf.errors import PgolfError
+from pgolf.fileio import json_default, atomic_write_bytes, atomic_write_json
 
 INDEX = "index.jsonl"
 # Config fields that do not define "the same configuration" when grouping seeds.
 _RUN_SPECIFIC = {("train", "seed"), ("data", "path"), ("data", "tokenizer")}
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 @contextmanager
@@ -118,7 +91,7 @@ class RunDir:
     def append_jsonl(self, name: str, obj: dict[str, Any]) -> None:
         """Append one JSON line (metrics, TTT curves): append-only, flushed per line."""
         with open(self.file(name), "a") as f:
-            f.write(json.dumps(obj, default=_json_default) + "\n")
+            f.write(json.dumps(obj, default=json_default) + "\n")
 
     def log(self, msg: str, echo: bool = True) -> None:
         line = f"{time.strftime('%H:%M:%S')} {msg}"
@@ -158,7 +131,7 @@ class RunDir:
                                             "val_bpb", "finished_at")}
         with _locked(index):
             with open(index, "a") as f:
-                f.write(json.dumps(line, default=_json_default) + "\n")
+                f.write(json.dumps(line, default=json_default) + "\n")
         return result
 
     def update_result(self, updates: dict[str, Any]) -> dict[str, Any]:

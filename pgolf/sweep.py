@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from pgolf.errors import PgolfError
-from pgolf.runs import RunDir, atomic_write_json
+from pgolf.fileio import atomic_write_json
+from pgolf.runs import RunDir
 
 KERNEL = "python3"  # the kernel of the interpreter running the sweep (ipykernel's native spec)
 

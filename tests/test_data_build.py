@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pgolf.data import shards
-from pgolf.data.build import read_documents, sha256_file
+from pgolf.data.build import read_documents
+from pgolf.fileio import sha256_file
 from pgolf.data.tokenizer import load_tokenizer
 
 OFFICIAL_SHA = {  # ../shared/README.md

@@ -5,7 +5,6 @@ official export (record-stack.md §1.2); the first `val_docs` documents are the 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ import numpy as np
 from pgolf.data import shards
 from pgolf.data.tokenizer import BOS_ID, load_tokenizer, train_tokenizer
 from pgolf.errors import PgolfError
+from pgolf.fileio import atomic_path, atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
@@ -28,19 +28,8 @@ ENCODE_BATCH = 1024  # documents per sp.encode call
 
 
 # ---- small file helpers (also used by fetch)
-def sha256_file(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    with shards.atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    return Path(path)
-
-
 def copy_atomic(src: str | Path, dst: str | Path) -> Path:
-    with shards.atomic_path(dst) as tmp:
+    with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
     return Path(dst)
 
@@ -170,7 +159,7 @@ def build_shards(docs: list[str], out: str | Path, *, val_docs: int, tokenizer: 
                    for w in writers.values() for f in w.files},
         "sources": list(sources),
     }
-    write_json_atomic(out / MANIFEST, manifest)
+    atomic_write_json(out / MANIFEST, manifest)
     log(f"wrote {len(manifest['shards'])} shards to {out}")
     return {"out": str(out), "tokenizer": str(tok_path), "train_tokens": writers["train"].tokens,
             "val_tokens": writers["val"].tokens, "val_docs": val_docs, "train_docs": len(docs) - val_docs,

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from pgolf.data import shards
-from pgolf.data.build import MANIFEST, TOKENIZER, log, sha256_file, write_json_atomic
+from pgolf.data.build import MANIFEST, TOKENIZER, log
 from pgolf.data.tokenizer import load_tokenizer
 from pgolf.errors import PgolfError
+from pgolf.fileio import atomic_write_json, sha256_file
 
 VARIANTS = {
     "sp1024": {"repo_id": "willdepueoai/parameter-golf", "dataset": "fineweb10B_sp1024", "vocab_size": 1024},
@@ -178,7 +179,7 @@ def fetch(variant: str = "sp1024", train_shards: int = 80, out: str | Path | Non
         "sources": [{"hub": repo_id, "variant": variant, "dataset": spec["dataset"],
                      "train_shards": train_shards, "published_train_shards": n_train}],
     }
-    write_json_atomic(out / MANIFEST, manifest)
+    atomic_write_json(out / MANIFEST, manifest)
     all_files = [out / HUB_MANIFEST, out / MANIFEST] + [out / name for _, name, _ in files]
     return {"out": str(out), "files": len(all_files), "bytes": sum(f.stat().st_size for f in all_files),
             "downloaded": int(downloaded), "variant": variant, "repo_id": repo_id,

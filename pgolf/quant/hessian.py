@@ -105,7 +105,7 @@ def cached_hessians(run_dir: str | Path, model, cfg, weights: str = "final_model
     calibration took against that reserve. Computed later by `pgolf quantize`, it is outside the
     training budget and says so (`computed_by`).
     """
-    from pgolf.runs import atomic_write_bytes
+    from pgolf.fileio import atomic_write_bytes
 
     run_dir = Path(run_dir)
     key = calibration_key(cfg, run_dir / weights)
