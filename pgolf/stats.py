@@ -22,6 +22,7 @@ bytes-per-token ratio (`val_loss / val_bpb`: the same validation set, so the sam
 from __future__ import annotations
 
 import fnmatch
+import glob
 import math
 from pathlib import Path
 from typing import Any, Iterable
@@ -96,16 +97,21 @@ def loss_nats(result: dict[str, Any], metric: str = "val_bpb") -> float:
 # ---- run groups
 
 def finished_runs(pattern: str, runs_root: str | Path = "runs") -> list[dict[str, Any]]:
-    """result.json of every finished run whose directory name under `runs_root` matches `pattern`."""
+    """result.json of every finished run whose directory name under `runs_root` matches `pattern`.
+
+    A pattern with a `/` is a path glob instead (`runs/*pr1855*`, `/data/runs/sweep-*`)."""
     root = Path(runs_root)
-    if not root.is_dir():
-        raise PgolfError(f"{root}: runs root not found")
-    out = []
-    for p in sorted(root.iterdir()):
-        if p.is_dir() and fnmatch.fnmatchcase(p.name, pattern) and RunDir(p).is_finished():
-            out.append({**RunDir(p).result(), "run_dir": str(p), "run_id": p.name})
+    if "/" in pattern:
+        candidates, where = sorted(Path(p) for p in glob.glob(pattern)), pattern
+    else:
+        if not root.is_dir():
+            raise PgolfError(f"{root}: runs root not found")
+        candidates = sorted(p for p in root.iterdir() if fnmatch.fnmatchcase(p.name, pattern))
+        where = f"{root}/{pattern}"
+    out = [{**RunDir(p).result(), "run_dir": str(p), "run_id": p.name}
+           for p in candidates if p.is_dir() and RunDir(p).is_finished()]
     if not out:
-        raise PgolfError(f"{root}/{pattern}: matches no finished run")
+        raise PgolfError(f"{where}: matches no finished run")
     return out
 
 

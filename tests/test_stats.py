@@ -99,6 +99,9 @@ def test_cli_stats_vs(tmp_path, capsys):
     rc, q, _ = run_cli(["stats", "old_*", "--vs", "new_*", "--metric", "quant_val_bpb",
                         "--runs-root", str(tmp_path)], capsys)
     assert rc == 0 and q["metric"] == "quant_val_bpb" and q["delta_nats"] == pytest.approx(0.015, abs=1e-4)
+    # a pattern with a slash is a path glob (the README's `pgolf stats 'runs/*a*' --vs 'runs/*b*'`)
+    rc, g, _ = run_cli(["stats", f"{tmp_path}/old_*", "--vs", f"{tmp_path}/new_*"], capsys)
+    assert rc == 0 and g["p_value"] == out["p_value"] and g["a"]["n"] == 3
 
 
 def test_cli_stats_single_group_and_errors(tmp_path, capsys):
