@@ -32,11 +32,9 @@ def load_weights(run: RunDir, artifact: str | None) -> tuple[dict[str, torch.Ten
             return torch.load(path, map_location="cpu", weights_only=True), path
         except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
             raise PgolfError(f"{path}: not a readable state_dict ({type(e).__name__})") from None
-    try:
-        from pgolf.quant.artifact import load_artifact
-    except ImportError:  # the baseline export only
-        from pgolf.quant.int8 import load_int8 as load_artifact
-    return load_artifact(path.read_bytes()), path
+    from pgolf.quant.artifact import load_artifact
+
+    return load_artifact(path.read_bytes(), str(path)), path
 
 
 def load_model(run: RunDir, cfg: Config, artifact: str | None, device: torch.device) -> tuple[torch.nn.Module, Path]:

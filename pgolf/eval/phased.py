@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pgolf.eval.lora_ttt import LoRATTT
-from pgolf.eval.score import autocast_for
+from pgolf.eval.score import autocast_for, doc_masking
 from pgolf.eval.trace import EvalStream
 from pgolf.eval.ttt import all_reduce_grads, cosine_lr
 
@@ -32,15 +32,22 @@ def pack_docs(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple
 def global_sgd(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, pos: np.ndarray, tc: Any,
                stream: EvalStream, *, seq_len: int, rank: int = 0, world_size: int = 1) -> int:
     """SGD on every base weight over the packed pairs (x, y); returns the optimizer steps taken."""
-    device = next(model.parameters()).device
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=tc.global_lr, momentum=tc.global_momentum)
+    model.train()
+    with doc_masking(model, True):  # attention never crosses a BOS (GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=1)
+        steps = _global_sgd_loop(model, x, y, pos, tc, stream, opt, params, seq_len=seq_len, rank=rank,
+                                 world_size=world_size)
+    return steps
+
+
+def _global_sgd_loop(model, x, y, pos, tc, stream, opt, params, *, seq_len, rank, world_size) -> int:
+    device = next(model.parameters()).device
     CT = tc.global_chunk_tokens
     n_chunks = -(-x.size // CT)
     steps = 0
-    model.train()
     for _ in range(tc.global_epochs):
         for c in range(n_chunks - 1):  # the last chunk is skipped (#1626)
             lo, hi = c * CT, min((c + 1) * CT, x.size)

@@ -68,8 +68,12 @@ def sweep(run: str | Path, grid: dict[str, list], *, overrides: list[str] | None
 
     keys = list(grid)
     points = [dict(zip(keys, vals)) for vals in itertools.product(*(list(grid[k]) for k in keys))]
-    cfg0 = Config.load(Path(run) / "config.json").with_overrides(overrides)
+    from pgolf.runs import resolve
+
+    cfg0 = Config.load(resolve(run).file("config.json")).with_overrides(overrides)
     configs = [point_config(cfg0.quant, pt) for pt in points]
+    for c in configs:
+        A.validate(c)  # every grid point is checked before the Hessians are computed
     need_h = any(c.method == "gptq" for c in configs)
     p = P.prepare(run, overrides, device=device, evaluate=evaluate, hessians=need_h)
     code = code_bytes()["code_bytes"]

@@ -90,12 +90,41 @@ def _quantize_matrix(name: str, t: torch.Tensor, kind: str, q: QuantConfig, H: t
     return fields, {"kind": kind, "method": method, "bits": bits, "group": tensor_group(name)}, err
 
 
+def validate(q: QuantConfig) -> None:
+    """Reject a QuantConfig that cannot work, before any Hessian or score is computed."""
+    def bad(key: str, why: str) -> None:
+        raise PgolfError(f"quant.{key}: {why}")
+
+    if q.method not in ("gptq", "rtn", "int8"):
+        bad("method", f"{q.method!r}: expected gptq, rtn or int8")
+    for key in ("attn_bits", "mlp_bits", "embed_bits", "other_bits"):
+        if not 2 <= getattr(q, key) <= 8:
+            bad(key, f"{getattr(q, key)} bits: expected 2..8")
+    for key in ("attn_clip_sigmas", "mlp_clip_sigmas", "embed_clip_sigmas", "other_clip_sigmas"):
+        if getattr(q, key) <= 0:
+            bad(key, f"{getattr(q, key)}: must be > 0")
+    if q.clip_mode not in ("sdclip", "quantile"):
+        bad("clip_mode", f"{q.clip_mode!r}: expected sdclip or quantile")
+    if q.block_size < 1 or q.damp < 0:
+        bad("block_size" if q.block_size < 1 else "damp", "must be positive")
+    if not 0 <= q.byte_shuffle <= 255:
+        bad("byte_shuffle", f"{q.byte_shuffle}: expected 0 (off) or a stride in 1..255")
+    if q.compressor not in (*C.CODECS, "best", "pergroup"):
+        bad("compressor", f"{q.compressor!r}: expected one of {', '.join(C.CODECS)}, best, pergroup")
+    if q.group_codec not in C.CODECS:
+        bad("group_codec", f"{q.group_codec!r}: expected one of {', '.join(C.CODECS)}")
+    if q.lqer:
+        if q.lqer_rank < 1 or q.lqer_top_k < 0 or q.lqer_group < 1:
+            bad("lqer_rank", "LQER needs rank >= 1, top_k >= 0 and group >= 1")
+        if not 2 <= q.lqer_factor_bits <= 8:
+            bad("lqer_factor_bits", f"{q.lqer_factor_bits}: expected 2..8")
+
+
 def quantize_state_dict(sd: dict[str, torch.Tensor], q: QuantConfig,
                         hessians: dict[str, torch.Tensor] | None = None,
                         device: str | torch.device | None = None) -> tuple[dict, dict]:
     """state_dict -> (qstate, info). info: per-tensor method/bits, LQER choices, timings."""
-    if q.method not in ("gptq", "rtn", "int8"):
-        raise PgolfError(f"quant.method {q.method!r}: expected gptq, rtn or int8")
+    validate(q)
     hessians = hessians or {}
     device = torch.device(device or "cpu")
     tensors, info = {}, {"tensors": {}, "lqer": []}
@@ -173,11 +202,18 @@ def load_qstate(blob: bytes) -> dict:
     return obj
 
 
-def load_artifact(blob: bytes) -> dict[str, torch.Tensor]:
-    """Artifact bytes (any pgolf format, including the baseline's int8+zlib) -> state_dict."""
-    if blob[:1] == b"\x78":  # a bare zlib stream: the baseline export (int8.py)
-        return load_int8(blob)
-    return dequantize_state(load_qstate(blob))
+def load_artifact(blob: bytes, name: str = "artifact") -> dict[str, torch.Tensor]:
+    """Artifact bytes (any pgolf format, including the baseline's int8+zlib) -> state_dict.
+
+    Whatever is wrong with the bytes, the caller gets one PgolfError naming `name`."""
+    try:
+        if blob[:1] == b"\x78":  # a bare zlib stream: the baseline export (int8.py)
+            return load_int8(blob)
+        return dequantize_state(load_qstate(blob))
+    except PgolfError as e:
+        raise PgolfError(f"{name}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - truncated streams, bad pickles, bad headers
+        raise PgolfError(f"{name}: corrupt artifact ({type(e).__name__}: {e})") from None
 
 
 # ---- accounting

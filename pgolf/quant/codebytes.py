@@ -22,7 +22,10 @@ from pathlib import Path
 
 import brotli
 
-ENTRY_MODULES = ("pgolf.model.gpt", "pgolf.eval.bpb", "pgolf.eval.score", "pgolf.quant.artifact")
+# The scoring path plus test-time training: the records count the whole script, TTT included (§4.7).
+ENTRY_MODULES = ("pgolf.model.gpt", "pgolf.eval.bpb", "pgolf.eval.score", "pgolf.quant.artifact",
+                 "pgolf.model.lora", "pgolf.eval.ttt", "pgolf.eval.lora_ttt", "pgolf.eval.phased",
+                 "pgolf.eval.sgd_ttt", "pgolf.eval.hedge")
 ROOT = Path(__file__).resolve().parents[2]  # the repository root (holds pgolf/)
 
 # Installs the bundled sources as modules: a meta-path finder over the dict S (P = packages).

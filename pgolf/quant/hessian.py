@@ -57,8 +57,8 @@ def collect_hessians(model: nn.Module, batches, *, min_numel: int = 65_536) -> d
         for idx in batches:
             with _autocast(device):
                 h = model.hidden(idx.to(device))  # (B, T, d): the head's input
-            if tied:
-                add("tok_emb.weight", h)
+            # the head is applied with F.linear inside GPT.logits, so no hook sees its input
+            add("tok_emb.weight" if tied else "lm_head.weight", h)
     finally:
         for hk in hooks:
             hk.remove()

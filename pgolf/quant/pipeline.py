@@ -49,7 +49,10 @@ def build(cfg: Config, state: dict[str, torch.Tensor], device: torch.device):
     from pgolf.model import build_model
 
     model = build_model(cfg, device)
-    model.load_state_dict({k: v.to(device) for k, v in state.items()})
+    try:
+        model.load_state_dict({k: v.to(device) for k, v in state.items()})
+    except RuntimeError as e:
+        raise PgolfError(f"the run's weights do not fit its model config ({str(e).splitlines()[0]})") from None
     model.looping = bool(cfg.model.num_loops)  # looping stays on for calibration and scoring (§2.6, §4.2)
     return model
 
@@ -62,6 +65,7 @@ def prepare(run_dir: str | Path, overrides: list[str] | None = None, *, device=N
     t0 = time.perf_counter()
     run = resolve(run_dir)
     cfg = Config.load(run.file("config.json")).with_overrides(overrides)
+    A.validate(cfg.quant)  # a bad setting fails before calibration and the pre-quantisation score
     device = torch.device(device) if device else default_device()
     wpath = run.file(WEIGHTS)
     if not wpath.exists():
@@ -176,7 +180,7 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
     out["val_bpb_prequant"] = out["val_bpb"] = out["quant_val_bpb"] = None
     if evaluate:
         t0 = time.perf_counter()
-        state = A.load_artifact(run.file(name).read_bytes())  # the file alone: decompress -> dequantise
+        state = A.load_artifact(run.file(name).read_bytes(), str(run.file(name)))  # the file alone: decompress -> dequantise
         _timed(p.timings, "load_artifact_s", t0)
         t0 = time.perf_counter()
         res = score(cfg, state, p.val, p.device)
