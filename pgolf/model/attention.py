@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,13 +52,42 @@ def doc_ids_from_tokens(idx: torch.Tensor, bos_id: int) -> torch.Tensor:
     return (idx == bos_id).cumsum(dim=1, dtype=torch.int32)  # (B, T)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, doc_ids: torch.Tensor | None,
-           backend: str) -> torch.Tensor:
+@dataclass
+class DocMask:
+    """Document segmentation prepared once per forward in the form its backend takes, so the layers
+    (17 of them with looping) share one mask instead of each rebuilding it."""
+    backend: str
+    plan: Any  # sdpa: (B, 1, T, T) bool mask; flex: a BlockMask; flash: (cu_seqlens, max_seqlen)
+
+
+def prepare_doc_mask(doc_ids: torch.Tensor, backend: str) -> DocMask:
+    B, T = doc_ids.shape
     if backend == "flash":
-        return _flash(*_autocast_inputs(q, k, v), doc_ids)
+        # segment starts: every row start and every position where the segment id changes
+        starts = torch.ones_like(doc_ids, dtype=torch.bool)
+        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        pos = torch.nonzero(starts.flatten(), as_tuple=False).flatten().to(torch.int32)
+        cu = torch.cat([pos, torch.tensor([B * T], dtype=torch.int32, device=doc_ids.device)])
+        return DocMask(backend, (cu, T))  # T bounds every segment: no host sync for the true maximum
     if backend == "flex":
-        return _flex(*_autocast_inputs(q, k, v), doc_ids)
-    return _sdpa(q, k, v, doc_ids)
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, qi, ki):
+            return (qi >= ki) & (doc_ids[b, qi] == doc_ids[b, ki])
+        return DocMask(backend, create_block_mask(mask_mod, B, None, T, T, device=doc_ids.device))
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return DocMask(backend, ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None])  # (B, 1, T, T)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, doc_ids: torch.Tensor | DocMask | None,
+           backend: str) -> torch.Tensor:
+    """Causal attention; `doc_ids` (raw segment ids or a prepared DocMask) keeps it inside documents."""
+    mask = prepare_doc_mask(doc_ids, backend) if isinstance(doc_ids, torch.Tensor) else doc_ids
+    if backend == "flash":
+        return _flash(*_autocast_inputs(q, k, v), mask)
+    if backend == "flex":
+        return _flex(*_autocast_inputs(q, k, v), mask)
+    return _sdpa(q, k, v, mask)
 
 
 def _autocast_inputs(q, k, v):
@@ -73,18 +104,14 @@ def _autocast_inputs(q, k, v):
     return q, k, v
 
 
-def _sdpa(q, k, v, doc_ids):
+def _sdpa(q, k, v, mask: DocMask | None):
     B, T, H, D = q.shape
-    Hkv = k.shape[2]
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-    gqa = {"enable_gqa": True} if Hkv != H else {}
-    if doc_ids is None:
+    gqa = {"enable_gqa": True} if k.shape[2] != H else {}
+    if mask is None:
         y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, **gqa)
     else:
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
-        mask = (same_doc & causal)[:, None]  # (B, 1, T, T)
-        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, **gqa)
+        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask.plan, **gqa)
     return y.transpose(1, 2)
 
 
@@ -92,23 +119,14 @@ def _sdpa(q, k, v, doc_ids):
 _compiled_flex = None
 
 
-def _flex(q, k, v, doc_ids):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def _flex(q, k, v, mask: DocMask | None):
+    from torch.nn.attention.flex_attention import flex_attention
 
     global _compiled_flex
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     B, T, H, D = q.shape
-    if doc_ids is None:
-        def mask_mod(b, h, qi, ki):
-            return qi >= ki
-        block_mask = _cached_causal_mask(T, q.device)
-    else:
-        docs = doc_ids
-
-        def mask_mod(b, h, qi, ki):
-            return (qi >= ki) & (docs[b, qi] == docs[b, ki])
-        block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
+    block_mask = _cached_causal_mask(T, q.device) if mask is None else mask.plan
     y = _compiled_flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
                        enable_gqa=k.shape[2] != H)
     return y.transpose(1, 2)
@@ -121,18 +139,13 @@ def _cached_causal_mask(T: int, device: torch.device):
 
 
 # ---- flash-attn (CUDA, when installed): varlen kernel over the segments of the flattened rows.
-def _flash(q, k, v, doc_ids):
+def _flash(q, k, v, mask: DocMask | None):
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     B, T, H, D = q.shape
-    if doc_ids is None:
+    if mask is None:
         return flash_attn_func(q, k, v, causal=True)
-    # Segment starts: every row start and every position where the segment id changes.
-    starts = torch.ones_like(doc_ids, dtype=torch.bool)
-    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-    pos = torch.nonzero(starts.flatten(), as_tuple=False).flatten().to(torch.int32)
-    cu = torch.cat([pos, torch.tensor([B * T], dtype=torch.int32, device=q.device)])
-    max_len = int((cu[1:] - cu[:-1]).max())
+    cu, max_len = mask.plan
     y = flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
                                cu, cu, max_len, max_len, causal=True)
     return y.view(B, T, H, D)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pgolf.config import ModelConfig
 from pgolf.errors import PgolfError
-from pgolf.model.attention import attend, doc_ids_from_tokens
+from pgolf.model.attention import attend, doc_ids_from_tokens, prepare_doc_mask
 from pgolf.model.loss import fused_softcap_cross_entropy, softcap_cross_entropy
 
 # Frozen recurrent carry of PR #1801 (leon2k2k2k): learned in a separate run, rounded, frozen.
@@ -441,7 +441,8 @@ class GPT(nn.Module):
         """The final normalised hidden state (B, T, d): the input of the (tied) head."""
         cfg = self.cfg
         x = x0 = self.embed(idx)
-        doc_ids = doc_ids_from_tokens(idx, self.bos_id) if cfg.doc_mask else None
+        doc_ids = (prepare_doc_mask(doc_ids_from_tokens(idx, self.bos_id), self.attention_backend)
+                   if cfg.doc_mask else None)  # built once, shared by every layer
         ve = self.ve(idx).to(x.dtype) if hasattr(self, "ve") else None
         order = self.layer_order()
         n_enc = len(order) // 2
