@@ -249,6 +249,8 @@ class Config:
             raise PgolfError(f"{p}: config file not found") from None
         except json.JSONDecodeError as e:
             raise PgolfError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise PgolfError(f"{p}: cannot read the config ({type(e).__name__}: {e})") from None
         return cls.from_dict(d, where=str(p))
 
     def with_overrides(self, overrides: list[str] | None) -> "Config":

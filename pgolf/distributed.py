@@ -69,6 +69,15 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
         offset += n
 
 
+def broadcast_object(obj):
+    """Rank 0's value of `obj` on every rank (e.g. a run directory named from the clock)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True if `flag` is true on any rank (so every rank stops on the same step)."""
     if not (dist.is_available() and dist.is_initialized()):

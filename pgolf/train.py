@@ -44,7 +44,38 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.max_seconds is not None:
         cfg.train.max_seconds = args.max_seconds
     validate(cfg.model)
+    validate_training(cfg)
     return cfg
+
+
+def validate_training(cfg: Config) -> None:
+    """Reject optimizer and training settings that cannot work, naming the key."""
+    from pgolf.model.attention import BACKENDS
+
+    o, t = cfg.optim, cfg.train
+    checks = [
+        ("optim.muon_coeffs", o.muon_coeffs in ("classic", "polar_express"), "expected classic or polar_express"),
+        ("optim.ema_decay", 0.0 <= o.ema_decay < 1.0, "expected 0 (off) or a decay in (0, 1)"),
+        ("optim.muon_backend_steps", o.muon_backend_steps >= 1, "expected >= 1"),
+        ("optim.grad_clip_norm", o.grad_clip_norm >= 0, "expected >= 0 (0 = off)"),
+        ("train.log_every", t.log_every >= 1, "expected >= 1"),
+        ("train.iterations", t.iterations >= 1, "expected >= 1"),
+        ("train.train_seq_len", t.train_seq_len >= 1, "expected >= 1"),
+        ("train.eval_seq_len", t.eval_seq_len >= 1, "expected >= 1"),
+        ("train.warmup_steps", t.warmup_steps >= 0, "expected >= 0"),
+        ("train.val_every", t.val_every >= 0, "expected >= 0 (0 = only the final validation)"),
+        ("train.max_seconds", t.max_seconds >= 0, "expected >= 0 (0 = no time budget)"),
+        ("train.gptq_reserve_seconds", 0 <= t.gptq_reserve_seconds and
+         (t.max_seconds == 0 or t.gptq_reserve_seconds < t.max_seconds), "expected within [0, max_seconds)"),
+        ("train.warmdown_frac", 0.0 <= t.warmdown_frac <= 1.0, "expected within [0, 1]"),
+        ("train.min_lr", 0.0 <= t.min_lr <= 1.0, "expected within [0, 1]"),
+        ("train.export", t.export in ("int8", "none"), "expected int8 or none"),
+        ("train.attention_backend", t.attention_backend in BACKENDS, f"expected one of {BACKENDS}"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            section, name = key.split(".")
+            raise PgolfError(f"{key}: {getattr(getattr(cfg, section), name)!r}: {why}")
 
 
 def batch_shape(cfg: Config, world: int) -> tuple[int, int]:
@@ -88,6 +119,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.budget = max(t.max_seconds - t.gptq_reserve_seconds, 0.0) if t.max_seconds > 0 else 0.0
         self.timings: dict[str, float] = {}
+        self.run_path: Path | None = None  # set by train(): the same on every rank
 
     # ---- helpers
     def log(self, msg: str) -> None:
@@ -170,8 +202,7 @@ class Trainer:
                 self.model.looping = True  # depth recurrence on from this fraction of the budget
                 self.log(f"step {step}: looping on, order {self.model.layer_order()}")
             if t.val_every and step and step % t.val_every == 0:
-                self.validate(step, elapsed)
-            self.sync()
+                self.validate(step, elapsed)  # its .item() calls leave the device idle: no sync needed
             t0 = time.perf_counter()
             mult = lr_multiplier(step, elapsed, t, self.budget, 1000 * elapsed / max(step, 1))
             loss = self.train_step(step, mult)
@@ -206,13 +237,14 @@ class Trainer:
         if self.cfg.train.export != "int8":
             return out
         t0 = time.perf_counter()
-        blob = export_int8({k: v.detach().cpu() for k, v in self.model.state_dict().items()})
         name = "final_model.int8.ptz"
-        if self.run is not None:
-            self.run.write_bytes(name, blob)
+        path = self.run_path / name
+        if self.run is not None:  # rank 0 writes; every rank then scores the file alone
+            self.run.write_bytes(name, export_int8(_cpu_state(self.model)))
         distributed.barrier()
+        blob = path.read_bytes()
         fresh = build_model(self.cfg, self.ctx.device, attention_backend=self.backend)
-        fresh.load_state_dict(load_int8(self.run.file(name).read_bytes() if self.run else blob))
+        fresh.load_state_dict(load_int8(blob))
         fresh.looping = self.model.looping
         res = evaluate(fresh, self.val, self.cfg.train.eval_seq_len,
                        max(1, self.cfg.train.val_batch_tokens // self.cfg.train.eval_seq_len // self.ctx.world_size),
@@ -239,11 +271,13 @@ def train(cfg: Config, ctx: distributed.Dist, out: str | None = None, runs_root:
 
     t_start = time.perf_counter()
     run = None
-    run_path = Path(out) if out else Path(runs_root) / new_run_id(cfg.preset, cfg.train.seed)
-    # Validate inputs on every rank before anything is written.
-    if ctx.is_main and RunDir(run_path).is_finished():
+    # Rank 0 names the run (the name has the clock in it); every rank checks it before anything runs.
+    run_path = Path(distributed.broadcast_object(
+        str(Path(out) if out else Path(runs_root) / new_run_id(cfg.preset, cfg.train.seed))))
+    if RunDir(run_path).is_finished():
         raise PgolfError(f"{run_path}: already holds a finished run (choose another --out)")
     trainer = Trainer(cfg, ctx, None)
+    trainer.run_path = run_path
     if ctx.is_main:
         run = RunDir.create(run_path)
         run.write_json("config.json", cfg.to_dict())
@@ -289,10 +323,14 @@ def train(cfg: Config, ctx: distributed.Dist, out: str | None = None, runs_root:
     return result
 
 
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
 def _state_bytes(model: torch.nn.Module) -> bytes:
     import io
     buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
+    torch.save(_cpu_state(model), buf)
     return buf.getvalue()
 
 

@@ -93,7 +93,7 @@ def _corrupt_copy(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["corrupt_shard", "missing_tokenizer", "vocab_mismatch", "unknown_key",
-                                  "wrong_type", "missing_data"])
+                                  "wrong_type", "missing_data", "bad_value"])
 def test_bad_input_gives_one_clear_line_and_records_nothing(case, sp1024_data, tmp_path, cli):
     data, extra = sp1024_data, []
     if case == "corrupt_shard":
@@ -108,6 +108,8 @@ def test_bad_input_gives_one_clear_line_and_records_nothing(case, sp1024_data, t
         extra = ["--set", "model.num_layers=\"four\""]
     elif case == "missing_data":
         data = tmp_path / "no-such-dir"
+    elif case == "bad_value":
+        extra = ["--set", "optim.ema_decay=1.5"]
     runs = tmp_path / "runs"
     rc, res, err = cli("train", "--preset", "cpu-smoke", "--data", data, "--out", runs / "bad", *extra)
     assert rc == 2 and res is None
@@ -116,7 +118,7 @@ def test_bad_input_gives_one_clear_line_and_records_nothing(case, sp1024_data, t
     assert "Traceback" not in err
     expect = {"corrupt_shard": "magic", "missing_tokenizer": "nope.model", "vocab_mismatch": "vocab",
               "unknown_key": "model.num_layerz", "wrong_type": "model.num_layers",
-              "missing_data": "no-such-dir"}[case]
+              "missing_data": "no-such-dir", "bad_value": "optim.ema_decay"}[case]
     assert expect in lines[0]
     assert not (runs / "bad" / "result.json").exists()
     assert _index_lines(runs) == []
