@@ -17,12 +17,19 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def flops_per_token(model, seq_len: int) -> float:
-    """6 N (non-embedding matmul weights, the tied head counted once) + attention 12 L d T."""
+    """6 N + 12 L d T: N counts every matmul weight as often as the forward applies it (looped blocks
+    once per visit; the head once; embedding tables are lookups, not matmuls), L the virtual depth."""
+    import torch.nn as nn
+
     cfg = model.cfg
-    n = sum(p.numel() for name, p in model.named_parameters() if p.ndim == 2 and "tok_emb" not in name)
-    n += cfg.vocab_size * cfg.model_dim  # the head matmul
-    layers = len(model.layer_order())
-    return 6.0 * n + 12.0 * layers * cfg.model_dim * seq_len
+    order = model.layer_order()
+    block = [sum(m.weight.numel() for m in b.modules() if isinstance(m, nn.Linear)) for b in model.blocks]
+    n = sum(block[i] for i in order)
+    n += sum(m.weight.numel() for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and not name.startswith("blocks."))
+    if cfg.tie_embeddings:  # the tied head is the embedding table used as a matmul (lm_head is counted above)
+        n += cfg.vocab_size * cfg.model_dim
+    return 6.0 * n + 12.0 * len(order) * cfg.model_dim * seq_len
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -36,10 +43,9 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from pgolf import distributed
     from pgolf.model import build_model, count_params
     from pgolf.model.attention import resolve_backend
-    from pgolf.optim import build_optimizers, clip_grad_norm
+    from pgolf.optim import EMA, build_optimizers
     from pgolf.presets import get_preset
-    from pgolf.eval.score import autocast_for
-    from pgolf.train import batch_shape
+    from pgolf.train import batch_shape, optimizer_step
 
     cfg = get_preset(args.preset, args.overrides)
     ctx = distributed.setup()
@@ -59,16 +65,12 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     batches = [(torch.randint(0, cfg.model.vocab_size, (rows, t.train_seq_len + 1), generator=gen)
                 .to(dev)) for _ in range(4)]
 
-    def step(i: int) -> None:
-        for a in range(accum):
-            b = batches[(i * accum + a) % len(batches)]
-            with autocast_for(dev):
-                loss = step_model(b[:, :-1], b[:, 1:])
-            (loss / accum).backward()
-        distributed.all_reduce_mean_([p.grad for p in model.parameters() if p.grad is not None])
-        clip_grad_norm(model, cfg.optim.grad_clip_norm)
-        opt.step(1.0, i)
-        opt.zero_grad(set_to_none=True)
+    ema = EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+
+    def step(i: int) -> None:  # the trainer's own optimizer step (EMA included), on synthetic tokens
+        bs = [batches[(i * accum + a) % len(batches)] for a in range(accum)]
+        optimizer_step(step_model, model, opt, ema, [(b[:, :-1], b[:, 1:]) for b in bs],
+                       cfg.optim.grad_clip_norm, 1.0, i)
 
     def sync():
         if dev.type == "cuda":

@@ -92,6 +92,31 @@ def batch_shape(cfg: Config, world: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- the loop
+def optimizer_step(step_model, model, opt, ema, batches, clip: float, lr_mult: float, step: int) -> torch.Tensor:
+    """Accumulate over `batches` [(x, y)], average grads across ranks, clip, step, update the EMA.
+
+    `step_model` is the (possibly compiled) module the forward runs through; `model` owns the weights.
+    Returns the mean loss as a 0-d tensor (no host sync)."""
+    from pgolf.eval.score import autocast_for
+    from pgolf.optim import clip_grad_norm
+
+    device = next(model.parameters()).device
+    total = torch.zeros((), device=device)
+    for x, y in batches:
+        with autocast_for(device):
+            loss = step_model(x, y)
+        (loss / len(batches)).backward()
+        total += loss.detach() / len(batches)
+    distributed.all_reduce_mean_([p.grad for p in model.parameters() if p.grad is not None])
+    clip_grad_norm(model, clip)
+    opt.step(lr_mult, step)
+    opt.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update(model)
+    return total
+
+
+
 class Trainer:
     def __init__(self, cfg: Config, ctx: distributed.Dist, run: RunDir | None):
         from pgolf.data.loader import TrainLoader
@@ -130,27 +155,11 @@ class Trainer:
         if self.run is not None:
             self.run.append_jsonl("metrics.jsonl", row)
 
-    def autocast(self):
-        from pgolf.eval.score import autocast_for
-        return autocast_for(self.ctx.device)
-
     def train_step(self, step: int, lr_mult: float) -> torch.Tensor:
         """One optimizer step over the global batch; returns the mean loss (a 0-d tensor)."""
-        total = torch.zeros((), device=self.ctx.device)
-        for x, y in self.loader.next_batch(self.micro, self.accum, self.ctx.device):
-            with self.autocast():
-                loss = self.step_model(x, y)
-            (loss / self.accum).backward()
-            total += loss.detach() / self.accum
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        distributed.all_reduce_mean_(grads)
-        from pgolf.optim import clip_grad_norm
-        clip_grad_norm(self.model, self.cfg.optim.grad_clip_norm)
-        self.opt.step(lr_mult, step)
-        self.opt.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.model)
-        return total
+        batches = self.loader.next_batch(self.micro, self.accum, self.ctx.device)
+        return optimizer_step(self.step_model, self.model, self.opt, self.ema, batches,
+                              self.cfg.optim.grad_clip_norm, lr_mult, step)
 
     def sync(self) -> None:
         if self.ctx.device.type == "cuda":

@@ -20,3 +20,17 @@ def test_bench_reports_contract_keys_on_cpu(cli):
 def test_bench_rejects_a_batch_that_does_not_divide(cli):
     rc, res, err = cli("bench", "--preset", "cpu-smoke", "--set", "train.micro_batch_tokens=300")
     assert rc == 2 and "train.micro_batch_tokens" in err
+
+
+def test_flops_count_looped_blocks_once_per_visit():
+    from pgolf.bench import flops_per_token
+    from pgolf.model import build_model
+    from pgolf.presets import get_preset
+
+    cfg = get_preset("pr1855", TINY)
+    model = build_model(cfg, "meta")
+    block = 2 * 64 * 64 + 2 * 32 * 64 + 2 * 4 * 64 * 64  # q, o (64x64), k, v (32x64), MLP 4x up and down
+    model.looping = False
+    flat = flops_per_token(model, 64)
+    model.looping = True  # layers 1-2 run 3 times: 4 more block visits, 4 more layers of attention
+    assert flops_per_token(model, 64) - flat == 6.0 * 4 * block + 12.0 * 4 * 64 * 64
