@@ -25,6 +25,21 @@ from pgolf.model.loss import fused_softcap_cross_entropy, softcap_cross_entropy
 FROZEN_CARRY_BETA = (1.56, 1.85, 2.13)
 FROZEN_CARRY_ALPHA = ((0.23, 0.04, 0.03), (0.13, -0.34, 0.01), (0.06, 0.19, -0.02))
 
+# Control tensors, by name (the records' CONTROL_TENSOR_NAME_PATTERNS, record-stack.md §3.2; lambda_v
+# and attn_gate from hedge-stack.md §4.3): AdamW at scalar_lr whatever their rank, and kept at full
+# precision by the baseline export. One list for the optimizer and the quantiser.
+CONTROL_PATTERNS = (
+    "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes", "q_gain",
+    "skip_weight", "skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_resid_lambdas",
+    "attn_gate_proj", "attn_gate_w", "attn_gate", "smear_gate", "smear_lambda", "lambda_v",
+    "recur_alpha", "carry_alpha", "carry_beta", "ve_scale", "ve_layer_scales", "bigram_scale",
+)
+
+
+def is_control(name: str) -> bool:
+    return any(pat in name for pat in CONTROL_PATTERNS)
+
+
 ATTN_GATES = ("none", "attn_out", "dense", "sparse", "head_scalar")
 SMEAR_GATES = ("off", "gated", "channel")
 

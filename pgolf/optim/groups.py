@@ -15,24 +15,13 @@ import torch
 from torch import nn
 
 from pgolf.config import OptimConfig
+from pgolf.model.gpt import CONTROL_PATTERNS, is_control  # noqa: F401 (re-exported)
 from pgolf.optim.muon import Muon
 from pgolf.optim.schedule import momentum_at
 
-# Names of control tensors: AdamW at scalar_lr whatever their rank (record-stack.md §3.2,
-# hedge-stack.md §4.3 for lambda_v / attn_gate; recur_alpha #1766; ve/bigram scales #688 family).
-CONTROL_PATTERNS = (
-    "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes", "q_gain",
-    "skip_weight", "skip_weights", "skip_gates", "parallel_post_lambdas", "parallel_resid_lambdas",
-    "attn_gate_proj", "attn_gate_w", "attn_gate", "smear_gate", "smear_lambda", "lambda_v",
-    "recur_alpha", "ve_scale", "bigram_scale",
-)
 GROUPS = ("muon", "embed", "head", "scalar")
 
 Named = list[tuple[str, nn.Parameter]]
-
-
-def is_control(name: str) -> bool:
-    return any(pat in name for pat in CONTROL_PATTERNS)
 
 
 def classify_params(model: nn.Module) -> dict[str, Named]:

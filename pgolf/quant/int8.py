@@ -17,20 +17,11 @@ import zlib
 import torch
 
 from pgolf.errors import PgolfError
+from pgolf.model.gpt import is_control  # one list of control tensors (model, optim, quant)
 
 FORMAT = "pgolf_int8_per_row_v1"
 KEEP_FLOAT_MAX_NUMEL = 65_536
 CLIP_Q = 0.9999984  # 99.99984th percentile of |w| per row
-# Small tensors that steer the residual stream: kept at full precision (baseline's list, extended
-# with the later records' gates and lambdas).
-CONTROL_PATTERNS = ("attn_scale", "mlp_scale", "resid_mix", "q_gain", "skip_weight", "skip_gate",
-                    "lambda", "smear", "ve_scale", "bigram_scale", "recur_")
-
-
-def is_control(name: str) -> bool:
-    return any(p in name for p in CONTROL_PATTERNS)
-
-
 def _row_quantile(a: torch.Tensor, q: float, chunk: int = 4096) -> torch.Tensor:
     """Per-row quantile of a non-negative (rows, cols) fp32 tensor (linear interpolation, as
     `torch.quantile`), chunked over rows because `torch.quantile` refuses > 2^24 elements."""
