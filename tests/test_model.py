@@ -376,3 +376,26 @@ def test_fused_softcap_ce_equals_eager_on_cuda():
         ref = softcap_cross_entropy(logits, tgt, 30.0, reduction)
         torch.testing.assert_close(fused_softcap_cross_entropy(logits, tgt, 30.0, reduction), ref, rtol=1e-5, atol=1e-5)
 
+
+
+def test_forward_at_equals_the_full_forward_at_those_positions():
+    """Scoring only some positions (TTT chunks, sliding strides) gives the full forward's logits there."""
+    from pgolf.model import BatchedLoRA, build_model
+    from pgolf.presets import get_preset
+
+    torch.manual_seed(0)
+    cfg = get_preset("pr1855", ["model.num_layers=6", "model.loop_start=1", "model.loop_end=2",
+                                "model.parallel_start_layer=4", "model.model_dim=64", "model.num_heads=2",
+                                "model.num_kv_heads=1", "model.vocab_size=128"])
+    model = build_model(cfg)
+    model.looping = True
+    lora = BatchedLoRA(model, 2, 4, 8.0)
+    for B in lora.B.values():
+        torch.nn.init.normal_(B, std=0.1)
+    idx = torch.randint(2, 128, (2, 40))
+    idx[:, 0] = 1
+    pos = torch.tensor([[3, 17, 39], [0, 5, 6]])
+    full = model(idx, lora=lora)
+    at = model.forward_at(idx, pos, lora=lora)
+    assert at.shape == (2, 3, 128)
+    assert torch.allclose(at, full.gather(1, pos[..., None].expand(-1, -1, 128)), atol=1e-6, rtol=0)

@@ -155,8 +155,7 @@ class LoRATTT:
     def nll(self, ch: Chunk) -> torch.Tensor:
         """Per-token CE (B, K) of the chunk's targets: the model's one forward with the adapters."""
         with autocast_for(self.device):
-            logits = self.model(ch.x, lora=self.lora)  # (B, W, V)
-        z = logits.gather(1, ch.gi[..., None].expand(-1, -1, logits.size(-1)))  # (B, K, V)
+            z = self.model.forward_at(ch.x, ch.gi, lora=self.lora)  # (B, K, V): the chunk's positions only
         return self.stream.score(self.distribution(z), ch.y.gather(1, ch.gi), self.V)
 
     def score(self, ch: Chunk) -> None:

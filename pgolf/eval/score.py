@@ -101,10 +101,9 @@ def score_windows(model: torch.nn.Module, tokens: torch.Tensor, nbytes: torch.Te
         kcols = np.arange(K)
         valid = kcols < n[:, None]  # (B, K)
         gi = np.where(valid, (s - a)[:, None] + kcols, 0)  # row offsets of the scored targets
-        with torch.no_grad(), autocast_for(device):
-            logits = model(x.to(device))  # (B, W, V)
         gi_t = torch.from_numpy(gi).to(device)
-        z = logits.gather(1, gi_t[..., None].expand(-1, -1, logits.size(-1)))  # (B, K, V)
+        with torch.no_grad(), autocast_for(device):
+            z = model.forward_at(x.to(device), gi_t)  # (B, K, V): the scored positions only
         yk = y.to(device).gather(1, gi_t)  # (B, K)
         pos_grid = np.where(valid, s[:, None] + kcols, 0)  # (B, K) target positions
         logp = log_probs(z) if distribution is None else distribution(z, pos_grid)

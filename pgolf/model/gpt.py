@@ -412,10 +412,22 @@ class GPT(nn.Module):
         h = self.hidden(idx, lora=lora)
         logits = self.logits(h, lora=lora)
         if targets is None:
-            return self.cfg.logit_softcap * torch.tanh(logits.float() / self.cfg.logit_softcap) \
-                if self.cfg.logit_softcap > 0 else logits.float()
+            return self._softcap(logits)
         ce = fused_softcap_cross_entropy if self.fused_ce and self.training else softcap_cross_entropy
         return ce(logits, targets, self.cfg.logit_softcap, reduction=reduction)
+
+    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, *, lora=None) -> torch.Tensor:
+        """Soft-capped fp32 logits (B, K, V) at `positions` (B, K) of each row only.
+
+        The same forward, with the head applied only where a score is needed (a TTT chunk, the
+        stride of a sliding window): at B=64, T=2048, V=8192 the full logits would be 4 GiB."""
+        h = self.hidden(idx, lora=lora)  # (B, T, d)
+        h = h.gather(1, positions[..., None].expand(-1, -1, h.size(-1)))  # (B, K, d)
+        return self._softcap(self.logits(h, lora=lora))
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits.float() / cap) if cap > 0 else logits.float()
 
     def logits(self, h: torch.Tensor, *, lora=None) -> torch.Tensor:
         """Pre-cap logits from the final normalised hidden state h (B, T, d)."""
