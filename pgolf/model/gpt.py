@@ -121,14 +121,12 @@ class Rotary(nn.Module):
             base = base * ntk_factor ** (self.dims / (self.dims - 2))
         inv_freq = base ** (-torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cache: tuple[int, torch.device, torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._cache is None or self._cache[0] < T or self._cache[1] != device:
-            t = torch.arange(T, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))  # (T, dims/2)
-            self._cache = (T, device, freqs.cos(), freqs.sin())
-        return self._cache[2][:T], self._cache[3][:T]
+        # Recomputed per call (a (T, dims/2) outer product): no cached state for torch.compile to guard
+        t = torch.arange(T, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(device))  # (T, dims/2)
+        return freqs.cos(), freqs.sin()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x (B, T, H, D); rotate x[..., :dims], pass the rest through
