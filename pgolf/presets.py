@@ -185,6 +185,9 @@ def pr430() -> Config:
 
     The model is the #606 base of the Hedge line (hedge-stack.md §1.1-1.2, §4): per-channel SmearGate
     without a BOS mask, BigramHash, VE128 on layers 9-10, per-head scalar gate, lambda_v * x0.
+    Not reproduced: the CROWN-Q penalty of #700 and later (hedge-stack §1.2) and the late int5 QAT
+    (very likely dead under torch.compile in the original); the Hedge mixer runs in its legal,
+    normalised form, so its score is not comparable with the illegal 1.08965.
     """
     c = Config(preset="pr430")
     m = c.model

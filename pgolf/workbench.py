@@ -28,7 +28,6 @@ from pgolf.config import Config
 from pgolf.errors import PgolfError
 from pgolf.presets import get_preset
 
-LIMIT_BYTES = 16_000_000
 # Code bytes when pgolf.quant.codebytes cannot count them (the records' wrapped code: 27.5-32 kB).
 CODE_BYTES_EST = 30_000
 # Compressed size / entropy of the integer stream (zlib and pergroup measured loosely on int8 planes).
@@ -185,7 +184,7 @@ def estimate(cfg: Config, code_bytes: int | None = None) -> dict[str, Any]:
     model_bytes = int(total_bits / 8 * CODEC_OVERHEAD.get(q.compressor, 1.0))
     total = model_bytes + int(code_bytes)
     return {"preset": cfg.preset, "params": count_params(model), "est_model_bytes": model_bytes,
-            "code_bytes": int(code_bytes), "est_artifact_bytes": total, "under_limit": total <= LIMIT_BYTES,
+            "code_bytes": int(code_bytes), "est_artifact_bytes": total, "under_limit": total <= cfg.quant.limit_bytes,
             "bytes_by_kind": {k: int(v) for k, v in sorted(by_kind.items())}}
 
 
