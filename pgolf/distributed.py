@@ -56,12 +56,18 @@ def barrier() -> None:
 
 def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
     """Average tensors across ranks in place, as one flat all-reduce (gloo has no AVG op)."""
+    if dist.is_available() and dist.is_initialized():
+        all_reduce_sum_(tensors, scale=1.0 / dist.get_world_size())
+
+
+def all_reduce_sum_(tensors: list[torch.Tensor], scale: float = 1.0) -> None:
+    """Sum tensors across ranks in place (times `scale`), as one flat all-reduce."""
     if not (dist.is_available() and dist.is_initialized()) or not tensors:
         return
-    world = dist.get_world_size()
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
-    flat /= world
+    if scale != 1.0:
+        flat *= scale
     offset = 0
     for t in tensors:
         n = t.numel()

@@ -84,12 +84,12 @@ class Trace:
         return int(self.position.size)
 
     def save(self, path: str | Path) -> Path:
+        from pgolf.fileio import atomic_path
+
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, num_targets=np.int64(self.num_targets), method=np.str_(self.method), **arrays)
-        tmp.replace(path)  # atomic: a reader never sees half a trace
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a reader never sees half a trace
+            np.savez(f, num_targets=np.int64(self.num_targets), method=np.str_(self.method), **arrays)
         return path
 
 

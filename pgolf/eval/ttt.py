@@ -40,13 +40,15 @@ def cosine_lr(lr: float, i: int, n: int) -> float:
 
 def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
     """Sum gradients over ranks (each rank's loss is already divided by the global token count)."""
+    from pgolf.distributed import all_reduce_sum_
+
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
+    all_reduce_sum_([p.grad for p in params])  # one flat collective, not one per parameter
 
 
 def _sync(device: torch.device | None = None) -> None:
