@@ -12,13 +12,11 @@ score passes through an `EvalStream` (pgolf.eval.trace), which can keep the per-
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from pgolf.eval.trace import EvalStream, find_docs
@@ -29,20 +27,6 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def reduce_sums(sums: torch.Tensor) -> torch.Tensor:
-    """All-reduce a float64 vector of sums when running distributed."""
-    if dist.is_available() and dist.is_initialized():
-        sums = sums.clone()
-        dist.all_reduce(sums)
-    return sums
-
-
-def sums_to_metrics(loss_sum: float, tokens: float, nbytes: float) -> dict[str, float]:
-    val_loss = loss_sum / max(tokens, 1.0)
-    val_bpb = loss_sum / (math.log(2) * max(nbytes, 1.0))
-    return {"val_loss": val_loss, "val_bpb": val_bpb, "tokens": int(tokens), "bytes": int(nbytes)}
 
 
 @contextlib.contextmanager

@@ -230,9 +230,10 @@ class EvalStream:
 
     def metrics(self, device: torch.device | str = "cpu") -> dict[str, Any]:
         """val_loss / val_bpb over all ranks (float64 sums all-reduced)."""
-        from pgolf.eval.score import reduce_sums, sums_to_metrics
-        sums = reduce_sums(torch.tensor(self.sums, dtype=torch.float64, device=device))
-        return sums_to_metrics(*sums.tolist())
+        from pgolf.eval.bpb import allreduce_sums, bpb_from_sums
+        loss_sum, tokens, nbytes = allreduce_sums(*self.sums, device=device)
+        val_loss, val_bpb = bpb_from_sums(loss_sum, tokens, nbytes)
+        return {"val_loss": val_loss, "val_bpb": val_bpb, "tokens": int(tokens), "bytes": int(nbytes)}
 
     def trace(self) -> Trace:
         cols = list(zip(*self._chunks)) if self._chunks else [()] * 5
