@@ -66,8 +66,15 @@ def test_loader_errors(tiny, tmp_path_factory):
         TrainLoader(tiny, seq_len=4, rank=2, world_size=2)
     with pytest.raises(PgolfError, match="no fineweb_train"):
         TrainLoader(tmp_path_factory.mktemp("empty"), seq_len=4)
-    with pytest.raises(PgolfError, match="vocab_size 64"):
-        TrainLoader(tiny, seq_len=4, vocab_size=64)
+    loader = TrainLoader(tiny, seq_len=4, vocab_size=64)
+    loader.next_batch(8, accum_steps=7)  # ids 0..62: inside the vocabulary
+    with pytest.raises(PgolfError, match="fineweb_train_000000.bin: token id 71 >= vocab_size 64"):
+        loader.next_batch(8)  # ids 63..71
+    broken = tmp_path_factory.mktemp("broken")
+    shards.write_shard(broken / "fineweb_train_000000.bin", np.arange(10))
+    (broken / "fineweb_train_000001.bin").write_bytes(b"\0" * 100)
+    with pytest.raises(PgolfError, match="fineweb_train_000001.bin: truncated"):
+        TrainLoader(broken, seq_len=4)  # every header is checked before the first step
 
 
 def test_calibration_windows(tiny):

@@ -33,29 +33,33 @@ class TrainLoader:
         self.data_dir, self.seq_len, self.rank, self.world_size = Path(data_dir), seq_len, rank, world_size
         self.vocab_size = vocab_size
         self.files = _train_files(data_dir)
-        self._checked: set[int] = set()  # shards whose ids were already checked against vocab_size
+        for f in self.files:  # every header and file size up front (cheap), before any timed step
+            shards.read_header(f)
         self.reset()
 
     def reset(self) -> None:
         """Rewind to the first token of the first shard."""
         self.shard, self.pos = 0, 0
-        self.tokens = self._open(0)
+        self.tokens = shards.read_shard(self.files[0])
 
-    def _open(self, i: int) -> np.ndarray:
-        vocab = None if i in self._checked else self.vocab_size
-        toks = shards.read_shard(self.files[i], vocab)
-        self._checked.add(i)
-        return toks
+    def _check_ids(self, span: np.ndarray) -> None:
+        """Reject ids outside the vocabulary in the span actually taken (a few microseconds per step,
+        instead of a full scan of a 100M-token shard the first time it is opened)."""
+        if self.vocab_size is not None and span.size and int(span.max()) >= self.vocab_size:
+            raise PgolfError(f"{self.files[self.shard]}: token id {int(span.max())} >= vocab_size "
+                             f"{self.vocab_size} (vocabulary mismatch: shards and tokenizer/model come "
+                             "from different vocabularies)")
 
     def _take(self, n: int) -> np.ndarray:
         for _ in range(len(self.files) + 1):
             if self.pos + n <= self.tokens.size:
                 span = self.tokens[self.pos:self.pos + n]
+                self._check_ids(span)
                 self.pos += n
                 return span
             self.shard = (self.shard + 1) % len(self.files)  # drop the remainder, as the records do
             self.pos = 0
-            self.tokens = self._open(self.shard)
+            self.tokens = shards.read_shard(self.files[self.shard])
         raise PgolfError(f"{self.data_dir}: no train shard holds a span of {n} tokens "
                          "(lower train_batch_tokens / micro_batch_tokens or use larger shards)")
 
