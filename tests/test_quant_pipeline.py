@@ -62,6 +62,27 @@ def test_quantize_cli_on_trained_cpu_smoke(smoke_run, cli):
     assert (smoke_run / "hessians.pt").is_file()
 
 
+def test_quantize_scores_like_eval(smoke_run, cli):
+    """quantize scores in the run's evaluation setting (sliding, doc-masked here): both of its scores
+    equal `pgolf eval` with the same settings (weights, then the artifact), and a pre-quantisation
+    score taken in another setting is not reused."""
+    sliding = ["eval.stride=64", "eval.doc_mask=true"]
+    rc, flat, err = cli("quantize", smoke_run, *sum((["--set", s] for s in INT6 + FAST + ["quant.method=rtn"]), []))
+    assert rc == 0, err
+    rc, res, err = cli("quantize", smoke_run,
+                       *sum((["--set", s] for s in INT6 + FAST + ["quant.method=rtn"] + sliding), []))
+    assert rc == 0, err
+    assert RunDir(smoke_run).result()["val_scoring"] == "seq_len=256 stride=64 doc_mask=1"
+    assert res["val_bpb_prequant"] != flat["val_bpb_prequant"]  # recomputed, not the flat score reused
+    sets = sum((["--set", s] for s in sliding), [])
+    rc, ev_weights, err = cli("eval", smoke_run, *sets)
+    assert rc == 0, err
+    rc, ev_artifact, err = cli("eval", smoke_run, "--artifact", res["artifact"], *sets)
+    assert rc == 0, err
+    assert ev_weights["val_bpb"] == pytest.approx(res["val_bpb_prequant"], abs=1e-9)
+    assert ev_artifact["val_bpb"] == pytest.approx(res["val_bpb"], abs=1e-9)
+
+
 def test_gptq_beats_rtn_at_int6(smoke_run):
     """On the trained model: lower BPB and lower Hessian-weighted error for every matrix."""
     df = sweep(smoke_run, {"method": ["gptq", "rtn"]}, overrides=INT6 + FAST + ['quant.compressor="zstd"'])
@@ -130,12 +151,12 @@ def test_notebook_runs_headless(smoke_run, tmp_path, monkeypatch):
 def test_pr1855_at_init_report_sums_to_file(sp8192_data, tmp_path):
     """The record's quantisation settings (GPTQ int6/int7, SDClip 13/11.5/14, LQER r4 top-3 asym, pergroup)
     on the 35.9 M-parameter model at initialisation. Cheaper here than in the record: 1 calibration batch of
-    2 x 128 tokens and compression level 5 instead of the strongest (the format is the same)."""
+    2 x 128 tokens and compression level 1 instead of the strongest (the format is the same)."""
     from pgolf.model import build_model
     from pgolf.presets import get_preset
 
     cfg = get_preset("pr1855", [f"data.path={json.dumps(str(sp8192_data))}", "quant.calibration_batches=1",
-                                "quant.calibration_seqs=2", "quant.calibration_seq_len=128", "quant.level=5"])
+                                "quant.calibration_seqs=2", "quant.calibration_seq_len=128", "quant.level=1"])
     run = RunDir.create(tmp_path / "pr1855")
     run.write_json("config.json", cfg.to_dict())
     torch.manual_seed(0)
@@ -146,6 +167,7 @@ def test_pr1855_at_init_report_sums_to_file(sp8192_data, tmp_path):
     assert res["total_bytes"] == size + res["code_bytes"]
     assert res["quant_methods"] == ["absmax_int8", "gptq"]  # every big matrix GPTQ'd, sparse gates int8
     assert len(res["lqer_tensors"]) == 3 and res["compressor"] == "pergroup"
+    assert cfg.quant.group_codec == "zpaq" and res["group_codec"] == "zpaq"
     assert Path(res["artifact"]).read_bytes()[:4] == b"PGRP"
     assert res["params_by_group"]["embed"] == 8192 * 512 and sum(res["params_by_group"].values()) == 35_945_671
     assert 2.0 < res["bits_per_param"] < 8.0

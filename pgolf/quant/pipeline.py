@@ -99,16 +99,26 @@ def eval_seq_len(cfg: Config) -> int:
     return cfg.eval.seq_len or cfg.train.eval_seq_len
 
 
-def score(cfg: Config, state: dict[str, torch.Tensor], val, device) -> dict[str, Any]:
-    from pgolf.eval.score import evaluate
+def scoring_setting(cfg: Config) -> str:
+    """How `score` windows the validation set, as recorded beside every score it writes."""
+    doc = cfg.eval.doc_mask or cfg.model.doc_mask
+    return f"seq_len={eval_seq_len(cfg)} stride={cfg.eval.stride} doc_mask={int(doc)}"
 
-    return evaluate(build(cfg, state, device), val, eval_seq_len(cfg), cfg.eval.batch_seqs)
+
+def score(cfg: Config, state: dict[str, torch.Tensor], val, device) -> dict[str, Any]:
+    """The run's evaluation setting (`eval.stride`, `eval.doc_mask`, as `pgolf eval` without TTT),
+    so quantised and unquantised scores compare like for like with the eval command's."""
+    from pgolf.eval.score import score_stream
+
+    return score_stream(build(cfg, state, device), val, eval_seq_len(cfg), cfg.eval.stride, cfg.eval.batch_seqs,
+                        doc_mask=cfg.eval.doc_mask, bos_id=cfg.data.bos_id)
 
 
 def _prequant(p: Prepared) -> dict[str, Any]:
     """The unquantised model's score on the same validation tokens (reused from result.json if there)."""
     res, n = p.run.result(), p.val.num_targets
-    if res.get("val_bpb_prequant") is not None and res.get("val_tokens_prequant") == n:
+    if (res.get("val_bpb_prequant") is not None and res.get("val_tokens_prequant") == n
+            and res.get("val_scoring") == scoring_setting(p.cfg)):
         return {"val_bpb": res["val_bpb_prequant"], "val_loss": res.get("val_loss_prequant"), "reused": True}
     t0 = time.perf_counter()
     out = score(p.cfg, p.state, p.val, p.device)
@@ -161,6 +171,7 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
         "code_files": code["code_files"], "total_bytes": total, "limit": q.limit_bytes,
         "margin": q.limit_bytes - total, "under_limit": total <= q.limit_bytes,
         "quant_method": q.method, "compressor": q.compressor,
+        "group_codec": q.group_codec if q.compressor == "pergroup" else None,
         "bytes_by_group": report["bytes_by_group"], "params_by_group": report["params_by_group"],
         "bits_per_param": report["bits_per_param"], "bits_per_param_by_group": report["bits_per_param_by_group"],
         "lqer_tensors": [x["name"] for x in info["lqer"]],
@@ -188,7 +199,8 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
         run.log(f"quantize: val_bpb {p.prequant['val_bpb']:.4f} unquantised -> {res['val_bpb']:.4f} "
                 f"from {name} alone")
         out.update(val_bpb_prequant=p.prequant["val_bpb"], val_loss_prequant=p.prequant.get("val_loss"),
-                   val_tokens_prequant=p.val.num_targets, val_bpb=res["val_bpb"], quant_val_bpb=res["val_bpb"],
+                   val_tokens_prequant=p.val.num_targets, val_scoring=scoring_setting(cfg),
+                   val_bpb=res["val_bpb"], quant_val_bpb=res["val_bpb"],
                    val_loss=res["val_loss"], quant_delta_bpb=res["val_bpb"] - p.prequant["val_bpb"])
     _timed(p.timings, "total_s", t_start)
     out["quant_timings"] = p.timings
