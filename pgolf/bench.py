@@ -47,6 +47,8 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from pgolf.presets import get_preset
     from pgolf.train import batch_shape, optimizer_step
 
+    if getattr(args, "quant", False) or getattr(args, "run", None):
+        return _bench_quant(args)
     cfg = get_preset(args.preset, args.overrides)
     ctx = distributed.setup()
     dev = ctx.device
@@ -98,3 +100,17 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
             "tokens_per_s": round(tps), "mfu": round(mfu, 4) if mfu is not None else None,
             "peak_mem_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None,
             "steps": args.steps}
+
+
+def _bench_quant(args: argparse.Namespace) -> dict[str, Any]:
+    from pgolf.config import Config
+    from pgolf.presets import get_preset
+    from pgolf.quant.bench import bench_quant
+
+    if args.run:
+        from pgolf.runs import resolve
+
+        cfg = Config.load(resolve(args.run).file("config.json")).with_overrides(args.overrides)
+    else:
+        cfg = get_preset(args.preset, args.overrides)
+    return bench_quant(cfg, run_dir=args.run, codecs=args.codecs)

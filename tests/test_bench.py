@@ -34,3 +34,39 @@ def test_flops_count_looped_blocks_once_per_visit():
     flat = flops_per_token(model, 64)
     model.looping = True  # layers 1-2 run 3 times: 4 more block visits, 4 more layers of attention
     assert flops_per_token(model, 64) - flat == 6.0 * 4 * block + 12.0 * 4 * 64 * 64
+
+
+QTINY = TINY + ["quant.method=\"gptq\"", "quant.passthrough_numel=1024", "quant.calibration_batches=2",
+                "quant.calibration_seqs=2", "quant.calibration_seq_len=64", "quant.lqer=true", "quant.lqer_top_k=2"]
+
+
+def test_bench_quant_times_every_phase_and_compressor(cli):
+    args = [a for s in QTINY for a in ("--set", s)]
+    rc, res, err = cli("bench", "--quant", "--preset", "pr1855", "--codecs", "zstd,zpaq,pergroup:zpaq", *args)
+    assert rc == 0, err
+    assert res["weights"] == "init" and res["calibration_source"] == "random ids"
+    assert res["calibration_tokens"] == 2 * 2 * 64 and res["lqer_tensors"] == 2
+    # every block matrix (q, k, v, o, fc, proj x 6 layers) and the tied head
+    assert res["hessians"] == 6 * 6 + 1 and res["gptq_total_s"] >= res["quantize_s"] > 0
+    rows = {r["compressor"]: r for r in res["compressors"]}
+    assert list(rows) == ["zstd", "zpaq", "pergroup:zpaq"]
+    for r in rows.values():
+        assert r["total_bytes"] == r["model_bytes"] + res["code_bytes"] and r["compress_s"] > 0
+
+
+def test_bench_quant_on_a_trained_run_calibrates_on_train_shards(sp1024_data, tmp_path, cli):
+    from pgolf.cli import main
+
+    run = tmp_path / "run"
+    tiny = ["model.num_layers=2", "model.model_dim=64", "model.num_heads=2", "model.num_kv_heads=1",
+            "train.train_seq_len=64", "train.eval_seq_len=64", "train.train_batch_tokens=512",
+            "data.val_max_tokens=2048", "train.iterations=2", "train.max_seconds=0"]
+    assert main(["train", "--preset", "cpu-smoke", "--data", str(sp1024_data), "--out", str(run),
+                 *[a for s in tiny for a in ("--set", s)]]) == 0
+    rc, res, err = cli("bench", "--quant", "--run", run, "--codecs", "brotli", "--set", "quant.method=\"gptq\"",
+                       "--set", "quant.passthrough_numel=1024")
+    assert rc == 0, err
+    assert res["weights"] == "trained" and res["calibration_source"] == "train shards"
+    assert res["calibration_tokens"] == 4 * 8 * 256 and res["hessians"] == 2 * 6 + 1
+    rc, res, err = cli("bench", "--quant", "--preset", "cpu-smoke", "--codecs", "brotli,rar")
+    assert rc == 2 and err.count("pgolf: error:") == 1 and "--codecs 'rar'" in err

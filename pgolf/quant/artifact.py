@@ -113,6 +113,12 @@ def validate(q: QuantConfig) -> None:
         bad("compressor", f"{q.compressor!r}: expected one of {', '.join(C.CODECS)}, best, pergroup")
     if q.group_codec not in C.CODECS:
         bad("group_codec", f"{q.group_codec!r}: expected one of {', '.join(C.CODECS)}")
+    if "zpaq" in (q.compressor, q.group_codec if q.compressor == "pergroup" else ""):
+        try:
+            import zpaq  # noqa: F401
+        except ImportError:
+            bad("group_codec" if q.compressor == "pergroup" else "compressor",
+                "'zpaq' needs the `zpaq` package (pip install zpaq==0.3.7; it is in pgolf's dependencies)")
     if q.lqer:
         if q.lqer_rank < 1 or q.lqer_top_k < 0 or q.lqer_group < 1:
             bad("lqer_rank", "LQER needs rank >= 1, top_k >= 0 and group >= 1")

@@ -1,9 +1,13 @@
-"""Byte codecs for the artifact: zlib, lzma, brotli, zstd, byte shuffling, and "best".
+"""Byte codecs for the artifact: zlib, lzma, brotli, zstd, zpaq, byte shuffling, and "best".
 
 `compress(data, codec, level, shuffle)` returns one tagged stream: a tag byte (the codec, high bit =
 shuffled) followed by the codec's output. The tag is one byte of the artifact and makes
 `decompress` self-describing (and "best" possible). Level -1 is each codec's strongest setting:
-zlib 9, lzma 9|EXTREME, brotli quality 11 (window 2^24, as the records), zstd 22.
+zlib 9, lzma 9|EXTREME, brotli quality 11 (window 2^24, as the records), zstd 22, zpaq 5.
+zpaq is ZPAQ context mixing (the back end of the `lrzip -z` the #1855 record runs on its per-group
+streams) through the `zpaq` package's in-memory binding: levels 1..5, higher levels mean 5, one
+thread (deterministic output, best ratio; pergroup compresses its groups in parallel instead).
+It is ~2-4 s per MB at level 5 on one core, so "best" tries it only when asked (`BEST_CODECS`).
 Byte shuffle (records #1530-#1851): bytes regrouped by position mod `stride`, prefixed `BSHF` +
 stride byte, so the low and high bytes of fp16 scales (and the int8 planes) sit together.
 """
@@ -17,8 +21,9 @@ import zstandard
 
 from pgolf.errors import PgolfError
 
-CODECS = ("zlib", "lzma", "brotli", "zstd")
-_TAG = {"zlib": 0x01, "lzma": 0x02, "brotli": 0x03, "zstd": 0x04}  # never 0x78: a bare zlib stream
+CODECS = ("zlib", "lzma", "brotli", "zstd", "zpaq")
+BEST_CODECS = ("zlib", "lzma", "brotli", "zstd")  # what "best" tries: the fast codecs
+_TAG = {"zlib": 0x01, "lzma": 0x02, "brotli": 0x03, "zstd": 0x04, "zpaq": 0x05}  # never 0x78: bare zlib
 _CODEC = {v: k for k, v in _TAG.items()}
 SHUFFLED = 0x80
 SHUFFLE_MAGIC = b"BSHF"
@@ -44,6 +49,19 @@ def byte_unshuffle(blob: bytes) -> bytes:
     return bytes(out)
 
 
+def _zpaq():
+    try:
+        import zpaq
+    except ImportError:
+        raise PgolfError("codec zpaq needs the `zpaq` package (pip install zpaq==0.3.7; it is in "
+                         "pgolf's dependencies)") from None
+    return zpaq
+
+
+def zpaq_level(level: int) -> int:
+    return 5 if level < 0 else min(max(level, 1), 5)
+
+
 def _raw_compress(data: bytes, codec: str, level: int) -> bytes:
     if codec == "zlib":
         return zlib.compress(data, 9 if level < 0 else level)
@@ -54,6 +72,8 @@ def _raw_compress(data: bytes, codec: str, level: int) -> bytes:
         return brotli.compress(data, quality=11 if level < 0 else level, lgwin=24)
     if codec == "zstd":
         return zstandard.ZstdCompressor(level=22 if level < 0 else level).compress(data)
+    if codec == "zpaq":
+        return _zpaq().compress(data, level=zpaq_level(level), threads=1)
     raise PgolfError(f"unknown compressor {codec!r} (choose from {', '.join(CODECS)}, best, pergroup)")
 
 
@@ -64,13 +84,15 @@ def _raw_decompress(data: bytes, codec: str) -> bytes:
         return lzma.decompress(data)
     if codec == "brotli":
         return brotli.decompress(data)
+    if codec == "zpaq":
+        return _zpaq().decompress(data, threads=1)
     return zstandard.ZstdDecompressor().decompress(data)
 
 
 def compress(data: bytes, codec: str = "brotli", level: int = -1, shuffle: int = 0) -> bytes:
-    """One tagged stream. codec "best" tries every codec and keeps the smallest."""
+    """One tagged stream. codec "best" tries every codec of `BEST_CODECS` and keeps the smallest."""
     if codec == "best":
-        return min((compress(data, c, level, shuffle) for c in CODECS), key=len)
+        return min((compress(data, c, level, shuffle) for c in BEST_CODECS), key=len)
     payload = byte_shuffle(data, shuffle) if shuffle > 1 else data
     tag = _TAG.get(codec)
     if tag is None:
@@ -82,6 +104,8 @@ def decompress(blob: bytes) -> bytes:
     if not blob or (blob[0] & ~SHUFFLED) not in _CODEC:
         raise PgolfError("corrupt artifact: unknown compressor tag")
     codec = _CODEC[blob[0] & ~SHUFFLED]
+    if codec == "zpaq":
+        _zpaq()  # a missing package is its own error, not a corrupt stream
     try:
         data = _raw_decompress(blob[1:], codec)
     except Exception as e:  # each codec raises its own error type

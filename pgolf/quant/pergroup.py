@@ -6,9 +6,10 @@
    nearest-neighbour chain from row 0, so similar rows sit together; the permutation is stored
    (uint16) with the rest.
 3. Each matrix is serialised transposed (column-major).
-4. Each group is compressed on its own. The record used `lrzip -z -L 9` (ZPAQ); that binary is not
-   available here, so pgolf uses a Python codec per group (`quant.group_codec`: brotli, lzma, zstd or
-   best), which costs some of the record's ~280 KB gain over plain brotli.
+4. Each group is compressed on its own, the groups in parallel, with `quant.group_codec`. The record
+   ran `lrzip -z -L 9`: rzip long-range matching, then ZPAQ context mixing. pgolf's `zpaq` codec is
+   the ZPAQ stage in memory (level 5, the `zpaq` package); the rzip stage finds repeats hundreds of
+   KB apart, which quantised weights do not have (docs/perf.md has the measured sizes).
 5. Everything else (scales, permutations, LQER factors, gates, passthrough tensors, shapes) is one
    torch.save stream compressed with brotli.
 6. Container: b"PGRP" + uint32 stream count + uint32 lengths + the streams (rest first).
