@@ -151,11 +151,11 @@ class QuantConfig:
     lqer_asym: bool = True
     lqer_group: int = 64
     lqer_factor_bits: int = 4
-    compressor: str = "brotli"  # zlib | lzma | brotli | zstd | pergroup | best
+    compressor: str = "brotli"  # zlib | lzma | brotli | zstd | zpaq | pergroup | best (fast codecs)
     level: int = -1  # -1 = the compressor's strongest setting
     byte_shuffle: int = 2  # 0 = off
     limit_bytes: int = 16_000_000
-    group_codec: str = "brotli"  # pergroup's per-group streams (the record's lrzip is not available)
+    group_codec: str = "brotli"  # pergroup's per-group streams; zpaq = the ZPAQ back end of the record's lrzip -z
     calibration_seed: int = 0  # RNG of the calibration windows (training shards only)
     eval_max_tokens: int = 0  # cap on validation tokens when re-scoring the artifact (0 = data.val_max_tokens)
     clip_mode: str = "sdclip"  # sdclip (k * std / R, PR #1394) | quantile (#688: best of 5 |w| quantiles per row)
@@ -211,6 +211,11 @@ class TTTConfig:
     sgd_params: str = "all"  # all | last2 (last two blocks + norm/scale/head, #688 family)
     sgd_grad_clip: float = 1.0
     sgd_optimizer: str = "sgd"  # sgd (#549, momentum) | adamw (#688 family: betas 0.9/0.999, no WD)
+    # the #688 family's extras (hedge-stack.md §6.2; all off = #549)
+    sgd_lr_ramp: float = 1.0  # adaptive LR: cosine x (1 + (ramp - 1) min(c / 0.3n, 1)); 3.0 in #688/#430
+    sgd_byte_weighted: bool = False  # training CE weighted by each target's bytes
+    sgd_polyak: float = 0.0  # EMA decay of the trained parameters, scored from chunk 1 on (0.998)
+    sgd_temperature: float = 1.0  # entropy-adaptive: tau = clamp(1 - (1 - T)(1 - H / ln V), 0.9, 1.05); 0.98
     # the legal Hedge mixer (#430 line, normalised)
     hedge_eta: float = 0.1
     hedge_alpha: float = 0.1  # add-alpha smoothing of the count experts

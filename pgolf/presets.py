@@ -171,7 +171,7 @@ def pr1855() -> Config:
     q = c.quant
     q.mlp_clip_sigmas, q.embed_clip_sigmas = 11.5, 14.0
     q.lqer, q.lqer_rank, q.lqer_top_k, q.lqer_asym, q.lqer_group, q.lqer_factor_bits = True, 4, 3, True, 64, 4
-    q.compressor = "pergroup"
+    q.compressor, q.group_codec = "pergroup", "zpaq"  # lrzip -z -L 9 in the record: its ZPAQ stage
     tt = c.ttt
     tt.lora_rank, tt.lora_alpha, tt.warm_start_a = 80, 144.0, True
     tt.weight_decay, tt.beta1, tt.beta2 = 0.5, 0.0, 0.99
@@ -234,6 +234,7 @@ def pr430() -> Config:
     tt.method = "hedge"  # the mixer made legal (normalised experts) on top of score-first TTT
     tt.sgd_chunk_tokens, tt.sgd_epochs, tt.sgd_lr = 32_768, 3, 5e-4
     tt.sgd_params, tt.sgd_optimizer = "last2", "adamw"  # the #688 family: AdamW on the last 2 blocks
+    tt.sgd_lr_ramp, tt.sgd_byte_weighted, tt.sgd_polyak, tt.sgd_temperature = 3.0, True, 0.998, 0.98
     return c
 
 

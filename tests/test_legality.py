@@ -88,14 +88,19 @@ def double(base, mixin):
 
 def _cfg(method: str):
     cfg = tiny_cfg()
-    cfg.ttt.method = "lora" if method == "phased" else method
+    cfg.ttt.method = {"phased": "lora", "sgd688": "sgd"}.get(method, method)
     cfg.ttt.phases = 2 if method == "phased" else 0
+    if method == "sgd688":  # every #688-family extra on: ramp, byte-weighted CE, Polyak scoring, temperature
+        t = cfg.ttt
+        t.sgd_lr_ramp, t.sgd_byte_weighted, t.sgd_polyak, t.sgd_temperature = 3.0, True, 0.9, 0.9
+        t.sgd_optimizer, t.sgd_params = "adamw", "last2"
     return cfg
 
 
-RUNNERS = {"lora": LoRATTT, "phased": PhasedTTT, "sgd": SGDTTT, "hedge": HedgeTTT}
+RUNNERS = {"lora": LoRATTT, "phased": PhasedTTT, "sgd": SGDTTT, "hedge": HedgeTTT, "sgd688": SGDTTT}
 UPDATE_FIRST = {"lora": double(LoRATTT, UpdateFirst), "phased": double(PhasedTTT, PhasesEarly),
-                "sgd": double(SGDTTT, UpdateFirst), "hedge": double(HedgeTTT, TablesFirst)}
+                "sgd": double(SGDTTT, UpdateFirst), "hedge": double(HedgeTTT, TablesFirst),
+                "sgd688": double(SGDTTT, UpdateFirst)}
 METHODS = list(RUNNERS)
 
 
@@ -117,7 +122,7 @@ def pick_position(method, model, val):
     """A target scored in the middle of a chunk that will be trained on (so a leak would show)."""
     cfg = _cfg(method)
     tokens = val.tokens
-    if method in ("sgd", "hedge"):
+    if method in ("sgd", "hedge", "sgd688"):
         p = cfg.ttt.sgd_chunk_tokens + cfg.ttt.sgd_chunk_tokens // 2
     elif method == "lora":
         from pgolf.eval.trace import find_docs

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from pgolf.eval.legality import assert_normalised
-from pgolf.eval.score import log_probs
 from pgolf.eval.sgd_ttt import SGDTTT
 
 EXPERTS = ("neural", "unigram", "bigram", "trigram")
@@ -105,7 +104,7 @@ class HedgeTTT(SGDTTT):
 
     def distribution(self, logits: torch.Tensor, positions: np.ndarray) -> torch.Tensor:
         B, K, V = logits.shape
-        p = self.mixer.experts(log_probs(logits).reshape(B * K, V), *self.contexts(positions))  # (4, BK, V)
+        p = self.mixer.experts(self.neural(logits).reshape(B * K, V), *self.contexts(positions))  # (4, BK, V)
         self._experts = p
         return self.mixer.mix(p).reshape(B, K, V)
 
