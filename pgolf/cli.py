@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, help="train a SentencePiece model with the challenge settings")
     p.add_argument("--val-docs", type=int, help="the first N documents form the validation split")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
+    p.add_argument("--caseops", action="store_true",
+                   help="CaseOps-transform the text (#1729); val gets original-byte sidecars")
     p.add_argument("--out", required=True)
     p.set_defaults(handler="pgolf.data.cli:cmd_build")
     p = dsub.add_parser("fetch", help="download the published challenge export from the Hugging Face Hub")

@@ -2,6 +2,10 @@
 
 Each document becomes `[BOS] + sp.encode(text)` (no EOS), concatenated back to back as in the
 official export (record-stack.md §1.2); the first `val_docs` documents are the validation split.
+With `caseops=True` every document is CaseOps-transformed first (`pgolf.data.caseops`), the tokenizer
+must reserve the four operators (a trained one does), and the validation split gets per-token byte
+sidecars `fineweb_val_bytes_*.bin` holding the ORIGINAL bytes of each token (0 for BOS), which scoring
+uses instead of the LUTs (record-stack.md §1.4).
 """
 from __future__ import annotations
 
@@ -95,10 +99,34 @@ class _SplitWriter:
         self.files.append(shards.write_shard(path, toks))
 
 
+def check_caseops_tokenizer(sp, path) -> None:
+    """The four CaseOps operators must be single reserved pieces, or the transform cannot round-trip."""
+    from pgolf.data import caseops
+
+    bad = [f"U+{ord(op):04X}" for op in caseops.OPERATORS
+           if sp.piece_to_id(op) == sp.unk_id() or sp.encode(op) != [sp.piece_to_id(op)]]
+    if bad:
+        raise PgolfError(f"{path}: not a CaseOps tokenizer (operators {', '.join(bad)} are not reserved pieces; "
+                         "train one with --caseops --vocab-size N)")
+
+
+def _encode_val_caseops(sp, batch: list[str]) -> list[tuple[list[int], list[int]]]:
+    """(ids, original bytes per id) of CaseOps-transformed documents, from the pieces' surfaces."""
+    from pgolf.data import caseops
+
+    out = []
+    for proto in sp.encode(batch, return_type="proto"):
+        pieces = proto.pieces
+        out.append(([p.id for p in pieces], caseops.original_bytes(p.surface for p in pieces)))
+    return out
+
+
 def build_shards(docs: list[str], out: str | Path, *, val_docs: int, tokenizer: str | Path | None = None,
                  vocab_size: int | None = None, shard_tokens: int = 100_000_000,
-                 sources: Iterable[dict] = ()) -> dict[str, Any]:
+                 sources: Iterable[dict] = (), caseops: bool = False) -> dict[str, Any]:
     """Encode `docs` into `out` (replacing any shards there); returns the CLI's result dict."""
+    from pgolf.data import caseops as C
+
     out = Path(out)
     if not 1 <= val_docs < len(docs):
         raise PgolfError(f"--val-docs {val_docs}: must be between 1 and {len(docs) - 1} "
@@ -116,6 +144,10 @@ def build_shards(docs: list[str], out: str | Path, *, val_docs: int, tokenizer: 
         if vocab_size is not None and sp.vocab_size() != vocab_size:
             raise PgolfError(f"{tokenizer}: vocabulary size {sp.vocab_size()} != --vocab-size {vocab_size} "
                              "(vocabulary mismatch)")
+        if caseops:
+            check_caseops_tokenizer(sp, tokenizer)
+    if caseops:
+        docs = [C.encode(d) for d in docs]
 
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the folder is unfinished until the manifest is back
@@ -128,19 +160,31 @@ def build_shards(docs: list[str], out: str | Path, *, val_docs: int, tokenizer: 
     else:
         log(f"training a {vocab_size}-piece SentencePiece BPE on {len(docs) - val_docs} training documents")
         with tempfile.TemporaryDirectory(dir=out) as tmp:
-            model = train_tokenizer(docs[val_docs:], vocab_size, Path(tmp) / "tokenizer")
+            model = train_tokenizer(docs[val_docs:], vocab_size, Path(tmp) / "tokenizer",
+                                    user_symbols=C.OPERATORS if caseops else ())
             os.replace(model, tok_path)
         sp = load_tokenizer(tok_path)
     vocab = sp.vocab_size()
 
     writers = {"val": _SplitWriter(out, "val", shard_tokens), "train": _SplitWriter(out, "train", shard_tokens)}
+    if caseops:  # the sidecar runs parallel to the val tokens, shard for shard
+        writers["val_bytes"] = _SplitWriter(out, "val_bytes", shard_tokens)
     for start in range(0, len(docs), ENCODE_BATCH):
         batch = docs[start:start + ENCODE_BATCH]
+        n_val = max(0, min(len(batch), val_docs - start))
+        if caseops and n_val:
+            encoded = _encode_val_caseops(sp, batch[:n_val])
+            for ids, nbytes in encoded:
+                writers["val"].add(np.array([BOS_ID] + ids, dtype=np.uint16))
+                writers["val_bytes"].add(np.array([0] + nbytes, dtype=np.uint16))
+            batch, first = batch[n_val:], start + n_val
+        else:
+            first = start
         for i, ids in enumerate(sp.encode(batch, out_type=int, num_threads=min(os.cpu_count() or 1, 8))):
             toks = np.empty(len(ids) + 1, dtype=np.uint16)
             toks[0] = BOS_ID
             toks[1:] = ids
-            writers["val" if start + i < val_docs else "train"].add(toks)
+            writers["val" if first + i < val_docs else "train"].add(toks)
         log(f"encoded {min(start + ENCODE_BATCH, len(docs))}/{len(docs)} documents")
     for w in writers.values():
         w.close()
@@ -150,6 +194,7 @@ def build_shards(docs: list[str], out: str | Path, *, val_docs: int, tokenizer: 
         "vocab_size": vocab,
         "bos_id": BOS_ID,
         "append_eos": False,
+        "text_transform": C.NAME if caseops else None,
         "tokenizer": {"file": TOKENIZER, "sha256": sha256_file(tok_path),
                       "source": None if tokenizer is None else str(tokenizer), "trained": tokenizer is None},
         "documents": {"val": val_docs, "train": len(docs) - val_docs},
@@ -163,10 +208,11 @@ def build_shards(docs: list[str], out: str | Path, *, val_docs: int, tokenizer: 
     log(f"wrote {len(manifest['shards'])} shards to {out}")
     return {"out": str(out), "tokenizer": str(tok_path), "train_tokens": writers["train"].tokens,
             "val_tokens": writers["val"].tokens, "val_docs": val_docs, "train_docs": len(docs) - val_docs,
-            "vocab_size": vocab}
+            "vocab_size": vocab, "text_transform": C.NAME if caseops else None}
 
 
 def build_from_files(paths: list[str | Path], out: str | Path, **kw) -> dict[str, Any]:
+    """build_shards over the documents of .jsonl/.txt files (keyword arguments as build_shards)."""
     docs, sources = [], []
     for p in paths:
         d = read_documents(p)
@@ -176,7 +222,7 @@ def build_from_files(paths: list[str | Path], out: str | Path, **kw) -> dict[str
 
 
 def build_sample(out: str | Path, *, vocab_size: int | None = None, tokenizer: str | Path | None = None,
-                 val_docs: int | None = None, shard_tokens: int = 100_000_000) -> dict[str, Any]:
+                 val_docs: int | None = None, shard_tokens: int = 100_000_000, caseops: bool = False) -> dict[str, Any]:
     from pgolf.data.sample import SOURCE, sample_documents
 
     docs = sample_documents()
@@ -186,7 +232,7 @@ def build_sample(out: str | Path, *, vocab_size: int | None = None, tokenizer: s
         val_docs = max(1, len(docs) // 10)
     src = {"path": SOURCE, "python": sys.version.split()[0], "documents": len(docs)}
     return build_shards(docs, out, val_docs=val_docs, tokenizer=tokenizer, vocab_size=vocab_size,
-                        shard_tokens=shard_tokens, sources=[src])
+                        shard_tokens=shard_tokens, sources=[src], caseops=caseops)
 
 
 # ---- a data folder and the tokenizer used with it

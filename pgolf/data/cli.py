@@ -13,14 +13,14 @@ def cmd_build(args) -> dict[str, Any]:
         if args.input:
             raise PgolfError("--sample / --input: give one source of documents, not both")
         return build_sample(args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-                            val_docs=args.val_docs, shard_tokens=args.shard_tokens)
+                            val_docs=args.val_docs, shard_tokens=args.shard_tokens, caseops=args.caseops)
     if not args.input:
         raise PgolfError("--input: give .jsonl/.txt files (or --sample for the embedded corpus)")
     if args.val_docs is None:
         # no silent default: the leaderboard metric needs a deliberate split (record-stack.md §7)
         raise PgolfError("--val-docs: required with --input (the first N documents form validation)")
     return build_from_files(args.input, args.out, val_docs=args.val_docs, tokenizer=args.tokenizer,
-                            vocab_size=args.vocab_size, shard_tokens=args.shard_tokens)
+                            vocab_size=args.vocab_size, shard_tokens=args.shard_tokens, caseops=args.caseops)
 
 
 def cmd_fetch(args) -> dict[str, Any]:
