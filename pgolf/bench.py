@@ -1,4 +1,5 @@
-"""`pgolf bench`: time training steps of a preset on the current device, on synthetic tokens.
+"""`pgolf bench`: time training steps of a preset on the current device, on synthetic tokens
+(`--quant`: the artifact's phases, pgolf.quant.bench; `--ttt`: TTT throughput, pgolf.eval.bench).
 
 Reports ms/step, tokens/s and MFU (model FLOPs utilisation: 6 N + 12 L d T FLOPs per token, over
 the device's dense bf16 peak). Performance targets live here and in docs/perf.md, never in tests.
@@ -11,6 +12,8 @@ import time
 from typing import Any
 
 import torch
+
+from pgolf.errors import PgolfError
 
 # Dense bf16 peaks (TFLOP/s) used for MFU; None where unknown (MFU then reported as null).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -47,6 +50,10 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from pgolf.presets import get_preset
     from pgolf.train import batch_shape, optimizer_step
 
+    if getattr(args, "quant", False) and getattr(args, "ttt", False):
+        raise PgolfError("--quant / --ttt: one benchmark at a time")
+    if getattr(args, "ttt", False):
+        return _bench_ttt(args)
     if getattr(args, "quant", False) or getattr(args, "run", None):
         return _bench_quant(args)
     cfg = get_preset(args.preset, args.overrides)
@@ -102,15 +109,25 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
             "steps": args.steps}
 
 
-def _bench_quant(args: argparse.Namespace) -> dict[str, Any]:
+def _config(args: argparse.Namespace):
+    """The run's config (with --run) or the preset's, with the --set overrides."""
     from pgolf.config import Config
     from pgolf.presets import get_preset
-    from pgolf.quant.bench import bench_quant
 
     if args.run:
         from pgolf.runs import resolve
 
-        cfg = Config.load(resolve(args.run).file("config.json")).with_overrides(args.overrides)
-    else:
-        cfg = get_preset(args.preset, args.overrides)
-    return bench_quant(cfg, run_dir=args.run, codecs=args.codecs)
+        return Config.load(resolve(args.run).file("config.json")).with_overrides(args.overrides)
+    return get_preset(args.preset, args.overrides)
+
+
+def _bench_quant(args: argparse.Namespace) -> dict[str, Any]:
+    from pgolf.quant.bench import bench_quant
+
+    return bench_quant(_config(args), run_dir=args.run, codecs=args.codecs)
+
+
+def _bench_ttt(args: argparse.Namespace) -> dict[str, Any]:
+    from pgolf.eval.bench import bench_ttt
+
+    return bench_ttt(_config(args), tokens=args.tokens, run_dir=args.run)

@@ -82,14 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(handler="pgolf.eval.cli:cmd_eval")
 
-    p = sub.add_parser("bench", help="time training steps (or, with --quant, the artifact) on the current device")
+    p = sub.add_parser("bench", help="time training steps (or the artifact, --quant, or TTT, --ttt) on this device")
     p.add_argument("--preset", default="baseline")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--looping", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--quant", action="store_true",
                    help="time Hessians + GPTQ and every compressor instead of training steps")
-    p.add_argument("--run", default=None, help="with --quant: quantise this run's trained weights (its config)")
+    p.add_argument("--ttt", action="store_true",
+                   help="time the configured TTT method (scored tokens/s) on synthetic documents")
+    p.add_argument("--tokens", type=int, default=262_144, help="with --ttt: targets in the synthetic stream")
+    p.add_argument("--run", default=None,
+                   help="with --quant / --ttt: use this run's trained weights and config")
     p.add_argument("--codecs", default=None,
                    help="with --quant: comma list, e.g. brotli,zpaq,pergroup:zpaq (default: all)")
     _add_set(p)

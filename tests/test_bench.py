@@ -70,3 +70,27 @@ def test_bench_quant_on_a_trained_run_calibrates_on_train_shards(sp1024_data, tm
     assert res["calibration_tokens"] == 4 * 8 * 256 and res["hessians"] == 2 * 6 + 1
     rc, res, err = cli("bench", "--quant", "--preset", "cpu-smoke", "--codecs", "brotli,rar")
     assert rc == 2 and err.count("pgolf: error:") == 1 and "--codecs 'rar'" in err
+
+
+TTINY = ["model.num_layers=2", "model.model_dim=64", "model.num_heads=2", "model.num_kv_heads=1",
+         "model.vocab_size=256", "ttt.eval_seq_len=64", "ttt.chunk_size=16", "ttt.batch_size=4", "ttt.lora_rank=4",
+         "ttt.sgd_chunk_tokens=512", "eval.seq_len=64", "eval.batch_seqs=4"]
+
+
+def test_bench_ttt_reports_scored_tokens_per_second(cli):
+    from pgolf.eval.bench import synthetic_val
+
+    v = synthetic_val(20_000, 256)
+    docs = v.doc_starts.numel()
+    assert v.num_targets == 20_000 and 10 < docs < 60  # ~810 tokens per document
+    assert v.tokens[v.tokens < 8].unique().tolist() == [1]  # no special id but BOS
+    assert int(v.bytes[v.tokens[1:] == 1].sum()) == 0 and int(v.bytes.min()) >= 0  # BOS targets: 0 bytes
+    args = [a for s in TTINY for a in ("--set", s)]
+    for method in ("lora", "sgd"):
+        rc, res, err = cli("bench", "--ttt", "--preset", "cpu-smoke", "--tokens", "1024",
+                           "--set", f'ttt.method="{method}"', *args)
+        assert rc == 0, err
+        assert res["method"] == method and res["targets"] == 1024 and res["updates"] > 0
+        assert res["scored_tokens_per_s"] > 0 and res["time"]["within_budget"]
+    rc, res, err = cli("bench", "--ttt", "--quant", "--preset", "cpu-smoke")
+    assert rc == 2 and "one benchmark at a time" in err

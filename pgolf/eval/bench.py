@@ -1,0 +1,77 @@
+"""`pgolf bench --ttt`: scored tokens per second of a TTT method, on synthetic documents.
+
+The stream is random token ids (never validation data) cut into documents whose lengths follow a
+log-normal with the challenge's mean (~810 SP8192 tokens per document over the 50,000 validation
+documents; record-stack.md §1.2), so per-document LoRA batching, chunking and phases run at
+realistic shapes. The scores mean nothing; the seconds do. The method runs exactly as `pgolf eval
+--ttt` runs it (warm-up, then `run_ttt` through an EvalStream), under torchrun too.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pgolf.config import Config
+from pgolf.errors import PgolfError
+
+MEAN_DOC_TOKENS = 810
+
+
+def synthetic_val(n_tokens: int, vocab_size: int, *, mean_doc: int = MEAN_DOC_TOKENS, bos_id: int = 1,
+                  seed: int = 0):
+    """A ValSet of `n_tokens` targets: BOS-led documents of random ids (>= 8, no specials) and 1-6 bytes each."""
+    from pgolf.eval.bpb import ValSet
+
+    if n_tokens < 2:
+        raise PgolfError(f"--tokens {n_tokens}: need at least 2")
+    g = np.random.default_rng(seed)
+    tokens = g.integers(8, vocab_size, size=n_tokens + 1)
+    sigma = 1.0
+    pos = 0
+    while pos <= n_tokens:
+        tokens[pos] = bos_id
+        pos += max(2, int(g.lognormal(np.log(mean_doc) - sigma ** 2 / 2, sigma)))
+    t = torch.from_numpy(tokens.astype(np.int64))
+    nbytes = torch.from_numpy(np.where(tokens[1:] == bos_id, 0, g.integers(1, 7, size=n_tokens)).astype(np.int16))
+    return ValSet(tokens=t, bytes=nbytes, doc_starts=torch.nonzero(t == bos_id).flatten(), byte_source="lut")
+
+
+def bench_ttt(cfg: Config, *, tokens: int, run_dir: str | None = None) -> dict[str, Any]:
+    from pgolf import distributed
+    from pgolf.eval.trace import EvalStream, find_docs
+    from pgolf.eval.ttt import TimeLedger, run_ttt, runner_for, warmup
+    from pgolf.model import build_model
+
+    runner_for(cfg)  # an unknown method fails before any work
+    ctx = distributed.setup()
+    try:
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg, ctx.device)
+        if run_dir is not None:
+            from pgolf.eval.cli import load_weights
+            from pgolf.runs import resolve
+
+            state, _ = load_weights(resolve(run_dir), None)
+            model.load_state_dict({k: v.to(ctx.device) for k, v in state.items()})
+        model.looping = bool(cfg.model.num_loops)
+        model.eval()
+        val = synthetic_val(tokens, cfg.model.vocab_size, bos_id=cfg.data.bos_id)
+        ledger = TimeLedger(cfg.eval.time_budget_seconds)
+        method = cfg.ttt.method + (f"+{cfg.ttt.phases}phase" if cfg.ttt.method == "lora" and cfg.ttt.phases else "")
+        with ledger.phase("warmup"):
+            warmup(model, cfg, lora=cfg.ttt.method == "lora", base=cfg.ttt.method != "lora" or cfg.ttt.phases > 0)
+        stream = EvalStream(val.num_targets, docs=find_docs(val.tokens, cfg.data.bos_id), method=method)
+        with ledger.phase("ttt"):
+            res = run_ttt(model, val, cfg, stream, ledger=ledger, rank=ctx.rank, world_size=ctx.world_size)
+    finally:
+        distributed.teardown()
+    secs = ledger.seconds["ttt"]
+    name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    return {"device": name, "preset": cfg.preset, "method": method, "weights": "trained" if run_dir else "init",
+            "world_size": ctx.world_size, "targets": val.num_targets, "documents": int(val.doc_starts.numel()),
+            "updates": res["updates"], "warmup_s": round(ledger.seconds["warmup"], 3), "ttt_s": round(secs, 3),
+            "scored_tokens_per_s": round(val.num_targets / secs),
+            "scored_tokens_per_s_per_gpu": round(val.num_targets / secs / ctx.world_size),
+            "time": ledger.as_dict("ttt")}
