@@ -97,6 +97,9 @@ def test_zpaq_streams_are_tagged_deterministic_and_smaller_than_brotli_on_int6()
     z = C.compress(data, "zpaq")
     assert C.codec_of(z) == "zpaq" and z == C.compress(data, "zpaq") and C.decompress(z) == data
     assert len(z) < 0.997 * len(C.compress(data, "brotli"))
+    z2 = C.compress(data, "zpaq", threads=2)  # two blocks, decoded in parallel
+    assert z2 != z and z2 == C.compress(data, "zpaq", threads=2) and C.decompress(z2) == data
+    assert len(z) < len(z2) < 1.005 * len(z)
 
 
 def test_missing_zpaq_package_is_one_clear_error(monkeypatch):

@@ -113,6 +113,8 @@ def validate(q: QuantConfig) -> None:
         bad("compressor", f"{q.compressor!r}: expected one of {', '.join(C.CODECS)}, best, pergroup")
     if q.group_codec not in C.CODECS:
         bad("group_codec", f"{q.group_codec!r}: expected one of {', '.join(C.CODECS)}")
+    if not 1 <= q.zpaq_threads <= 64:
+        bad("zpaq_threads", f"{q.zpaq_threads}: expected 1..64 blocks per zpaq stream")
     if "zpaq" in (q.compressor, q.group_codec if q.compressor == "pergroup" else ""):
         try:
             import zpaq  # noqa: F401
@@ -191,10 +193,11 @@ def dequantize_state(qstate: dict) -> dict[str, torch.Tensor]:
 def serialize(qstate: dict, q: QuantConfig) -> tuple[bytes, dict]:
     """qstate -> (artifact bytes, stream sizes)."""
     if q.compressor == "pergroup":
-        return pergroup.pack(qstate, codec=q.group_codec, level=q.level, shuffle=q.byte_shuffle)
+        return pergroup.pack(qstate, codec=q.group_codec, level=q.level, shuffle=q.byte_shuffle,
+                             threads=q.zpaq_threads)
     buf = io.BytesIO()
     torch.save(qstate, buf)
-    blob = C.compress(buf.getvalue(), q.compressor, q.level, q.byte_shuffle)
+    blob = C.compress(buf.getvalue(), q.compressor, q.level, q.byte_shuffle, q.zpaq_threads)
     return blob, {"stream": len(blob), "codec": C.codec_of(blob)}
 
 

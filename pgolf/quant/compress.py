@@ -5,9 +5,10 @@ shuffled) followed by the codec's output. The tag is one byte of the artifact an
 `decompress` self-describing (and "best" possible). Level -1 is each codec's strongest setting:
 zlib 9, lzma 9|EXTREME, brotli quality 11 (window 2^24, as the records), zstd 22, zpaq 5.
 zpaq is ZPAQ context mixing (the back end of the `lrzip -z` the #1855 record runs on its per-group
-streams) through the `zpaq` package's in-memory binding: levels 1..5, higher levels mean 5, one
-thread (deterministic output, best ratio; pergroup compresses its groups in parallel instead).
-It is ~2-4 s per MB at level 5 on one core, so "best" tries it only when asked (`BEST_CODECS`).
+streams) through the `zpaq` package's in-memory binding: levels 1..5, higher levels mean 5. It is
+~2-4 s per MB at level 5 on one core, both ways, so "best" tries it only when asked (`BEST_CODECS`).
+`threads` (quant.zpaq_threads) cuts a stream into that many blocks, compressed and decompressed in
+parallel: the output is still deterministic; 2 blocks cost ~0.1% in size and halve the load time.
 Byte shuffle (records #1530-#1851): bytes regrouped by position mod `stride`, prefixed `BSHF` +
 stride byte, so the low and high bytes of fp16 scales (and the int8 planes) sit together.
 """
@@ -62,7 +63,7 @@ def zpaq_level(level: int) -> int:
     return 5 if level < 0 else min(max(level, 1), 5)
 
 
-def _raw_compress(data: bytes, codec: str, level: int) -> bytes:
+def _raw_compress(data: bytes, codec: str, level: int, threads: int = 1) -> bytes:
     if codec == "zlib":
         return zlib.compress(data, 9 if level < 0 else level)
     if codec == "lzma":
@@ -73,7 +74,7 @@ def _raw_compress(data: bytes, codec: str, level: int) -> bytes:
     if codec == "zstd":
         return zstandard.ZstdCompressor(level=22 if level < 0 else level).compress(data)
     if codec == "zpaq":
-        return _zpaq().compress(data, level=zpaq_level(level), threads=1)
+        return _zpaq().compress(data, level=zpaq_level(level), threads=threads)
     raise PgolfError(f"unknown compressor {codec!r} (choose from {', '.join(CODECS)}, best, pergroup)")
 
 
@@ -85,11 +86,11 @@ def _raw_decompress(data: bytes, codec: str) -> bytes:
     if codec == "brotli":
         return brotli.decompress(data)
     if codec == "zpaq":
-        return _zpaq().decompress(data, threads=1)
+        return _zpaq().decompress(data, threads=0)  # one worker per block
     return zstandard.ZstdDecompressor().decompress(data)
 
 
-def compress(data: bytes, codec: str = "brotli", level: int = -1, shuffle: int = 0) -> bytes:
+def compress(data: bytes, codec: str = "brotli", level: int = -1, shuffle: int = 0, threads: int = 1) -> bytes:
     """One tagged stream. codec "best" tries every codec of `BEST_CODECS` and keeps the smallest."""
     if codec == "best":
         return min((compress(data, c, level, shuffle) for c in BEST_CODECS), key=len)
@@ -97,7 +98,7 @@ def compress(data: bytes, codec: str = "brotli", level: int = -1, shuffle: int =
     tag = _TAG.get(codec)
     if tag is None:
         raise PgolfError(f"unknown compressor {codec!r} (choose from {', '.join(CODECS)}, best, pergroup)")
-    return bytes([tag | (SHUFFLED if shuffle > 1 else 0)]) + _raw_compress(payload, codec, level)
+    return bytes([tag | (SHUFFLED if shuffle > 1 else 0)]) + _raw_compress(payload, codec, level, threads)
 
 
 def decompress(blob: bytes) -> bytes:

@@ -91,7 +91,7 @@ def nn_chain_order(q: torch.Tensor) -> torch.Tensor:
 
 
 def pack(qstate: dict, *, codec: str = "brotli", level: int = -1, shuffle: int = 0,
-         rest_codec: str = "brotli") -> tuple[bytes, dict]:
+         rest_codec: str = "brotli", threads: int = 1) -> tuple[bytes, dict]:
     """qstate (see artifact.py) -> container bytes, and the byte size of every stream."""
     tensors = {k: dict(v) for k, v in qstate["tensors"].items()}  # shallow copies: q is removed
     members: dict[str, list[str]] = {r: [] for r in ROLES}
@@ -112,7 +112,7 @@ def pack(qstate: dict, *, codec: str = "brotli", level: int = -1, shuffle: int =
         buf = io.BytesIO()
         torch.save(rest, buf)
         jobs = [(buf.getvalue(), rest_codec, shuffle)] + [(blobs[r], codec, 0) for r in roles]
-        streams = list(pool.map(lambda j: C.compress(j[0], j[1], level, j[2]), jobs))
+        streams = list(pool.map(lambda j: C.compress(j[0], j[1], level, j[2], threads), jobs))
     header = MAGIC + struct.pack(f"<I{len(streams)}I", len(streams), *map(len, streams))
     sizes = {"header": len(header), "rest": len(streams[0]),
              "groups": {r: {"bytes": len(s), "members": members[r]} for r, s in zip(roles, streams[1:])}}
