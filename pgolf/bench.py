@@ -79,7 +79,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     def step(i: int) -> None:  # the trainer's own optimizer step (EMA included), on synthetic tokens
         bs = [batches[(i * accum + a) % len(batches)] for a in range(accum)]
         optimizer_step(step_model, model, opt, ema, [(b[:, :-1], b[:, 1:]) for b in bs],
-                       cfg.optim.grad_clip_norm, 1.0, i)
+                       cfg.optim.grad_clip_norm, 1.0, i, cfg.optim)
 
     def sync():
         if dev.type == "cuda":

@@ -99,6 +99,10 @@ class OptimConfig:
     embed_wd: float = 0.0
     grad_clip_norm: float = 0.0  # 0 = off
     ema_decay: float = 0.0  # 0 = off; the EMA weights are the ones exported
+    # CROWN-Q (#700 and later; hedge-stack.md §1.2): lambda/12 * sum mean(w^2 Delta^2) in the warm-down
+    crown_q_lambda: float = 0.0  # 0 = off; 0.01 in the records
+    crown_q_clip_range: int = 15  # Delta = row max / clip_range (15: int5)
+    crown_q_below_lr: float = 0.5  # on once the LR multiplier is below this (the records' late-QAT threshold)
 
 
 @dataclass

@@ -185,8 +185,8 @@ def pr430() -> Config:
 
     The model is the #606 base of the Hedge line (hedge-stack.md §1.1-1.2, §4): per-channel SmearGate
     without a BOS mask, BigramHash, VE128 on layers 9-10, per-head scalar gate, lambda_v * x0.
-    Not reproduced: the CROWN-Q penalty of #700 and later (hedge-stack §1.2) and the late int5 QAT
-    (very likely dead under torch.compile in the original); the Hedge mixer runs in its legal,
+    CROWN-Q (lambda 0.01, int5 steps, from LR multiplier 0.5) is on. Not reproduced: the late int5 STE
+    QAT (dead under torch.compile in the original, hedge-stack §1.2); the Hedge mixer runs in its legal,
     normalised form, so its score is not comparable with the illegal 1.08965.
     """
     c = Config(preset="pr430")
@@ -235,6 +235,7 @@ def pr430() -> Config:
     tt.sgd_chunk_tokens, tt.sgd_epochs, tt.sgd_lr = 32_768, 3, 5e-4
     tt.sgd_params, tt.sgd_optimizer = "last2", "adamw"  # the #688 family: AdamW on the last 2 blocks
     tt.sgd_lr_ramp, tt.sgd_byte_weighted, tt.sgd_polyak, tt.sgd_temperature = 3.0, True, 0.998, 0.98
+    c.optim.crown_q_lambda, c.optim.crown_q_clip_range, c.optim.crown_q_below_lr = 0.01, 15, 0.5
     return c
 
 

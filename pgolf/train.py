@@ -58,6 +58,8 @@ def validate_training(cfg: Config) -> None:
         ("optim.ema_decay", 0.0 <= o.ema_decay < 1.0, "expected 0 (off) or a decay in (0, 1)"),
         ("optim.muon_backend_steps", o.muon_backend_steps >= 1, "expected >= 1"),
         ("optim.grad_clip_norm", o.grad_clip_norm >= 0, "expected >= 0 (0 = off)"),
+        ("optim.crown_q_lambda", o.crown_q_lambda >= 0, "expected >= 0 (0 = off)"),
+        ("optim.crown_q_clip_range", o.crown_q_clip_range >= 1, "expected >= 1 (15 for int5)"),
         ("train.log_every", t.log_every >= 1, "expected >= 1"),
         ("train.iterations", t.iterations >= 1, "expected >= 1"),
         ("train.train_seq_len", t.train_seq_len >= 1, "expected >= 1"),
@@ -92,13 +94,16 @@ def batch_shape(cfg: Config, world: int) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- the loop
-def optimizer_step(step_model, model, opt, ema, batches, clip: float, lr_mult: float, step: int) -> torch.Tensor:
+def optimizer_step(step_model, model, opt, ema, batches, clip: float, lr_mult: float, step: int,
+                   oc=None) -> torch.Tensor:
     """Accumulate over `batches` [(x, y)], average grads across ranks, clip, step, update the EMA.
+    With `oc` (the OptimConfig), the CROWN-Q penalty is added once it is active (pgolf.optim.crownq).
 
     `step_model` is the (possibly compiled) module the forward runs through; `model` owns the weights.
     Returns the mean loss as a 0-d tensor (no host sync)."""
     from pgolf.eval.score import autocast_for
     from pgolf.optim import clip_grad_norm
+    from pgolf.optim.crownq import crown_q_active, crown_q_penalty
 
     device = next(model.parameters()).device
     total = torch.zeros((), device=device)
@@ -107,6 +112,8 @@ def optimizer_step(step_model, model, opt, ema, batches, clip: float, lr_mult: f
             loss = step_model(x, y)
         (loss / len(batches)).backward()
         total += loss.detach() / len(batches)
+    if oc is not None and crown_q_active(oc, lr_mult):  # the same weights, so the same term, on every rank
+        (oc.crown_q_lambda * crown_q_penalty(model, oc.crown_q_clip_range)).backward()
     distributed.all_reduce_mean_([p.grad for p in model.parameters() if p.grad is not None])
     clip_grad_norm(model, clip)
     opt.step(lr_mult, step)
@@ -159,7 +166,7 @@ class Trainer:
         """One optimizer step over the global batch; returns the mean loss (a 0-d tensor)."""
         batches = self.loader.next_batch(self.micro, self.accum, self.ctx.device)
         return optimizer_step(self.step_model, self.model, self.opt, self.ema, batches,
-                              self.cfg.optim.grad_clip_norm, lr_mult, step)
+                              self.cfg.optim.grad_clip_norm, lr_mult, step, self.cfg.optim)
 
     def sync(self) -> None:
         if self.ctx.device.type == "cuda":

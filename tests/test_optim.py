@@ -363,3 +363,42 @@ def test_ema_math_and_round_trip():
     assert model.weight.dtype == torch.bfloat16
     torch.testing.assert_close(model.bias.detach(), ema.shadow["bias"])
     torch.testing.assert_close(model.stat, torch.full((2,), 0.95))
+
+
+def test_crown_q_penalty_value_and_gradient():
+    from torch import nn
+
+    from pgolf.optim.crownq import crown_q_penalty
+
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(4, 3, bias=False), nn.ReLU(), nn.Linear(3, 2, bias=False))
+    ws = [net[0].weight, net[2].weight]
+    want = sum(((w.detach() ** 2) * (w.detach().abs().amax(1, keepdim=True) / 15) ** 2).mean() for w in ws) / 12
+    p = crown_q_penalty(net, 15)
+    assert p.item() == pytest.approx(want.item(), rel=1e-6)
+    p.backward()
+    for w in ws:  # the row step is a constant: d/dw = 2 w Delta^2 / (12 numel)
+        delta2 = (w.detach().abs().amax(1, keepdim=True) / 15) ** 2
+        assert torch.allclose(w.grad, 2 * w.detach() * delta2 / (12 * w.numel()), atol=1e-9)
+
+
+def test_crown_q_only_in_the_warm_down_of_an_optimizer_step():
+    from pgolf.model import build_model
+    from pgolf.presets import get_preset
+    from pgolf.train import optimizer_step
+
+    cfg = get_preset("cpu-smoke", ["model.num_layers=2", "model.model_dim=32", "model.num_heads=2",
+                                   "model.num_kv_heads=1", "model.vocab_size=64", "optim.crown_q_lambda=50.0"])
+    x = torch.randint(0, 64, (2, 16))
+
+    def after(lr_mult, oc):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        opt = build_optimizers(model, cfg.optim, tied=True)
+        optimizer_step(model, model, opt, None, [(x, x)], 0.0, lr_mult, 0, oc)
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    plain = after(0.4, None)
+    assert torch.equal(after(0.9, cfg.optim), after(0.9, None))  # above the threshold: off
+    assert not torch.allclose(after(0.4, cfg.optim), plain)  # below 0.5: the penalty moves the weights
+    assert get_preset("pr430").optim.crown_q_lambda == 0.01
