@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(handler="pgolf.data.cli:cmd_build")
     p = dsub.add_parser("fetch", help="download the published challenge export from the Hugging Face Hub")
-    p.add_argument("--variant", choices=["sp1024", "sp8192"], default="sp1024")
+    p.add_argument("--variant", choices=["sp1024", "sp8192", "sp8192-caseops"], default="sp1024")
     p.add_argument("--train-shards", type=int, default=80)
     p.add_argument("--out", default=None)
     p.add_argument("--repo-id", default=None, help="dataset repository (default: the official export)")

@@ -122,3 +122,61 @@ def test_more_shards_than_published(monkeypatch, hub, tmp_path):
     _install(monkeypatch, hub, tmp_path)
     with pytest.raises(PgolfError, match="publishes only 3"):
         fetch.fetch("sp1024", 4, out=tmp_path)
+
+
+CROOT = "datasets/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+
+
+def _caseops_hub(tmp_path, shared_dir, sidecar_tokens=300):
+    rng = np.random.default_rng(1)
+    files = {}
+    toks = rng.integers(8, 8192, 300)
+    toks[0] = 1
+    side = rng.integers(1, 6, sidecar_tokens)
+    side[0] = 0
+    for name, arr in [("fineweb_val_000000.bin", toks), ("fineweb_val_bytes_000000.bin", side),
+                      ("fineweb_train_000000.bin", rng.integers(8, 8192, 500))]:
+        files[f"{CROOT}/{name}"] = shards.write_shard(tmp_path / "src" / name, arr).read_bytes()
+    tok = "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+    files[f"datasets/{tok}"] = (shared_dir / "tokenizers" / "fineweb_8192_bpe.model").read_bytes()  # 8192 pieces
+    files["datasets/manifest.json"] = json.dumps({
+        "datasets": [{"name": "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", "tokenizer_name": "caseops",
+                      "stats": {"files_val": 1, "files_train": 1}}],
+        "tokenizers": [{"name": "caseops", "model_path": tok}]}).encode()
+    return files
+
+
+def _fake(monkeypatch, files, calls):
+    def download(repo_id, remote, staging):
+        assert repo_id == "romeerp/parameter-golf-caseops-v1"
+        calls.append(remote)
+        dest = staging / remote
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(files[remote])
+        return dest
+    monkeypatch.setattr(fetch, "_download", download)
+    monkeypatch.setattr(fetch, "_remote_info", lambda repo, paths: {})
+
+
+def test_caseops_variant_fetches_the_byte_sidecars(monkeypatch, cli, tmp_path, shared_dir):
+    from pgolf.eval.bpb import load_val
+
+    calls = []
+    _fake(monkeypatch, _caseops_hub(tmp_path, shared_dir), calls)
+    out = tmp_path / "out"
+    rc, res, err = cli("data", "fetch", "--variant", "sp8192-caseops", "--train-shards", "1", "--out", out)
+    assert rc == 0, err
+    assert f"{CROOT}/fineweb_val_bytes_000000.bin" in calls and res["files"] == 6
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["text_transform"] == "lossless_caps_caseops_v1" and m["tokens"] == {"val": 300, "train": 500}
+    assert "fineweb_val_bytes_000000.bin" in m["shards"]
+    val = load_val(out, None, 8192, 64)
+    assert val.byte_source == "sidecar"
+    assert val.total_bytes == int(shards.read_shard(out / "fineweb_val_bytes_000000.bin")[1:257].sum())
+
+
+def test_caseops_sidecar_of_the_wrong_length_is_refused(monkeypatch, cli, tmp_path, shared_dir):
+    _fake(monkeypatch, _caseops_hub(tmp_path, shared_dir, sidecar_tokens=299), [])
+    rc, res, err = cli("data", "fetch", "--variant", "sp8192-caseops", "--train-shards", "1", "--out", tmp_path / "o")
+    assert rc == 2 and err.count("pgolf: error:") == 1 and "299 entries for the 300 tokens" in err
+    assert not (tmp_path / "o" / "manifest.json").exists()

@@ -5,7 +5,9 @@ the dataset repository: `datasets/manifest.json` (per dataset: `stats.files_trai
 `tokenizer_name`; per tokenizer: `model_path`), shards under
 `datasets/datasets/fineweb10B_<variant>/fineweb_{val,train}_XXXXXX.bin`, and the tokenizer under
 `datasets/tokenizers/`. SP1024 lives in `willdepueoai/parameter-golf`, SP8192 in
-`kevclark/parameter-golf` (record-stack.md §1.2).
+`kevclark/parameter-golf` (record-stack.md §1.2), and the CaseOps SP8192 export the #1736-#1855
+records train on in `romeerp/parameter-golf-caseops-v1` (same layout, plus the validation byte
+sidecars `fineweb_val_bytes_XXXXXX.bin`, one per val shard, which scoring uses instead of the LUTs).
 
 Everything lands flat in one folder (shards, `tokenizer.model`, the Hub's `hub_manifest.json`, and
 pgolf's own `manifest.json`), the same shape `pgolf data build` writes. A download is first
@@ -30,6 +32,10 @@ from pgolf.fileio import atomic_write_json, sha256_file
 VARIANTS = {
     "sp1024": {"repo_id": "willdepueoai/parameter-golf", "dataset": "fineweb10B_sp1024", "vocab_size": 1024},
     "sp8192": {"repo_id": "kevclark/parameter-golf", "dataset": "fineweb10B_sp8192", "vocab_size": 8192},
+    "sp8192-caseops": {"repo_id": "romeerp/parameter-golf-caseops-v1",
+                       "dataset": "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved", "vocab_size": 8192,
+                       "tokenizer": "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model",
+                       "caseops": True},
 }
 REMOTE_ROOT = "datasets"
 HUB_MANIFEST = "hub_manifest.json"
@@ -73,6 +79,8 @@ def _check(path: Path, kind: str, expect: tuple[int | None, str | None], vocab_s
         raise PgolfError(f"{path.name}: sha256 differs from the Hub's")
     if kind == "shard":
         shards.read_shard(path, vocab_size)
+    elif kind == "sidecar":
+        shards.read_header(path)  # byte counts, not token ids: header and size only
     elif kind == "tokenizer":
         n = load_tokenizer(path).vocab_size()
         if n != vocab_size:
@@ -146,11 +154,15 @@ def fetch(variant: str = "sp1024", train_shards: int = 80, out: str | Path | Non
         if train_shards > n_train:
             raise PgolfError(f"--train-shards {train_shards}: {repo_id} publishes only {n_train} for {variant}")
         tok = next((t for t in hub.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")), {})
-        tok_remote = f"{REMOTE_ROOT}/{tok.get('model_path') or f'tokenizers/fineweb_{vocab}_bpe.model'}"
+        default_tok = spec.get("tokenizer", f"tokenizers/fineweb_{vocab}_bpe.model")
+        tok_remote = f"{REMOTE_ROOT}/{tok.get('model_path') or default_tok}"
 
         # 2. every file, verified, moved into place only when good
         prefix = f"{REMOTE_ROOT}/datasets/{spec['dataset']}"
         files = [(f"{prefix}/fineweb_val_{i:06d}.bin", f"fineweb_val_{i:06d}.bin", "shard") for i in range(n_val)]
+        if spec.get("caseops"):
+            files += [(f"{prefix}/fineweb_val_bytes_{i:06d}.bin", f"fineweb_val_bytes_{i:06d}.bin", "sidecar")
+                      for i in range(n_val)]
         files += [(f"{prefix}/fineweb_train_{i:06d}.bin", f"fineweb_train_{i:06d}.bin", "shard")
                   for i in range(train_shards)]
         files.append((tok_remote, TOKENIZER, "tokenizer"))
@@ -162,7 +174,11 @@ def fetch(variant: str = "sp1024", train_shards: int = 80, out: str | Path | Non
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-    names = [name for _, name, kind in files if kind == "shard"]
+    names = [name for _, name, kind in files if kind in ("shard", "sidecar")]
+    for i in range(n_val if spec.get("caseops") else 0):  # a sidecar runs parallel to its val shard
+        a, b = (shards.read_header(out / f"fineweb_val{x}_{i:06d}.bin") for x in ("", "_bytes"))
+        if a != b:
+            raise PgolfError(f"{out}/fineweb_val_bytes_{i:06d}.bin: {b} entries for the {a} tokens of its val shard")
     # the Hub's sha256 was checked against each file above; hash locally only where it published none
     sha = {name: info.get(remote, (None, None))[1] or sha256_file(out / name) for remote, name, _ in files}
     manifest = {
@@ -170,11 +186,12 @@ def fetch(variant: str = "sp1024", train_shards: int = 80, out: str | Path | Non
         "vocab_size": vocab,
         "bos_id": 1,
         "append_eos": False,
+        "text_transform": "lossless_caps_caseops_v1" if spec.get("caseops") else None,
         "tokenizer": {"file": TOKENIZER, "sha256": sha[TOKENIZER], "source": f"{repo_id}/{tok_remote}",
                       "trained": False},
         "documents": {"val": stats.get("docs_val"), "train": stats.get("docs_train")},
-        "tokens": {s: sum(shards.read_header(out / n) for n in names if n.startswith(f"fineweb_{s}_"))
-                   for s in ("val", "train")},
+        "tokens": {s: sum(shards.read_header(out / n) for n in names
+                          if n.startswith(f"fineweb_{s}_") and "_bytes_" not in n) for s in ("val", "train")},
         "shards": {n: {"tokens": shards.read_header(out / n), "sha256": sha[n]} for n in names},
         "sources": [{"hub": repo_id, "variant": variant, "dataset": spec["dataset"],
                      "train_shards": train_shards, "published_train_shards": n_train}],
