@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test test-gpu lab venv clean
+.PHONY: run test test-gpu gpu-wheels lab venv clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,13 @@ test: $(STAMP)
 # GPU-only tests (run on a CUDA machine).
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
+
+# Wheels the device H100 image lacks (cp312), for scripts/gpu_checks.sh (carry .whl).
+GPU_WHEELS = zstandard==0.23.0 brotli==1.1.0 zpaq==0.3.7 python-minifier==2.11.3
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 lab: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[lab]"
