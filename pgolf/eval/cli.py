@@ -8,6 +8,7 @@ sums all-reduced; documents / chunks split across ranks deterministically).
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,11 @@ def cmd_eval(args: Any) -> dict[str, Any]:
     ledger = TimeLedger(cfg.eval.time_budget_seconds)
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     ctx = setup()
+
+    def say(msg: str) -> None:  # progress on stderr, rank 0 (the CLI contract)
+        if ctx.is_main:
+            print(f"{time.strftime('%H:%M:%S')} eval: {msg}", file=sys.stderr, flush=True)
+
     try:
         with ledger.phase("load"):
             model, artifact = load_model(run, cfg, args.artifact, ctx.device)
@@ -86,6 +92,7 @@ def cmd_eval(args: Any) -> dict[str, Any]:
             val = load_val(cfg.data.path, cfg.data.tokenizer or None, cfg.model.vocab_size, seq_len,
                            cfg.data.val_max_tokens, bos_id=cfg.data.bos_id)
         n, docs = val.num_targets, find_docs(val.tokens, cfg.data.bos_id)
+        say(f"loaded {artifact.name} and {n:,} validation targets in {ledger.seconds['load']:.1f} s")
         want_trace = bool(args.trace)
         base_stream = EvalStream(n, docs=docs, keep_trace=want_trace and not args.ttt, keep_losses=args.ttt,
                                  method="none")
@@ -93,6 +100,7 @@ def cmd_eval(args: Any) -> dict[str, Any]:
             base = score_stream(model, val, seq_len, cfg.eval.stride, cfg.eval.batch_seqs, rank=ctx.rank,
                                 world_size=ctx.world_size, doc_mask=cfg.eval.doc_mask, stream=base_stream)
         base_stream.finish()
+        say(f"val_bpb {base['val_bpb']:.4f} without TTT ({ledger.seconds['score']:.1f} s)")
         final, stream = base, base_stream
         out: dict[str, Any] = {"run_dir": str(run.path), "artifact": str(artifact), "ttt": bool(args.ttt)}
         if args.ttt:
@@ -103,7 +111,9 @@ def cmd_eval(args: Any) -> dict[str, Any]:
             stream = EvalStream(n, docs=docs, keep_trace=want_trace, method=method)
             log = ConvergenceLog(run.file("ttt.jsonl") if ctx.is_main else None, stream, method=method,
                                  baseline=_gather_losses(base_stream.losses, ctx.device),
-                                 eval_id=time.strftime("%Y%m%d-%H%M%S"), label=artifact.name)
+                                 eval_id=time.strftime("%Y%m%d-%H%M%S"), label=artifact.name,
+                                 echo=say if ctx.is_main else None)
+            say(f"{method}: warm-up {ledger.seconds['warmup']:.1f} s, scoring with test-time training")
             with ledger.phase("ttt"):
                 final = run_ttt(model, val, cfg, stream, log=log, ledger=ledger, rank=ctx.rank,
                                 world_size=ctx.world_size)

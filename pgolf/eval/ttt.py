@@ -96,8 +96,10 @@ class ConvergenceLog:
     """
 
     def __init__(self, path: str | Path | None, stream: EvalStream, *, method: str,
-                 baseline: np.ndarray | None = None, eval_id: str | None = None, label: str = ""):
+                 baseline: np.ndarray | None = None, eval_id: str | None = None, label: str = "",
+                 echo: Any = None, echo_every: float = 10.0):
         self.path = Path(path) if path is not None else None
+        self.echo, self.echo_every, self._echoed = echo, echo_every, -math.inf  # progress lines (stderr)
         self.stream, self.method, self.baseline, self.label = stream, method, baseline, label
         self.eval_id = eval_id or time.strftime("%Y%m%d-%H%M%S")
         self.t0 = time.perf_counter()
@@ -116,6 +118,13 @@ class ConvergenceLog:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        now = time.perf_counter()
+        if self.echo is not None and (row["kind"] in ("phase", "done") or now - self._echoed >= self.echo_every):
+            self._echoed = now
+            base = f" (no TTT {row['bpb_no_ttt']:.4f})" if row.get("bpb_no_ttt") is not None else ""
+            bpb = f"{row['bpb']:.4f}" if row.get("bpb") is not None else "-"
+            self.echo(f"{self.method} {row['kind']} phase {row.get('phase', '-')}: {row['tokens']:,} tokens scored, "
+                      f"running bpb {bpb}{base}, {row['step']} updates, {row['seconds']:.0f} s")
         return row
 
     def _running(self) -> dict[str, Any]:
