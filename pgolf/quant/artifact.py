@@ -117,10 +117,9 @@ def validate(q: QuantConfig) -> None:
         bad("zpaq_threads", f"{q.zpaq_threads}: expected 1..64 blocks per zpaq stream")
     if "zpaq" in (q.compressor, q.group_codec if q.compressor == "pergroup" else ""):
         try:
-            import zpaq  # noqa: F401
-        except ImportError:
-            bad("group_codec" if q.compressor == "pergroup" else "compressor",
-                "'zpaq' needs the `zpaq` package (pip install zpaq==0.3.7; it is in pgolf's dependencies)")
+            C.zpaq_module()
+        except PgolfError:
+            bad("group_codec" if q.compressor == "pergroup" else "compressor", C.ZPAQ_MISSING)
     if q.lqer:
         if q.lqer_rank < 1 or q.lqer_top_k < 0 or q.lqer_group < 1:
             bad("lqer_rank", "LQER needs rank >= 1, top_k >= 0 and group >= 1")

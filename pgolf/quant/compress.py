@@ -50,12 +50,15 @@ def byte_unshuffle(blob: bytes) -> bytes:
     return bytes(out)
 
 
-def _zpaq():
+ZPAQ_MISSING = "'zpaq' needs the `zpaq` package (pip install zpaq==0.3.7; it is in pgolf's dependencies)"
+
+
+def zpaq_module():
+    """The zpaq binding, or one PgolfError saying how to get it."""
     try:
         import zpaq
     except ImportError:
-        raise PgolfError("codec zpaq needs the `zpaq` package (pip install zpaq==0.3.7; it is in "
-                         "pgolf's dependencies)") from None
+        raise PgolfError(f"codec {ZPAQ_MISSING}") from None
     return zpaq
 
 
@@ -74,7 +77,7 @@ def _raw_compress(data: bytes, codec: str, level: int, threads: int = 1) -> byte
     if codec == "zstd":
         return zstandard.ZstdCompressor(level=22 if level < 0 else level).compress(data)
     if codec == "zpaq":
-        return _zpaq().compress(data, level=zpaq_level(level), threads=threads)
+        return zpaq_module().compress(data, level=zpaq_level(level), threads=threads)
     raise PgolfError(f"unknown compressor {codec!r} (choose from {', '.join(CODECS)}, best, pergroup)")
 
 
@@ -86,7 +89,7 @@ def _raw_decompress(data: bytes, codec: str) -> bytes:
     if codec == "brotli":
         return brotli.decompress(data)
     if codec == "zpaq":
-        return _zpaq().decompress(data, threads=0)  # one worker per block
+        return zpaq_module().decompress(data, threads=0)  # one worker per block
     return zstandard.ZstdDecompressor().decompress(data)
 
 
@@ -106,7 +109,7 @@ def decompress(blob: bytes) -> bytes:
         raise PgolfError("corrupt artifact: unknown compressor tag")
     codec = _CODEC[blob[0] & ~SHUFFLED]
     if codec == "zpaq":
-        _zpaq()  # a missing package is its own error, not a corrupt stream
+        zpaq_module()  # a missing package is its own error, not a corrupt stream
     try:
         data = _raw_decompress(blob[1:], codec)
     except Exception as e:  # each codec raises its own error type
