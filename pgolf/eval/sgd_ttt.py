@@ -170,7 +170,7 @@ class SGDTTT:
         for g in self.opt.param_groups:
             g["lr"] = ramped_lr(tc.sgd_lr, c, self.n_chunks, tc.sgd_lr_ramp)
         # the chunk's loss is a mean over all its targets (every rank), byte-weighted on request
-        total = float(self.target_bytes[lo:hi].sum()) if tc.sgd_byte_weighted else float(hi - lo)
+        total = max(float(self.target_bytes[lo:hi].sum()), 1.0) if tc.sgd_byte_weighted else float(hi - lo)
         rows = list(range(lo, hi, self.seq_len))[self.rank::self.world_size]
         self.model.train()
         for _ in range(tc.sgd_epochs):
