@@ -38,28 +38,34 @@ def synthetic_val(n_tokens: int, vocab_size: int, *, mean_doc: int = MEAN_DOC_TO
     return ValSet(tokens=t, bytes=nbytes, doc_starts=torch.nonzero(t == bos_id).flatten(), byte_source="lut")
 
 
+def bench_model(cfg: Config, run_dir: str | None, device: torch.device) -> torch.nn.Module:
+    """The run's trained weights (as `pgolf eval` loads them), else the preset's initialisation;
+    looping as evaluated, eval mode."""
+    if run_dir is not None:
+        from pgolf.eval.cli import load_model
+        from pgolf.runs import resolve
+
+        return load_model(resolve(run_dir), cfg, None, device)[0]
+    from pgolf.model import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, device)
+    model.looping = bool(cfg.model.num_loops)
+    return model.eval()
+
+
 def bench_ttt(cfg: Config, *, tokens: int, run_dir: str | None = None) -> dict[str, Any]:
     from pgolf import distributed
     from pgolf.eval.trace import EvalStream, find_docs
-    from pgolf.eval.ttt import TimeLedger, run_ttt, runner_for, warmup
-    from pgolf.model import build_model
+    from pgolf.eval.ttt import TimeLedger, method_label, run_ttt, runner_for, warmup
 
     runner_for(cfg)  # an unknown method fails before any work
     ctx = distributed.setup()
     try:
-        torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg, ctx.device)
-        if run_dir is not None:
-            from pgolf.eval.cli import load_weights
-            from pgolf.runs import resolve
-
-            state, _ = load_weights(resolve(run_dir), None)
-            model.load_state_dict({k: v.to(ctx.device) for k, v in state.items()})
-        model.looping = bool(cfg.model.num_loops)
-        model.eval()
+        model = bench_model(cfg, run_dir, ctx.device)
         val = synthetic_val(tokens, cfg.model.vocab_size, bos_id=cfg.data.bos_id)
         ledger = TimeLedger(cfg.eval.time_budget_seconds)
-        method = cfg.ttt.method + (f"+{cfg.ttt.phases}phase" if cfg.ttt.method == "lora" and cfg.ttt.phases else "")
+        method = method_label(cfg)
         with ledger.phase("warmup"):
             warmup(model, cfg, lora=cfg.ttt.method == "lora", base=cfg.ttt.method != "lora" or cfg.ttt.phases > 0)
         stream = EvalStream(val.num_targets, docs=find_docs(val.tokens, cfg.data.bos_id), method=method)

@@ -67,7 +67,7 @@ def cmd_eval(args: Any) -> dict[str, Any]:
     from pgolf.eval.bpb import load_val
     from pgolf.eval.score import score_stream
     from pgolf.eval.trace import EvalStream, find_docs, trace_path
-    from pgolf.eval.ttt import ConvergenceLog, TimeLedger, run_ttt, runner_for, warmup
+    from pgolf.eval.ttt import ConvergenceLog, TimeLedger, method_label, run_ttt, runner_for, warmup
 
     for item in args.overrides:
         if not item.split("=", 1)[0].strip().startswith(EVAL_SECTIONS):
@@ -104,7 +104,7 @@ def cmd_eval(args: Any) -> dict[str, Any]:
         final, stream = base, base_stream
         out: dict[str, Any] = {"run_dir": str(run.path), "artifact": str(artifact), "ttt": bool(args.ttt)}
         if args.ttt:
-            method = cfg.ttt.method + (f"+{cfg.ttt.phases}phase" if cfg.ttt.method == "lora" and cfg.ttt.phases else "")
+            method = method_label(cfg)
             with ledger.phase("warmup"):  # synthetic tokens only
                 warmup(model, cfg, lora=cfg.ttt.method == "lora",
                        base=cfg.ttt.method != "lora" or cfg.ttt.phases > 0)

@@ -182,6 +182,12 @@ def lora_targets(tc: Any) -> tuple[str, ...]:
     return tuple(k for k, on in flags.items() if on)
 
 
+def method_label(cfg: Any) -> str:
+    """The TTT method as logs and results name it: "lora", "lora+3phase", "sgd", "hedge"."""
+    tc = cfg.ttt
+    return tc.method + (f"+{tc.phases}phase" if tc.method == "lora" and tc.phases else "")
+
+
 def runner_for(cfg: Any):
     """The runner class of `cfg.ttt.method` (phased LoRA when `ttt.phases > 0`)."""
     from pgolf.errors import PgolfError

@@ -45,19 +45,13 @@ def parse_codecs(spec: str | None) -> list[tuple[str, str]]:
 
 
 def _model_and_batches(cfg: Config, run_dir: str | None, device: torch.device):
-    from pgolf.model import build_model
+    from pgolf.eval.bench import bench_model
 
     q = cfg.quant
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, device)
+    model = bench_model(cfg, run_dir, device)  # the trained weights with --run, else the initialisation
     if run_dir is not None:
         from pgolf.data.loader import calibration_batches
-        from pgolf.runs import resolve
 
-        path = resolve(run_dir).file("final_model.pt")
-        if not path.exists():
-            raise PgolfError(f"{path}: not found (bench --run needs the trained weights the trainer saves)")
-        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
         batches = calibration_batches(cfg.data.path, q.calibration_batches, q.calibration_seqs,
                                       q.calibration_seq_len, seed=q.calibration_seed)
         return model, batches, "train shards"
@@ -79,9 +73,7 @@ def bench_quant(cfg: Config, *, run_dir: str | None = None, codecs: str | None =
     for comp, group in pairs:
         A.validate(dataclasses.replace(q, compressor=comp, group_codec=group))
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, batches, source = _model_and_batches(cfg, run_dir, device)
-    model.looping = bool(cfg.model.num_loops)  # the records calibrate the looped forward
-    model.eval()
+    model, batches, source = _model_and_batches(cfg, run_dir, device)  # looped forward, as the records calibrate
     _sync(device)
     t0 = time.perf_counter()
     H = collect_hessians(model, [b.to(device) for b in batches], min_numel=q.passthrough_numel) \
