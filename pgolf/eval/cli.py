@@ -39,17 +39,11 @@ def load_weights(run: RunDir, artifact: str | None) -> tuple[dict[str, torch.Ten
 
 
 def load_model(run: RunDir, cfg: Config, artifact: str | None, device: torch.device) -> tuple[torch.nn.Module, Path]:
-    from pgolf.model import build_model
+    """The run's model with the weights (or artifact) loaded, looping on as evaluated, eval mode."""
+    from pgolf.quant.pipeline import build
 
     state, path = load_weights(run, artifact)
-    model = build_model(cfg, device)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise PgolfError(f"{path}: weights do not fit the run's model ({str(e).splitlines()[0]})") from None
-    model.looping = bool(cfg.model.num_loops)  # looping stays on for evaluation (record-stack §2.6)
-    model.eval()
-    return model, path
+    return build(cfg, state, device, str(path)).eval(), path
 
 
 def _gather_losses(losses: np.ndarray, device: torch.device) -> np.ndarray:

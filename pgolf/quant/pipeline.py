@@ -44,15 +44,16 @@ def _timed(timings: dict[str, float], key: str, t0: float) -> None:
     timings[key] = round(time.perf_counter() - t0, 3)
 
 
-def build(cfg: Config, state: dict[str, torch.Tensor], device: torch.device):
-    """A fresh model with `state` loaded (strict) and looping as evaluated."""
+def build(cfg: Config, state: dict[str, torch.Tensor], device: torch.device, name: str = "the run's weights"):
+    """A fresh model with `state` loaded (strict) and looping as evaluated; `name` says whose weights
+    in the error when they do not fit the config."""
     from pgolf.model import build_model
 
     model = build_model(cfg, device)
     try:
         model.load_state_dict({k: v.to(device) for k, v in state.items()})
     except RuntimeError as e:
-        raise PgolfError(f"the run's weights do not fit its model config ({str(e).splitlines()[0]})") from None
+        raise PgolfError(f"{name}: weights do not fit the run's model ({str(e).splitlines()[0]})") from None
     model.looping = bool(cfg.model.num_loops)  # looping stays on for calibration and scoring (§2.6, §4.2)
     return model
 
