@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 # The main job on the embedded default: sample corpus -> train (cpu-smoke, or baseline on a GPU)
 # -> run directory under runs/ and a loss-curve figure under figures/.
 run: $(STAMP)
-	$(BIN)/python -m pgolf.mainjob
+	$(BIN)/python -m pgolf.lab.mainjob
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -106,14 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2")
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--runs-root", default="runs")
-    p.set_defaults(handler="pgolf.sweep:cmd_sweep")
+    p.set_defaults(handler="pgolf.lab.sweep:cmd_sweep")
 
     p = sub.add_parser("stats", help="seed statistics and the challenge's significance test")
     p.add_argument("a_glob")
     p.add_argument("--vs", dest="b_glob", default=None)
     p.add_argument("--metric", default="val_bpb")
     p.add_argument("--runs-root", default="runs")
-    p.set_defaults(handler="pgolf.stats:cmd_stats")
+    p.set_defaults(handler="pgolf.lab.stats:cmd_stats")
     return ap
 
 

@@ -7,3 +7,8 @@ class PgolfError(Exception):
     The message names the file or key and what is wrong. The CLI prints it as one line
     (`pgolf: error: <message>`) and exits non-zero; `--debug` shows the traceback.
     """
+
+
+class LegalityError(PgolfError):
+    """An evaluation broke one of the challenge's conditions (Issue #1017): a bug in an evaluation
+    method or a distribution that is not normalised. Reported like any pgolf error (one line, exit 2)."""

@@ -4,8 +4,7 @@ Each run writes `runs/<run_id>/`: `config.json`, `env.json`, `train.log`, `metri
 `result.json` and its artifacts. JSON files and artifacts are written atomically (temporary file in
 the same folder, then `os.replace`), so a reader never sees half a file. A run is *finished* only once
 `result.json` says `"status": "finished"`; only then does `index.jsonl` (beside the run directories)
-gain a line. `load()` gives every finished run as a pandas DataFrame, with the latest `result.json`
-values (quantisation and TTT results are merged into it by later commands).
+gain a line. Reading the registry back (`pgolf.lab.registry.load()`, a pandas DataFrame) is the lab's.
 """
 from __future__ import annotations
 
@@ -148,24 +147,3 @@ def resolve(run_dir: str | Path) -> RunDir:
     if not run.file("config.json").exists():
         raise PgolfError(f"{run.path}: not a pgolf run directory (no config.json)")
     return run
-
-
-def load(root: str | Path = "runs") -> "pandas.DataFrame":  # noqa: F821
-    """Every finished run listed in `<root>/index.jsonl`, one row each, with its latest results."""
-    import pandas as pd
-
-    index = Path(root) / INDEX
-    rows: dict[str, dict[str, Any]] = {}
-    if index.exists():
-        for line in index.read_text().splitlines():
-            if not line.strip():
-                continue
-            entry = json.loads(line)
-            run = RunDir(entry["run_dir"])
-            if not run.path.is_absolute() and not run.path.exists():
-                run = RunDir(Path(root) / run.path.name)
-            row = dict(entry)
-            if run.file("result.json").exists():
-                row.update({k: v for k, v in run.result().items() if not isinstance(v, (dict, list))})
-            rows[str(run.path)] = row
-    return pd.DataFrame(list(rows.values()))

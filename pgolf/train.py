@@ -247,7 +247,7 @@ class Trainer:
         """The baseline artifact (per-row int8 + zlib), re-evaluated from the file alone."""
         from pgolf.eval.score import evaluate
         from pgolf.model import build_model
-        from pgolf.quant.int8 import export_int8, load_int8
+        from pgolf.artifact.int8 import export_int8, load_int8
 
         out: dict[str, Any] = {}
         if self.cfg.train.export != "int8":

@@ -12,6 +12,7 @@ from pgolf.data import shards
 from pgolf.data.build import read_documents
 from pgolf.data.tokenizer import load_tokenizer
 from pgolf.errors import PgolfError
+from pgolf.data import bytes as data_bytes
 from pgolf.eval import bpb
 
 
@@ -21,7 +22,7 @@ def sp1024(shared_dir):
 
 
 def test_lut_rules_on_hand_picked_pieces(sp1024):
-    luts = bpb.build_luts(sp1024, 1024)
+    luts = data_bytes.build_luts(sp1024, 1024)
     the, t, byte_c3 = sp1024.piece_to_id("\u2581the"), sp1024.piece_to_id("in"), sp1024.piece_to_id("<0xC3>")
     assert sp1024.is_byte(byte_c3)
     assert luts.base_bytes[byte_c3] == 1 and not luts.is_boundary[byte_c3]  # byte fallback = 1 byte
@@ -33,17 +34,17 @@ def test_lut_rules_on_hand_picked_pieces(sp1024):
     tgt = torch.tensor([the, the, t, 1, the, byte_c3])
     # "▁the" after a piece: 4; after BOS: 3 (its space is not counted); "in" after BOS: 2;
     # BOS as a target: 0; "▁the" after a byte piece: 4; a byte piece: 1
-    assert bpb.target_bytes(prev, tgt, luts).tolist() == [4, 3, 2, 0, 4, 1]
+    assert data_bytes.target_bytes(prev, tgt, luts).tolist() == [4, 3, 2, 0, 4, 1]
     # numpy uint16 inputs (straight from shards) give the same
-    assert bpb.target_bytes(prev.numpy().astype(np.uint16), tgt.numpy().astype(np.uint16), luts).tolist() == \
+    assert data_bytes.target_bytes(prev.numpy().astype(np.uint16), tgt.numpy().astype(np.uint16), luts).tolist() == \
         [4, 3, 2, 0, 4, 1]
 
 
 def test_lut_padding_and_too_small_vocab(sp1024):
-    luts = bpb.build_luts(sp1024, 1030)  # ids past the tokenizer are boundaries with 0 bytes
+    luts = data_bytes.build_luts(sp1024, 1030)  # ids past the tokenizer are boundaries with 0 bytes
     assert luts.is_boundary[1024:].all() and not luts.base_bytes[1024:].any()
     with pytest.raises(PgolfError, match="vocabulary mismatch"):
-        bpb.build_luts(sp1024, 1000)
+        data_bytes.build_luts(sp1024, 1000)
 
 
 @pytest.mark.parametrize("fixture", ["sp1024_data", "sp8192_data"])
@@ -67,8 +68,8 @@ def test_load_val_truncation_bytes_and_cap(sp1024_data):
     n = (val.size - 1) // 1024 * 1024
     assert v.tokens.dtype == torch.int64 and v.tokens.tolist() == val[: n + 1].tolist()
     assert v.bytes.dtype == torch.int16 and v.bytes.numel() == n and v.byte_source == "lut"
-    luts = bpb.build_luts(load_tokenizer(sp1024_data / "tokenizer.model"), 1024)
-    assert torch.equal(v.bytes, bpb.target_bytes(v.tokens[:-1], v.tokens[1:], luts))
+    luts = data_bytes.build_luts(load_tokenizer(sp1024_data / "tokenizer.model"), 1024)
+    assert torch.equal(v.bytes, data_bytes.target_bytes(v.tokens[:-1], v.tokens[1:], luts))
     assert v.doc_starts.tolist() == np.flatnonzero(val[: n + 1] == 1).tolist()
     capped = bpb.load_val(sp1024_data, sp1024_data / "tokenizer.model", 1024, seq_len=1024, max_tokens=5000)
     assert capped.num_targets == 4096 and torch.equal(capped.bytes, v.bytes[:4096])

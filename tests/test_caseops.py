@@ -69,7 +69,8 @@ def caseops_data(shared_dir, tmp_path_factory):
 
 def test_build_caseops_reserves_operators_and_sidecars_count_original_bytes(caseops_data, shared_dir):
     from pgolf.data.tokenizer import load_tokenizer
-    from pgolf.eval.bpb import audit, load_val
+    from pgolf.data.bytes import audit
+    from pgolf.eval.bpb import load_val
 
     out, res = caseops_data
     assert res["text_transform"] == C.NAME

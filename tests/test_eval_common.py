@@ -9,7 +9,7 @@ import torch
 from pgolf.config import Config
 from pgolf.eval.bpb import ValSet
 from pgolf.eval.trace import EvalStream, find_docs
-from pgolf.eval.ttt import ConvergenceLog, TimeLedger, cosine_lr, doc_batches, warmup
+from pgolf.eval.ttt_base import ConvergenceLog, TimeLedger, cosine_lr, doc_batches, warmup
 from pgolf.model import build_model
 
 BOS, V = 1, 64

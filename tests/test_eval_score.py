@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from pgolf.eval.legality import audit_trace, perturb
 from pgolf.eval.score import evaluate, score_stream, window_plan
@@ -62,8 +61,7 @@ def test_doc_mask_keeps_documents_apart():
 
 
 def test_trace_file_round_trip_and_audit(tmp_path):
-    cfg = tiny_cfg()
-    model, val = tiny_model(cfg), tiny_val()
+    val = tiny_val()
     s = stream_for(val, keep_trace=True)
     s.record([0, 1], None, [0.5, 0.25], [1, 2])
     s.declare_update([0, 1])

@@ -11,7 +11,8 @@ import torch
 from pgolf.eval.lora_ttt import LoRATTT
 from pgolf.eval.phased import PhasedTTT
 from pgolf.eval.score import score_stream
-from pgolf.eval.ttt import ConvergenceLog, run_ttt
+from pgolf.eval.ttt import run_ttt
+from pgolf.eval.ttt_base import ConvergenceLog
 from test_eval_common import one_thread, stream_for, tiny_cfg, tiny_model, tiny_val  # noqa: F401
 
 

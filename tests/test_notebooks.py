@@ -17,10 +17,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from pgolf import cli, launch, workbench
+from pgolf import cli
+from pgolf.lab import launch, workbench
 from pgolf.errors import PgolfError
 from pgolf.presets import get_preset
-from pgolf.runs import RunDir, load
+from pgolf.lab.registry import load
+from pgolf.runs import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"

@@ -1,12 +1,13 @@
-"""pgolf.plots: every standard figure is written as PNG and SVG under a stable name."""
+"""pgolf.lab.plots: every standard figure is written as PNG and SVG under a stable name."""
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from pgolf import plots
+from pgolf.lab import plots
 from pgolf.errors import PgolfError
-from pgolf.runs import RunDir, load
+from pgolf.lab.registry import load
+from pgolf.runs import RunDir
 
 
 def fake_run(root, name, preset, seed, key, bpb, total_bytes, steps=30):

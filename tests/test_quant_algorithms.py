@@ -3,6 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from pgolf.artifact import lowrank
 from pgolf.quant import lqer
 from pgolf.quant.gptq import (clip_range, dequantize, hessian_error, quantize_absmax_int8, quantize_gptq,
                               quantize_rtn, sdclip_scale)
@@ -75,9 +76,9 @@ def test_sdclip_scale_is_k_std_over_R():
 def test_pack_bits_round_trip(bits, n, seed):
     lo = -(1 << (bits - 1))
     v = torch.randint(lo, -lo, (n,), generator=torch.Generator().manual_seed(seed), dtype=torch.int8)
-    p = lqer.pack_bits(v, bits)
+    p = lowrank.pack_bits(v, bits)
     assert p.numel() == -(-n * bits // 8)
-    assert torch.equal(lqer.unpack_bits(p, bits, n), v)
+    assert torch.equal(lowrank.unpack_bits(p, bits, n), v)
 
 
 @pytest.mark.parametrize("cols,mode", [(128, "asym"), (100, "sym")])  # 4*100 % 64 != 0: fallback
@@ -88,9 +89,9 @@ def test_lqer_reduces_error(cols, mode):
     A, B = lqer.factors(E, 4)
     p = lqer.pack(A, B, asym=True, group=64, bits=4)
     assert p["mode"] == mode
-    Ah, Bh = lqer.unpack(p)
+    Ah, Bh = lowrank.unpack(p)
     assert Ah.shape == A.shape and Bh.shape == B.shape
-    assert (E - lqer.correction(p)).norm() < E.norm()
+    assert (E - lowrank.correction(p)).norm() < E.norm()
     if mode == "asym":
         assert p["a"].dtype == torch.uint8 and p["a"].numel() == 64 * 4 // 4  # INT2: 4 per byte
         assert p["b"].numel() == 4 * cols // 2 and p["sb"].numel() == 4 * cols // 64  # INT4 groups of 64

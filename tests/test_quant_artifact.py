@@ -7,11 +7,11 @@ from hypothesis import given, settings, strategies as st
 
 from pgolf.config import QuantConfig
 from pgolf.errors import PgolfError
-from pgolf.quant import compress as C
-from pgolf.quant import pergroup
-from pgolf.quant.artifact import (byte_report, dequantize_state, load_artifact, load_qstate,
-                                  quantize_state_dict, serialize)
-from pgolf.quant.int8 import export_int8
+from pgolf.artifact import codecs as C
+from pgolf.artifact import pergroup
+from pgolf.artifact.qstate import dequantize_state, load_artifact, load_qstate, serialize
+from pgolf.quant.quantize import byte_report, quantize_state_dict
+from pgolf.artifact.int8 import export_int8
 
 
 @settings(max_examples=25, deadline=None)
@@ -109,7 +109,7 @@ def test_missing_zpaq_package_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "zpaq", None)  # import zpaq now raises ImportError
     with pytest.raises(PgolfError, match="zpaq.*package"):
         C.decompress(blob)
-    from pgolf.quant.artifact import validate
+    from pgolf.quant.quantize import validate
     with pytest.raises(PgolfError, match="quant.group_codec.*zpaq"):
         validate(_q(compressor="pergroup", group_codec="zpaq"))
     validate(_q(compressor="brotli", group_codec="zpaq"))  # pergroup off: the group codec is unused

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from pgolf.errors import PgolfError
-from pgolf.quant.int8 import CLIP_Q, export_int8, load_int8
+from pgolf.artifact.int8 import CLIP_Q, export_int8, load_int8
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

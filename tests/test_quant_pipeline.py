@@ -9,7 +9,7 @@ from torch import nn
 
 from pgolf.data import loader, shards
 from pgolf.quant import sweep
-from pgolf.quant.artifact import load_artifact
+from pgolf.artifact.qstate import load_artifact
 from pgolf.quant.gptq import dequantize, hessian_error, quantize_gptq, quantize_rtn
 from pgolf.quant.hessian import collect_hessians
 from pgolf.quant.pipeline import quantize_run

@@ -11,7 +11,7 @@ import torch
 
 from pgolf.errors import PgolfError
 from pgolf.eval.sgd_ttt import SGDTTT, adaptive_temperature, ramped_lr, tempered_log_probs
-from pgolf.eval.ttt import cosine_lr
+from pgolf.eval.ttt_base import cosine_lr
 from test_eval_common import one_thread, stream_for, tiny_cfg, tiny_model, tiny_val  # noqa: F401
 
 

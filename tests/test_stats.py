@@ -1,11 +1,12 @@
-"""pgolf.stats and `pgolf stats`: seed statistics and the challenge's significance criterion."""
+"""pgolf.lab.stats and `pgolf stats`: seed statistics and the challenge's significance criterion."""
 import json
 import math
 
 import pandas as pd
 import pytest
 
-from pgolf import cli, stats
+from pgolf import cli
+from pgolf.lab import stats
 from pgolf.runs import RunDir
 
 # Per-seed val_loss (nats/token). Equal sizes and equal sample variances make Welch's df exactly 4,

@@ -9,9 +9,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from pgolf import cli, sweep
+from pgolf import cli
+from pgolf.lab import sweep
 from pgolf.errors import PgolfError
-from pgolf.runs import RunDir, load
+from pgolf.lab.registry import load
+from pgolf.runs import RunDir
 
 PARAMS = 'seed = 0\nrun_dir = ""\nscale = 1.0\nfail_at = -1\nfail_flag = ""\nnproc = 1\n'
 BODY = """\

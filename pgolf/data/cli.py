@@ -1,4 +1,4 @@
-"""`pgolf data build | fetch | audit`: argument handling only; the work lives in build, fetch and bpb."""
+"""`pgolf data build | fetch | audit`: argument handling only; the work lives in build, fetch and bytes."""
 from __future__ import annotations
 
 from typing import Any
@@ -30,6 +30,6 @@ def cmd_fetch(args) -> dict[str, Any]:
 
 
 def cmd_audit(args) -> dict[str, Any]:
-    from pgolf.eval.bpb import audit
+    from pgolf.data.bytes import audit
 
     return audit(args.data, args.tokenizer)

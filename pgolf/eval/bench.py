@@ -57,7 +57,8 @@ def bench_model(cfg: Config, run_dir: str | None, device: torch.device) -> torch
 def bench_ttt(cfg: Config, *, tokens: int, run_dir: str | None = None) -> dict[str, Any]:
     from pgolf import distributed
     from pgolf.eval.trace import EvalStream, find_docs
-    from pgolf.eval.ttt import TimeLedger, method_label, run_ttt, runner_for, warmup
+    from pgolf.eval.ttt import method_label, run_ttt, runner_for
+    from pgolf.eval.ttt_base import TimeLedger, warmup
 
     runner_for(cfg)  # an unknown method fails before any work
     ctx = distributed.setup()

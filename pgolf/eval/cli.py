@@ -23,27 +23,14 @@ from pgolf.runs import RunDir, resolve
 EVAL_SECTIONS = ("eval.", "ttt.", "data.val_max_tokens")  # what --set may change at evaluation time
 
 
-def load_weights(run: RunDir, artifact: str | None) -> tuple[dict[str, torch.Tensor], Path]:
-    """A state_dict from `final_model.pt`, a `.pt` file, or a compressed artifact (`pgolf.quant`)."""
-    path = Path(artifact) if artifact else run.file("final_model.pt")
-    if not path.is_file():
-        raise PgolfError(f"{path}: artifact not found")
-    if path.suffix == ".pt":
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True), path
-        except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
-            raise PgolfError(f"{path}: not a readable state_dict ({type(e).__name__})") from None
-    from pgolf.quant.artifact import load_artifact
-
-    return load_artifact(path.read_bytes(), str(path)), path
-
-
 def load_model(run: RunDir, cfg: Config, artifact: str | None, device: torch.device) -> tuple[torch.nn.Module, Path]:
-    """The run's model with the weights (or artifact) loaded, looping on as evaluated, eval mode."""
-    from pgolf.quant.pipeline import build
+    """The run's model with the weights (`final_model.pt`, or the artifact) loaded, looping on as
+    evaluated, in eval mode."""
+    from pgolf.artifact.weights import load_weights
+    from pgolf.model import build_with_state
 
-    state, path = load_weights(run, artifact)
-    return build(cfg, state, device, str(path)).eval(), path
+    path = Path(artifact) if artifact else run.file("final_model.pt")
+    return build_with_state(cfg, load_weights(path), device, str(path)).eval(), path
 
 
 def _gather_losses(losses: np.ndarray, device: torch.device) -> np.ndarray:
@@ -61,7 +48,8 @@ def cmd_eval(args: Any) -> dict[str, Any]:
     from pgolf.eval.bpb import load_val
     from pgolf.eval.score import score_stream
     from pgolf.eval.trace import EvalStream, find_docs, trace_path
-    from pgolf.eval.ttt import ConvergenceLog, TimeLedger, method_label, run_ttt, runner_for, warmup
+    from pgolf.eval.ttt import method_label, run_ttt, runner_for
+    from pgolf.eval.ttt_base import ConvergenceLog, TimeLedger, warmup
 
     for item in args.overrides:
         if not item.split("=", 1)[0].strip().startswith(EVAL_SECTIONS):

@@ -7,20 +7,20 @@
    online; `audit_trace` afterwards from the trace's update summary).
 4. Single pass: every validation target is scored exactly once (`EvalStream.record`, `audit_trace`).
 
-The helpers work on a `pgolf.eval.trace.Trace` (or the path of a saved one), so anyone can audit an
-evaluation from its `--trace` file.
+The helpers work on a `pgolf.eval.trace.Trace` (`load_trace(path)` reads a saved one), so anyone can
+audit an evaluation from its `--trace` file.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from pgolf.errors import LegalityError
 
-class LegalityError(RuntimeError):
-    """An evaluation broke one of the challenge's conditions (a bug in the eval method, not bad input)."""
+__all__ = ["LegalityError", "assert_normalised", "check_log_distribution", "scored_nll", "audit_trace",
+           "causal_diff", "perturb", "check_causal"]
 
 
 def assert_normalised(p: torch.Tensor, *, vocab_size: int | None = None, tol: float = 1e-5,
@@ -50,14 +50,7 @@ def scored_nll(logp: torch.Tensor, targets: torch.Tensor, *, vocab_size: int, ch
     return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
-# ---- auditing a trace
-
-def _trace(t: Any):
-    if isinstance(t, (str, Path)):
-        from pgolf.eval.trace import load_trace
-        return load_trace(t)
-    return t
-
+# ---- auditing a trace (a pgolf.eval.trace.Trace: `load_trace(path)` reads a saved one)
 
 def audit_trace(trace: Any, num_targets: int | None = None) -> dict[str, Any]:
     """Conditions 3 and 4 from a trace alone; returns {ok, violations, ...}.
@@ -68,7 +61,7 @@ def audit_trace(trace: Any, num_targets: int | None = None) -> dict[str, Any]:
     0 <= max_order < update_at; and every token's `step` equals the number of updates before it.
     Distributed traces are audited per rank (positions scored on other ranks count as scored).
     """
-    t = _trace(trace)
+    t = trace
     out: list[str] = []
     pos = np.asarray(t.position)
     uniq = np.unique(pos)
@@ -100,7 +93,7 @@ def audit_trace(trace: Any, num_targets: int | None = None) -> dict[str, Any]:
 def causal_diff(trace_a: Any, trace_b: Any, position: int) -> int | None:
     """Condition 1: with token `position + 1` perturbed in run b, every entry scored before target
     `position` must be bit-identical. Returns the first differing trace index, or None."""
-    a, b = _trace(trace_a), _trace(trace_b)
+    a, b = trace_a, trace_b
     hits = np.flatnonzero(np.asarray(a.position) == position)
     if hits.size != 1:
         raise ValueError(f"position {position} appears {hits.size} times in the trace")

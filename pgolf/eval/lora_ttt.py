@@ -18,7 +18,7 @@ import torch
 
 from pgolf.eval.score import autocast_for, log_probs
 from pgolf.eval.trace import EvalStream, find_docs
-from pgolf.eval.ttt import ConvergenceLog, TimeLedger, doc_batches, lora_targets
+from pgolf.eval.ttt_base import ConvergenceLog, TimeLedger, doc_batches, lora_targets
 from pgolf.model.lora import BatchedLoRA
 
 LOG_EVERY_CHUNKS = 16  # convergence rows inside a batch of long documents (besides one per batch)

@@ -20,7 +20,7 @@ import torch
 from pgolf.eval.lora_ttt import LoRATTT
 from pgolf.eval.score import autocast_for, doc_masking
 from pgolf.eval.trace import EvalStream
-from pgolf.eval.ttt import all_reduce_grads, cosine_lr
+from pgolf.eval.ttt_base import all_reduce_grads, cosine_lr
 
 
 def pack_docs(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, ...]:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from pgolf.errors import PgolfError
 from pgolf.eval.score import autocast_for, doc_masking, log_probs, score_windows, window_plan
 from pgolf.eval.trace import EvalStream
-from pgolf.eval.ttt import ConvergenceLog, TimeLedger, all_reduce_grads, cosine_lr
+from pgolf.eval.ttt_base import ConvergenceLog, TimeLedger, all_reduce_grads, cosine_lr
 from pgolf.optim.ema import EMA
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pgolf.eval.legality import LegalityError
+from pgolf.errors import LegalityError
 
 UNSCORED, REMOTE = -1, -2  # `order` sentinels: never scored / scored on another rank
 

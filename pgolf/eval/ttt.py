@@ -1,4 +1,4 @@
-"""Test-time training: the pieces every method shares, and `run_ttt` (what `pgolf eval --ttt` runs).
+"""Test-time training: which method runs (`runner_for`) and `run_ttt`, what `pgolf eval --ttt` runs.
 
 Methods (record-stack.md §5, hedge-stack.md §5-6):
 - lora    per-document LoRA, score then update per chunk (lora_ttt.py; PR #1530, #1765)
@@ -6,180 +6,23 @@ Methods (record-stack.md §5, hedge-stack.md §5-6):
 - sgd     score-first SGD on chunks of the stream (sgd_ttt.py; #549 / #430 line)
 - hedge   score-first SGD with the normalised Hedge mixer of n-gram experts (hedge.py; #430 made legal)
 
-Also here: document batches, the evaluation time ledger, the convergence record (`ttt.jsonl`), the
-synthetic-token warm-up and the convergence figure.
+The pieces the methods share live in ttt_base.py, below them.
 """
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import time
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 
-from pgolf.eval.trace import Docs, EvalStream
+from pgolf.errors import PgolfError
+from pgolf.eval.hedge import HedgeTTT
+from pgolf.eval.lora_ttt import LoRATTT
+from pgolf.eval.phased import PhasedTTT
+from pgolf.eval.sgd_ttt import SGDTTT
+from pgolf.eval.trace import EvalStream
+from pgolf.eval.ttt_base import ConvergenceLog, TimeLedger
 
 METHODS = ("lora", "sgd", "hedge")
-
-
-def doc_batches(docs: Docs, batch_size: int) -> list[np.ndarray]:
-    """Documents sorted by length, cut into batches; the queue runs longest first (record-stack §5.2)."""
-    order = np.argsort(docs.lengths, kind="stable")
-    batches = [order[i:i + batch_size] for i in range(0, order.size, batch_size)]
-    return batches[::-1]
-
-
-def cosine_lr(lr: float, i: int, n: int) -> float:
-    """lr * (1 + cos(pi i / (n - 1))) / 2: the schedule across chunks of #549 and #1626."""
-    return lr if n <= 1 else lr * 0.5 * (1.0 + math.cos(math.pi * i / (n - 1)))
-
-
-def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
-    """Sum gradients over ranks (each rank's loss is already divided by the global token count)."""
-    from pgolf.distributed import all_reduce_sum_
-
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    all_reduce_sum_([p.grad for p in params])  # one flat collective, not one per parameter
-
-
-def _sync(device: torch.device | None = None) -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize(device)
-
-
-class TimeLedger:
-    """Seconds per evaluation phase (load, warm-up, scoring, TTT, each global phase) against the budget."""
-
-    def __init__(self, budget_seconds: float = 600.0):
-        self.budget = budget_seconds
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        _sync()
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            _sync()
-            self.add(name, time.perf_counter() - t)
-
-    def add(self, name: str, seconds: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
-
-    def as_dict(self, timed: str | None = None) -> dict[str, Any]:
-        """The ledger; `timed` names the entry counted against the budget (the records time the TTT loop)."""
-        out = {f"{k}_seconds": round(v, 3) for k, v in self.seconds.items()}
-        out["total_seconds"] = round(sum(v for k, v in self.seconds.items() if not k.startswith("phase_")), 3)
-        out["budget_seconds"] = self.budget
-        if timed is not None:
-            out["timed"] = timed
-            out["within_budget"] = self.seconds.get(timed, 0.0) <= self.budget
-        return out
-
-
-class ConvergenceLog:
-    """Per batch (or chunk) and per phase: running BPB against tokens scored, time, phase boundaries.
-
-    One JSON line per event in `path` (rank 0 only; in a distributed run the running figures are rank
-    0's partial sums, as in the records' logs). `baseline` (per position, nats) gives the running BPB
-    of the model without TTT over the same tokens, so TTT on and off share one x axis.
-    """
-
-    def __init__(self, path: str | Path | None, stream: EvalStream, *, method: str,
-                 baseline: np.ndarray | None = None, eval_id: str | None = None, label: str = "",
-                 echo: Any = None, echo_every: float = 10.0):
-        self.path = Path(path) if path is not None else None
-        self.echo, self.echo_every, self._echoed = echo, echo_every, -math.inf  # progress lines (stderr)
-        self.stream, self.method, self.baseline, self.label = stream, method, baseline, label
-        self.eval_id = eval_id or time.strftime("%Y%m%d-%H%M%S")
-        self.t0 = time.perf_counter()
-        self.base_sum = 0.0
-        self.rows: list[dict[str, Any]] = []
-        if baseline is not None:
-            stream.hooks.append(self._on_record)
-
-    def _on_record(self, pos: np.ndarray, loss: np.ndarray, nbytes: np.ndarray) -> None:
-        self.base_sum += float(self.baseline[pos].sum(dtype=np.float64))
-
-    def _emit(self, row: dict[str, Any]) -> dict[str, Any]:
-        row = {"eval_id": self.eval_id, "method": self.method, "label": self.label, **row,
-               "seconds": round(time.perf_counter() - self.t0, 4)}
-        self.rows.append(row)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        now = time.perf_counter()
-        if self.echo is not None and (row["kind"] in ("phase", "done") or now - self._echoed >= self.echo_every):
-            self._echoed = now
-            base = f" (no TTT {row['bpb_no_ttt']:.4f})" if row.get("bpb_no_ttt") is not None else ""
-            bpb = f"{row['bpb']:.4f}" if row.get("bpb") is not None else "-"
-            self.echo(f"{self.method} {row['kind']} phase {row.get('phase', '-')}: {row['tokens']:,} tokens scored, "
-                      f"running bpb {bpb}{base}, {row['step']} updates, {row['seconds']:.0f} s")
-        return row
-
-    def _running(self) -> dict[str, Any]:
-        loss, ntok, nbytes = self.stream.sums.tolist()
-        out = {"tokens": int(ntok), "bytes": int(nbytes), "step": self.stream.step,
-               "bpb": loss / (math.log(2) * nbytes) if nbytes else None}
-        if self.baseline is not None:
-            out["bpb_no_ttt"] = self.base_sum / (math.log(2) * nbytes) if nbytes else None
-        return out
-
-    def batch(self, batch: int, phase: int = 0, kind: str = "batch", **extra: Any) -> dict[str, Any]:
-        """After a batch (LoRA) or chunk (SGD / Hedge); kind="chunk" marks a point inside a batch."""
-        return self._emit({"kind": kind, "batch": batch, "phase": phase, **self._running(), **extra})
-
-    def phase(self, phase: int, **extra: Any) -> dict[str, Any]:
-        return self._emit({"kind": "phase", "phase": phase, **self._running(), **extra})
-
-    def done(self, **extra: Any) -> dict[str, Any]:
-        return self._emit({"kind": "done", **self._running(), **extra})
-
-
-def warmup(model: torch.nn.Module, cfg: Any, *, lora: bool = True, base: bool = False, seed: int = 0) -> float:
-    """Forward + backward at the TTT shapes on `torch.randint` tokens, never validation data
-    (record-stack §5.1, §7.8); the weights are left exactly as they were. Returns seconds."""
-    from pgolf.model.lora import BatchedLoRA
-
-    t0 = time.perf_counter()
-    tc, V = cfg.ttt, cfg.model.vocab_size
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(base)
-    try:
-        for T in sorted({min(tc.chunk_size, tc.eval_seq_len), tc.eval_seq_len}):
-            x = torch.randint(0, V, (tc.batch_size, T + 1), generator=g).to(device)  # (B, T+1) synthetic
-            adapters = BatchedLoRA(model, tc.batch_size, tc.lora_rank, tc.lora_alpha, lora_targets(tc)) \
-                if lora else None
-            from pgolf.eval.score import autocast_for
-            with autocast_for(device):
-                loss = model(x[:, :-1], x[:, 1:], lora=adapters)
-            if loss.requires_grad:
-                loss.backward()
-    finally:
-        for p, r in zip(model.parameters(), req):
-            p.grad = None
-            p.requires_grad_(r)
-    _sync()
-    return time.perf_counter() - t0
-
-
-def lora_targets(tc: Any) -> tuple[str, ...]:
-    flags = {"q": tc.q_lora, "k": tc.k_lora, "v": tc.v_lora, "o": tc.o_lora, "mlp": tc.mlp_lora,
-             "head": tc.head_lora}
-    return tuple(k for k, on in flags.items() if on)
 
 
 def method_label(cfg: Any) -> str:
@@ -190,20 +33,12 @@ def method_label(cfg: Any) -> str:
 
 def runner_for(cfg: Any):
     """The runner class of `cfg.ttt.method` (phased LoRA when `ttt.phases > 0`)."""
-    from pgolf.errors import PgolfError
-
     method = cfg.ttt.method
     if method == "lora":
-        if cfg.ttt.phases > 0:
-            from pgolf.eval.phased import PhasedTTT
-            return PhasedTTT
-        from pgolf.eval.lora_ttt import LoRATTT
-        return LoRATTT
+        return PhasedTTT if cfg.ttt.phases > 0 else LoRATTT
     if method == "sgd":
-        from pgolf.eval.sgd_ttt import SGDTTT
         return SGDTTT
     if method == "hedge":
-        from pgolf.eval.hedge import HedgeTTT
         return HedgeTTT
     raise PgolfError(f"ttt.method: unknown method {method!r} (choose from {METHODS})")
 
@@ -215,27 +50,3 @@ def run_ttt(model: torch.nn.Module, val: Any, cfg: Any, stream: EvalStream, *, l
     The caller's model is not modified (methods that train base weights work on a copy)."""
     runner = runner_for(cfg)(model, val, cfg, stream, log=log, ledger=ledger, rank=rank, world_size=world_size)
     return runner.run()
-
-
-# ---- the convergence record, read back (pgolf.plots.plot_ttt_convergence draws it)
-
-def read_convergence(run_dirs: Sequence[str | Path], eval_id: str = "last") -> "pandas.DataFrame":  # noqa: F821
-    """Rows of `ttt.jsonl` from each run (the last evaluation of each unless eval_id="all" or an id)."""
-    import pandas as pd
-
-    frames = []
-    for d in run_dirs:
-        p = Path(d) / "ttt.jsonl"
-        if not p.exists():
-            continue
-        df = pd.DataFrame([json.loads(line) for line in p.read_text().splitlines() if line.strip()])
-        if df.empty:
-            continue
-        if eval_id == "last":
-            df = df[df["eval_id"] == df["eval_id"].iloc[-1]]
-        elif eval_id != "all":
-            df = df[df["eval_id"] == eval_id]
-        df.insert(0, "run", Path(d).name)
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-

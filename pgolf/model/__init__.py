@@ -10,7 +10,8 @@ from pgolf.config import Config, ModelConfig
 from pgolf.model.gpt import GPT, count_params, validate
 from pgolf.model.lora import BatchedLoRA
 
-__all__ = ["GPT", "BatchedLoRA", "build_model", "count_params", "validate", "load_from_run", "cmd_params"]
+__all__ = ["GPT", "BatchedLoRA", "build_model", "build_with_state", "count_params", "validate", "load_from_run",
+           "cmd_params"]
 
 
 def build_model(cfg: Config | ModelConfig, device: str | torch.device = "cpu", *,
@@ -20,6 +21,21 @@ def build_model(cfg: Config | ModelConfig, device: str | torch.device = "cpu", *
     bos = cfg.data.bos_id if isinstance(cfg, Config) else 1
     with torch.device(device):
         return GPT(mcfg, bos_id=bos, attention_backend=attention_backend)
+
+
+def build_with_state(cfg: Config, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                     name: str = "the run's weights") -> GPT:
+    """A fresh model with `state` loaded (strict) and looping on, as evaluated and calibrated
+    (record-stack.md §2.6, §4.2); `name` says whose weights in the error when they do not fit."""
+    from pgolf.errors import PgolfError
+
+    model = build_model(cfg, device)
+    try:
+        model.load_state_dict({k: v.to(device) for k, v in state.items()})
+    except RuntimeError as e:
+        raise PgolfError(f"{name}: weights do not fit the run's model ({str(e).splitlines()[0]})") from None
+    model.looping = bool(cfg.model.num_loops)
+    return model
 
 
 def load_from_run(run_dir: str | Path, device: str | torch.device = "cpu",

@@ -22,7 +22,8 @@ from typing import Any
 
 from pgolf.config import Config, QuantConfig
 from pgolf.errors import PgolfError
-from pgolf.quant import artifact as A
+from pgolf.artifact.qstate import load_artifact
+from pgolf.quant import quantize as A
 from pgolf.quant import pipeline as P
 
 ALL_GROUPS = A.GROUPS
@@ -88,7 +89,7 @@ def sweep(run: str | Path, grid: dict[str, list], *, overrides: list[str] | None
                    **{f"bytes_{g}": n for g, n in rep["bytes_by_group"].items()})
         row["under_limit"] = row["total_bytes"] <= q.limit_bytes
         if evaluate:
-            res = P.score(p.cfg, A.load_artifact(blob), p.val, p.device)
+            res = P.score(p.cfg, load_artifact(blob), p.val, p.device)
             row.update(val_bpb=res["val_bpb"], delta_bpb=res["val_bpb"] - p.prequant["val_bpb"])
         row["seconds"] = time.perf_counter() - t0
         row["label"] = " ".join(f"{k}={row[k]}" for k in keys)

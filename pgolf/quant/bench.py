@@ -18,8 +18,9 @@ import torch
 
 from pgolf.config import Config
 from pgolf.errors import PgolfError
-from pgolf.quant import artifact as A
-from pgolf.quant import compress as C
+from pgolf.artifact import codecs as C
+from pgolf.artifact.qstate import load_qstate, serialize
+from pgolf.quant import quantize as A
 
 # (compressor, group codec) pairs timed by default: every single-stream codec, and pergroup with
 # the record's ZPAQ back end and with brotli (#1851's codec).
@@ -90,9 +91,9 @@ def bench_quant(cfg: Config, *, run_dir: str | None = None, codecs: str | None =
     for comp, group in pairs:
         qc = dataclasses.replace(q, compressor=comp, group_codec=group)
         t0 = time.perf_counter()
-        blob, _ = A.serialize(qstate, qc)
+        blob, _ = serialize(qstate, qc)
         t1 = time.perf_counter()
-        back = A.load_qstate(blob)
+        back = load_qstate(blob)
         t2 = time.perf_counter()
         if set(back["tensors"]) != set(qstate["tensors"]):
             raise PgolfError(f"{comp}: the artifact did not load back to the same tensors")

@@ -23,7 +23,7 @@ from pathlib import Path
 import brotli
 
 # The scoring path plus test-time training: the records count the whole script, TTT included (§4.7).
-ENTRY_MODULES = ("pgolf.model.gpt", "pgolf.eval.bpb", "pgolf.eval.score", "pgolf.quant.artifact",
+ENTRY_MODULES = ("pgolf.model.gpt", "pgolf.eval.bpb", "pgolf.eval.score", "pgolf.artifact.qstate",
                  "pgolf.model.lora", "pgolf.eval.ttt", "pgolf.eval.lora_ttt", "pgolf.eval.phased",
                  "pgolf.eval.sgd_ttt", "pgolf.eval.hedge")
 ROOT = Path(__file__).resolve().parents[2]  # the repository root (holds pgolf/)

@@ -18,6 +18,8 @@ from typing import Iterator
 
 import torch
 
+from pgolf.artifact.qstate import dequantize  # noqa: F401 - (q, s) -> weights, one definition
+
 MIN_SCALE = 1e-6  # keeps fp16 scales non-zero for all-zero rows (zero-init projections at init)
 
 
@@ -57,11 +59,6 @@ def quantile_clip_scale(w: torch.Tensor, bits: int, candidates=QUANTILE_CANDIDAT
             better = err < best_err
             best_s, best_err = torch.where(better, sc, best_s), torch.where(better, err, best_err)
     return best_s
-
-
-def dequantize(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """int8 (rows, cols) and fp16 (rows,) -> fp32 (rows, cols)."""
-    return q.float() * s.float()[:, None]
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, clip_sigmas: float,

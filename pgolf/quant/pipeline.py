@@ -17,7 +17,9 @@ import torch
 
 from pgolf.config import Config
 from pgolf.errors import PgolfError
-from pgolf.quant import artifact as A
+from pgolf.artifact.qstate import load_artifact, serialize
+from pgolf.model import build_with_state
+from pgolf.quant import quantize as A
 
 WEIGHTS = "final_model.pt"
 
@@ -44,20 +46,6 @@ def _timed(timings: dict[str, float], key: str, t0: float) -> None:
     timings[key] = round(time.perf_counter() - t0, 3)
 
 
-def build(cfg: Config, state: dict[str, torch.Tensor], device: torch.device, name: str = "the run's weights"):
-    """A fresh model with `state` loaded (strict) and looping as evaluated; `name` says whose weights
-    in the error when they do not fit the config."""
-    from pgolf.model import build_model
-
-    model = build_model(cfg, device)
-    try:
-        model.load_state_dict({k: v.to(device) for k, v in state.items()})
-    except RuntimeError as e:
-        raise PgolfError(f"{name}: weights do not fit the run's model ({str(e).splitlines()[0]})") from None
-    model.looping = bool(cfg.model.num_loops)  # looping stays on for calibration and scoring (§2.6, §4.2)
-    return model
-
-
 def prepare(run_dir: str | Path, overrides: list[str] | None = None, *, device=None,
             evaluate: bool = True, hessians: bool | None = None) -> Prepared:
     """Load a run; Hessians (cached in the run dir) when GPTQ needs them; the pre-quantisation score."""
@@ -81,7 +69,7 @@ def prepare(run_dir: str | Path, overrides: list[str] | None = None, *, device=N
         from pgolf.quant.hessian import cached_hessians
 
         t0 = time.perf_counter()
-        p.hessians, p.hessian_info = cached_hessians(run.path, lambda: build(cfg, state, device), cfg, WEIGHTS)
+        p.hessians, p.hessian_info = cached_hessians(run.path, lambda: build_with_state(cfg, state, device), cfg, WEIGHTS)
         _timed(p.timings, "hessians_s", t0)
     if evaluate:
         p.val = load_val(cfg)
@@ -111,7 +99,7 @@ def score(cfg: Config, state: dict[str, torch.Tensor], val, device) -> dict[str,
     so quantised and unquantised scores compare like for like with the eval command's."""
     from pgolf.eval.score import score_stream
 
-    return score_stream(build(cfg, state, device), val, eval_seq_len(cfg), cfg.eval.stride, cfg.eval.batch_seqs,
+    return score_stream(build_with_state(cfg, state, device), val, eval_seq_len(cfg), cfg.eval.stride, cfg.eval.batch_seqs,
                         doc_mask=cfg.eval.doc_mask, bos_id=cfg.data.bos_id)
 
 
@@ -134,7 +122,7 @@ def quantize_state(p: Prepared, q=None) -> tuple[bytes, dict, dict, dict]:
     qstate, info = A.quantize_state_dict(p.state, q, p.hessians, p.device)
     _timed(p.timings, "quantize_s", t0)
     t0 = time.perf_counter()
-    blob, streams = A.serialize(qstate, q)
+    blob, streams = serialize(qstate, q)
     _timed(p.timings, "serialize_s", t0)
     return blob, qstate, info, streams
 
@@ -192,7 +180,7 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
     out["val_bpb_prequant"] = out["val_bpb"] = out["quant_val_bpb"] = None
     if evaluate:
         t0 = time.perf_counter()
-        state = A.load_artifact(run.file(name).read_bytes(), str(run.file(name)))  # the file alone: decompress -> dequantise
+        state = load_artifact(run.file(name).read_bytes(), str(run.file(name)))  # the file alone: decompress -> dequantise
         _timed(p.timings, "load_artifact_s", t0)
         t0 = time.perf_counter()
         res = score(cfg, state, p.val, p.device)

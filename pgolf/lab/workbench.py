@@ -3,7 +3,7 @@
 The widgets of `architecture_tweaks.ipynb` are thin wrappers: `tweak_widget` calls exactly
 `estimate(tweaked(preset, overrides, **values))`, the function the notebook's headless path calls,
 so both show the same numbers. Training (`compare`) runs in torchrun child processes through
-`pgolf.launch`; this module builds models only on the meta device.
+`pgolf.lab.launch`; this module builds models only on the meta device.
 
 `estimate` is an entropy estimate, not a measurement: each quantised matrix is taken as Gaussian,
 rounded per row with the configured bits and clip (SDClip k*std/R for GPTQ/RTN, the row maximum for
@@ -147,12 +147,12 @@ def counted_code_bytes() -> int:
 def estimate(cfg: Config, code_bytes: int | None = None) -> dict[str, Any]:
     """Trainable parameters and an estimate of the compressed artifact (model + code) in bytes.
 
-    Tensors are sorted exactly as `pgolf quantize` sorts them (`pgolf.quant.artifact.classify` and
+    Tensors are sorted exactly as `pgolf quantize` sorts them (`pgolf.quant.quantize.classify` and
     `tensor_group`); only the compressed size of each is estimated.
     """
     from pgolf.model import build_model, count_params  # torch, but only the meta device
-    from pgolf.quant.artifact import classify, group_setting, tensor_group
-    from pgolf.quant.int8 import is_control
+    from pgolf.quant.quantize import classify, group_setting, tensor_group
+    from pgolf.artifact.int8 import is_control
 
     code_bytes = counted_code_bytes() if code_bytes is None else code_bytes
     model = build_model(cfg, "meta")
@@ -294,7 +294,7 @@ def compare(configs: dict[str, Config], seconds: float, data: str, *, tokenizer:
     """
     import pandas as pd
 
-    from pgolf import launch
+    from pgolf.lab import launch
 
     if not configs:
         raise PgolfError("compare: no configurations given")

@@ -16,7 +16,7 @@ DATA = Path("data/sample")
 
 def main() -> int:
     from pgolf.cli import main as cli
-    from pgolf.plots import plot_loss_curves
+    from pgolf.lab.plots import plot_loss_curves
 
     if not (DATA / "manifest.json").exists():
         if cli(["data", "build", "--sample", "--vocab-size", "1024", "--out", str(DATA)]):

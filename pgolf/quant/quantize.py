@@ -1,7 +1,7 @@
-"""The quantised state, its serialisation, and byte accounting (record-stack.md §4.1-§4.6).
+"""A state_dict -> a quantised state (pgolf.artifact.qstate's format), and byte accounting
+(record-stack.md §4.1-§4.6).
 
-A state_dict becomes a *qstate*: `{"format", "tensors": {name: entry}}` where every entry records the
-original `dtype` and `shape` and one `kind`:
+Every entry of the qstate records the original `dtype` and `shape` and one `kind`:
 - "quant": a matrix (2-D or more, flattened to rows) with more than `passthrough_numel` elements:
   int8 values `q` (rows, cols), fp16 row scales `s`, `bits`, and optionally `lqer` factors;
   GPTQ when the tensor has a Hessian and method is "gptq", else round-to-nearest (SDClip); method
@@ -11,26 +11,25 @@ original `dtype` and `shape` and one `kind`:
 - "pass": other float tensors, stored fp16 (fp32 for the baseline's control tensors), restored to
   their dtype on load;
 - "raw": non-float tensors as they are.
-Serialisation: torch.save + one codec (compress.py), or the per-group container (pergroup.py).
-The baseline's `export_int8` blobs (int8.py) load through `load_artifact` as well.
+Serialising and loading are the artifact format's (`pgolf.artifact.qstate.serialize` / `load_artifact`).
 """
 from __future__ import annotations
 
-import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from pgolf.artifact import codecs as C
+from pgolf.artifact import pergroup
+from pgolf.artifact.int8 import is_control, quantize_rows_int8
+from pgolf.artifact.qstate import FORMAT, dequantize
 from pgolf.config import QuantConfig
 from pgolf.errors import PgolfError
-from pgolf.quant import compress as C
-from pgolf.quant import lqer, pergroup
-from pgolf.quant.gptq import (cpu_workers, dequantize, one_thread_on_cpu, quantile_clip_scale, quantize_absmax_int8,
+from pgolf.quant import lqer
+from pgolf.quant.gptq import (cpu_workers, one_thread_on_cpu, quantile_clip_scale, quantize_absmax_int8,
                               quantize_gptq, quantize_rtn)
-from pgolf.quant.int8 import is_control, load_int8, quantize_rows_int8
 
-FORMAT = "pgolf_quant_v1"
 GROUPS = ("attn", "mlp", "embed", "other")
 GATE_PATTERNS = ("attn_gate_w",)  # dense (#1736) and sparse (#1787) gates; attn_gate_proj stays fp16
 
@@ -169,59 +168,6 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], q: QuantConfig,
             info["lqer"].append({"name": name, "mode": packed["mode"], "error_norm": errors[name]})
         info["lqer_seconds"] = time.perf_counter() - t0
     return {"format": FORMAT, "tensors": tensors}, info
-
-
-def dequantize_state(qstate: dict) -> dict[str, torch.Tensor]:
-    """qstate -> state_dict with the original names, shapes and dtypes."""
-    if qstate.get("format") != FORMAT:
-        raise PgolfError(f"not a pgolf quantised state (format {qstate.get('format')!r})")
-    out = {}
-    for name, e in qstate["tensors"].items():
-        dtype, shape = getattr(torch, e["dtype"]), e["shape"]
-        if e["kind"] in ("raw", "pass"):
-            out[name] = e["t"].to(dtype).reshape(shape)
-            continue
-        w = dequantize(e["q"], e["s"])
-        if "lqer" in e:
-            w = w + lqer.correction(e["lqer"])
-        out[name] = w.reshape(shape).to(dtype)
-    return out
-
-
-# ---- serialisation
-def serialize(qstate: dict, q: QuantConfig) -> tuple[bytes, dict]:
-    """qstate -> (artifact bytes, stream sizes)."""
-    if q.compressor == "pergroup":
-        return pergroup.pack(qstate, codec=q.group_codec, level=q.level, shuffle=q.byte_shuffle,
-                             threads=q.zpaq_threads)
-    buf = io.BytesIO()
-    torch.save(qstate, buf)
-    blob = C.compress(buf.getvalue(), q.compressor, q.level, q.byte_shuffle, q.zpaq_threads)
-    return blob, {"stream": len(blob), "codec": C.codec_of(blob)}
-
-
-def load_qstate(blob: bytes) -> dict:
-    if blob[:4] == pergroup.MAGIC:
-        return pergroup.unpack(blob)
-    try:
-        obj = torch.load(io.BytesIO(C.decompress(blob)), map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError) as e:
-        raise PgolfError(f"corrupt artifact: not a torch.save payload ({e})") from None
-    return obj
-
-
-def load_artifact(blob: bytes, name: str = "artifact") -> dict[str, torch.Tensor]:
-    """Artifact bytes (any pgolf format, including the baseline's int8+zlib) -> state_dict.
-
-    Whatever is wrong with the bytes, the caller gets one PgolfError naming `name`."""
-    try:
-        if blob[:1] == b"\x78":  # a bare zlib stream: the baseline export (int8.py)
-            return load_int8(blob)
-        return dequantize_state(load_qstate(blob))
-    except PgolfError as e:
-        raise PgolfError(f"{name}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - truncated streams, bad pickles, bad headers
-        raise PgolfError(f"{name}: corrupt artifact ({type(e).__name__}: {e})") from None
 
 
 # ---- accounting

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pgolf.errors import PgolfError
-from pgolf.quant import compress as C
+from pgolf.artifact import codecs as C
 
 MAGIC = b"PGRP"
 ROLES = ("tok_emb", "c_k", "c_q", "c_v", "attn.proj", "mlp.fc", "mlp.proj", "other")

@@ -23,7 +23,7 @@ from pgolf.runs import RunDir
 
 LIMIT_BYTES = 16_000_000
 FORMATS = ("png", "svg")
-# (metric, label, marker) of the three BPB stages a run can have (pgolf.stats.metric_value).
+# (metric, label, marker) of the three BPB stages a run can have (pgolf.lab.stats.metric_value).
 STAGES = (("val_bpb_prequant", "pre-quant", "o"), ("quant_val_bpb", "quantised", "s"),
           ("ttt_val_bpb", "after TTT", "^"))
 
@@ -101,7 +101,7 @@ def config_points(df: "pandas.DataFrame", key: str = "config_key") -> "pandas.Da
     """Seed mean and std of each BPB stage and of the artifact bytes, per configuration."""
     import pandas as pd
 
-    from pgolf.stats import mean_std, metric_value
+    from pgolf.lab.stats import mean_std, metric_value
 
     rows = []
     if len(df) and "total_bytes" in df.columns and key in df.columns:
@@ -182,7 +182,7 @@ TTT_COLUMNS = ("run", "eval_id", "method", "kind", "phase", "tokens", "bytes", "
 
 def plot_ttt_convergence(df: "pandas.DataFrame", out_dir: str | Path = "figures",  # noqa: F821
                          name: str = "ttt_convergence") -> list[str]:
-    """Rows of `ttt.jsonl` (`pgolf.eval.ttt.read_convergence`). Left: running BPB against tokens
+    """Rows of `ttt.jsonl` (`pgolf.lab.registry.read_convergence`). Left: running BPB against tokens
     scored, TTT on (solid) and off (dashed, `bpb_no_ttt`) per run, phase boundaries dotted.
     Right: BPB of the tokens scored within each phase, on and off."""
     if df is None or df.empty:

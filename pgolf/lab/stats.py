@@ -145,7 +145,7 @@ def compare(a_results: list[dict[str, Any]], b_results: list[dict[str, Any]], me
             "test": f"one-sided Welch: H0 mu_A - mu_B <= {MIN_DELTA_NATS} nats/token, reject at p < {ALPHA}"}
 
 
-# ---- DataFrames (runs.load())
+# ---- DataFrames (pgolf.lab.registry.load())
 
 def by_config(df: "pandas.DataFrame", metric: str = "val_bpb", key: str = "config_key") -> "pandas.DataFrame":  # noqa: F821
     """One row per configuration: runs, seed mean/std of `metric`, of its nats/token and of the bytes."""
