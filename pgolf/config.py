@@ -2,8 +2,9 @@
 
 `Config` holds one section per concern (data, model, optim, train, quant, eval, ttt). Presets are
 plain functions in `pgolf.presets`; `--set section.key=value` overrides any field by its dotted
-path. `to_dict`/`from_dict` round-trip through JSON and reject unknown keys and wrong types with a
-message that names the key. No exec, no globals, no metaprogramming beyond `dataclasses.fields`.
+path. `to_dict`/`from_dict` round-trip through JSON and reject unknown keys, wrong types and values
+outside a field's domain (`pgolf.config_domains`) with a message that names the key. No exec, no
+globals, no metaprogramming beyond `dataclasses.fields`.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pgolf.config_domains import check as check_domains
 from pgolf.errors import PgolfError
 
 
@@ -248,7 +250,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "Config":
-        return _build(cls, d, where)
+        cfg = _build(cls, d, where)
+        check_domains(cfg, where)  # every numeric field in its domain (pgolf/config_domains.py)
+        return cfg
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":

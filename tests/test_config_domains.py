@@ -1,0 +1,122 @@
+"""Config domains (pgolf/config_domains.py): every numeric field has one, every preset lies inside them,
+and a value outside names the field the user set, before anything divides by it or builds a tensor."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+
+import pytest
+
+from pgolf import config_domains
+from pgolf.config import Config
+from pgolf.config_domains import DOMAINS, Range
+from pgolf.errors import PgolfError
+from pgolf.presets import PRESETS, get_preset
+
+
+def numeric_fields() -> dict[str, type]:
+    """Every int / float / list-of-numbers field of Config as "section.key" -> its element type."""
+    out = {}
+    for section, cls in typing.get_type_hints(Config).items():
+        if not dataclasses.is_dataclass(cls):
+            continue  # Config.preset
+        for name, tp in typing.get_type_hints(cls).items():
+            if typing.get_origin(tp) is list:
+                (tp,) = typing.get_args(tp)
+            if tp in (int, float):
+                out[f"{section}.{name}"] = tp
+    return out
+
+
+def missing_and_stale(domains: dict[str, Range]) -> tuple[set[str], set[str]]:
+    fields = set(numeric_fields())
+    return fields - set(domains), set(domains) - fields
+
+
+def test_every_numeric_field_has_a_domain():
+    missing, stale = missing_and_stale(DOMAINS)
+    assert not missing, f"numeric config fields without a domain in pgolf/config_domains.py: {sorted(missing)}"
+    assert not stale, f"domains of fields that do not exist: {sorted(stale)}"
+    # the check above fails when an entry is dropped (as it would for a field added without one)
+    assert missing_and_stale({k: v for k, v in DOMAINS.items() if k != "model.num_heads"})[0] == {"model.num_heads"}
+    assert len(numeric_fields()) > 100
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_lies_inside_the_domains(name):
+    config_domains.check(PRESETS[name]())  # the function's own values
+    get_preset(name)  # and through Config.from_dict, as every command resolves it
+
+
+def _outside(domain: Range, tp: type) -> list:
+    """Values just outside `domain` for a field of type `tp`."""
+    step = 1 if tp is int else 0.5
+    out = []
+    if domain.lo is not None:
+        out.append(tp(domain.lo) if domain.lo_open else tp(domain.lo - step))
+    if domain.hi is not None:
+        out.append(tp(domain.hi) if domain.hi_open else tp(domain.hi + step))
+    if tp is float:
+        out += [math.nan, math.inf]
+    return out
+
+
+CASES = [(key, v) for key, tp in numeric_fields().items() for v in _outside(DOMAINS[key], tp)]
+
+
+@pytest.mark.parametrize("preset", ["baseline", "pr430", "pr1855"])
+def test_a_value_outside_its_domain_names_the_field(preset):
+    assert len(CASES) > 150
+    list_fields = {"model.ve_layers"}
+    for key, bad in CASES:
+        value = [bad] if key in list_fields else bad
+        with pytest.raises(PgolfError) as e:
+            get_preset(preset, [f"{key}={json.dumps(value)}"])
+        assert str(e.value).startswith(f"{key}: "), (key, bad, str(e.value))
+
+
+def test_messages_say_what_was_expected():
+    cases = {"model.num_heads=0": "model.num_heads: 0: expected >= 1",
+             "model.num_layers=-2": "model.num_layers: -2: expected >= 1",
+             "optim.beta2=1.0": "optim.beta2: 1.0: expected within [0, 1)",
+             "optim.matrix_lr=NaN": "optim.matrix_lr: nan: expected a finite number >= 0",
+             "quant.byte_shuffle=256": "quant.byte_shuffle: 256: expected within [0, 255]",
+             "ttt.sgd_temperature=0": "ttt.sgd_temperature: 0.0: expected within (0, 2]",
+             "ttt.hedge_neural_prior=Infinity": "ttt.hedge_neural_prior: inf: expected a finite number",
+             "model.ve_layers=[9,-1]": "model.ve_layers: [9, -1]: expected >= 0"}
+    for override, message in cases.items():
+        with pytest.raises(PgolfError) as e:
+            get_preset("pr430", [override])
+        assert str(e.value) == message
+
+
+def test_a_loaded_config_json_names_its_file(tmp_path):
+    d = get_preset("cpu-smoke").to_dict()
+    d["model"]["mlp_mult"] = 0.0
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(PgolfError, match=rf"^{tmp_path}/config.json: model.mlp_mult: 0.0: expected > 0$"):
+        Config.load(path)
+
+
+@pytest.mark.parametrize("override,key", [("model.num_heads=0", "model.num_heads"),
+                                          ("model.num_layers=0", "model.num_layers"),
+                                          ("model.num_layers=-2", "model.num_layers"),
+                                          ("model.model_dim=0", "model.model_dim")])
+def test_params_refuses_with_one_line(override, key, cli):
+    """Today `num_heads=0` is a ZeroDivisionError traceback and `num_layers=-2` blames parallel_start_layer."""
+    rc, res, err = cli("params", "--preset", "pr1855", "--set", override)
+    assert rc == 2 and res is None
+    assert err.strip() == f"pgolf: error: {key}: {override.split('=')[1]}: expected >= 1"
+
+
+def test_train_refuses_zero_layers_before_writing_anything(tmp_path, cli):
+    """Today `num_layers=0` trains an embedding-only model and records it as finished."""
+    for argv in (["--set", "model.num_layers=0"], ["--seed", "-1"], ["--max-seconds", "nan"]):
+        rc, res, err = cli("train", "--preset", "cpu-smoke", "--data", tmp_path / "no-data", "--out",
+                           tmp_path / "runs" / "r", *argv)
+        assert rc == 2 and res is None and err.count("pgolf: error:") == 1
+        assert ("model.num_layers" if "num_layers" in argv[1] else "train.") in err
+    assert not (tmp_path / "runs").exists()
