@@ -1,9 +1,17 @@
 """The `pgolf` command line (the contract is ../shared/docs/cli-contract.md).
 
 Every command returns a dict; the last line on stdout is that dict as one JSON object. Progress goes
-to stderr. A `PgolfError` (bad input) becomes one line on stderr and exit status 2; `--debug` shows
-the traceback instead. Each subcommand's work lives in the module that owns it; this file only
-parses arguments and dispatches, importing lazily so `pgolf --help` stays fast.
+to stderr. Each subcommand's work lives in the module that owns it; this file only parses arguments
+and dispatches, importing lazily so `pgolf --help` stays fast.
+
+Exit status (the same for every command):
+  0    success: the JSON result is the last stdout line
+  1    the command ran and printed its JSON, but part of the work failed: the result's `failed` list
+       is not empty (a sweep with failed points)
+  2    bad input (`PgolfError`): one `pgolf: error: ...` line on stderr (`--debug`: the traceback)
+  130  interrupted by SIGINT (Ctrl-C)
+  143  stopped by SIGTERM (torchrun, Slurm, `pgolf.lab.launch`): handled like SIGINT, so a run is
+       recorded as interrupted and never as finished
 """
 from __future__ import annotations
 
@@ -13,7 +21,9 @@ import json
 import sys
 from typing import Any
 
-from pgolf.errors import PgolfError
+from pgolf.errors import PgolfError, Terminated, sigterm_raises
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -104,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[1337])
     p.add_argument("-p", dest="params", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2")
-    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--nproc", type=int, default=None,
+                   help="torchrun processes per point (default: one per visible GPU, one without a GPU)")
     p.add_argument("--runs-root", default="runs")
     p.set_defaults(handler="pgolf.lab.sweep:cmd_sweep")
 
@@ -122,19 +133,27 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     module, func = args.handler.split(":")
     try:
-        handler = getattr(importlib.import_module(module), func)
-        result: dict[str, Any] = handler(args)
+        with sigterm_raises():  # SIGTERM stops a command as Ctrl-C does
+            handler = getattr(importlib.import_module(module), func)
+            result: dict[str, Any] = handler(args)
     except PgolfError as e:
         if args.debug:
             raise
         print(f"pgolf: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("pgolf: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_SIGINT
+    except Terminated:
+        print("pgolf: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_SIGTERM
     sys.stdout.flush()
     print(json.dumps(result, default=str))
-    return 0
+    failed = result.get("failed")
+    if failed:
+        print(f"pgolf: {len(failed)} failed (listed under \"failed\" in the result)", file=sys.stderr)
+        return EXIT_SOME_FAILED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

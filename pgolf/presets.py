@@ -16,6 +16,8 @@ def baseline() -> Config:
     """The official root `train_gpt.py`: 9x512, SP1024, 17,059,912 parameters, 1.2244 BPB."""
     c = Config(preset="baseline")
     c.train.micro_batch_tokens = 65_536  # grad_accum = 8 / world_size, as the official script
+    # the official VAL_LOSS_EVERY=1000 (step 0 included) and TRAIN_LOG_EVERY=200: comparable loss curves
+    c.train.val_every, c.train.log_every = 1000, 200
     c.quant.method = "int8"
     c.quant.compressor = "zlib"
     c.quant.byte_shuffle = 0
@@ -37,6 +39,7 @@ def cpu_smoke() -> Config:
     t.warmdown_iters = 0
     t.warmdown_frac = 0.3
     t.val_batch_tokens = 65_536
+    t.val_every = 0  # only the final validation (a full one costs seconds on a CPU)
     t.log_every = 10
     o = c.optim
     o.matrix_lr, o.scalar_lr, o.tied_embed_lr = 0.03, 0.03, 0.05

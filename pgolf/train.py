@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from pgolf import distributed
 from pgolf.config import Config
+from pgolf.config_domains import check as check_domains
 from pgolf.errors import PgolfError
 from pgolf.runs import RunDir, new_run_id
 
@@ -43,34 +43,22 @@ def resolve_config(args: argparse.Namespace) -> Config:
         cfg.train.seed = args.seed
     if args.max_seconds is not None:
         cfg.train.max_seconds = args.max_seconds
+    check_domains(cfg)  # again: the flags above bypass Config.from_dict
     validate(cfg.model)
     validate_training(cfg)
     return cfg
 
 
 def validate_training(cfg: Config) -> None:
-    """Reject optimizer and training settings that cannot work, naming the key."""
+    """Reject optimizer and training settings that cannot work, naming the key (numeric domains are
+    checked by `pgolf.config_domains`; these are choices and rules between fields)."""
     from pgolf.model.attention import BACKENDS
 
     o, t = cfg.optim, cfg.train
     checks = [
         ("optim.muon_coeffs", o.muon_coeffs in ("classic", "polar_express"), "expected classic or polar_express"),
-        ("optim.ema_decay", 0.0 <= o.ema_decay < 1.0, "expected 0 (off) or a decay in (0, 1)"),
-        ("optim.muon_backend_steps", o.muon_backend_steps >= 1, "expected >= 1"),
-        ("optim.grad_clip_norm", o.grad_clip_norm >= 0, "expected >= 0 (0 = off)"),
-        ("optim.crown_q_lambda", o.crown_q_lambda >= 0, "expected >= 0 (0 = off)"),
-        ("optim.crown_q_clip_range", o.crown_q_clip_range >= 1, "expected >= 1 (15 for int5)"),
-        ("train.log_every", t.log_every >= 1, "expected >= 1"),
-        ("train.iterations", t.iterations >= 1, "expected >= 1"),
-        ("train.train_seq_len", t.train_seq_len >= 1, "expected >= 1"),
-        ("train.eval_seq_len", t.eval_seq_len >= 1, "expected >= 1"),
-        ("train.warmup_steps", t.warmup_steps >= 0, "expected >= 0"),
-        ("train.val_every", t.val_every >= 0, "expected >= 0 (0 = only the final validation)"),
-        ("train.max_seconds", t.max_seconds >= 0, "expected >= 0 (0 = no time budget)"),
-        ("train.gptq_reserve_seconds", 0 <= t.gptq_reserve_seconds and
-         (t.max_seconds == 0 or t.gptq_reserve_seconds < t.max_seconds), "expected within [0, max_seconds)"),
-        ("train.warmdown_frac", 0.0 <= t.warmdown_frac <= 1.0, "expected within [0, 1]"),
-        ("train.min_lr", 0.0 <= t.min_lr <= 1.0, "expected within [0, 1]"),
+        ("train.gptq_reserve_seconds", t.max_seconds == 0 or t.gptq_reserve_seconds < t.max_seconds,
+         "expected within [0, max_seconds)"),
         ("train.export", t.export in ("int8", "none"), "expected int8 or none"),
         ("train.attention_backend", t.attention_backend in BACKENDS, f"expected one of {BACKENDS}"),
     ]
@@ -204,12 +192,31 @@ class Trainer:
         self.log(f"step {step} val_loss {res['val_loss']:.4f} val_bpb {res['val_bpb']:.4f} ({res['seconds']:.1f}s)")
         return res
 
+    def stop_flags(self, loss: torch.Tensor, elapsed: float) -> tuple[bool, bool]:
+        """(the loss is not finite on some rank, the time budget is spent on some rank): one all-reduce
+        and one host read per step, after the per-step sync, so divergence is caught on the step it
+        happens and every rank stops on the same step."""
+        spent = self.budget > 0 and elapsed >= self.budget
+        flags = torch.stack([(~torch.isfinite(loss)).float(), torch.tensor(float(spent), device=loss.device)])
+        distributed.all_reduce_sum_([flags])
+        diverged, spent = (flags > 0).tolist()
+        return diverged, spent
+
+    def log_step(self, step: int, loss: torch.Tensor, mult: float, elapsed: float) -> float:
+        """Log the rank-mean training loss of `step` (a collective: every rank calls it) and return it."""
+        lt = loss.clone()
+        distributed.all_reduce_mean_([lt])
+        value = lt.item()
+        self.metric({"step": step, "time_s": round(elapsed, 3), "train_loss": value, "lr_mult": mult})
+        self.log(f"step {step} loss {value:.4f} lr x{mult:.3f} {1000 * elapsed / step:.0f}ms/step")
+        return value
+
     def fit(self) -> dict[str, Any]:
         from pgolf.optim.schedule import lr_multiplier
 
         cfg, t = self.cfg, self.cfg.train
         self.warmup()
-        elapsed, step, last_loss = 0.0, 0, float("nan")
+        elapsed, step, last_loss, logged = 0.0, 0, float("nan"), 0
         self.log(f"training: {self.params:,} params, batch {t.train_batch_tokens} tokens = {self.ctx.world_size} "
                  f"ranks x {self.accum} x {self.micro}, budget {self.budget:.0f}s, attention {self.backend}")
         while step < t.iterations:
@@ -217,7 +224,7 @@ class Trainer:
                     and elapsed >= cfg.model.enable_looping_at * self.budget):
                 self.model.looping = True  # depth recurrence on from this fraction of the budget
                 self.log(f"step {step}: looping on, order {self.model.layer_order()}")
-            if t.val_every and step and step % t.val_every == 0:
+            if t.val_every and step % t.val_every == 0:  # step 0 too, as the official script does
                 self.validate(step, elapsed)  # its .item() calls leave the device idle: no sync needed
             t0 = time.perf_counter()
             mult = lr_multiplier(step, elapsed, t, self.budget, 1000 * elapsed / max(step, 1))
@@ -225,16 +232,15 @@ class Trainer:
             self.sync()
             elapsed += time.perf_counter() - t0
             step += 1
-            if step % t.log_every == 0 or step == 1:
-                lt = loss.clone()
-                distributed.all_reduce_mean_([lt])
-                last_loss = lt.item()
-                if not math.isfinite(last_loss):
-                    raise PgolfError(f"step {step}: training loss is {last_loss} (diverged)")
-                self.metric({"step": step, "time_s": round(elapsed, 3), "train_loss": last_loss, "lr_mult": mult})
-                self.log(f"step {step} loss {last_loss:.4f} lr x{mult:.3f} {1000 * elapsed / step:.0f}ms/step")
-            if self.budget > 0 and distributed.any_rank(elapsed >= self.budget, self.ctx.device):
+            diverged, spent = self.stop_flags(loss, elapsed)
+            if diverged or step % t.log_every == 0 or step == 1:
+                last_loss, logged = self.log_step(step, loss, mult, elapsed), step
+            if diverged:
+                raise PgolfError(f"step {step}: training loss is {last_loss} (diverged)")
+            if spent:
                 break
+        if step != logged:  # the last step is always logged: train_loss is the final loss
+            last_loss = self.log_step(step, loss, mult, elapsed)
         if cfg.model.num_loops:
             self.model.looping = True  # looping stays on for evaluation (record-stack §2.6)
         if self.ema is not None:
@@ -326,7 +332,7 @@ def train(cfg: Config, ctx: distributed.Dist, out: str | None = None, runs_root:
     except BaseException as e:
         if run is not None:  # never recorded as finished; say what happened
             run.write_json("result.json", {"status": "failed" if isinstance(e, Exception) else "interrupted",
-                                           "error": f"{type(e).__name__}: {e}"})
+                                           "error": f"{type(e).__name__}: {e}" if str(e) else type(e).__name__})
         raise
     result = {"run_dir": str(run_path), "preset": cfg.preset, "seed": cfg.train.seed, "params": trainer.params,
               **fit, "val_loss": final["val_loss"], "val_bpb": final["val_bpb"], "val_tokens": final["tokens"],
