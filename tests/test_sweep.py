@@ -67,7 +67,7 @@ def test_sweep_records_failures_and_skips_finished(tmp_path, dummy_nb, capsys, m
     flag.touch()
     argv = ["sweep", str(dummy_nb), "--seeds", "1", "2", "-p", "fail_at", "2", "-p", "fail_flag", str(flag),
             "--grid", "scale=0.5", "--nproc", "1", "--runs-root", str(root)]
-    assert cli.main(argv) == 0
+    assert cli.main(argv) == 1  # a failed point: the JSON is printed, then a non-zero exit
     out, err = capsys.readouterr()
     res = json.loads(out.strip().splitlines()[-1])
     assert len(res["runs"]) == 1 and len(res["failed"]) == 1 and res["skipped"] == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from pgolf.errors import PgolfError
+from pgolf.errors import PgolfError, sigterm_raises
 
 
 def gpu_count() -> int:
@@ -100,34 +101,61 @@ def stream(cmd: Sequence[str], *, echo: Callable[[str], None] | None = None, run
     if echo is None:
         echo = (lambda s: bar.write(s, file=file)) if bar is not None else (lambda s: print(s, file=file, flush=True))
     mstate: dict[str, Any] = {}
-    # Own process group, so an interrupt stops torchrun and all its workers.
+    # Own process group, so an interrupt stops torchrun and all its workers. SIGTERM of this process
+    # (a sweep stopping a notebook's kernel) raises too, so the children are stopped, never orphaned.
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             bufsize=1, env=full_env, start_new_session=True)
     try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            lines.append(line)
-            last.append(line)
-            echo(line)
-            if bar is not None:
-                m = _last_metrics(Path(run_dir) / "metrics.jsonl", mstate)
-                if m and m.get("time_s") is not None:
-                    bar.n = min(round(float(m["time_s"])), bar.total or float("inf"))
-                    bar.set_postfix({k: m[k] for k in ("step", "train_loss", "val_bpb") if m.get(k) is not None},
-                                    refresh=False)
-                    bar.refresh()
-        rc = proc.wait()
-    except BaseException:
-        _kill(proc)
-        raise
+        with sigterm_raises():
+            try:
+                _follow(proc, lines, last, echo, bar, run_dir, mstate)
+                rc = proc.wait()
+            except BaseException:
+                _kill(proc)  # inside: a second SIGTERM is ignored until the children are gone
+                raise
     finally:
         if bar is not None:
             bar.close()
-    if rc != 0:
+    if rc != 0:  # the child's own error first: a sweep or a notebook shows only the first line
         shown = "\n".join(last)
-        raise PgolfError(f"{' '.join(map(str, cmd[:8]))} ... exited with status {rc}; last lines:\n{shown}")
+        raise PgolfError(f"{error_line(last) or 'no output'} [{' '.join(map(str, cmd[:8]))} ... exited with "
+                         f"status {rc}]\nlast lines:\n{shown}")
     return lines
+
+
+_EXCEPTION = re.compile(r"^(?:\[\w+\]:\s*)?([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Terminated)\b.*)$")
+
+
+def error_line(lines: Sequence[str]) -> str:
+    """The line of a child's output that says why it failed: its last `pgolf: error:` line (what the CLI
+    prints for bad input), else the last exception line of a traceback, else the last non-empty line."""
+    lines = [line.strip() for line in lines if line.strip()]
+    for line in reversed(lines):
+        if "pgolf: error:" in line:
+            return line[line.index("pgolf: error:"):]
+    for line in reversed(lines):
+        m = _EXCEPTION.match(line)
+        if m:
+            return m.group(1)
+    return lines[-1] if lines else ""
+
+
+def _follow(proc: subprocess.Popen, lines: list[str], last: deque[str], echo: Callable[[str], None], bar: Any,
+            run_dir: str | Path | None, mstate: dict[str, Any]) -> None:
+    """Echo the child's lines as they come; move the progress bar along its metrics.jsonl."""
+    assert proc.stdout is not None
+    for raw in proc.stdout:
+        line = raw.rstrip("\n")
+        lines.append(line)
+        last.append(line)
+        echo(line)
+        if bar is not None:
+            m = _last_metrics(Path(run_dir) / "metrics.jsonl", mstate)
+            if m and m.get("time_s") is not None:
+                bar.n = min(round(float(m["time_s"])), bar.total or float("inf"))
+                bar.set_postfix({k: m[k] for k in ("step", "train_loss", "val_bpb") if m.get(k) is not None},
+                                refresh=False)
+                bar.refresh()
 
 
 def _kill(proc: subprocess.Popen) -> None:

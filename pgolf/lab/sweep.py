@@ -3,30 +3,47 @@
 Each point gets a run directory under `--runs-root` named from the notebook, the fixed parameters,
 the grid point and the seed (`train-1a2b3c_lr-0.02_s1`), so a re-run finds it again: a point whose
 run directory is finished (`RunDir.is_finished()`) is skipped. The notebook receives the `-p`
-parameters (JSON literals where they parse), the grid values, `seed`, `nproc`, `run_dir` and
-`runs_root` (the registry the run joins), and
-must finish that run itself (the training notebook does it through `pgolf.train`). The executed
-notebook is saved inside the run directory. A point that raises or ends without a finished run
-gets `error.json` there and the sweep goes on; an earlier failed attempt is moved to
-`<runs-root>/.failed/` before the point is retried, so its partial logs never mix with the new ones.
+parameters (JSON literals where they parse), the grid values, `seed`, `nproc` (default: one
+process per visible GPU, one without a GPU), `run_dir` and `runs_root` (the registry the run joins),
+and must finish that run itself (the training notebook does it through `pgolf.train`). A grid name
+with a dot is a config key (`--grid model.attn_gate_width=12,24`): its values reach the notebook as
+`--set` strings appended to its `overrides` parameter.
+
+Everything is checked before the first point runs: the notebook is read (without a kernel) and must
+declare `seed`, `run_dir` and every `-p` / `--grid` name; config keys must exist and their values
+must lie in their domains. Each point runs papermill in a child process (its output in
+`papermill.log` beside the executed notebook, both in the run directory), so SIGINT or SIGTERM of
+the sweep stops the point's kernel, records the point as interrupted and ends the sweep (exit 130 /
+143). A point that raises or ends without a finished run gets `error.json` (its first line is the
+notebook's own error: the exception and, for a training child, its `pgolf: error:` line) and the
+sweep goes on; the command then exits 1 after printing its JSON. An earlier failed attempt is moved
+to `<runs-root>/.failed/` before the point is retried, so its partial logs never mix with the new ones.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from pgolf.config import Config
 from pgolf.errors import PgolfError
 from pgolf.fileio import atomic_write_json
+from pgolf.lab.launch import default_nproc, error_line
 from pgolf.runs import RunDir
 
 KERNEL = "python3"  # the kernel of the interpreter running the sweep (ipykernel's native spec)
+OVERRIDES = "overrides"  # the notebook parameter that receives grid config keys as `--set` strings
+REQUIRED = ("seed", "run_dir")  # set by the sweep for every point: the notebook must use them
+STOP_SECONDS = 30  # for papermill to exit once its kernel was told to stop (a trainer stops within ~10 s)
 
 
 def parse_value(raw: str) -> Any:
@@ -37,22 +54,63 @@ def parse_value(raw: str) -> Any:
         return raw
 
 
+def _is_name(name: str) -> bool:
+    """A notebook parameter (`lr`) or a dotted config key (`model.attn_gate_width`)."""
+    return all(part.isidentifier() for part in name.split("."))
+
+
 def parse_grid(items: Iterable[str]) -> dict[str, list[Any]]:
     grid: dict[str, list[Any]] = {}
     for item in items:
         name, sep, values = item.partition("=")
         name = name.strip()
-        if not sep or not name.isidentifier() or not values:
-            raise PgolfError(f"--grid {item!r}: expected NAME=V1,V2,...")
+        if not sep or not _is_name(name) or not values:
+            raise PgolfError(f"--grid {item!r}: expected NAME=V1,V2,... (NAME a parameter or a config key)")
         if name in grid:
             raise PgolfError(f"--grid {name}: given twice")
         grid[name] = [parse_value(v) for v in values.split(",")]
     return grid
 
 
-def _slug(value: Any) -> str:
-    s = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-    return re.sub(r"[^A-Za-z0-9.+-]+", "-", s).strip("-")[:40] or "x"
+def _override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value)}"
+
+
+def notebook_parameters(notebook: str | Path) -> dict[str, Any]:
+    """The parameters a notebook's `parameters` cell declares, read without starting a kernel."""
+    import warnings
+
+    import papermill as pm
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # papermill warns about a suffix; the error below says more
+            return pm.inspect_notebook(str(notebook))
+    except Exception as e:
+        raise PgolfError(f"{notebook}: not a readable notebook ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def check(notebook: str | Path, params: dict[str, Any], grid: dict[str, list[Any]]) -> None:
+    """Fail before any point runs: names the notebook does not declare, config keys that do not exist,
+    values outside their domains."""
+    declared = notebook_parameters(notebook)
+    listed = ", ".join(declared) or "none: tag a cell 'parameters'"
+    for name in [*REQUIRED, *params, *(k for k in grid if "." not in k)]:
+        if name not in declared:
+            raise PgolfError(f"{notebook}: no parameter {name!r} (its parameters: {listed})")
+    if OVERRIDES in params and not (isinstance(params[OVERRIDES], list)
+                                    and all(isinstance(o, str) for o in params[OVERRIDES])):
+        raise PgolfError(f"-p {OVERRIDES}: expected a JSON list of key=value strings")
+    for key, values in grid.items():
+        if "." not in key:
+            continue
+        if OVERRIDES not in declared:
+            raise PgolfError(f"--grid {key}: {notebook} has no {OVERRIDES!r} parameter to receive config keys")
+        for v in values:
+            try:
+                Config().with_overrides([_override(key, v)])  # the key exists; the value has its type and domain
+            except PgolfError as e:
+                raise PgolfError(f"--grid {key}={json.dumps(v)}: {e}") from None
 
 
 def point_name(notebook: str | Path, params: dict[str, Any], point: dict[str, Any], seed: int) -> str:
@@ -61,6 +119,11 @@ def point_name(notebook: str | Path, params: dict[str, Any], point: dict[str, An
     parts = [f"{Path(notebook).stem}-{hashlib.sha256(blob).hexdigest()[:6]}"]
     parts += [f"{_slug(k)}-{_slug(v)}" for k, v in point.items()]
     return "_".join(parts + [f"s{seed}"])
+
+
+def _slug(value: Any) -> str:
+    s = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", s).strip("-")[:40] or "x"
 
 
 def plan(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any], grid: dict[str, list[Any]],
@@ -75,13 +138,17 @@ def plan(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any], gri
     if not seeds:
         raise PgolfError("--seeds: give at least one seed")
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else [{}]
+    root = Path(runs_root).absolute()
     out = []
     for point in points:
+        parameters = {**params, **{k: v for k, v in point.items() if "." not in k}}
+        sets = [_override(k, v) for k, v in point.items() if "." in k]
+        if sets:  # config keys: appended to the notebook's --set strings
+            parameters[OVERRIDES] = [*params.get(OVERRIDES, []), *sets]
         for seed in seeds:
-            run_dir = Path(runs_root).absolute() / point_name(notebook, params, point, seed)
+            run_dir = root / point_name(notebook, params, point, seed)
             out.append({"seed": seed, "point": point, "run_dir": str(run_dir),
-                        "parameters": {**params, **point, "seed": seed, "run_dir": str(run_dir),
-                                       "runs_root": str(Path(runs_root).absolute())}})
+                        "parameters": {**parameters, "seed": seed, "run_dir": str(run_dir), "runs_root": str(root)}})
     return out
 
 
@@ -95,55 +162,113 @@ def _retire(run_dir: Path, runs_root: Path) -> None:
 
 def execute(notebook: str | Path, item: dict[str, Any], runs_root: str | Path, cwd: str | None = None,
             kernel_name: str = KERNEL) -> dict[str, Any]:
-    """Run one point; returns {status: finished|failed, ...}. Never raises for a notebook failure."""
-    import papermill as pm
-
+    """Run one point; returns {status: finished|failed, ...}. Never raises for a notebook failure; a
+    SIGINT / SIGTERM of the sweep stops the point, records it as interrupted and propagates."""
     run_dir = Path(item["run_dir"])
     _retire(run_dir, Path(runs_root))
     run_dir.mkdir(parents=True, exist_ok=True)
     output = run_dir / Path(notebook).name
+    log_path = run_dir / "papermill.log"
+    cmd = [sys.executable, "-m", "papermill", str(notebook), str(output), "-y", json.dumps(item["parameters"]),
+           "-k", kernel_name, "--cwd", cwd or str(Path.cwd()), "--no-progress-bar", "--log-level", "WARNING"]
+    entry = {"run_dir": str(run_dir), "seed": item["seed"], "point": item["point"], "notebook": str(output)}
     t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rc = proc.wait()
+        except BaseException as stop:  # KeyboardInterrupt / Terminated: stop the kernel first
+            _stop(proc)
+            _record_error(run_dir, {**entry, "seconds": round(time.time() - t0, 1)}, item, "interrupted",
+                          f"{type(stop).__name__}: the sweep was stopped", log_path)
+            raise
+    entry["seconds"] = round(time.time() - t0, 1)
     error = None
-    try:
-        pm.execute_notebook(str(notebook), str(output), parameters=item["parameters"], kernel_name=kernel_name,
-                            progress_bar=False, cwd=cwd)
-    except Exception as e:  # a failed point is recorded, never fatal to the sweep
-        error = {"error": f"{type(e).__name__}: {_first_line(e)}", "traceback": traceback.format_exc()[-4000:]}
-        ename, evalue = getattr(e, "ename", None), getattr(e, "evalue", None)
-        if ename:
-            error["error"] = f"{ename}: {_first_line(evalue)}"
-    if error is None and not RunDir(run_dir).is_finished():
-        error = {"error": "the notebook ran but its run did not finish (no result.json with status finished)"}
-    entry = {"run_dir": str(run_dir), "seed": item["seed"], "point": item["point"], "notebook": str(output),
-             "seconds": round(time.time() - t0, 1)}
+    if rc != 0:
+        error = _notebook_error(output) or error_line(log_path.read_text().splitlines()) or \
+            f"papermill exited with status {rc}"
+    elif not RunDir(run_dir).is_finished():
+        error = "the notebook ran but its run did not finish (no result.json with status finished)"
     if error is None:
         RunDir(run_dir).file("error.json").unlink(missing_ok=True)
         return {**entry, "status": "finished"}
-    atomic_write_json(run_dir / "error.json", {**entry, "status": "failed", "parameters": item["parameters"],
-                                               "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **error})
-    return {**entry, "status": "failed", "error": error["error"]}
+    _record_error(run_dir, entry, item, "failed", error, log_path)
+    return {**entry, "status": "failed", "error": error}
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop a running point. Its kernels (papermill's children, each in its own process group) get
+    SIGTERM first, so a training child the kernel launched is stopped by `launch.stream` rather than
+    orphaned; papermill then records the error and exits. SIGTERM, then SIGKILL, whatever lingers."""
+    import psutil
+
+    try:
+        kernels = psutil.Process(proc.pid).children()
+    except psutil.Error:
+        kernels = []
+    for k in kernels:
+        with contextlib.suppress(OSError):
+            os.killpg(k.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    _, alive = psutil.wait_procs(kernels, timeout=5)
+    for k in alive:
+        with contextlib.suppress(psutil.Error):
+            k.kill()
+
+
+def _record_error(run_dir: Path, entry: dict[str, Any], item: dict[str, Any], status: str, error: str,
+                  log_path: Path) -> None:
+    tail = log_path.read_text().splitlines()[-40:] if log_path.exists() else []
+    atomic_write_json(run_dir / "error.json", {**entry, "status": status, "parameters": item["parameters"],
+                                               "failed_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "error": error,
+                                               "log_tail": tail})
+
+
+def _notebook_error(output: Path) -> str | None:
+    """`Ename: first line of its message` of the executed notebook's first error output, if any."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(output, as_version=4)
+    except Exception:  # papermill failed before writing it, or wrote half of it
+        return None
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                return f"{out.get('ename')}: {_first_line(out.get('evalue', ''))}"
+    return None
 
 
 def _first_line(x: Any) -> str:
     s = str(x).strip()
-    return s.splitlines()[0][:300] if s else ""
+    return s.splitlines()[0][:500] if s else ""
 
 
 def sweep(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any] | None = None,
-          grid: dict[str, list[Any]] | None = None, nproc: int | None = 1, runs_root: str | Path = "runs",
+          grid: dict[str, list[Any]] | None = None, nproc: int | None = None, runs_root: str | Path = "runs",
           cwd: str | None = None) -> dict[str, Any]:
-    """Execute `notebook` for every seed x grid point; returns {runs, failed, skipped}."""
+    """Execute `notebook` for every seed x grid point; returns {runs, failed, skipped, ...}."""
     from tqdm import tqdm
 
     nb = Path(notebook)
     if not nb.is_file():
         raise PgolfError(f"{nb}: notebook not found")
-    params = dict(params or {})
-    if nproc is not None:
-        if "nproc" in params:
-            raise PgolfError("give nproc with --nproc, not -p")
-        params["nproc"] = int(nproc)
-    items = plan(nb, seeds, params, grid or {}, runs_root)
+    params, grid = dict(params or {}), dict(grid or {})
+    if "nproc" in params or "nproc" in grid:
+        raise PgolfError("give nproc with --nproc, not -p or --grid")
+    params["nproc"] = default_nproc() if nproc is None else int(nproc)
+    if params["nproc"] < 1:
+        raise PgolfError(f"--nproc {params['nproc']}: expected >= 1")
+    check(nb, {k: v for k, v in params.items() if k != "nproc"}, grid)
+    items = plan(nb, seeds, params, grid, runs_root)
     Path(runs_root).mkdir(parents=True, exist_ok=True)
     runs, failed, skipped = [], [], []
     bar = tqdm(items, desc=f"sweep {nb.name}", unit="run", file=sys.stderr)
@@ -154,7 +279,7 @@ def sweep(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any] | N
             bar.write(f"skip {name} (finished)", file=sys.stderr)
             continue
         bar.set_postfix_str(name)
-        res = execute(nb, item, runs_root, cwd=cwd or str(Path.cwd()))
+        res = execute(nb, item, runs_root, cwd=cwd)
         if res["status"] == "finished":
             runs.append(item["run_dir"])
         else:
@@ -162,7 +287,8 @@ def sweep(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any] | N
                            "error": res["error"]})
             bar.write(f"FAILED {name}: {res['error']}", file=sys.stderr)
     bar.close()
-    return {"notebook": str(nb), "points": len(items), "runs": runs, "failed": failed, "skipped": skipped}
+    return {"notebook": str(nb), "points": len(items), "nproc": params["nproc"], "runs": runs, "failed": failed,
+            "skipped": skipped}
 
 
 def cmd_sweep(args: Any) -> dict[str, Any]:
