@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vs", dest="b_glob", default=None)
     p.add_argument("--metric", default="val_bpb")
     p.add_argument("--runs-root", default="runs")
+    p.add_argument("--pool", action="store_true",
+                   help="pool runs of different configurations (config_key) matched by one pattern")
     p.set_defaults(handler="pgolf.lab.stats:cmd_stats")
     return ap
 

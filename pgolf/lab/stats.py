@@ -18,12 +18,18 @@ falls back to `val_bpb` for a run that was never quantised.
 Losses (nats/token) come from the key with "bpb" replaced by "loss" (`val_loss`, `ttt_val_loss`,
 `val_loss_prequant`) when the run recorded it, otherwise the metric is converted with the run's own
 bytes-per-token ratio (`val_loss / val_bpb`: the same validation set, so the same tokens and bytes).
+
+`pgolf stats` reads every directory a pattern matches; the ones it cannot use (not finished, failed,
+interrupted, unreadable, without the metric) are listed with the reason under `skipped` in the result
+and on stderr. One pattern is one configuration: runs of several `config_key`s under one pattern are
+refused unless `--pool` is given.
 """
 from __future__ import annotations
 
 import fnmatch
 import glob
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -96,8 +102,10 @@ def loss_nats(result: dict[str, Any], metric: str = "val_bpb") -> float:
 
 # ---- run groups
 
-def finished_runs(pattern: str, runs_root: str | Path = "runs") -> list[dict[str, Any]]:
-    """result.json of every finished run whose directory name under `runs_root` matches `pattern`.
+def select_runs(pattern: str, runs_root: str | Path = "runs",
+                metric: str = "val_bpb") -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """(result.json of every finished run with `metric` whose directory name under `runs_root` matches
+    `pattern`, [{run_dir, reason}] of every other matching directory).
 
     A pattern with a `/` is a path glob instead (`runs/*pr1855*`, `/data/runs/sweep-*`)."""
     root = Path(runs_root)
@@ -108,11 +116,44 @@ def finished_runs(pattern: str, runs_root: str | Path = "runs") -> list[dict[str
             raise PgolfError(f"{root}: runs root not found")
         candidates = sorted(p for p in root.iterdir() if fnmatch.fnmatchcase(p.name, pattern))
         where = f"{root}/{pattern}"
-    out = [{**RunDir(p).result(), "run_dir": str(p), "run_id": p.name}
-           for p in candidates if p.is_dir() and RunDir(p).is_finished()]
-    if not out:
-        raise PgolfError(f"{where}: matches no finished run")
-    return out
+    runs, skipped = [], []
+    for p in (c for c in candidates if c.is_dir()):
+        try:
+            result = RunDir(p).result()
+        except PgolfError as e:
+            result = {"status": f"unreadable ({e})"}
+        reason = _skip_reason(result, metric)
+        if reason:
+            skipped.append({"run_dir": str(p), "reason": reason})
+        else:
+            runs.append({**result, "run_dir": str(p), "run_id": p.name})
+    if not runs:
+        why = f" (skipped {len(skipped)}: {skipped[0]['run_dir']}: {skipped[0]['reason']}, ...)" if skipped else ""
+        raise PgolfError(f"{where}: matches no finished run with {metric!r}{why}")
+    return runs, skipped
+
+
+def _skip_reason(result: dict[str, Any], metric: str) -> str | None:
+    if not result:
+        return "no result.json (running, or stopped before it finished)"
+    if result.get("status") != "finished":
+        error = result.get("error")
+        return f"status {result.get('status')}" + (f": {error}" if error else "")
+    if metric_value(result, metric) is None:
+        return f"result.json has no {metric!r}"
+    return None
+
+
+def check_one_configuration(runs: list[dict[str, Any]], where: str) -> None:
+    """Seeds are pooled only within one configuration (`config_key`): a glob that also caught another
+    configuration would mix two experiments into one mean."""
+    keys: dict[str, list[str]] = {}
+    for r in runs:
+        keys.setdefault(str(r.get("config_key")), []).append(r["run_id"])
+    if len(keys) > 1:
+        shown = "; ".join(f"{k}: {len(v)} run(s), e.g. {v[0]}" for k, v in keys.items())
+        raise PgolfError(f"{where}: matches {len(keys)} configurations ({shown}); narrow the pattern, or give "
+                         "--pool to pool them")
 
 
 def summarize(results: list[dict[str, Any]], metric: str = "val_bpb", label: str = "") -> dict[str, Any]:
@@ -207,17 +248,28 @@ def pairwise(df: "pandas.DataFrame", metric: str = "val_bpb", key: str = "config
 # ---- CLI
 
 def cmd_stats(args: Any) -> dict[str, Any]:
-    """`pgolf stats A_GLOB [--vs B_GLOB] [--metric M] [--runs-root DIR]`."""
-    a_runs = finished_runs(args.a_glob, args.runs_root)
-    if not args.b_glob:
+    """`pgolf stats A_GLOB [--vs B_GLOB] [--metric M] [--runs-root DIR] [--pool]`."""
+    groups, skipped = {}, []
+    for label, pattern in (("a", args.a_glob), ("b", args.b_glob)):
+        if not pattern:
+            continue
+        runs, skips = select_runs(pattern, args.runs_root, args.metric)
+        for s in skips:
+            print(f"pgolf stats: skipped {s['run_dir']}: {s['reason']}", file=sys.stderr)
+        skipped += [{**s, "group": label} for s in skips]
+        if not args.pool:
+            check_one_configuration(runs, pattern)
+        groups[label] = runs
+    a_runs = groups["a"]
+    if "b" not in groups:
         import pandas as pd
 
-        groups = by_config(pd.DataFrame(a_runs), args.metric)
+        table = by_config(pd.DataFrame(a_runs), args.metric)
         return {"a": summarize(a_runs, args.metric, args.a_glob), "b": None, "delta_nats": None,
                 "p_value": None, "significant": False, "metric": args.metric,
-                "groups": groups.to_dict("records")}
-    b_runs = finished_runs(args.b_glob, args.runs_root)
+                "groups": table.to_dict("records"), "skipped": skipped}
+    b_runs = groups["b"]
     overlap = {r["run_id"] for r in a_runs} & {r["run_id"] for r in b_runs}
     if overlap:
         raise PgolfError(f"run {sorted(overlap)[0]} matches both {args.a_glob!r} and {args.b_glob!r}")
-    return compare(a_runs, b_runs, args.metric, args.a_glob, args.b_glob)
+    return {**compare(a_runs, b_runs, args.metric, args.a_glob, args.b_glob), "skipped": skipped}
