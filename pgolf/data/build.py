@@ -54,6 +54,8 @@ def read_documents(path: str | Path) -> list[str]:
         raise PgolfError(f"{path}: input file not found") from None
     except UnicodeDecodeError as e:
         raise PgolfError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    if not raw.strip():
+        raise PgolfError(f"{path}: empty input file (no documents)")
     if path.suffix == ".txt":
         return [d.strip() for d in re.split(r"\n[ \t]*\n", raw) if d.strip()]
     docs = []
@@ -236,13 +238,22 @@ def build_sample(out: str | Path, *, vocab_size: int | None = None, tokenizer: s
 
 
 # ---- a data folder and the tokenizer used with it
+def require_data_dir(data_dir: str | Path) -> Path:
+    """A missing data folder is named as such, not as the first file looked for inside it."""
+    if not Path(data_dir).is_dir():
+        raise PgolfError(f"{data_dir}: data directory not found (make one with `pgolf data build` or "
+                         "`pgolf data fetch`)")
+    return Path(data_dir)
+
+
 def default_tokenizer_path(data_dir: str | Path) -> Path:
-    return Path(data_dir) / TOKENIZER
+    return require_data_dir(data_dir) / TOKENIZER
 
 
 def check_tokenizer_pairing(data_dir: str | Path, tokenizer_path: str | Path, sp, vocab_size: int | None) -> None:
     """Reject a tokenizer that is not the one the shards were built with, or a model vocabulary
     that differs from the tokenizer's: either would score bytes against the wrong pieces."""
+    require_data_dir(data_dir)
     n = sp.vocab_size()
     if vocab_size is not None and vocab_size != n:
         raise PgolfError(f"{tokenizer_path}: tokenizer vocabulary {n} != model vocab_size {vocab_size} "

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from pgolf.data import shards
+from pgolf.data.build import require_data_dir
 from pgolf.errors import PgolfError
 
 
 def _train_files(data_dir: str | Path) -> list[Path]:
-    files = shards.list_shards(data_dir, "train")
+    files = shards.list_shards(require_data_dir(data_dir), "train")
     if not files:
         raise PgolfError(f"{data_dir}: no fineweb_train_*.bin shards found")
     return files
