@@ -15,6 +15,18 @@ from pgolf.model.lora import TARGETS
 LIVE = 1e-3  # a feature's effect on the final hidden state must exceed this
 SAME = 1e-6  # "unchanged" (the brief's allclose bound; most checks are in fact bit-exact)
 
+
+def three_docs(T: int = 40, starts: tuple[int, ...] = (0, 13, 30)):
+    """Two rows of random ids with a BOS at each of `starts` (three documents per row)."""
+    return tokens(T=T, bos_at=starts)
+
+
+def replaced(idx, start: int, end: int, seed: int):
+    """A copy of `idx` whose positions [start, end) hold other random ids (one document rewritten)."""
+    out = idx.clone()
+    out[:, start:end] = tokens(T=end - start, seed=seed)
+    return out
+
 # ---------------------------------------------------------------- parameters that must matter
 
 PARAMS = [  # (id, preset, overrides, parameter-name substring, value it is reset to)
@@ -46,7 +58,7 @@ PARAMS = [  # (id, preset, overrides, parameter-name substring, value it is rese
 def test_feature_parameters_change_the_output(preset, extra, name, init):
     """Moving a feature's parameters off their init value changes the model's hidden state."""
     model = tiny_model(preset, *extra)
-    idx = tokens(T=40, bos_at=(0, 13, 30))
+    idx = three_docs()
     with torch.no_grad():
         h = model.hidden(idx)
         hit = [n for n, p in model.named_parameters() if name in n]
@@ -59,7 +71,9 @@ def test_feature_parameters_change_the_output(preset, extra, name, init):
 
 # ---------------------------------------------------------------- switches that must matter
 
-SWITCHES = [  # (id, preset, overrides of model A, overrides of model B); weights copied A -> B
+LOOPING = {"looping=on": True, "looping=off": False}  # GPT.looping: a model attribute, not a config field
+
+SWITCHES = [  # (id, preset, settings of model A, settings of model B); weights copied A -> B
     ("xsa", "pr1855", [], ["model.xsa_last_n=0"]),
     ("xsa-last-2", "baseline", ["model.xsa_last_n=2"], []),
     ("frozen-carry", "pr1801", [], ["model.recur_carry=none"]),
@@ -78,28 +92,25 @@ SWITCHES = [  # (id, preset, overrides of model A, overrides of model B); weight
     ("qk-norm", "baseline", [], ["model.qk_norm=false"]),
     ("doc-mask", "pr1855", [], ["model.doc_mask=false"]),
     ("smear-bos-mask", "pr1855", [], ["model.smear_bos_mask=false"]),
+    ("looping", "pr1765", ["looping=on"], ["looping=off"]),  # depth recurrence
 ]
+
+
+def _switched(preset: str, settings: list[str], randomize: bool = True):
+    loop = [LOOPING[s] for s in settings if s in LOOPING]
+    return tiny_model(preset, *[s for s in settings if s not in LOOPING], randomize=randomize,
+                      looping=loop[0] if loop else None)
 
 
 @pytest.mark.parametrize("preset,a,b", [s[1:] for s in SWITCHES], ids=[s[0] for s in SWITCHES])
 def test_feature_switches_change_the_output(preset, a, b):
     """The same weights under two settings of a switch give clearly different hidden states."""
-    ma = tiny_model(preset, *a)
-    mb = tiny_model(preset, *b, randomize=False)
+    ma = _switched(preset, a)
+    mb = _switched(preset, b, randomize=False)
     copy_weights(ma, mb)
-    idx = tokens(T=40, bos_at=(0, 13, 30))
+    idx = three_docs()
     with torch.no_grad():
         assert max_diff(ma.hidden(idx), mb.hidden(idx)) > LIVE
-
-
-def test_looping_changes_the_output():
-    """GPT.looping switches depth recurrence: the same weights give a different hidden state."""
-    model = tiny_model("pr1765", looping=False)
-    idx = tokens(T=40, bos_at=(0, 13, 30))
-    with torch.no_grad():
-        h = model.hidden(idx)
-        model.looping = True
-        assert max_diff(h, model.hidden(idx)) > LIVE
 
 
 def test_logit_softcap_changes_the_logits():
@@ -127,9 +138,8 @@ SMEAR_KINDS = [("pr1855", []), ("pr430", ["model.smear_bos_mask=true"]), ("pr179
 def test_smear_and_bigram_with_bos_mask_never_mix_across_documents(preset, extra):
     """With the BOS mask, x0 from a BOS on is independent of every token before it; without, it is not."""
     model = tiny_model(preset, *extra)
-    idx = tokens(T=40, bos_at=(0, 13, 30))
-    other = idx.clone()
-    other[:, 1:13] = tokens(T=12, seed=7)  # a different first document
+    idx = three_docs()
+    other = replaced(idx, 1, 13, seed=7)  # a different first document
     with torch.no_grad():
         assert torch.equal(model.embed(idx)[:, 13:], model.embed(other)[:, 13:])
         model.cfg.smear_bos_mask = False  # negative control: the record's pre-#1851 leak
@@ -141,33 +151,30 @@ def _losses(model, idx):
         return model(idx[:, :-1], idx[:, 1:], reduction="none")
 
 
-@pytest.mark.parametrize("preset", ALL_PRESETS)
-def test_doc_mask_isolates_documents(preset):
-    """doc_mask + smear BOS mask: changing an earlier document leaves every later document's losses unchanged."""
-    model = tiny_model(preset, "model.doc_mask=true", "model.smear_bos_mask=true")
-    idx = tokens(T=49, bos_at=(0, 16, 31))  # documents [0, 16), [16, 31), [31, 48] in each row
-    first, middle = idx.clone(), idx.clone()
-    first[:, 1:16] = tokens(T=15, seed=5)
-    middle[:, 17:31] = tokens(T=14, seed=6)
+MASKS_ON = ["model.doc_mask=true", "model.smear_bos_mask=true"]
+MASK_CASES = [(f"isolated-{p}", p, MASKS_ON, True) for p in ALL_PRESETS] + [  # (id, preset, settings, isolated)
+    ("no-doc-mask", "baseline", ["model.doc_mask=false"], False),
+    ("no-masks", "pr1855", ["model.doc_mask=false", "model.smear_bos_mask=false"], False),
+    ("smear-leaks", "pr1855", ["model.smear_bos_mask=false"], False),
+    ("bigram-channel-leak", "pr430", ["model.doc_mask=true", "model.smear_bos_mask=false"], False),
+]
+
+
+@pytest.mark.parametrize("preset,settings,isolated", [c[1:] for c in MASK_CASES], ids=[c[0] for c in MASK_CASES])
+def test_documents_are_isolated_exactly_when_both_masks_are_on(preset, settings, isolated):
+    """doc_mask (attention) + the smear BOS mask (token mixing): rewriting an earlier document leaves every
+    later document's losses unchanged. Without either mask (negative control), the earlier document leaks."""
+    model = tiny_model(preset, *settings)
+    idx = three_docs(T=49, starts=(0, 16, 31))  # documents [0, 16), [16, 31), [31, 48] in each row
     base = _losses(model, idx)
-    assert max_diff(_losses(model, first)[:, 16:], base[:, 16:]) < SAME
-    lm = _losses(model, middle)
-    assert max_diff(lm[:, 31:], base[:, 31:]) < SAME and max_diff(lm[:, :16], base[:, :16]) < SAME
-    assert max_diff(lm[:, 16:31], base[:, 16:31]) > LIVE  # the changed document itself does change
-
-
-@pytest.mark.parametrize("preset,off", [("baseline", ["model.doc_mask=false"]),
-                                        ("pr1855", ["model.doc_mask=false", "model.smear_bos_mask=false"]),
-                                        ("pr1855", ["model.smear_bos_mask=false"]),
-                                        ("pr430", ["model.doc_mask=true", "model.smear_bos_mask=false"])],
-                         ids=["no-doc-mask", "no-masks", "smear-leaks", "bigram-channel-leak"])
-def test_without_the_masks_later_documents_do_change(preset, off):
-    """Negative control: without doc_mask (attention) or without the smear BOS mask, an earlier doc leaks."""
-    model = tiny_model(preset, *off)
-    idx = tokens(T=49, bos_at=(0, 16, 31))
-    first = idx.clone()
-    first[:, 1:16] = tokens(T=15, seed=5)
-    assert max_diff(_losses(model, first)[:, 16:], _losses(model, idx)[:, 16:]) > LIVE
+    first = _losses(model, replaced(idx, 1, 16, seed=5))
+    if not isolated:
+        assert max_diff(first[:, 16:], base[:, 16:]) > LIVE
+        return
+    assert max_diff(first[:, 16:], base[:, 16:]) < SAME
+    middle = _losses(model, replaced(idx, 17, 31, seed=6))
+    assert max_diff(middle[:, 31:], base[:, 31:]) < SAME and max_diff(middle[:, :16], base[:, :16]) < SAME
+    assert max_diff(middle[:, 16:31], base[:, 16:31]) > LIVE  # the changed document itself does change
 
 
 # ---------------------------------------------------------------- LoRA
