@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("notebook")
     p.add_argument("--seeds", nargs="+", type=int, default=[1337])
     p.add_argument("-p", dest="params", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
-    p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2")
+    p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
+                   help="a notebook parameter, or a dotted config key appended to the notebook's overrides")
     p.add_argument("--nproc", type=int, default=None,
                    help="torchrun processes per point (default: one per visible GPU, one without a GPU)")
     p.add_argument("--runs-root", default="runs")
