@@ -216,6 +216,6 @@ def test_launch_command_and_failure(tmp_path):
     seen = []
     lines = launch.stream(["python3", "-c", "print('a'); print('{\"x\": 1}')"], echo=seen.append)
     assert seen == ["a", '{"x": 1}'] and launch.final_json(lines) == {"x": 1}
-    with pytest.raises(PgolfError, match=r"status 3; last lines:\nboom"):
+    with pytest.raises(PgolfError, match=r"^boom \[.* exited with status 3\]\nlast lines:\nboom$"):
         launch.stream(["python3", "-c", "import sys; print('boom'); sys.exit(3)"], echo=lambda s: None)
     assert launch.kernel_is_clean()

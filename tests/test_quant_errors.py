@@ -28,7 +28,7 @@ def test_bad_quant_settings_fail_before_any_work(tiny_run, cli, setting, key):
     extra = ["--set", "quant.lqer_group=0"] if key is None else []
     rc, res, err = cli("quantize", tiny_run, "--set", setting, *extra)
     assert rc == 2 and res is None and "Traceback" not in err
-    assert err.count("pgolf: error:") == 1 and (key or "quant.lqer_rank") in err
+    assert err.count("pgolf: error:") == 1 and (key or "quant.lqer_group") in err
     assert not (tiny_run / "hessians.pt").exists()  # failed before calibration
 
 
