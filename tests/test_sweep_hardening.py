@@ -51,7 +51,7 @@ def nb(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["not_a_notebook", "unknown_p", "unknown_grid", "unknown_key", "bad_value",
-                                  "no_overrides_param", "no_run_dir_param"])
+                                  "bad_fixed_value", "no_overrides_param", "no_run_dir_param"])
 def test_bad_names_fail_before_the_first_point(case, nb, tmp_path, cli):
     target, extra = nb, []
     if case == "not_a_notebook":
@@ -65,6 +65,8 @@ def test_bad_names_fail_before_the_first_point(case, nb, tmp_path, cli):
         extra = ["--grid", "model.attn_gate_widht=12,24"]
     elif case == "bad_value":
         extra = ["--grid", "model.num_heads=4,0"]
+    elif case == "bad_fixed_value":
+        extra = ["-p", "optim.beta2", "1.5"]
     elif case == "no_overrides_param":
         target = notebook(tmp_path / "plain.ipynb", PARAMS.replace("overrides = []\n", ""))
         extra = ["--grid", "model.attn_gate_width=12,24"]
@@ -77,22 +79,24 @@ def test_bad_names_fail_before_the_first_point(case, nb, tmp_path, cli):
     assert len(lines) == 1 and lines[0].startswith("pgolf: error:"), err
     expect = {"not_a_notebook": "not a readable notebook", "unknown_p": "'presett'", "unknown_grid": "'lr'",
               "unknown_key": "model.attn_gate_widht", "bad_value": "model.num_heads: 0: expected >= 1",
+              "bad_fixed_value": "-p optim.beta2=1.5: optim.beta2: 1.5: expected within [0, 1)",
               "no_overrides_param": "'overrides'", "no_run_dir_param": "'run_dir'"}[case]
     assert expect in lines[0]
     assert not root.exists() or not any(root.iterdir())  # no point ran
 
 
 def test_grid_config_keys_reach_the_overrides_parameter(nb, tmp_path, cli):
-    items = sweep.plan(nb, [1], {"overrides": ["train.iterations=3"]},
+    items = sweep.plan(nb, [1], {"overrides": ["train.iterations=3"], "model.attn_gate": "attn_out"},
                        {"model.attn_gate_width": [12, 24], "mode": ["ok"]}, tmp_path)
-    assert [i["parameters"]["overrides"] for i in items] == [["train.iterations=3", "model.attn_gate_width=12"],
-                                                            ["train.iterations=3", "model.attn_gate_width=24"]]
-    assert "model.attn_gate_width" not in items[0]["parameters"]
+    assert [i["parameters"]["overrides"] for i in items] == [
+        ["train.iterations=3", 'model.attn_gate="attn_out"', "model.attn_gate_width=12"],
+        ["train.iterations=3", 'model.attn_gate="attn_out"', "model.attn_gate_width=24"]]
+    assert not [k for k in items[0]["parameters"] if "." in k] and items[0]["parameters"]["mode"] == "ok"
     assert Path(items[1]["run_dir"]).name.endswith("_model.attn-gate-width-24_mode-ok_s1")
     rc, res, err = cli("sweep", nb, "--seeds", "1", "--nproc", "1", "--runs-root", tmp_path / "runs",
-                       "--grid", 'model.attn_gate_input="q"')
+                       "-p", "model.num_layers", "4", "--grid", 'model.attn_gate_input="q"')
     assert rc == 0, err
-    assert RunDir(res["runs"][0]).result()["overrides"] == ['model.attn_gate_input="q"']
+    assert RunDir(res["runs"][0]).result()["overrides"] == ["model.num_layers=4", 'model.attn_gate_input="q"']
 
 
 def test_a_failed_point_keeps_the_child_error_and_exits_1(nb, tmp_path, capsys):

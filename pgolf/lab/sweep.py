@@ -5,9 +5,9 @@ the grid point and the seed (`train-1a2b3c_lr-0.02_s1`), so a re-run finds it ag
 run directory is finished (`RunDir.is_finished()`) is skipped. The notebook receives the `-p`
 parameters (JSON literals where they parse), the grid values, `seed`, `nproc` (default: one
 process per visible GPU, one without a GPU), `run_dir` and `runs_root` (the registry the run joins),
-and must finish that run itself (the training notebook does it through `pgolf.train`). A grid name
-with a dot is a config key (`--grid model.attn_gate_width=12,24`): its values reach the notebook as
-`--set` strings appended to its `overrides` parameter.
+and must finish that run itself (the training notebook does it through `pgolf.train`). A `-p` or
+grid name with a dot is a config key (`--grid model.attn_gate_width=12,24`): its values reach the
+notebook as `--set` strings appended to its `overrides` parameter.
 
 Everything is checked before the first point runs: the notebook is read (without a kernel) and must
 declare `seed`, `run_dir` and every `-p` / `--grid` name; config keys must exist and their values
@@ -95,22 +95,22 @@ def check(notebook: str | Path, params: dict[str, Any], grid: dict[str, list[Any
     values outside their domains."""
     declared = notebook_parameters(notebook)
     listed = ", ".join(declared) or "none: tag a cell 'parameters'"
-    for name in [*REQUIRED, *params, *(k for k in grid if "." not in k)]:
+    for name in [*REQUIRED, *(k for k in [*params, *grid] if "." not in k)]:
         if name not in declared:
             raise PgolfError(f"{notebook}: no parameter {name!r} (its parameters: {listed})")
     if OVERRIDES in params and not (isinstance(params[OVERRIDES], list)
                                     and all(isinstance(o, str) for o in params[OVERRIDES])):
         raise PgolfError(f"-p {OVERRIDES}: expected a JSON list of key=value strings")
-    for key, values in grid.items():
-        if "." not in key:
-            continue
+    keys = {**{k: [v] for k, v in params.items() if "." in k}, **{k: v for k, v in grid.items() if "." in k}}
+    for key, values in keys.items():
+        flag = "--grid" if key in grid else "-p"
         if OVERRIDES not in declared:
-            raise PgolfError(f"--grid {key}: {notebook} has no {OVERRIDES!r} parameter to receive config keys")
+            raise PgolfError(f"{flag} {key}: {notebook} has no {OVERRIDES!r} parameter to receive config keys")
         for v in values:
             try:
                 Config().with_overrides([_override(key, v)])  # the key exists; the value has its type and domain
             except PgolfError as e:
-                raise PgolfError(f"--grid {key}={json.dumps(v)}: {e}") from None
+                raise PgolfError(f"{flag} {key}={json.dumps(v)}: {e}") from None
 
 
 def point_name(notebook: str | Path, params: dict[str, Any], point: dict[str, Any], seed: int) -> str:
@@ -141,8 +141,9 @@ def plan(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any], gri
     root = Path(runs_root).absolute()
     out = []
     for point in points:
-        parameters = {**params, **{k: v for k, v in point.items() if "." not in k}}
-        sets = [_override(k, v) for k, v in point.items() if "." in k]
+        given = {**params, **point}
+        parameters = {k: v for k, v in given.items() if "." not in k}
+        sets = [_override(k, v) for k, v in given.items() if "." in k]
         if sets:  # config keys: appended to the notebook's --set strings
             parameters[OVERRIDES] = [*params.get(OVERRIDES, []), *sets]
         for seed in seeds:
@@ -295,8 +296,8 @@ def cmd_sweep(args: Any) -> dict[str, Any]:
     """`pgolf sweep NOTEBOOK --seeds S... [-p NAME VALUE]... [--grid NAME=V1,V2]... [--nproc N]`."""
     params: dict[str, Any] = {}
     for name, raw in args.params:
-        if not name.isidentifier():
-            raise PgolfError(f"-p {name!r}: not a valid parameter name")
+        if not _is_name(name):
+            raise PgolfError(f"-p {name!r}: not a parameter name or a dotted config key")
         params[name] = parse_value(raw)
     return sweep(args.notebook, args.seeds, params, parse_grid(args.grid), nproc=args.nproc,
                  runs_root=args.runs_root)
