@@ -202,11 +202,16 @@ class Trainer:
         diverged, spent = (flags > 0).tolist()
         return diverged, spent
 
-    def log_step(self, step: int, loss: torch.Tensor, mult: float, elapsed: float) -> float:
-        """Log the rank-mean training loss of `step` (a collective: every rank calls it) and return it."""
+    @staticmethod
+    def mean_loss(loss: torch.Tensor) -> float:
+        """The loss averaged over ranks (a collective: every rank calls it)."""
         lt = loss.clone()
         distributed.all_reduce_mean_([lt])
-        value = lt.item()
+        return lt.item()
+
+    def log_step(self, step: int, loss: torch.Tensor, mult: float, elapsed: float) -> float:
+        """Log the rank-mean training loss of `step` (every rank calls it) and return it."""
+        value = self.mean_loss(loss)
         self.metric({"step": step, "time_s": round(elapsed, 3), "train_loss": value, "lr_mult": mult})
         self.log(f"step {step} loss {value:.4f} lr x{mult:.3f} {1000 * elapsed / step:.0f}ms/step")
         return value
@@ -233,10 +238,10 @@ class Trainer:
             elapsed += time.perf_counter() - t0
             step += 1
             diverged, spent = self.stop_flags(loss, elapsed)
-            if diverged or step % t.log_every == 0 or step == 1:
-                last_loss, logged = self.log_step(step, loss, mult, elapsed), step
             if diverged:
-                raise PgolfError(f"step {step}: training loss is {last_loss} (diverged)")
+                raise PgolfError(f"step {step}: training loss is {self.mean_loss(loss)} (diverged)")
+            if step % t.log_every == 0 or step == 1:
+                last_loss, logged = self.log_step(step, loss, mult, elapsed), step
             if spent:
                 break
         if step != logged:  # the last step is always logged: train_loss is the final loss

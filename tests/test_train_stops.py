@@ -51,6 +51,7 @@ def test_nan_on_a_non_logging_step_fails_the_run_on_that_step(sp1024_data, tmp_p
         ["pgolf: error: step 3: training loss is nan (diverged)"]
     result = json.loads((runs / "nan" / "result.json").read_text())
     assert result["status"] == "failed" and "step 3" in result["error"]
+    assert [r["step"] for r in rows(runs / "nan")] == [1]  # no NaN row in metrics.jsonl
     assert not (runs / "index.jsonl").exists()
 
 
