@@ -12,3 +12,16 @@ class PgolfError(Exception):
 class LegalityError(PgolfError):
     """An evaluation broke one of the challenge's conditions (Issue #1017): a bug in an evaluation
     method or a distribution that is not normalised. Reported like any pgolf error (one line, exit 2)."""
+
+
+def describe(e: BaseException) -> str:
+    """`Type: message` of `e` and of each distinct cause under it, on one line, so a wrapper's message
+    ("... failed due to the above error") never hides the error that explains it."""
+    parts, seen = [], set()
+    while e is not None and len(parts) < 5:
+        msg = str(e)
+        if msg not in seen:
+            seen.add(msg)
+            parts.append(f"{type(e).__name__}: {msg}" if msg else type(e).__name__)
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return " <- ".join(parts)

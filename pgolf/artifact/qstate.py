@@ -33,12 +33,33 @@ def dequantize(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return q.float() * s.float()[:, None]
 
 
-def dequantize_state(qstate: dict) -> dict[str, torch.Tensor]:
-    """qstate -> state_dict with the original names, shapes and dtypes."""
+# the fields each kind of entry must carry
+_FIELDS = {"quant": ("q", "s"), "gate": ("q", "s"), "pass": ("t",), "raw": ("t",)}
+
+
+def check_qstate(qstate) -> dict:
+    """`qstate` if it has the shape of a quantised state, else a PgolfError saying what it holds."""
+    if not isinstance(qstate, dict):
+        raise PgolfError(f"not a pgolf quantised state (it holds a {type(qstate).__name__})")
     if qstate.get("format") != FORMAT:
         raise PgolfError(f"not a pgolf quantised state (format {qstate.get('format')!r})")
+    tensors = qstate.get("tensors")
+    if not isinstance(tensors, dict):
+        raise PgolfError(f"corrupt quantised state: 'tensors' is a {type(tensors).__name__}, not a dict")
+    for name, e in tensors.items():
+        need = _FIELDS.get(e.get("kind")) if isinstance(e, dict) else None
+        if need is None:
+            raise PgolfError(f"corrupt quantised state: entry {name!r} has no known kind")
+        missing = [k for k in (*need, "dtype", "shape") if k not in e]
+        if missing:
+            raise PgolfError(f"corrupt quantised state: entry {name!r} ({e['kind']}) lacks {', '.join(missing)}")
+    return qstate
+
+
+def dequantize_state(qstate: dict) -> dict[str, torch.Tensor]:
+    """qstate -> state_dict with the original names, shapes and dtypes."""
     out = {}
-    for name, e in qstate["tensors"].items():
+    for name, e in check_qstate(qstate)["tensors"].items():
         dtype, shape = getattr(torch, e["dtype"]), e["shape"]
         if e["kind"] in ("raw", "pass"):
             out[name] = e["t"].to(dtype).reshape(shape)
