@@ -15,6 +15,7 @@ baseline's int8+zlib blobs (int8.py) load through `load_artifact` as well.
 from __future__ import annotations
 
 import io
+import pickle
 
 import torch
 
@@ -23,7 +24,7 @@ from pgolf.artifact import pergroup
 from pgolf.artifact.int8 import load_int8
 from pgolf.artifact.lowrank import correction
 from pgolf.config import QuantConfig
-from pgolf.errors import PgolfError
+from pgolf.errors import PgolfError, describe
 
 FORMAT = "pgolf_quant_v1"
 
@@ -88,8 +89,8 @@ def load_qstate(blob: bytes) -> dict:
         return pergroup.unpack(blob)
     try:
         obj = torch.load(io.BytesIO(C.decompress(blob)), map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError) as e:
-        raise PgolfError(f"corrupt artifact: not a torch.save payload ({e})") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch's own text advises unsafe loading
+        raise PgolfError(f"corrupt artifact: not a torch.save payload ({type(e).__name__})") from None
     return obj
 
 
@@ -104,4 +105,4 @@ def load_artifact(blob: bytes, name: str = "artifact") -> dict[str, torch.Tensor
     except PgolfError as e:
         raise PgolfError(f"{name}: {e}") from None
     except Exception as e:  # noqa: BLE001 - truncated streams, bad pickles, bad headers
-        raise PgolfError(f"{name}: corrupt artifact ({type(e).__name__}: {e})") from None
+        raise PgolfError(f"{name}: corrupt artifact ({describe(e)})") from None
