@@ -52,17 +52,23 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 
 @contextmanager
 def signals_deferred() -> Iterator[None]:
-    """SIGINT and SIGTERM wait while the body runs (a command publishing several files): a signal that
-    arrives meanwhile is delivered right after, so an interrupt never leaves half the outputs published.
-    Only the main thread receives Python's signals; elsewhere this does nothing."""
+    """SIGINT and SIGTERM wait while the body runs (a command publishing several files): one that
+    arrives meanwhile is noted and raised again right after, with the handlers that were there before,
+    so an interrupt never leaves half the outputs published. Python handlers rather than a signal mask:
+    a masked signal can still land on one of torch's threads. Only the main thread can do this; on
+    another the body runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    caught: list[int] = []
+    before = {s: signal.signal(s, lambda n, _frame: caught.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 @contextmanager

@@ -204,6 +204,23 @@ def test_interrupt_in_any_phase_leaves_the_run_byte_identical(run, cli, monkeypa
     assert snapshot(run) == before  # no artifact, no result.json change, no train.log line, no hessians.pt
 
 
+def test_an_interrupt_while_publishing_waits_for_the_last_output(run, cli, monkeypatch, code_bytes_once):
+    real = RunDir.update_result
+
+    def interrupted(self, *a, **k):  # Ctrl-C between writing the artifact and updating result.json
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        return real(self, *a, **k)
+    monkeypatch.setattr(RunDir, "update_result", interrupted)
+    rc, _, err = cli("quantize", run, *INT8, "--no-eval")
+    assert rc == 130, err  # interrupted, but only after every output was in place
+    result = RunDir(run).result()
+    artifact = (run / "final_model.int8q.ptz").read_bytes()
+    assert Path(result["artifact"]).name == "final_model.int8q.ptz"
+    assert stages(result)[-1]["artifact_sha256"] == hashlib.sha256(artifact).hexdigest()
+    assert "quantize: int8" in (run / "train.log").read_text()
+
+
 def test_strict_over_the_limit_leaves_the_run_byte_identical(run, cli, code_bytes_once):
     before = snapshot(run)
     rc, _, err = cli("quantize", run, "--strict", *INT8, "--set", "quant.limit_bytes=1000")

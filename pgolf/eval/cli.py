@@ -22,7 +22,7 @@ import torch
 
 from pgolf.config import Config
 from pgolf.errors import PgolfError
-from pgolf.fileio import check_output
+from pgolf.fileio import check_output, signals_deferred
 from pgolf.runs import RunDir, artifact_stage, check_overrides, open_run, setting, stage
 
 EVAL_SECTIONS = ("eval.", "ttt.", "data.val_max_tokens")  # what --set may change at evaluation time
@@ -127,12 +127,13 @@ def cmd_eval(args: Any) -> dict[str, Any]:
         out.update({"val_bpb": final["val_bpb"], "val_loss": final["val_loss"], "scored_tokens": final["tokens"],
                     "scored_bytes": final["bytes"], "val_targets": n,
                     "eval_seconds": round(ledger.seconds[timed], 3), "time": ledger.as_dict(timed)})
-        if want_trace:
-            tr = stream.trace()
-            tr.save(trace_path(args.trace, ctx.rank, ctx.world_size))
-            out.update({"trace": str(args.trace), "trace_entries": len(tr)})  # this rank's entries
-        if ctx.is_main and run.is_finished():
-            _record(run, cfg, out, base, artifact)
+        with signals_deferred():  # the outputs appear together
+            if want_trace:
+                tr = stream.trace()
+                tr.save(trace_path(args.trace, ctx.rank, ctx.world_size))
+                out.update({"trace": str(args.trace), "trace_entries": len(tr)})  # this rank's entries
+            if ctx.is_main and run.is_finished():
+                _record(run, cfg, out, base, artifact)
         return out
     finally:
         if owns_group and ctx.backend is not None:
