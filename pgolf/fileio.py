@@ -77,7 +77,7 @@ def staged_dir(path: str | Path) -> Iterator[Path]:
     (an old folder there is renamed aside first, then removed); when it fails or is interrupted it is
     removed and `path` is untouched. Between the two renames `path` is briefly absent, never partial;
     a process killed right there leaves the old folder as `.<name>.*.old`."""
-    path = Path(path).absolute()
+    path = Path(path).resolve()  # through a symlink: the folder it points to is the one replaced
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     old = None
