@@ -81,12 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--strict", action="store_true", help="fail when the artifact is over the limit")
     p.add_argument("--no-eval", action="store_true", help="skip the re-evaluation of the artifact")
+    p.add_argument("--allow-unfinished", action="store_true", help="quantise a run that did not finish")
     _add_set(p)
     p.set_defaults(handler="pgolf.quant.cli:cmd_quantize")
 
     p = sub.add_parser("eval", help="score the validation set from the artifact, optionally with TTT")
     p.add_argument("run_dir")
-    p.add_argument("--artifact", default=None)
+    p.add_argument("--artifact", default=None, help="score this artifact (default: the run's latest)")
+    p.add_argument("--weights", choices=["artifact", "fp"], default=None,
+                   help="artifact: the run's latest artifact (quantised, else the trainer's export); "
+                        "fp: the unquantised final_model.pt")
+    p.add_argument("--allow-unfinished", action="store_true", help="evaluate a run that did not finish")
     p.add_argument("--ttt", action="store_true")
     p.add_argument("--trace", default=None, help="write one entry per scored token to FILE.npz")
     _add_set(p)

@@ -5,6 +5,14 @@ Each run writes `runs/<run_id>/`: `config.json`, `env.json`, `train.log`, `metri
 the same folder, then `os.replace`), so a reader never sees half a file. A run is *finished* only once
 `result.json` says `"status": "finished"`; only then does `index.jsonl` (beside the run directories)
 gain a line. Reading the registry back (`pgolf.lab.registry.load()`, a pandas DataFrame) is the lab's.
+
+Every score a command takes is also recorded as a *stage* in `result.json` (`stages`, a list, only ever
+appended to): which weights were scored (`fp` = final_model.pt, `artifact` = a compressed artifact,
+named with its sha256), on how many tokens and bytes, in which setting, by which command and when.
+The flat keys (`val_bpb`, `quant_val_bpb`, `ttt_val_bpb`, ...) are the latest of each kind; the
+stages keep every one, so a re-quantisation adds a stage instead of erasing the trainer's numbers.
+`stages(result)` reads them back; a stage scored on fewer tokens than another is flagged
+(`fewer_tokens`), and `stages_comparable` says whether all stages scored the same number of tokens.
 """
 from __future__ import annotations
 
@@ -12,18 +20,23 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from pgolf.errors import PgolfError
-from pgolf.fileio import json_default, atomic_write_bytes, atomic_write_json
+from pgolf.fileio import atomic_write_bytes, atomic_write_json, json_default, sha256_file
 
 INDEX = "index.jsonl"
 # Config fields that do not define "the same configuration" when grouping seeds.
 _RUN_SPECIFIC = {("train", "seed"), ("data", "path"), ("data", "tokenizer")}
+STAGE_NAMES = ("pre-quant", "quantised", "ttt")
+STATUSES = ("finished", "failed", "interrupted")
+# result.json keys that hold a number (or null): scores, byte and token counts
+_NUMERIC = re.compile(r"(^|_)(val_bpb|val_loss)(_|$)|_bytes$|_tokens$|^(limit|margin|params|steps)$")
 
 
 @contextmanager
@@ -86,6 +99,8 @@ class RunDir:
             raise PgolfError(f"{p}: not found (is {self.path} a pgolf run directory?)") from None
         except json.JSONDecodeError as e:
             raise PgolfError(f"{p}: not valid JSON ({e.msg})") from None
+        except UnicodeDecodeError:
+            raise PgolfError(f"{p}: not valid JSON (not UTF-8 text)") from None
 
     def append_jsonl(self, name: str, obj: dict[str, Any]) -> None:
         """Append one JSON line (metrics, TTT curves): append-only, flushed per line."""
@@ -100,14 +115,18 @@ class RunDir:
             print(line, file=sys.stderr, flush=True)
 
     def read_metrics(self, name: str = "metrics.jsonl") -> list[dict[str, Any]]:
+        """The rows of a JSON-lines log; a last line cut short (a run killed while writing) is left out."""
         p = self.file(name)
         if not p.exists():
             return []
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        return read_jsonl(p)
 
     # ---- state
     def result(self) -> dict[str, Any]:
-        return self.read_json("result.json") if self.file("result.json").exists() else {}
+        """result.json ({} before there is one), checked: an object whose scores and counts are numbers."""
+        if not self.file("result.json").exists():
+            return {}
+        return check_result(self.read_json("result.json"), self.file("result.json"))
 
     def is_finished(self) -> bool:
         try:
@@ -122,6 +141,7 @@ class RunDir:
         """Write result.json with status "finished", then add the run to the index."""
         result = {**result, "status": "finished", "run_id": self.run_id, "run_dir": str(self.path),
                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        result.update(_stage_fields(result.get("stages", [])))
         if self.file("config.json").exists():
             result.setdefault("config_key", config_key(self.config()))
         self.write_json("result.json", result)
@@ -133,11 +153,12 @@ class RunDir:
                 f.write(json.dumps(line, default=json_default) + "\n")
         return result
 
-    def update_result(self, updates: dict[str, Any]) -> dict[str, Any]:
-        """Merge later results (quantisation, evaluation) into a finished run's result.json."""
+    def update_result(self, updates: dict[str, Any], new_stages: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+        """Merge later results (quantisation, evaluation) into result.json, appending their stages."""
         with _locked(self.file("result.json")):
             result = self.result()
             result.update(updates)
+            result.update(_stage_fields(result.get("stages", []) + list(new_stages)))
             self.write_json("result.json", result)
         return result
 
@@ -147,3 +168,94 @@ def resolve(run_dir: str | Path) -> RunDir:
     if not run.file("config.json").exists():
         raise PgolfError(f"{run.path}: not a pgolf run directory (no config.json)")
     return run
+
+
+def open_run(run_dir: str | Path, command: str, allow_unfinished: bool = False) -> tuple[RunDir, dict[str, Any]]:
+    """A run for a command that works on a trained run (quantize, eval), and its checked result.json.
+    A run that did not finish (interrupted, failed, still training) is refused unless asked."""
+    run = resolve(run_dir)
+    result = run.result()
+    if result.get("status") != "finished" and not allow_unfinished:
+        state = f"is {result['status']}" if result.get("status") else "has not finished (no status in result.json)"
+        raise PgolfError(f"{run.path}: the run {state}; {command} works on finished runs "
+                         "(--allow-unfinished to use its weights anyway)")
+    return run, result
+
+
+def check_overrides(overrides: Sequence[str], allowed: Sequence[str], command: str) -> None:
+    """`--set` on a trained run may change how it is processed, never the model it holds (the
+    recorded scores must keep matching config.json)."""
+    for item in overrides:
+        if not item.split("=", 1)[0].strip().startswith(tuple(allowed)):
+            names = ", ".join(a + "*" if a.endswith(".") else a for a in allowed)
+            raise PgolfError(f"--set {item}: {command} may change only {names} (the model is fixed by the run)")
+
+
+# ---- reading what runs wrote
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file. Lines that do not parse are left out: a process killed while
+    appending cuts its last line short (and the next writer appends after it)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def check_result(result: Any, path: str | Path) -> dict[str, Any]:
+    """`result` if it has the shape of a result.json, else one PgolfError naming the file and the key."""
+    if not isinstance(result, dict):
+        raise PgolfError(f"{path}: holds a JSON {type(result).__name__}, expected an object")
+    for key, v in result.items():
+        if _NUMERIC.search(key) and v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise PgolfError(f"{path}: {key} is {v!r}, expected a number")
+    if result.get("status") not in (None, *STATUSES):
+        raise PgolfError(f"{path}: status is {result['status']!r}, expected one of {', '.join(STATUSES)}")
+    st = result.get("stages", [])
+    if not isinstance(st, list) or not all(isinstance(x, dict) for x in st):
+        raise PgolfError(f"{path}: stages is not a list of objects")
+    return result
+
+
+# ---- stages: every score with what it was measured on
+def setting(seq_len: int, stride: int = 0, doc_mask: bool = False) -> str:
+    """How a score windowed the validation set (stride 0: non-overlapping windows)."""
+    return f"seq_len={seq_len} stride={stride} doc_mask={int(doc_mask)}"
+
+
+def stage(name: str, score: dict[str, Any] | None, *, by: str, weights: str, setting: str, artifact: str | None = None,
+          method: str | None = None, **extra: Any) -> dict[str, Any]:
+    """One stage record. `score` is a scorer's result (val_bpb, val_loss, tokens, bytes) or None when
+    the weights were written but not scored (`pgolf quantize --no-eval`)."""
+    if name not in STAGE_NAMES:
+        raise ValueError(f"stage name {name!r}: expected one of {STAGE_NAMES}")
+    score = score or {}
+    return {"name": name, "by": by, "weights": weights, "artifact": artifact, "method": method, "setting": setting,
+            "val_bpb": score.get("val_bpb"), "val_loss": score.get("val_loss"), "tokens": score.get("tokens"),
+            "bytes": score.get("bytes"), **extra, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def artifact_stage(name: str, score: dict[str, Any] | None, artifact: str | Path, run_dir: str | Path,
+                   **fields: Any) -> dict[str, Any]:
+    """A stage for a score of the artifact file `artifact`, with its sha256 (so a later file of the same
+    name is told apart); named by its file name when it lies in the run directory."""
+    path = Path(artifact)
+    where = path.name if path.parent.resolve() == Path(run_dir).resolve() else str(path)
+    return stage(name, score, weights="artifact", artifact=where, artifact_sha256=sha256_file(path), **fields)
+
+
+def stages(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """A result's stages, oldest first, each flagged `fewer_tokens` when another stage of the run scored
+    more tokens (such scores do not compare like with like)."""
+    return _stage_fields(result.get("stages", []))["stages"]
+
+
+def _stage_fields(recorded: list[dict[str, Any]]) -> dict[str, Any]:
+    counts = [s["tokens"] for s in recorded if s.get("tokens")]
+    top = max(counts, default=0)
+    out = [{**s, "fewer_tokens": bool(s.get("tokens")) and s["tokens"] < top} for s in recorded]
+    return {"stages": out, "stages_comparable": len(set(counts)) <= 1}

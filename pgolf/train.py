@@ -22,6 +22,7 @@ from pgolf import distributed
 from pgolf.config import Config
 from pgolf.config_domains import check as check_domains
 from pgolf.errors import PgolfError
+from pgolf.fileio import check_output
 from pgolf.runs import RunDir, new_run_id
 
 
@@ -279,7 +280,8 @@ class Trainer:
         code = _code_bytes()
         out = {"artifact": name, "model_bytes": len(blob), **code,
                "total_bytes": len(blob) + code["code_bytes"], "limit": self.cfg.quant.limit_bytes,
-               "artifact_val_loss": res["val_loss"], "artifact_val_bpb": res["val_bpb"]}
+               "artifact_val_loss": res["val_loss"], "artifact_val_bpb": res["val_bpb"],
+               "artifact_val_tokens": res["tokens"], "artifact_val_bytes": res["bytes"]}
         self.timings["export_s"] = time.perf_counter() - t0
         self.log(f"artifact {name}: {len(blob):,} B model + {code['code_bytes']:,} B code; "
                  f"val_bpb from the file alone {res['val_bpb']:.4f}")
@@ -303,6 +305,7 @@ def train(cfg: Config, ctx: distributed.Dist, out: str | None = None, runs_root:
         str(Path(out) if out else Path(runs_root) / new_run_id(cfg.preset, cfg.train.seed))))
     if RunDir(run_path).is_finished():
         raise PgolfError(f"{run_path}: already holds a finished run (choose another --out)")
+    check_output(run_path, "--out", kind="dir")  # a file there, or an unwritable parent: fail before training
     trainer = Trainer(cfg, ctx, None)
     trainer.run_path = run_path
     if ctx.is_main:
@@ -345,9 +348,24 @@ def train(cfg: Config, ctx: distributed.Dist, out: str | None = None, runs_root:
               "world_size": ctx.world_size, **export,
               "timings": {k: round(v, 3) for k, v in trainer.timings.items()}}
     if run is not None:
-        result = run.finish(result)
+        result = run.finish({**result, "stages": _stages(cfg, run, final, export)})
         run.log(f"finished: val_bpb {final['val_bpb']:.4f}")
     return result
+
+
+def _stages(cfg: Config, run: RunDir, final: dict[str, Any], export: dict[str, Any]) -> list[dict[str, Any]]:
+    """The trainer's two scores as stages (pgolf.runs): the final weights, and its export from the file alone."""
+    from pgolf.runs import artifact_stage, setting, stage
+
+    how = setting(cfg.train.eval_seq_len, 0, cfg.model.doc_mask)  # evaluate(): non-overlapping windows
+    out = [stage("pre-quant", final, by="train", weights="fp", artifact="final_model.pt", setting=how)]
+    if export.get("artifact"):  # train.export != "none"
+        score = {"val_bpb": export["artifact_val_bpb"], "val_loss": export["artifact_val_loss"],
+                 "tokens": export["artifact_val_tokens"], "bytes": export["artifact_val_bytes"]}
+        out.append(artifact_stage("quantised", score, run.file(export["artifact"]), run.path, by="train",
+                                  method=cfg.train.export, setting=how, model_bytes=export["model_bytes"],
+                                  total_bytes=export["total_bytes"]))
+    return out
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

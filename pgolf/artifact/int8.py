@@ -12,6 +12,7 @@ and shape.
 from __future__ import annotations
 
 import io
+import pickle
 import zlib
 
 import torch
@@ -72,9 +73,13 @@ def export_int8(state_dict: dict[str, torch.Tensor]) -> bytes:
 def load_int8(blob: bytes) -> dict[str, torch.Tensor]:
     """The artifact bytes -> a state_dict with the original names, shapes and dtypes."""
     try:
-        obj = torch.load(io.BytesIO(zlib.decompress(blob)), map_location="cpu", weights_only=True)
-    except (zlib.error, RuntimeError, EOFError) as e:
-        raise PgolfError(f"not a pgolf int8 artifact ({e})") from None
+        raw = zlib.decompress(blob)
+    except zlib.error as e:
+        raise PgolfError(f"not a pgolf int8 artifact (zlib: {e})") from None
+    try:
+        obj = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch's own text advises unsafe loading
+        raise PgolfError(f"not a pgolf int8 artifact (not a torch.save payload: {type(e).__name__})") from None
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise PgolfError("not a pgolf int8 artifact (format tag missing)")
     out = {}

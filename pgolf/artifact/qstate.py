@@ -15,6 +15,7 @@ baseline's int8+zlib blobs (int8.py) load through `load_artifact` as well.
 from __future__ import annotations
 
 import io
+import pickle
 
 import torch
 
@@ -23,7 +24,7 @@ from pgolf.artifact import pergroup
 from pgolf.artifact.int8 import load_int8
 from pgolf.artifact.lowrank import correction
 from pgolf.config import QuantConfig
-from pgolf.errors import PgolfError
+from pgolf.errors import PgolfError, describe
 
 FORMAT = "pgolf_quant_v1"
 
@@ -33,12 +34,33 @@ def dequantize(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return q.float() * s.float()[:, None]
 
 
-def dequantize_state(qstate: dict) -> dict[str, torch.Tensor]:
-    """qstate -> state_dict with the original names, shapes and dtypes."""
+# the fields each kind of entry must carry
+_FIELDS = {"quant": ("q", "s"), "gate": ("q", "s"), "pass": ("t",), "raw": ("t",)}
+
+
+def check_qstate(qstate) -> dict:
+    """`qstate` if it has the shape of a quantised state, else a PgolfError saying what it holds."""
+    if not isinstance(qstate, dict):
+        raise PgolfError(f"not a pgolf quantised state (it holds a {type(qstate).__name__})")
     if qstate.get("format") != FORMAT:
         raise PgolfError(f"not a pgolf quantised state (format {qstate.get('format')!r})")
+    tensors = qstate.get("tensors")
+    if not isinstance(tensors, dict):
+        raise PgolfError(f"corrupt quantised state: 'tensors' is a {type(tensors).__name__}, not a dict")
+    for name, e in tensors.items():
+        need = _FIELDS.get(e.get("kind")) if isinstance(e, dict) else None
+        if need is None:
+            raise PgolfError(f"corrupt quantised state: entry {name!r} has no known kind")
+        missing = [k for k in (*need, "dtype", "shape") if k not in e]
+        if missing:
+            raise PgolfError(f"corrupt quantised state: entry {name!r} ({e['kind']}) lacks {', '.join(missing)}")
+    return qstate
+
+
+def dequantize_state(qstate: dict) -> dict[str, torch.Tensor]:
+    """qstate -> state_dict with the original names, shapes and dtypes."""
     out = {}
-    for name, e in qstate["tensors"].items():
+    for name, e in check_qstate(qstate)["tensors"].items():
         dtype, shape = getattr(torch, e["dtype"]), e["shape"]
         if e["kind"] in ("raw", "pass"):
             out[name] = e["t"].to(dtype).reshape(shape)
@@ -67,8 +89,8 @@ def load_qstate(blob: bytes) -> dict:
         return pergroup.unpack(blob)
     try:
         obj = torch.load(io.BytesIO(C.decompress(blob)), map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError) as e:
-        raise PgolfError(f"corrupt artifact: not a torch.save payload ({e})") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch's own text advises unsafe loading
+        raise PgolfError(f"corrupt artifact: not a torch.save payload ({type(e).__name__})") from None
     return obj
 
 
@@ -83,4 +105,4 @@ def load_artifact(blob: bytes, name: str = "artifact") -> dict[str, torch.Tensor
     except PgolfError as e:
         raise PgolfError(f"{name}: {e}") from None
     except Exception as e:  # noqa: BLE001 - truncated streams, bad pickles, bad headers
-        raise PgolfError(f"{name}: corrupt artifact ({type(e).__name__}: {e})") from None
+        raise PgolfError(f"{name}: corrupt artifact ({describe(e)})") from None

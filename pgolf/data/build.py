@@ -6,6 +6,10 @@ With `caseops=True` every document is CaseOps-transformed first (`pgolf.data.cas
 must reserve the four operators (a trained one does), and the validation split gets per-token byte
 sidecars `fineweb_val_bytes_*.bin` holding the ORIGINAL bytes of each token (0 for BOS), which scoring
 uses instead of the LUTs (record-stack.md §1.4).
+
+A build never touches an existing folder until it has succeeded: everything is written into a
+temporary sibling that replaces `out` as a whole in one rename at the end (`pgolf.fileio.staged_dir`);
+a failed or interrupted build leaves the old folder as it was.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import numpy as np
 from pgolf.data import shards
 from pgolf.data.tokenizer import BOS_ID, load_tokenizer, train_tokenizer
 from pgolf.errors import PgolfError
-from pgolf.fileio import atomic_path, atomic_write_json, sha256_file
+from pgolf.fileio import atomic_path, atomic_write_json, check_output, sha256_file, staged_dir
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.model"
@@ -123,13 +127,23 @@ def _encode_val_caseops(sp, batch: list[str]) -> list[tuple[list[int], list[int]
     return out
 
 
+def check_out(out: Path) -> None:
+    """`--out` must be creatable as a folder, and an existing one must be a data folder (a build
+    replaces the folder as a whole, so any other files in it would go)."""
+    check_output(out, "--out", kind="dir")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise PgolfError(f"--out {out}: holds files but no {MANIFEST}, so it is not a data folder; a build "
+                         "replaces the whole folder: give a new or empty one")
+
+
 def build_shards(docs: list[str], out: str | Path, *, val_docs: int, tokenizer: str | Path | None = None,
                  vocab_size: int | None = None, shard_tokens: int = 100_000_000,
                  sources: Iterable[dict] = (), caseops: bool = False) -> dict[str, Any]:
-    """Encode `docs` into `out` (replacing any shards there); returns the CLI's result dict."""
+    """Encode `docs` into a new folder that then replaces `out`; returns the CLI's result dict."""
     from pgolf.data import caseops as C
 
     out = Path(out)
+    check_out(out)
     if not 1 <= val_docs < len(docs):
         raise PgolfError(f"--val-docs {val_docs}: must be between 1 and {len(docs) - 1} "
                          f"(there are {len(docs)} documents and training needs at least one)")
@@ -139,7 +153,7 @@ def build_shards(docs: list[str], out: str | Path, *, val_docs: int, tokenizer: 
         raise PgolfError("--tokenizer / --vocab-size: give a tokenizer to encode with, or a vocabulary size to train one")
     if vocab_size is not None and not 0 < vocab_size <= MAX_VOCAB:
         raise PgolfError(f"--vocab-size {vocab_size}: must be in 1..{MAX_VOCAB} (token ids are stored as uint16)")
-    sp = load_tokenizer(tokenizer) if tokenizer is not None else None  # fail before touching `out`
+    sp = load_tokenizer(tokenizer) if tokenizer is not None else None
     if sp is not None:
         if sp.vocab_size() > MAX_VOCAB:
             raise PgolfError(f"{tokenizer}: vocabulary of {sp.vocab_size()} does not fit uint16 shards")
@@ -150,15 +164,21 @@ def build_shards(docs: list[str], out: str | Path, *, val_docs: int, tokenizer: 
             check_caseops_tokenizer(sp, tokenizer)
     if caseops:
         docs = [C.encode(d) for d in docs]
+    with staged_dir(out) as tmp:
+        res = _write_folder(docs, tmp, sp, tokenizer=tokenizer, vocab_size=vocab_size, val_docs=val_docs,
+                            shard_tokens=shard_tokens, sources=sources, caseops=caseops)
+    log(f"wrote {res.pop('shards')} shards to {out}")
+    return {"out": str(out), "tokenizer": str(out / TOKENIZER), **res}
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # the folder is unfinished until the manifest is back
-    for stale in out.glob("fineweb_*.bin"):
-        stale.unlink()
+
+def _write_folder(docs: list[str], out: Path, sp, *, tokenizer, vocab_size, val_docs: int, shard_tokens: int,
+                  sources: Iterable[dict], caseops: bool) -> dict[str, Any]:
+    """Tokenizer, shards and manifest into the (new, empty) folder `out`."""
+    from pgolf.data import caseops as C
+
     tok_path = out / TOKENIZER
     if sp is not None:
-        if Path(tokenizer).resolve() != tok_path.resolve():
-            copy_atomic(tokenizer, tok_path)  # the data folder carries its own tokenizer
+        copy_atomic(tokenizer, tok_path)  # the data folder carries its own tokenizer
     else:
         log(f"training a {vocab_size}-piece SentencePiece BPE on {len(docs) - val_docs} training documents")
         with tempfile.TemporaryDirectory(dir=out) as tmp:
@@ -207,14 +227,14 @@ def build_shards(docs: list[str], out: str | Path, *, val_docs: int, tokenizer: 
         "sources": list(sources),
     }
     atomic_write_json(out / MANIFEST, manifest)
-    log(f"wrote {len(manifest['shards'])} shards to {out}")
-    return {"out": str(out), "tokenizer": str(tok_path), "train_tokens": writers["train"].tokens,
-            "val_tokens": writers["val"].tokens, "val_docs": val_docs, "train_docs": len(docs) - val_docs,
-            "vocab_size": vocab, "text_transform": C.NAME if caseops else None}
+    return {"train_tokens": writers["train"].tokens, "val_tokens": writers["val"].tokens, "val_docs": val_docs,
+            "train_docs": len(docs) - val_docs, "vocab_size": vocab,
+            "text_transform": C.NAME if caseops else None, "shards": len(manifest["shards"])}
 
 
 def build_from_files(paths: list[str | Path], out: str | Path, **kw) -> dict[str, Any]:
     """build_shards over the documents of .jsonl/.txt files (keyword arguments as build_shards)."""
+    check_out(Path(out))  # before reading any input
     docs, sources = [], []
     for p in paths:
         d = read_documents(p)
@@ -258,13 +278,10 @@ def check_tokenizer_pairing(data_dir: str | Path, tokenizer_path: str | Path, sp
     if vocab_size is not None and vocab_size != n:
         raise PgolfError(f"{tokenizer_path}: tokenizer vocabulary {n} != model vocab_size {vocab_size} "
                          "(vocabulary mismatch)")
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
+    manifest = read_manifest(data_dir)
+    if manifest is None:
         return
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PgolfError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    path = Path(data_dir) / MANIFEST
     if manifest.get("vocab_size") not in (None, n):
         raise PgolfError(f"{tokenizer_path}: tokenizer vocabulary {n} != {manifest['vocab_size']} that the shards "
                          f"in {data_dir} were built with (vocabulary mismatch)")
@@ -272,3 +289,30 @@ def check_tokenizer_pairing(data_dir: str | Path, tokenizer_path: str | Path, sp
     if want and sha256_file(tokenizer_path) != want:
         raise PgolfError(f"{tokenizer_path}: not the tokenizer the shards in {data_dir} were built with "
                          f"(sha256 differs from {path.name})")
+
+
+# the manifest fields pgolf reads, and the types they may have (None: absent or null)
+_MANIFEST_FIELDS = {"format": str, "vocab_size": int, "bos_id": int, "text_transform": str, "tokenizer": dict,
+                    "shards": dict, "tokens": dict}
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any] | None:
+    """A data folder's `manifest.json` with the fields pgolf reads checked for type (None when the
+    folder has none); one PgolfError naming the file and the field otherwise."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PgolfError(f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
+    if not isinstance(manifest, dict):
+        raise PgolfError(f"{path}: holds a JSON {type(manifest).__name__}, expected an object")
+    for key, typ in _MANIFEST_FIELDS.items():
+        v = manifest.get(key)
+        if v is not None and (not isinstance(v, typ) or isinstance(v, bool)):
+            raise PgolfError(f"{path}: {key} is {v!r}, expected {'an' if typ is int else 'a'} {typ.__name__}")
+    sha = (manifest.get("tokenizer") or {}).get("sha256")
+    if sha is not None and not isinstance(sha, str):
+        raise PgolfError(f"{path}: tokenizer.sha256 is {sha!r}, expected a string")
+    return manifest

@@ -9,7 +9,6 @@ the tables. `pgolf.eval.bpb` turns these counts into bits per byte.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 
 from pgolf.data import shards
-from pgolf.data.build import check_tokenizer_pairing, default_tokenizer_path
+from pgolf.data.build import check_tokenizer_pairing, default_tokenizer_path, read_manifest
 from pgolf.data.tokenizer import BOS_ID, load_tokenizer
 from pgolf.errors import PgolfError
 
@@ -108,8 +107,4 @@ def audit(data_dir: str | Path, tokenizer_path: str | Path | None = None, bos_id
 
 
 def _text_transform(data_dir: str | Path) -> str | None:
-    path = Path(data_dir) / "manifest.json"
-    try:
-        return json.loads(path.read_text()).get("text_transform") if path.is_file() else None
-    except json.JSONDecodeError as e:
-        raise PgolfError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    return (read_manifest(data_dir) or {}).get("text_transform")

@@ -14,6 +14,11 @@ pgolf's own `manifest.json`), the same shape `pgolf data build` writes. A downlo
 written to a staging folder and moved into place only after it passes its checks (header and size
 for shards, the Hub's LFS size and sha256 where published); a 0-byte or partial file is deleted
 and fetched again, a bounded number of times, and never used.
+
+A new `--out` appears only complete: the files gather in a sibling `.<name>.partial` that is renamed to
+`--out` once everything is verified (a failed fetch keeps what it verified there, and the next fetch
+resumes from it). An existing `--out` is completed in place, one verified file at a time, its
+manifest rewritten last.
 """
 from __future__ import annotations
 
@@ -26,8 +31,8 @@ from typing import Any
 from pgolf.data import shards
 from pgolf.data.build import MANIFEST, TOKENIZER, log
 from pgolf.data.tokenizer import load_tokenizer
-from pgolf.errors import PgolfError
-from pgolf.fileio import atomic_write_json, sha256_file
+from pgolf.errors import PgolfError, describe
+from pgolf.fileio import atomic_write_json, check_output, sha256_file
 
 VARIANTS = {
     "sp1024": {"repo_id": "willdepueoai/parameter-golf", "dataset": "fineweb10B_sp1024", "vocab_size": 1024},
@@ -58,7 +63,7 @@ def _remote_info(repo_id: str, paths: list[str]) -> dict[str, tuple[int | None, 
     try:
         infos = HfApi().get_paths_info(repo_id, paths, repo_type="dataset")
     except Exception as e:  # metadata is a bonus check; the header/size checks still run
-        log(f"could not read file metadata from {repo_id} ({type(e).__name__}); checking headers and sizes only")
+        log(f"could not read file metadata from {repo_id} ({describe(e)}); checking headers and sizes only")
         return {}
     out = {}
     for info in infos:
@@ -111,7 +116,7 @@ def _fetch_file(repo_id: str, remote: str, dest: Path, kind: str, expect, vocab_
         except (EntryNotFoundError, RepositoryNotFoundError):
             raise PgolfError(f"{repo_id}/{remote}: not found on the Hugging Face Hub") from None
         except Exception as e:  # network errors: retry
-            why = f"{type(e).__name__}: {e}"
+            why = describe(e)
             log(f"{remote}: download failed ({why}), try {attempt}/{tries}")
             continue
         try:
@@ -135,8 +140,28 @@ def fetch(variant: str = "sp1024", train_shards: int = 80, out: str | Path | Non
     vocab = spec["vocab_size"]
     if train_shards < 0:
         raise PgolfError(f"--train-shards {train_shards}: must be >= 0")
-    out = Path(out) if out else Path("data") / spec["dataset"]
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output(Path(out) if out else Path("data") / spec["dataset"], "--out", kind="dir")
+    # a new folder becomes visible only once complete; an existing one is completed in place
+    work = out if out.is_dir() else out.absolute().parent / f".{out.name}.partial"
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        res = _fetch_into(work, spec, variant, repo_id, vocab, train_shards, tries)
+    except BaseException as e:
+        if work != out:
+            if not any(work.iterdir()):
+                work.rmdir()
+            elif isinstance(e, PgolfError):
+                raise PgolfError(f"{e} (the files verified so far are kept in {work}; "
+                                 "the next fetch resumes from them)") from None
+        raise
+    if work != out:
+        os.rename(work, out)
+    return {**res, "out": str(out)}
+
+
+def _fetch_into(out: Path, spec: dict, variant: str, repo_id: str, vocab: int, train_shards: int,
+                tries: int) -> dict[str, Any]:
+    """Every file of the export into `out`, verified, then pgolf's manifest; the CLI's result."""
     staging = out / ".fetch-staging"
     staging.mkdir(exist_ok=True)
     try:

@@ -1,10 +1,14 @@
-"""`pgolf eval RUN_DIR [--artifact PATH] [--ttt] [--trace FILE.npz] [--set k=v]`.
+"""`pgolf eval RUN_DIR [--artifact PATH | --weights fp] [--ttt] [--trace FILE.npz] [--set k=v]`.
 
-Loads the run's config, the weights (the artifact when given, else `final_model.pt`) and the
-validation split; scores it once without TTT and, with `--ttt`, once more with `ttt.method`. Writes
-the convergence record to `RUN_DIR/ttt.jsonl`, the per-token trace to FILE.npz (the evaluation that
-gives `val_bpb`), and merges the results into `result.json`. Runs under torchrun as well (scoring
-sums all-reduced; documents / chunks split across ranks deterministically).
+Loads the run's config, the weights and the validation split; scores it once without TTT and, with
+`--ttt`, once more with `ttt.method`. The weights are an artifact, as a submission is scored: the run's
+latest (`artifact` in result.json: the last `pgolf quantize`'s, else the trainer's export), or the one
+`--artifact` names; `--weights fp` scores the unquantised `final_model.pt` instead. The JSON says which
+file was scored. Writes the convergence record to `RUN_DIR/ttt.jsonl` (an evaluation is complete once
+its `done` row is there), the per-token trace to FILE.npz (the evaluation that gives `val_bpb`; its
+path is checked before anything is scored), and merges the results and their stages into
+`result.json` at the end. Runs under torchrun as well (scoring sums all-reduced; documents / chunks
+split across ranks deterministically).
 """
 from __future__ import annotations
 
@@ -18,9 +22,26 @@ import torch
 
 from pgolf.config import Config
 from pgolf.errors import PgolfError
-from pgolf.runs import RunDir, resolve
+from pgolf.fileio import check_output, signals_deferred
+from pgolf.runs import RunDir, artifact_stage, check_overrides, open_run, setting, stage
 
 EVAL_SECTIONS = ("eval.", "ttt.", "data.val_max_tokens")  # what --set may change at evaluation time
+WEIGHTS = "final_model.pt"
+
+
+def weights_path(run: RunDir, result: dict[str, Any], artifact: str | None, weights: str | None) -> Path:
+    """What `pgolf eval` scores: `--artifact`, `--weights fp` (final_model.pt), else the run's latest
+    artifact. Artifacts live in the run directory, so a recorded path is looked up there by name."""
+    if artifact and weights == "fp":
+        raise PgolfError("--artifact / --weights fp: give one (an artifact to score, or the unquantised weights)")
+    if artifact:
+        return Path(artifact)
+    if weights == "fp":
+        return run.file(WEIGHTS)
+    if not result.get("artifact"):
+        raise PgolfError(f"{run.file('result.json')}: names no artifact (the trainer exported none and the run was "
+                         f"never quantised): run `pgolf quantize {run.path}` or score --weights fp")
+    return run.file(Path(result["artifact"]).name)
 
 
 def load_model(run: RunDir, cfg: Config, artifact: str | None, device: torch.device) -> tuple[torch.nn.Module, Path]:
@@ -29,7 +50,7 @@ def load_model(run: RunDir, cfg: Config, artifact: str | None, device: torch.dev
     from pgolf.artifact.weights import load_weights
     from pgolf.model import build_with_state
 
-    path = Path(artifact) if artifact else run.file("final_model.pt")
+    path = Path(artifact) if artifact else run.file(WEIGHTS)
     return build_with_state(cfg, load_weights(path), device, str(path)).eval(), path
 
 
@@ -51,17 +72,17 @@ def cmd_eval(args: Any) -> dict[str, Any]:
     from pgolf.eval.ttt import method_label, run_ttt, runner_for
     from pgolf.eval.ttt_base import ConvergenceLog, TimeLedger, warmup
 
-    for item in args.overrides:
-        if not item.split("=", 1)[0].strip().startswith(EVAL_SECTIONS):
-            raise PgolfError(f"--set {item}: only eval.*, ttt.* and data.val_max_tokens change at evaluation "
-                             "time (the model is fixed by the run)")
-    run = resolve(args.run_dir)
+    check_overrides(args.overrides, EVAL_SECTIONS, "eval")
+    run, result = open_run(args.run_dir, "eval", args.allow_unfinished)
     cfg = Config.load(run.file("config.json")).with_overrides(args.overrides)
     if args.ttt:
         runner_for(cfg)  # an unknown ttt.method fails before anything is loaded
+    path = weights_path(run, result, args.artifact, args.weights)
     ledger = TimeLedger(cfg.eval.time_budget_seconds)
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     ctx = setup()
+    if args.trace:  # before any work: a bad path fails now, not after the evaluation
+        check_output(trace_path(args.trace, ctx.rank, ctx.world_size), "--trace")
 
     def say(msg: str) -> None:  # progress on stderr, rank 0 (the CLI contract)
         if ctx.is_main:
@@ -69,7 +90,7 @@ def cmd_eval(args: Any) -> dict[str, Any]:
 
     try:
         with ledger.phase("load"):
-            model, artifact = load_model(run, cfg, args.artifact, ctx.device)
+            model, artifact = load_model(run, cfg, str(path), ctx.device)
             seq_len = cfg.eval.seq_len or cfg.train.eval_seq_len
             val = load_val(cfg.data.path, cfg.data.tokenizer or None, cfg.model.vocab_size, seq_len,
                            cfg.data.val_max_tokens, bos_id=cfg.data.bos_id)
@@ -84,7 +105,8 @@ def cmd_eval(args: Any) -> dict[str, Any]:
         base_stream.finish()
         say(f"val_bpb {base['val_bpb']:.4f} without TTT ({ledger.seconds['score']:.1f} s)")
         final, stream = base, base_stream
-        out: dict[str, Any] = {"run_dir": str(run.path), "artifact": str(artifact), "ttt": bool(args.ttt)}
+        out: dict[str, Any] = {"run_dir": str(run.path), "artifact": str(artifact), "ttt": bool(args.ttt),
+                               "weights": "fp" if artifact.suffix == ".pt" else "artifact"}  # as load_weights reads it
         if args.ttt:
             method = method_label(cfg)
             with ledger.phase("warmup"):  # synthetic tokens only
@@ -105,19 +127,39 @@ def cmd_eval(args: Any) -> dict[str, Any]:
         out.update({"val_bpb": final["val_bpb"], "val_loss": final["val_loss"], "scored_tokens": final["tokens"],
                     "scored_bytes": final["bytes"], "val_targets": n,
                     "eval_seconds": round(ledger.seconds[timed], 3), "time": ledger.as_dict(timed)})
-        if want_trace:
-            tr = stream.trace()
-            tr.save(trace_path(args.trace, ctx.rank, ctx.world_size))
-            out.update({"trace": str(args.trace), "trace_entries": len(tr)})  # this rank's entries
-        if ctx.is_main and run.is_finished():
-            prefix = "ttt_" if args.ttt else "eval_"
-            upd = {f"{prefix}val_bpb": out["val_bpb"], f"{prefix}val_loss": out["val_loss"],
-                   f"{prefix}eval_seconds": out["eval_seconds"], f"{prefix}artifact": str(artifact)}
-            if args.ttt:
-                upd.update({"ttt_method": out["method"], "ttt_val_bpb_no_ttt": base["val_bpb"],
-                            "ttt_updates": out["updates"]})
-            run.update_result(upd)
+        with signals_deferred():  # the outputs appear together
+            if want_trace:
+                tr = stream.trace()
+                tr.save(trace_path(args.trace, ctx.rank, ctx.world_size))
+                out.update({"trace": str(args.trace), "trace_entries": len(tr)})  # this rank's entries
+            if ctx.is_main and run.is_finished():
+                _record(run, cfg, out, base, artifact)
         return out
     finally:
         if owns_group and ctx.backend is not None:
             teardown()
+
+
+def _record(run: RunDir, cfg: Config, out: dict[str, Any], base: dict[str, Any], artifact: Path) -> None:
+    """Merge an evaluation into result.json: flat keys (`eval_*` / `ttt_*`, the latest of each) and
+    its stages (the score without TTT and, with TTT, the adapted one)."""
+    fp = out["weights"] == "fp"
+
+    def record(name: str, score: dict[str, Any], **fields: Any) -> dict[str, Any]:
+        if fp:
+            return stage(name, score, by="eval", weights="fp", artifact=artifact.name, **fields)
+        return artifact_stage(name, score, artifact, run.path, by="eval", **fields)
+
+    scoring = setting(cfg.eval.seq_len or cfg.train.eval_seq_len, cfg.eval.stride, cfg.eval.doc_mask or cfg.model.doc_mask)
+    new = [record("pre-quant" if fp else "quantised", base, setting=scoring)]
+    prefix = "ttt_" if out["ttt"] else "eval_"
+    upd = {f"{prefix}val_bpb": out["val_bpb"], f"{prefix}val_loss": out["val_loss"],
+           f"{prefix}val_tokens": out["scored_tokens"], f"{prefix}eval_seconds": out["eval_seconds"],
+           f"{prefix}artifact": str(artifact), f"{prefix}weights": out["weights"]}
+    if out["ttt"]:
+        upd.update({"ttt_method": out["method"], "ttt_val_bpb_no_ttt": base["val_bpb"], "ttt_updates": out["updates"]})
+        new.append(record("ttt", {"val_bpb": out["val_bpb"], "val_loss": out["val_loss"],
+                                  "tokens": out["scored_tokens"], "bytes": out["scored_bytes"]},
+                          method=out["method"], setting=f"seq_len={cfg.ttt.eval_seq_len} (test-time training)",
+                          updates=out["updates"]))
+    run.update_result(upd, new)

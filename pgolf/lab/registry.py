@@ -1,7 +1,10 @@
-"""Reading what runs wrote: the registry (`runs/index.jsonl` + each run's `result.json`) and the TTT
-convergence records (`ttt.jsonl`), as pandas DataFrames for the notebooks, plots and statistics.
+"""Reading what runs wrote: the registry (`runs/index.jsonl` + each run's `result.json`), the stages of
+every run, and the TTT convergence records (`ttt.jsonl`), as pandas DataFrames for the notebooks,
+plots and statistics.
 
-The write side (run directories, atomic files, the index line of a finished run) is `pgolf.runs`.
+The write side (run directories, atomic files, the index line of a finished run, stages) is
+`pgolf.runs`. An evaluation in `ttt.jsonl` is complete once its `done` row is there; rows of one that
+was killed (and a line cut short) are left out unless asked for.
 """
 from __future__ import annotations
 
@@ -9,15 +12,14 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from pgolf.runs import INDEX, RunDir
+from pgolf.errors import PgolfError
+from pgolf.runs import INDEX, RunDir, read_jsonl, stages
 
 
-def load(root: str | Path = "runs") -> "pandas.DataFrame":  # noqa: F821
-    """Every finished run listed in `<root>/index.jsonl`, one row each, with its latest results."""
-    import pandas as pd
-
+def _runs(root: str | Path) -> dict[str, tuple[RunDir, dict[str, Any]]]:
+    """{run path: (run, its index line)} for every finished run in `<root>/index.jsonl` (the latest line)."""
     index = Path(root) / INDEX
-    rows: dict[str, dict[str, Any]] = {}
+    out: dict[str, tuple[RunDir, dict[str, Any]]] = {}
     if index.exists():
         for line in index.read_text().splitlines():
             if not line.strip():
@@ -26,15 +28,49 @@ def load(root: str | Path = "runs") -> "pandas.DataFrame":  # noqa: F821
             run = RunDir(entry["run_dir"])
             if not run.path.is_absolute() and not run.path.exists():
                 run = RunDir(Path(root) / run.path.name)
-            row = dict(entry)
-            if run.file("result.json").exists():
-                row.update({k: v for k, v in run.result().items() if not isinstance(v, (dict, list))})
-            rows[str(run.path)] = row
-    return pd.DataFrame(list(rows.values()))
+            out[str(run.path)] = (run, entry)
+    return out
 
 
-def read_convergence(run_dirs: Sequence[str | Path], eval_id: str = "last") -> "pandas.DataFrame":  # noqa: F821
-    """Rows of `ttt.jsonl` from each run (the last evaluation of each unless eval_id="all" or an id)."""
+def _result(run: RunDir) -> dict[str, Any]:
+    """The run's result.json, or {"result_error": why} when it is missing its shape (one bad run does
+    not hide the others)."""
+    try:
+        return run.result()
+    except PgolfError as e:
+        return {"result_error": str(e)}
+
+
+def load(root: str | Path = "runs") -> "pandas.DataFrame":  # noqa: F821
+    """Every finished run listed in `<root>/index.jsonl`, one row each, with its latest results."""
+    import pandas as pd
+
+    rows = []
+    for run, entry in _runs(root).values():
+        row = dict(entry)
+        row.update({k: v for k, v in _result(run).items() if not isinstance(v, (dict, list))})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def load_stages(root: str | Path = "runs") -> "pandas.DataFrame":  # noqa: F821
+    """One row per stage of every finished run (`pgolf.runs.stages`): run_id, preset, seed, config_key,
+    then the stage's name, weights, tokens, val_bpb, ... and `fewer_tokens`."""
+    import pandas as pd
+
+    rows = []
+    for run, entry in _runs(root).values():
+        result = _result(run)
+        keys = {k: result.get(k, entry.get(k)) for k in ("run_id", "preset", "seed", "config_key")}
+        rows += [{**keys, **s} for s in stages(result)]
+    return pd.DataFrame(rows)
+
+
+def read_convergence(run_dirs: Sequence[str | Path], eval_id: str = "last",
+                     incomplete: bool = False) -> "pandas.DataFrame":  # noqa: F821
+    """Rows of `ttt.jsonl` from each run: the last complete evaluation of each, unless eval_id="all" or
+    an id. An evaluation without its `done` row (killed, or still running) is left out unless
+    `incomplete`; the `complete` column says which is which."""
     import pandas as pd
 
     frames = []
@@ -42,7 +78,13 @@ def read_convergence(run_dirs: Sequence[str | Path], eval_id: str = "last") -> "
         p = Path(d) / "ttt.jsonl"
         if not p.exists():
             continue
-        df = pd.DataFrame([json.loads(line) for line in p.read_text().splitlines() if line.strip()])
+        df = pd.DataFrame(read_jsonl(p))
+        if df.empty or "eval_id" not in df:
+            continue
+        done = set(df.loc[df["kind"] == "done", "eval_id"]) if "kind" in df else set()
+        df["complete"] = df["eval_id"].isin(done)
+        if not incomplete:
+            df = df[df["complete"]]
         if df.empty:
             continue
         if eval_id == "last":

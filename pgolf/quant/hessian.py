@@ -96,17 +96,16 @@ def calibrate(model: nn.Module, cfg, *, rank: int = 0, world_size: int = 1) -> t
 
 
 def cached_hessians(run_dir: str | Path, model, cfg, weights: str = "final_model.pt",
-                    caller: str = "quantize") -> tuple[dict, dict]:
-    """Hessians from `<run>/hessians.pt` when the key matches, else computed and cached there.
-    `model` is the model, or a function building it (only called on a cache miss).
+                    caller: str = "quantize", write: bool = True) -> tuple[dict, dict]:
+    """Hessians from `<run>/hessians.pt` when the key matches, else computed and (with `write`) cached
+    there. `model` is the model, or a function building it (only called on a cache miss).
 
     The trainer calls this right after saving the weights (caller="train"), inside the
     `train.gptq_reserve_seconds` its loop left free (record-stack.md §3.9); the info records how long
     calibration took against that reserve. Computed later by `pgolf quantize`, it is outside the
-    training budget and says so (`computed_by`).
+    training budget and says so (`computed_by`); quantize passes write=False and stores the cache with
+    `write_cache` only when it publishes its results, so a failed run leaves the run directory as it was.
     """
-    from pgolf.fileio import atomic_write_bytes
-
     run_dir = Path(run_dir)
     key = calibration_key(cfg, run_dir / weights)
     path = run_dir / CACHE
@@ -121,7 +120,18 @@ def cached_hessians(run_dir: str | Path, model, cfg, weights: str = "final_model
     spent = info["calibration_data_seconds"] + info["hessian_seconds"]
     info.update(computed_by=caller, reserve_seconds=cfg.train.gptq_reserve_seconds,
                 within_reserve=caller == "train" and spent <= cfg.train.gptq_reserve_seconds)
-    buf = io.BytesIO()
-    torch.save({"key": key, "hessians": {k: v.cpu() for k, v in H.items()}, "info": info}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    if write:
+        write_cache(run_dir, cfg, H, info, weights)
     return H, {**info, "cached": False}
+
+
+def write_cache(run_dir: str | Path, cfg, H: dict, info: dict, weights: str = "final_model.pt") -> None:
+    """Store Hessians computed by `cached_hessians` as `<run>/hessians.pt` (atomically)."""
+    from pgolf.fileio import atomic_write_bytes
+
+    run_dir = Path(run_dir)
+    buf = io.BytesIO()
+    info = {k: v for k, v in info.items() if k != "cached"}
+    torch.save({"key": calibration_key(cfg, run_dir / weights), "hessians": {k: v.cpu() for k, v in H.items()},
+                "info": info}, buf)
+    atomic_write_bytes(run_dir / CACHE, buf.getvalue())

@@ -4,9 +4,17 @@
 The artifact counts as `model_bytes` (its size on disk) + `code_bytes` (codebytes.py) = `total_bytes`
 against `quant.limit_bytes` (16,000,000). Over the limit is an error with `strict`, otherwise a loud
 warning on stderr and `under_limit: false` in the result, never a silent pass.
+
+Nothing in the run directory changes until the pipeline has succeeded: the config, result.json, the
+weights and every setting are read and checked first; the artifact is quantised, measured and scored
+from its bytes in memory; only then are the artifact (its own name, `artifact_name`: never the
+trainer's export), the result.json update (flat keys + new stages), the train.log lines and the
+Hessian cache written, with SIGINT/SIGTERM held back until all four are. An interrupt, an error or
+`--strict` over the limit leaves the run directory byte-identical.
 """
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,13 +23,25 @@ from typing import Any
 
 import torch
 
+from pgolf.artifact.qstate import load_artifact, serialize
+from pgolf.artifact.weights import load_weights
 from pgolf.config import Config
 from pgolf.errors import PgolfError
-from pgolf.artifact.qstate import load_artifact, serialize
+from pgolf.fileio import signals_deferred
 from pgolf.model import build_with_state
 from pgolf.quant import quantize as A
+from pgolf.runs import check_overrides, open_run, resolve, setting, stage
 
 WEIGHTS = "final_model.pt"
+TRAINER_EXPORT = "final_model.int8.ptz"  # `pgolf train`'s artifact: quantize never writes it
+SECTIONS = ("quant.", "eval.", "data.val_max_tokens")  # what --set may change: never the model
+
+
+def artifact_name(method: str) -> str:
+    """`final_model.<method>.ptz`, except that method int8 (the trainer's own format) is written as
+    `final_model.int8q.ptz` so it never replaces the trainer's export."""
+    name = f"final_model.{method}.ptz"
+    return "final_model.int8q.ptz" if name == TRAINER_EXPORT else name
 
 
 def default_device() -> torch.device:
@@ -47,9 +67,10 @@ def _timed(timings: dict[str, float], key: str, t0: float) -> None:
 
 
 def prepare(run_dir: str | Path, overrides: list[str] | None = None, *, device=None,
-            evaluate: bool = True, hessians: bool | None = None) -> Prepared:
-    """Load a run; Hessians (cached in the run dir) when GPTQ needs them; the pre-quantisation score."""
-    from pgolf.runs import resolve
+            evaluate: bool = True, hessians: bool | None = None, cache: bool = True) -> Prepared:
+    """Load a run; Hessians when GPTQ needs them (cached in the run dir; with cache=False computed
+    ones are left for the caller to store); the pre-quantisation score."""
+    from pgolf.quant.hessian import cached_hessians
 
     t0 = time.perf_counter()
     run = resolve(run_dir)
@@ -59,17 +80,13 @@ def prepare(run_dir: str | Path, overrides: list[str] | None = None, *, device=N
     wpath = run.file(WEIGHTS)
     if not wpath.exists():
         raise PgolfError(f"{wpath}: not found (quantize needs the trained weights the trainer saves)")
-    try:
-        state = torch.load(wpath, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise PgolfError(f"{wpath}: not a torch state_dict ({e})") from None
+    state = load_weights(wpath)
     p = Prepared(run=run, cfg=cfg, state=state, device=device)
     _timed(p.timings, "load_s", t0)
     if hessians if hessians is not None else cfg.quant.method == "gptq":
-        from pgolf.quant.hessian import cached_hessians
-
         t0 = time.perf_counter()
-        p.hessians, p.hessian_info = cached_hessians(run.path, lambda: build_with_state(cfg, state, device), cfg, WEIGHTS)
+        p.hessians, p.hessian_info = cached_hessians(run.path, lambda: build_with_state(cfg, state, device), cfg,
+                                                     WEIGHTS, write=cache)
         _timed(p.timings, "hessians_s", t0)
     if evaluate:
         p.val = load_val(cfg)
@@ -90,8 +107,7 @@ def eval_seq_len(cfg: Config) -> int:
 
 def scoring_setting(cfg: Config) -> str:
     """How `score` windows the validation set, as recorded beside every score it writes."""
-    doc = cfg.eval.doc_mask or cfg.model.doc_mask
-    return f"seq_len={eval_seq_len(cfg)} stride={cfg.eval.stride} doc_mask={int(doc)}"
+    return setting(eval_seq_len(cfg), cfg.eval.stride, cfg.eval.doc_mask or cfg.model.doc_mask)
 
 
 def score(cfg: Config, state: dict[str, torch.Tensor], val, device) -> dict[str, Any]:
@@ -135,23 +151,29 @@ def warn_over_limit(total: int, limit: int, model_bytes: int, code: int, artifac
           file=sys.stderr, flush=True)
 
 
+def say(notes: list[str], msg: str) -> None:
+    """Progress on stderr now; `notes` go to train.log when the results are published."""
+    notes.append(msg)
+    print(f"{time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
 def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict: bool = False, *,
-                 evaluate: bool = True, device=None) -> dict[str, Any]:
-    """The whole `pgolf quantize` pipeline; merges its results into result.json and returns them."""
+                 evaluate: bool = True, device=None, allow_unfinished: bool = False) -> dict[str, Any]:
+    """The whole `pgolf quantize` pipeline; publishes its results into the run (module notes) and
+    returns them."""
     from pgolf.quant.codebytes import code_bytes
 
     t_start = time.perf_counter()
-    p = prepare(run_dir, overrides, device=device, evaluate=evaluate)
-    cfg, q, run = p.cfg, p.cfg.quant, p.run
+    check_overrides(overrides or [], SECTIONS, "quantize")
+    run, prev = open_run(run_dir, "quantize", allow_unfinished)
+    p = prepare(run.path, overrides, device=device, evaluate=evaluate, cache=False)
+    cfg, q, notes = p.cfg, p.cfg.quant, []
     blob, qstate, info, streams = quantize_state(p)
-    name = f"final_model.{q.method}.ptz"
-    t0 = time.perf_counter()
-    run.write_bytes(name, blob)  # atomic: temporary file + rename
-    _timed(p.timings, "write_s", t0)
+    name = artifact_name(q.method)
     t0 = time.perf_counter()
     code = code_bytes()
     _timed(p.timings, "code_bytes_s", t0)
-    model_bytes = run.file(name).stat().st_size  # the file on disk is what counts
+    model_bytes = len(blob)  # exactly what the file will hold
     total = model_bytes + code["code_bytes"]
     report = A.byte_report(qstate, blob, streams)
     out: dict[str, Any] = {
@@ -168,40 +190,59 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
         "calibration": {k: v for k, v in p.hessian_info.items()},
     }
     if not out["under_limit"]:
-        if strict:
-            run.update_result({**out, "quant_timings": p.timings})
+        if strict:  # before anything is written
             raise PgolfError(f"{name}: total {total:,} bytes (model {model_bytes:,} + code {code['code_bytes']:,}) "
                              f"is over the {q.limit_bytes:,}-byte limit by {total - q.limit_bytes:,} (--strict)")
         warn_over_limit(total, q.limit_bytes, model_bytes, code["code_bytes"], name)
     src = p.hessian_info.get("cached")
-    run.log(f"quantize: {q.method} ({', '.join(out['quant_methods'])}), Hessians "
-            f"{'-' if src is None else 'cached' if src else 'computed'}; {name}: {model_bytes:,} B model + "
-            f"{code['code_bytes']:,} B code = {total:,} B ({out['bits_per_param']:.2f} bits/param)")
+    say(notes, f"quantize: {q.method} ({', '.join(out['quant_methods'])}), Hessians "
+               f"{'-' if src is None else 'cached' if src else 'computed'}; {name}: {model_bytes:,} B model + "
+               f"{code['code_bytes']:,} B code = {total:,} B ({out['bits_per_param']:.2f} bits/param)")
     out["val_bpb_prequant"] = out["val_bpb"] = out["quant_val_bpb"] = None
+    res = None
     if evaluate:
         t0 = time.perf_counter()
-        state = load_artifact(run.file(name).read_bytes(), str(run.file(name)))  # the file alone: decompress -> dequantise
+        state = load_artifact(blob, name)  # the artifact's bytes alone: decompress -> dequantise
         _timed(p.timings, "load_artifact_s", t0)
         t0 = time.perf_counter()
         res = score(cfg, state, p.val, p.device)
         _timed(p.timings, "eval_quant_s", t0)
-        run.log(f"quantize: val_bpb {p.prequant['val_bpb']:.4f} unquantised -> {res['val_bpb']:.4f} "
-                f"from {name} alone")
+        say(notes, f"quantize: val_bpb {p.prequant['val_bpb']:.4f} unquantised -> {res['val_bpb']:.4f} "
+                   f"from {name} alone")
         out.update(val_bpb_prequant=p.prequant["val_bpb"], val_loss_prequant=p.prequant.get("val_loss"),
                    val_tokens_prequant=p.val.num_targets, val_scoring=scoring_setting(cfg),
-                   val_bpb=res["val_bpb"], quant_val_bpb=res["val_bpb"],
+                   val_bpb=res["val_bpb"], quant_val_bpb=res["val_bpb"], quant_val_tokens=res["tokens"],
                    val_loss=res["val_loss"], quant_delta_bpb=res["val_bpb"] - p.prequant["val_bpb"])
     _timed(p.timings, "total_s", t_start)
     out["quant_timings"] = p.timings
-    prev = run.result()
     updates = dict(out)
     if not evaluate:  # keep the trainer's scores; only the artifact changed
         for k in ("val_bpb", "val_bpb_prequant", "quant_val_bpb"):
             updates.pop(k)
     elif "val_bpb" in prev and "val_bpb_train" not in prev:
         updates["val_bpb_train"] = prev["val_bpb"]  # the trainer's (unquantised) score, kept once
-    run.update_result(updates)
+    new = [stage("pre-quant", p.prequant, by="quantize", weights="fp", artifact=WEIGHTS, setting=scoring_setting(cfg))
+           ] if evaluate and not p.prequant.get("reused") else []
+    new.append(stage("quantised", res, by="quantize", weights="artifact", artifact=name, method=q.method,
+                     setting=scoring_setting(cfg) if evaluate else None,
+                     artifact_sha256=hashlib.sha256(blob).hexdigest(), model_bytes=model_bytes, total_bytes=total,
+                     under_limit=out["under_limit"]))
+    _publish(p, name, blob, updates, new, notes)
     return out
+
+
+def _publish(p: Prepared, name: str, blob: bytes, updates: dict[str, Any], new_stages: list[dict],
+             notes: list[str]) -> None:
+    """The only writes `pgolf quantize` makes, together, with SIGINT/SIGTERM held until all are done."""
+    from pgolf.quant.hessian import write_cache
+
+    with signals_deferred():
+        p.run.write_bytes(name, blob)  # atomic: temporary file + rename
+        p.run.update_result(updates, new_stages)
+        for msg in notes:
+            p.run.log(msg, echo=False)
+        if p.hessians is not None and p.hessian_info.get("cached") is False:
+            write_cache(p.run.path, p.cfg, p.hessians, p.hessian_info, WEIGHTS)
 
 
 CLI_KEYS = ("artifact", "model_bytes", "code_bytes", "total_bytes", "limit", "under_limit",
