@@ -125,7 +125,8 @@ sys.exit(main(sys.argv[1:]))
                                                  ("eval", "pgolf.eval.score", "score_stream")])
 def test_quantize_and_eval_exit_143_on_sigterm(command, module, func, tiny_run):
     before = {p.name: p.read_bytes() for p in tiny_run.iterdir() if p.is_file()}
-    argv = [command, str(tiny_run)] + (["--set", "quant.method=\"rtn\""] if command == "quantize" else [])
+    argv = [command, str(tiny_run)] + (["--set", "quant.method=\"rtn\""] if command == "quantize"
+                                       else ["--weights", "fp"])
     proc = subprocess.run([sys.executable, "-c", SELF_TERM.format(module=module, func=func), *argv],
                           capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 143, proc.stderr[-2000:]
