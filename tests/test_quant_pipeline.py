@@ -1,4 +1,4 @@
-"""`pgolf quantize` end to end on a cpu-smoke model trained on ../shared/data, the calibration
+"""`pgolf quantize` end to end on a cpu-smoke model trained on the FineWeb sample (tests/fixtures), the calibration
 poison test, sweep + notebook, the pr1855 artifact's byte report, and Hessian collection."""
 import json
 from pathlib import Path
