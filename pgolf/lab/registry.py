@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from pgolf.runs import INDEX, RunDir
+
+if TYPE_CHECKING:
+    import pandas
 
 
 def load(root: str | Path = "runs") -> "pandas.DataFrame":  # noqa: F821

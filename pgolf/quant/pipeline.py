@@ -69,7 +69,8 @@ def prepare(run_dir: str | Path, overrides: list[str] | None = None, *, device=N
         from pgolf.quant.hessian import cached_hessians
 
         t0 = time.perf_counter()
-        p.hessians, p.hessian_info = cached_hessians(run.path, lambda: build_with_state(cfg, state, device), cfg, WEIGHTS)
+        p.hessians, p.hessian_info = cached_hessians(run.path, lambda: build_with_state(cfg, state, device),
+                                                     cfg, WEIGHTS)
         _timed(p.timings, "hessians_s", t0)
     if evaluate:
         p.val = load_val(cfg)
@@ -99,8 +100,8 @@ def score(cfg: Config, state: dict[str, torch.Tensor], val, device) -> dict[str,
     so quantised and unquantised scores compare like for like with the eval command's."""
     from pgolf.eval.score import score_stream
 
-    return score_stream(build_with_state(cfg, state, device), val, eval_seq_len(cfg), cfg.eval.stride, cfg.eval.batch_seqs,
-                        doc_mask=cfg.eval.doc_mask, bos_id=cfg.data.bos_id)
+    return score_stream(build_with_state(cfg, state, device), val, eval_seq_len(cfg), cfg.eval.stride,
+                        cfg.eval.batch_seqs, doc_mask=cfg.eval.doc_mask, bos_id=cfg.data.bos_id)
 
 
 def _prequant(p: Prepared) -> dict[str, Any]:
@@ -180,7 +181,8 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
     out["val_bpb_prequant"] = out["val_bpb"] = out["quant_val_bpb"] = None
     if evaluate:
         t0 = time.perf_counter()
-        state = load_artifact(run.file(name).read_bytes(), str(run.file(name)))  # the file alone: decompress -> dequantise
+        # the file alone: decompress -> dequantise
+        state = load_artifact(run.file(name).read_bytes(), str(run.file(name)))
         _timed(p.timings, "load_artifact_s", t0)
         t0 = time.perf_counter()
         res = score(cfg, state, p.val, p.device)
