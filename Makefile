@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(PIP_FLAGS) -r $(LOCK)
 	$(BIN)/python -m pip install -q --no-deps -e .
-	$(BIN)/python -m pip check
+	$(BIN)/python -m pip check || { echo "pyproject.toml needs what $(LOCK) lacks? run: make lock"; exit 1; }
 	$(BIN)/python -m ipykernel install --sys-prefix --name pgolf --display-name "pgolf (.venv)" >/dev/null
 	touch $(STAMP)
 
