@@ -103,7 +103,8 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     return {"device": name, "preset": args.preset, "attention_backend": backend, "compiled": step_model is not model,
             "looping": model.looping, "params": count_params(model), "tokens_per_step": tokens,
-            "accum_steps": accum, "ms_per_step": round(ms, 2), "ms_per_step_mean": round(1000 * statistics.mean(times), 2),
+            "accum_steps": accum, "ms_per_step": round(ms, 2),
+            "ms_per_step_mean": round(1000 * statistics.mean(times), 2),
             "tokens_per_s": round(tps), "mfu": round(mfu, 4) if mfu is not None else None,
             "peak_mem_gib": round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None,
             "steps": args.steps}

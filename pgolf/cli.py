@@ -1,4 +1,4 @@
-"""The `pgolf` command line (the contract is ../shared/docs/cli-contract.md).
+"""The `pgolf` command line (the contract is docs/cli-contract.md).
 
 Every command returns a dict; the last line on stdout is that dict as one JSON object. Progress goes
 to stderr. Each subcommand's work lives in the module that owns it; this file only parses arguments

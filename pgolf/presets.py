@@ -1,6 +1,6 @@
 """Named presets: plain functions returning a `Config`.
 
-Each record preset carries the logged hyperparameters of that record (../shared/docs/record-stack.md
+Each record preset carries the logged hyperparameters of that record (record-stack.md
 §6.8 and Appendix A; hedge-stack.md for `pr430` as it was actually run). Where a README and the
 logs disagree, the logs win (record-stack.md §7.15).
 """

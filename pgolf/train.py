@@ -311,8 +311,8 @@ def train(cfg: Config, ctx: distributed.Dist, out: str | None = None, runs_root:
     if ctx.is_main:
         run = RunDir.create(run_path)
         run.write_json("config.json", cfg.to_dict())
-        run.write_json("env.json", {**environment(cfg.data.path, cfg.data.tokenizer or Path(cfg.data.path) / "tokenizer.model",
-                                                  ctx.device, trainer.backend),
+        tokenizer = cfg.data.tokenizer or Path(cfg.data.path) / "tokenizer.model"
+        run.write_json("env.json", {**environment(cfg.data.path, tokenizer, ctx.device, trainer.backend),
                                     "world_size": ctx.world_size, "device": str(ctx.device),
                                     "dist_backend": ctx.backend})
         run.log(f"pgolf train: preset {cfg.preset}, seed {cfg.train.seed}, world {ctx.world_size}, device {ctx.device}")

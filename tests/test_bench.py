@@ -1,7 +1,8 @@
 """`pgolf bench` runs on the current device and reports the contract keys (timings are not asserted)."""
 from __future__ import annotations
 
-TINY = ["model.num_layers=6", "model.loop_start=1", "model.loop_end=2", "model.parallel_start_layer=4", "model.model_dim=64", "model.num_heads=2", "model.num_kv_heads=1",
+TINY = ["model.num_layers=6", "model.loop_start=1", "model.loop_end=2", "model.parallel_start_layer=4",
+        "model.model_dim=64", "model.num_heads=2", "model.num_kv_heads=1",
         "model.vocab_size=256", "train.train_seq_len=64", "train.train_batch_tokens=512",
         "train.micro_batch_tokens=256"]
 

@@ -10,7 +10,7 @@ from pgolf.data.build import read_documents
 from pgolf.fileio import sha256_file
 from pgolf.data.tokenizer import load_tokenizer
 
-OFFICIAL_SHA = {  # ../shared/README.md
+OFFICIAL_SHA = {  # tests/fixtures/README.md
     "fineweb_1024_bpe.model": "4f5e8adb109c66b4886963bc75a7befd73bda36d27fd7102df8e9e66503b0e2a",
     "fineweb_8192_bpe.model": "0518df93315eaff6bc75ad4d9711b01c1b5e9ac32e8b3da603c040d8653f7f03",
 }

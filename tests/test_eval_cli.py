@@ -1,4 +1,4 @@
-"""Acceptance through the command line: a cpu-smoke model trained on ../shared/data, then
+"""Acceptance through the command line: a cpu-smoke model trained on the FineWeb sample (tests/fixtures), then
 `pgolf eval RUN --ttt --trace` on its artifact (TTT beats the same weights without TTT; one trace entry per
 validation target; the trace passes the audit), the int8 artifact, bad input, and the convergence
 notebook run headless under papermill."""

@@ -23,7 +23,7 @@ def tiny(tmp_path):
 def test_one_process_with_accumulation_sees_what_two_processes_see(tiny):
     one = TrainLoader(tiny, seq_len=4)
     ranks = [TrainLoader(tiny, seq_len=4, rank=r, world_size=2) for r in range(2)]
-    for step in range(12):  # long enough to cross every shard end and wrap around
+    for _ in range(12):  # long enough to cross every shard end and wrap around
         a = one.next_batch(8, accum_steps=2)
         b = [loader.next_batch(8, accum_steps=1)[0] for loader in ranks]
         for (xa, ya), (xb, yb) in zip(a, b):

@@ -102,7 +102,7 @@ def test_dense_gate_init_std_and_attn_out_gate_zero():
 
 
 def test_baseline_init_is_nn_linear_default_with_zero_projections():
-    """Appendix B: Q/K/V/up keep nn.Linear's U(-1/sqrt(in), 1/sqrt(in)); O and MLP-down start at zero."""
+    """record-stack.md Appendix B: Q/K/V/up keep nn.Linear's default U(±1/sqrt(in)); O and MLP-down start at zero."""
     torch.manual_seed(0)
     m = build_model(tiny_cfg("baseline"))
     b = m.blocks[0]

@@ -173,7 +173,10 @@ def test_momentum_warmup_0p92_to_0p97_over_1500():
 def test_lr_schedule_warmdown_frac_with_floor():
     t = pr1855().train  # WARMDOWN_FRAC 0.85, MIN_LR 0.1
     B = 599.5
-    m = lambda frac: lr_multiplier(0, frac * B, t, B, 100.0)
+
+    def m(frac):
+        return lr_multiplier(0, frac * B, t, B, 100.0)
+
     assert m(0.0) == 1.0 and m(0.149) == 1.0
     assert m(0.15) == pytest.approx(1.0)
     assert m(0.5) == pytest.approx(0.5 / 0.85)

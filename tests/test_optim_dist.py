@@ -27,7 +27,7 @@ def _run(params):
               {"params": params[5:], "weight_decay": 0.0, "ns_dtype": torch.bfloat16}]
     opt = Muon(groups, lr=0.05, momentum=0.9, weight_decay=0.1, row_normalize=True, coeffs="polar_express")
     g = torch.Generator().manual_seed(1)
-    for step in range(STEPS):
+    for _ in range(STEPS):
         for p in params:
             p.grad = torch.randn(p.shape, generator=g)
         opt.step()

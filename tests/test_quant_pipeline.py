@@ -1,4 +1,4 @@
-"""`pgolf quantize` end to end on a cpu-smoke model trained on ../shared/data, the calibration
+"""`pgolf quantize` end to end on a cpu-smoke model trained on the FineWeb sample (tests/fixtures), the calibration
 poison test, sweep + notebook, the pr1855 artifact's byte report, and Hessian collection."""
 import json
 from pathlib import Path
@@ -113,7 +113,8 @@ def _poison(monkeypatch):
 def test_calibration_never_reads_validation(smoke_run, monkeypatch):
     _poison(monkeypatch)
     # a new seed: the cached Hessians do not apply, so calibration really runs under the poison
-    res = quantize_run(smoke_run, INT6 + ["quant.method=gptq", "quant.calibration_seed=7", "quant.compressor=\"zstd\""], evaluate=False)
+    res = quantize_run(smoke_run, INT6 + ["quant.method=gptq", "quant.calibration_seed=7", "quant.compressor=\"zstd\""],
+                       evaluate=False)
     assert res["calibration"]["cached"] is False and res["model_bytes"] > 0
     # and the poison works: calibration pointed at the validation shards fails
     monkeypatch.setattr(loader, "_train_files", lambda d: sorted(Path(d).glob("fineweb_val_*.bin")))

@@ -50,7 +50,8 @@ def test_plan_names_are_deterministic(tmp_path):
     assert p1[0]["parameters"] == {"preset": "cpu-smoke", "scale": 0.5, "gate": "sparse", "seed": 1,
                                    "run_dir": p1[0]["run_dir"], "runs_root": str(tmp_path.absolute())}
     other = sweep.plan("train.ipynb", [1], {"preset": "pr1855"}, {}, tmp_path)[0]["run_dir"]
-    assert Path(other).name != Path(sweep.plan("train.ipynb", [1], {"preset": "cpu-smoke"}, {}, tmp_path)[0]["run_dir"]).name
+    smoke = sweep.plan("train.ipynb", [1], {"preset": "cpu-smoke"}, {}, tmp_path)[0]["run_dir"]
+    assert Path(other).name != Path(smoke).name
     for bad in (["scale"], ["scale="], ["1x=2"]):
         with pytest.raises(PgolfError):
             sweep.parse_grid(bad)

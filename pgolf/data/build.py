@@ -150,7 +150,8 @@ def build_shards(docs: list[str], out: str | Path, *, val_docs: int, tokenizer: 
     if shard_tokens < 1:
         raise PgolfError(f"--shard-tokens {shard_tokens}: must be positive")
     if tokenizer is None and vocab_size is None:
-        raise PgolfError("--tokenizer / --vocab-size: give a tokenizer to encode with, or a vocabulary size to train one")
+        raise PgolfError("--tokenizer / --vocab-size: give a tokenizer to encode with, "
+                         "or a vocabulary size to train one")
     if vocab_size is not None and not 0 < vocab_size <= MAX_VOCAB:
         raise PgolfError(f"--vocab-size {vocab_size}: must be in 1..{MAX_VOCAB} (token ids are stored as uint16)")
     sp = load_tokenizer(tokenizer) if tokenizer is not None else None

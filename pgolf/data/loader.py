@@ -64,7 +64,8 @@ class TrainLoader:
         raise PgolfError(f"{self.data_dir}: no train shard holds a span of {n} tokens "
                          "(lower train_batch_tokens / micro_batch_tokens or use larger shards)")
 
-    def next_batch(self, micro_tokens: int, accum_steps: int = 1, device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def next_batch(self, micro_tokens: int, accum_steps: int = 1,
+                   device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`accum_steps` pairs (x, y) of int64 tensors shaped (micro_tokens // seq_len, seq_len)."""
         if micro_tokens <= 0 or micro_tokens % self.seq_len:
             raise PgolfError(f"micro-batch of {micro_tokens} tokens: must be a positive multiple of "

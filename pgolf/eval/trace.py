@@ -6,7 +6,7 @@ Positions are target indices of the validation stream: position i is the predict
 BOS: document k holds the targets [start_k, end_k), i.e. tokens[BOS_k ... BOS_{k+1}] inclusive of
 the next BOS, so its end-of-document BOS prediction is scored (record-stack.md §5.2).
 
-The trace (`pgolf eval --trace FILE.npz`, ../shared/docs/cli-contract.md) has one entry per scored
+The trace (`pgolf eval --trace FILE.npz`, docs/cli-contract.md) has one entry per scored
 token in scoring order: position, doc, loss (nats), bytes, step (updates made before it was scored),
 plus a summary of every update (`update_at`: tokens scored when it happened; `update_max_order`: the
 latest trace index among the tokens it trained on) so `legality.audit_trace` can check it from outside.

@@ -16,10 +16,13 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from pgolf.errors import PgolfError
 from pgolf.runs import RunDir
+
+if TYPE_CHECKING:
+    import pandas
 
 LIMIT_BYTES = 16_000_000
 FORMATS = ("png", "svg")
@@ -192,7 +195,7 @@ def plot_ttt_convergence(df: "pandas.DataFrame", out_dir: str | Path = "figures"
         raise PgolfError(f"ttt convergence: rows lack column(s) {', '.join(missing)} (read them with read_convergence)")
     plt = _plt()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, ((run, eid), g) in enumerate(df.groupby(["run", "eval_id"], sort=False)):
+    for i, ((run, _eid), g) in enumerate(df.groupby(["run", "eval_id"], sort=False)):
         color = f"C{i % 10}"
         b = g[g["kind"].isin(["batch", "chunk"])].sort_values("tokens")
         label = f"{run} ({g['method'].iloc[0]})"

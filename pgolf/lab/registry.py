@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from pgolf.errors import PgolfError
 from pgolf.runs import INDEX, RunDir, read_jsonl, stages
+
+if TYPE_CHECKING:
+    import pandas
 
 
 def _runs(root: str | Path) -> dict[str, tuple[RunDir, dict[str, Any]]]:

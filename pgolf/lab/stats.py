@@ -1,7 +1,7 @@
 """Seed statistics and the challenge's significance rule.
 
 A new record must beat the previous one by at least 0.005 nats/token at p < 0.01
-(../shared/docs/record-stack.md §0). With A the reference runs and B the new ones, we test the
+(record-stack.md §0). With A the reference runs and B the new ones, we test the
 *shifted* one-sided hypothesis on per-seed validation losses (nats/token):
 
     H0: mu_A - mu_B <= 0.005      against      H1: mu_A - mu_B > 0.005
@@ -31,10 +31,13 @@ import glob
 import math
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from pgolf.errors import PgolfError
 from pgolf.runs import RunDir
+
+if TYPE_CHECKING:
+    import pandas
 
 MIN_DELTA_NATS = 0.005
 ALPHA = 0.01
@@ -166,7 +169,8 @@ def summarize(results: list[dict[str, Any]], metric: str = "val_bpb", label: str
     m, s = mean_std(vals)
     ln, ls = mean_std(nats)
     return {"label": label, "n": len(results), "runs": [r.get("run_id") for r in results],
-            "seeds": [r.get("seed") for r in results], "config_keys": sorted({str(r.get("config_key")) for r in results}),
+            "seeds": [r.get("seed") for r in results],
+            "config_keys": sorted({str(r.get("config_key")) for r in results}),
             "metric": metric, "mean": m, "std": s, "loss_mean": ln, "loss_std": ls,
             "total_bytes_mean": _mean_or_none(r.get("total_bytes") for r in results)}
 

@@ -22,11 +22,14 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from pgolf.config import Config
 from pgolf.errors import PgolfError
 from pgolf.presets import get_preset
+
+if TYPE_CHECKING:
+    import pandas
 
 # Code bytes when pgolf.quant.codebytes cannot count them (the records' wrapped code: 27.5-32 kB).
 CODE_BYTES_EST = 30_000

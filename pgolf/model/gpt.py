@@ -5,7 +5,7 @@ There is exactly one forward. Training, scoring, GPTQ calibration and test-time 
 applied, so a feature of the model can never be missing at scoring time (the records lost 0.3-0.8 BPB
 to a hand-copied TTT forward that dropped a gate: PR #1784, #1787).
 
-Facts: ../shared/docs/record-stack.md §2 (the #1530 -> #1855 line), Appendix B (the baseline) and
+Facts: record-stack.md §2 (the #1530 -> #1855 line), Appendix B (the baseline) and
 hedge-stack.md §1-4 (the #430 line).
 """
 from __future__ import annotations

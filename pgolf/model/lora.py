@@ -42,7 +42,7 @@ class BatchedLoRA(nn.Module):
 
     @torch.no_grad()
     def reset_A(self) -> None:
-        for name, A in self.A.items():
+        for A in self.A.values():
             bound = 1.0 / math.sqrt(A.size(-1))
             A.uniform_(-bound, bound)
 

@@ -18,13 +18,16 @@ import itertools
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgolf.config import Config, QuantConfig
 from pgolf.errors import PgolfError
 from pgolf.artifact.qstate import load_artifact
 from pgolf.quant import quantize as A
 from pgolf.quant import pipeline as P
+
+if TYPE_CHECKING:
+    import pandas
 
 ALL_GROUPS = A.GROUPS
 

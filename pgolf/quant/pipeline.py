@@ -115,8 +115,8 @@ def score(cfg: Config, state: dict[str, torch.Tensor], val, device) -> dict[str,
     so quantised and unquantised scores compare like for like with the eval command's."""
     from pgolf.eval.score import score_stream
 
-    return score_stream(build_with_state(cfg, state, device), val, eval_seq_len(cfg), cfg.eval.stride, cfg.eval.batch_seqs,
-                        doc_mask=cfg.eval.doc_mask, bos_id=cfg.data.bos_id)
+    return score_stream(build_with_state(cfg, state, device), val, eval_seq_len(cfg), cfg.eval.stride,
+                        cfg.eval.batch_seqs, doc_mask=cfg.eval.doc_mask, bos_id=cfg.data.bos_id)
 
 
 def _prequant(p: Prepared) -> dict[str, Any]:

@@ -150,7 +150,7 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], q: QuantConfig,
     errors: dict[str, float] = {}
     with one_thread_on_cpu(device), ThreadPoolExecutor(cpu_workers(device)) as pool:
         results = pool.map(lambda j: _quantize_matrix(*j, q, hessians.get(j[0]), device), jobs)
-        for (name, t, kind), (fields, tinfo, err) in zip(jobs, results):
+        for (name, _t, _kind), (fields, tinfo, err) in zip(jobs, results):
             tensors[name].update(fields)
             info["tensors"][name] = tinfo
             if err is not None:
