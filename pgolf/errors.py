@@ -55,11 +55,13 @@ def describe(e: BaseException) -> str:
     """`Type: message` of `e` and of each distinct cause under it, on one line (the first line of each
     message), so a wrapper's message ("... failed due to the above error") never hides the error that
     explains it."""
-    parts, seen = [], set()
-    while e is not None and len(parts) < 5:
-        msg = next((x.strip() for x in str(e).splitlines() if x.strip()), "")
+    parts: list[str] = []
+    seen: set[str] = set()
+    cur: BaseException | None = e
+    while cur is not None and len(parts) < 5:
+        msg = next((x.strip() for x in str(cur).splitlines() if x.strip()), "")
         if msg not in seen:
             seen.add(msg)
-            parts.append(f"{type(e).__name__}: {msg}" if msg else type(e).__name__)
-        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+            parts.append(f"{type(cur).__name__}: {msg}" if msg else type(cur).__name__)
+        cur = cur.__cause__ or (None if cur.__suppress_context__ else cur.__context__)
     return " <- ".join(parts)

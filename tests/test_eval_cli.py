@@ -50,7 +50,8 @@ def test_ttt_beats_no_ttt_with_one_trace_entry_per_token(run_dir, ttt_eval):
     # progress on stderr while it runs (the CLI contract): load, the score without TTT, TTT rows, the end
     # without flags TTT adapts the trainer's artifact, as a submission is scored, and the JSON says so
     assert out["weights"] == "artifact" and out["artifact"] == str(run_dir / "final_model.int8.ptz")
-    assert "eval: loaded final_model.int8.ptz" in err and f"eval: val_bpb {out['val_bpb_no_ttt']:.4f} without TTT" in err
+    assert "eval: loaded final_model.int8.ptz" in err
+    assert f"eval: val_bpb {out['val_bpb_no_ttt']:.4f} without TTT" in err
     assert "lora done phase" in err and f"running bpb {out['val_bpb']:.4f}" in err
     for key in ("val_bpb", "val_loss", "scored_tokens", "eval_seconds", "val_bpb_no_ttt", "time"):
         assert key in out, key

@@ -243,7 +243,8 @@ def test_requantisation_keeps_the_trainers_export_and_adds_stages(run, cli, code
     assert [s["val_bpb"] for s in got[:2]] == [s["val_bpb"] for s in trained["stages"]]  # the trainer's numbers
     assert got[1]["artifact_sha256"] == hashlib.sha256(export).hexdigest()
     q = got[3]
-    assert q["weights"] == "artifact" and q["method"] == "int8" and q["tokens"] == 4096 and q["total_bytes"] == res["total_bytes"]
+    assert q["weights"] == "artifact" and q["method"] == "int8" and q["tokens"] == 4096
+    assert q["total_bytes"] == res["total_bytes"]
     assert q["artifact_sha256"] == hashlib.sha256((run / "final_model.int8q.ptz").read_bytes()).hexdigest()
     assert after["quant_val_tokens"] == 4096 and after["stages_comparable"] is True
     # `pgolf eval` without flags now scores the quantised artifact, and says so
@@ -327,14 +328,16 @@ def test_malformed_input_is_one_line(run, cli, tmp_path, sp1024_data, case):
         checks = [(["eval", run, "--artifact", bad], [str(bad), "list"])]
     elif case == "weights are random bytes":
         (run / "final_model.pt").write_bytes(os.urandom(4096))
-        checks = [(["quantize", run, "--no-eval"], ["final_model.pt"]), (["eval", run, "--weights", "fp"], ["final_model.pt"])]
+        checks = [(["quantize", run, "--no-eval"], ["final_model.pt"]),
+                  (["eval", run, "--weights", "fp"], ["final_model.pt"])]
     elif case in ("val_bpb is a string", "result.json is a list"):
         _edit_json(run / "result.json", lambda r: {**r, "val_bpb": "4.3"} if case.startswith("val_bpb") else [r])
         want = ["result.json", "val_bpb" if case.startswith("val_bpb") else "list"]
         checks = [(["quantize", run], want), (["eval", run], want)]
     else:
         data = Path(shutil.copytree(sp1024_data, tmp_path / "data"))
-        _edit_json(data / "manifest.json", lambda m: [m] if case == "manifest is a list" else {**m, "vocab_size": "1024"})
+        _edit_json(data / "manifest.json",
+                   lambda m: [m] if case == "manifest is a list" else {**m, "vocab_size": "1024"})
         _edit_json(run / "config.json", lambda c: {**c, "data": {**c["data"], "path": str(data)}})
         checks = [(["eval", run], ["manifest.json"]), (["data", "audit", "--data", data], ["manifest.json"])]
     for argv, words in checks:

@@ -19,7 +19,8 @@ def root(tmp_path):
     for i, loss in enumerate(LOSSES):
         finished(tmp_path, f"old_s{i}", i, loss, "old")
     failed = RunDir.create(tmp_path / "old_s7")
-    failed.write_json("result.json", {"status": "failed", "error": "PgolfError: step 3: training loss is nan (diverged)"})
+    failed.write_json("result.json", {"status": "failed",
+                                      "error": "PgolfError: step 3: training loss is nan (diverged)"})
     RunDir.create(tmp_path / "old_s8").write_json("config.json", {})  # still running: no result.json
     (tmp_path / "old_s9").mkdir()
     (tmp_path / "old_s9" / "result.json").write_text("{not json")

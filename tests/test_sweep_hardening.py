@@ -27,7 +27,8 @@ if mode == "child_error":  # a training child that fails the way pgolf fails: on
     launch.stream([sys.executable, "-c", "import sys; print('step 1 loss 6.93'); "
                    "print('pgolf: error: data/x: no fineweb_train_*.bin shards found', file=sys.stderr); sys.exit(2)"])
 if mode == "sleep":  # a long child, as a training run is: it writes its pid, the kernel's, and sleeps
-    launch.stream([sys.executable, "-c", f"import os, time; open({flag!r}, 'w').write(f'{{os.getpid()}} {os.getpid()}'); "
+    launch.stream([sys.executable, "-c",
+                   f"import os, time; open({flag!r}, 'w').write(f'{{os.getpid()}} {os.getpid()}'); "
                    "time.sleep(120)"])
 run = RunDir.create(run_dir)
 run.write_json("config.json", {"train": {"seed": seed}})

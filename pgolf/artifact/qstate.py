@@ -48,7 +48,7 @@ def check_qstate(qstate) -> dict:
     if not isinstance(tensors, dict):
         raise PgolfError(f"corrupt quantised state: 'tensors' is a {type(tensors).__name__}, not a dict")
     for name, e in tensors.items():
-        need = _FIELDS.get(e.get("kind")) if isinstance(e, dict) else None
+        need = _FIELDS.get(str(e.get("kind"))) if isinstance(e, dict) else None
         if need is None:
             raise PgolfError(f"corrupt quantised state: entry {name!r} has no known kind")
         missing = [k for k in (*need, "dtype", "shape") if k not in e]

@@ -150,7 +150,8 @@ def _record(run: RunDir, cfg: Config, out: dict[str, Any], base: dict[str, Any],
             return stage(name, score, by="eval", weights="fp", artifact=artifact.name, **fields)
         return artifact_stage(name, score, artifact, run.path, by="eval", **fields)
 
-    scoring = setting(cfg.eval.seq_len or cfg.train.eval_seq_len, cfg.eval.stride, cfg.eval.doc_mask or cfg.model.doc_mask)
+    scoring = setting(cfg.eval.seq_len or cfg.train.eval_seq_len, cfg.eval.stride,
+                      cfg.eval.doc_mask or cfg.model.doc_mask)
     new = [record("pre-quant" if fp else "quantised", base, setting=scoring)]
     prefix = "ttt_" if out["ttt"] else "eval_"
     upd = {f"{prefix}val_bpb": out["val_bpb"], f"{prefix}val_loss": out["val_loss"],
