@@ -59,7 +59,7 @@ def cmd_eval(args: Any) -> dict[str, Any]:
     cfg = Config.load(run.file("config.json")).with_overrides(args.overrides)
     if args.ttt:
         runner_for(cfg)  # an unknown ttt.method fails before anything is loaded
-    ledger = TimeLedger(cfg.eval.time_budget_seconds)
+    ledger = TimeLedger(cfg.eval.max_seconds)
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     ctx = setup()
 
@@ -100,7 +100,8 @@ def cmd_eval(args: Any) -> dict[str, Any]:
                 final = run_ttt(model, val, cfg, stream, log=log, ledger=ledger, rank=ctx.rank,
                                 world_size=ctx.world_size)
             out.update({"method": method, "updates": final["updates"], "val_bpb_no_ttt": base["val_bpb"],
-                        "val_loss_no_ttt": base["val_loss"], "ttt_log": str(run.file("ttt.jsonl"))})
+                        "val_loss_no_ttt": base["val_loss"], "ttt_log": str(run.file("ttt.jsonl")),
+                        "ttt_fallback": final["ttt_fallback"]})
         timed = "ttt" if args.ttt else "score"
         out.update({"val_bpb": final["val_bpb"], "val_loss": final["val_loss"], "scored_tokens": final["tokens"],
                     "scored_bytes": final["bytes"], "val_targets": n,
@@ -115,7 +116,7 @@ def cmd_eval(args: Any) -> dict[str, Any]:
                    f"{prefix}eval_seconds": out["eval_seconds"], f"{prefix}artifact": str(artifact)}
             if args.ttt:
                 upd.update({"ttt_method": out["method"], "ttt_val_bpb_no_ttt": base["val_bpb"],
-                            "ttt_updates": out["updates"]})
+                            "ttt_updates": out["updates"], "ttt_fallback": out["ttt_fallback"]})
             run.update_result(upd)
         return out
     finally:
