@@ -132,7 +132,7 @@ def _worker(rank: int, world: int, port: int, q) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         out = {}
-        for method, phases in [("lora", 2), ("sgd", 0)]:
+        for method, phases in [("lora", 2), ("sgd", 0)]:  # batches split by rank / chunks shared
             cfg = tiny_cfg()
             cfg.ttt.method, cfg.ttt.phases = method, phases
             model, val = tiny_model(cfg), tiny_val(20)
