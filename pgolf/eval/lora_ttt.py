@@ -9,10 +9,11 @@ reset to 0, A is kept (`warm_start_a`, PR #1765) or re-drawn, and the optimizer 
 Adapters are scaled by alpha/r (PR #1765) and sit on Q, K, V, O, MLP and the head (each switchable).
 
 `eval.max_seconds` is enforced (ttt_base.Deadline): after every round of batches (one per rank) the
-loop predicts its finish from the forward/backward positions done and left; once that passes the
-budget, the remaining batches are scored without adaptation: the model as it stands, no adapters, no
-updates, in chunks of half the context window (every target keeps >= eval_seq_len / 2 tokens of its
-document as context, all of it in documents that short), and the result says where (`ttt_fallback`).
+loop measures its seconds per forward/backward position; once adapting through the next round would
+leave too little time to score the rest without adaptation, the remaining batches are scored that way:
+the model as it stands, no adapters, no updates, in chunks of half the context window (every target
+keeps >= eval_seq_len / 2 tokens of its document as context, all of it in documents that short), and
+the result says where (`ttt_fallback`).
 """
 from __future__ import annotations
 

@@ -15,9 +15,10 @@ The #688 family's extras (hedge-stack.md §6.2), each a switch and all off by de
 - `sgd_temperature` T: scores use softmax(z / tau) with tau = clamp(1 - (1 - T)(1 - H / ln V), 0.9, 1.05),
   H the entropy of softmax(z): a function of the logits alone, so still one normalised distribution.
 `eval.max_seconds` is enforced (ttt_base.Deadline, like #430's TTT_TIME_LIMIT but predicted, not
-waited for): before each chunk the finish is predicted from the seconds per chunk so far; once it
-passes the budget, the remaining chunks are scored without training (and, for Hedge, without moving
-the mixer), and the result says where (`ttt_fallback`).
+waited for): before each chunk the finish is predicted from the seconds per chunk so far and the share
+of them spent scoring; once training on the next chunk would leave too little time to score the rest,
+the remaining chunks are scored without training (and, for Hedge, without moving the mixer), and the
+result says where (`ttt_fallback`).
 """
 from __future__ import annotations
 

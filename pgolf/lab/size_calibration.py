@@ -9,7 +9,7 @@ entropy, and how far trained weights are from Gaussian). `fit` measures the rati
   excluded), seed by seed, with the pgolf preset (+ overrides) that has their model and quantisation.
   They fix the point estimate (the median ratio of the family): a fully trained model.
 - PGOLF_RUNS: artifacts `pgolf quantize` wrote for briefly trained CPU models (`cpu-smoke` shapes on
-  the shared samples, 9-26 steps), measured with the command in their `source`. Weights near their
+  the shared samples, 8-26 steps), measured as the comment above them says. Weights near their
   initialisation are further from Gaussian in other ways, so they widen the band.
 
 The band of a family runs from its lowest to its highest ratio, widened by the margins below; a family
@@ -85,8 +85,9 @@ RECORDS: list[Point] = [
     *_seeds("#1801", "pr1801", (), [15_909_254, 15_904_209, 15_909_401],
             _PR + "2026-04-24_SP8192_CaseOps_SparseGate_QuantGate_Loop45_PhasedTTT_PolarNS_MinLR_FusedCE_UpdatedCarry/"
             + _SEEDS),
-    *_seeds("#1851", "pr1855", ("quant.compressor=brotli", "quant.mlp_clip_sigmas=12.0", "quant.embed_clip_sigmas=15.0"),
-            [15_920_836], _REC + "2026-04-27_SmearGateBOSFix_PR1787Base_LQERAsym_PhasedTTT/train_seed42.log"),
+    *_seeds("#1851", "pr1855",
+            ("quant.compressor=brotli", "quant.mlp_clip_sigmas=12.0", "quant.embed_clip_sigmas=15.0"), [15_920_836],
+            _REC + "2026-04-27_SmearGateBOSFix_PR1787Base_LQERAsym_PhasedTTT/train_seed42.log"),
     *_seeds("#1855", "pr1855", (), [15_865_260, 15_868_948, 15_875_551],
             _REC + "2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611/" + _SEEDS),
     *_seeds("baseline", "baseline", (), [15_815_847, 15_819_554, 15_813_523, 15_814_036],
