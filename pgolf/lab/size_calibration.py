@@ -10,7 +10,8 @@ entropy, and how far trained weights are from Gaussian). `fit` measures the rati
   They fix the point estimate (the median ratio of the family): a fully trained model.
 - PGOLF_RUNS: artifacts `pgolf quantize` wrote for briefly trained CPU models (`cpu-smoke` shapes on
   the shared samples, 8-26 steps), measured as the comment above them says. Weights near their
-  initialisation are further from Gaussian in other ways, so they widen the band.
+  initialisation are further from Gaussian in other ways, so they widen the band. (Untrained weights
+  are outside it: their zero-init projections compress to nothing, ratio 0.67.)
 
 The band of a family runs from its lowest to its highest ratio, widened by the margins below; a family
 with no point gets `UNCALIBRATED`. tests/test_size_estimate.py refits from these points and checks the
