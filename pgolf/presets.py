@@ -17,6 +17,8 @@ def baseline() -> Config:
     """The official root `train_gpt.py`: 9x512, SP1024, 17,059,912 parameters, 1.2244 BPB."""
     c = Config(preset="baseline")
     c.train.micro_batch_tokens = 65_536  # grad_accum = 8 / world_size, as the official script
+    # the official VAL_LOSS_EVERY=1000 (step 0 included) and TRAIN_LOG_EVERY=200: comparable loss curves
+    c.train.val_every, c.train.log_every = 1000, 200
     c.quant.method = "int8"
     c.quant.compressor = "zlib"
     c.quant.byte_shuffle = 0

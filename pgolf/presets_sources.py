@@ -43,6 +43,7 @@ BASELINE = _facts(None, "root train_gpt.py", {
     "train.train_batch_tokens": 524_288, "train.train_seq_len": 1024, "train.eval_seq_len": 1024,
     "train.iterations": 20_000, "train.max_seconds": 600.0, "train.warmdown_iters": 1200,
     "train.micro_batch_tokens": 65_536,  # grad_accum_steps = 8 / world_size
+    "train.val_every": 1000, "train.log_every": 200,  # VAL_LOSS_EVERY, TRAIN_LOG_EVERY
     "quant.method": "int8", "quant.compressor": "zlib", "quant.byte_shuffle": 0, "quant.passthrough_numel": 65_536,
 })
 

@@ -108,13 +108,18 @@ def test_pgolf_eval_records_the_fallback(sp1024_data, tmp_path, cli):
     from pgolf.model import build_model
     from pgolf.runs import RunDir
 
+    from pgolf.artifact.int8 import export_int8
+
     cfg = get_preset("cpu-smoke", [f"data.path={sp1024_data}"])
     run = RunDir.create(tmp_path / "run")
     run.write_json("config.json", cfg.to_dict())
-    torch.save(build_model(cfg).state_dict(), run.file("final_model.pt"))
+    state = build_model(cfg).state_dict()
+    torch.save(state, run.file("final_model.pt"))
+    run.write_bytes("final_model.int8.ptz", export_int8(state))
     run.finish({"val_bpb": 0.0})
     sets = ["data.val_max_tokens=2048", "ttt.method=sgd", "ttt.sgd_chunk_tokens=512", "eval.max_seconds=1e-6"]
-    rc, out, err = cli("eval", run.path, "--ttt", *sum((["--set", s] for s in sets), []))
+    rc, out, err = cli("eval", run.path, "--artifact", run.file("final_model.int8.ptz"), "--ttt",
+                       *sum((["--set", s] for s in sets), []))
     assert rc == 0, err
     fb = out["ttt_fallback"]
     assert fb["at_chunk"] == 1 and fb["budget_seconds"] == 1e-6 and fb["at_token"] == 512
