@@ -175,7 +175,9 @@ class EvalConfig:
     seq_len: int = 0  # 0 = train.eval_seq_len
     stride: int = 0  # sliding-window stride; 0 = non-overlapping windows
     batch_seqs: int = 32
-    time_budget_seconds: float = 600.0
+    # evaluation budget, enforced on the TTT loop (the records' timer): a predicted overrun scores the
+    # remaining documents without adaptation (eval.ttt_base.Deadline); 0 = no budget
+    max_seconds: float = 600.0
     doc_mask: bool = False  # sliding/windowed scoring: attention never crosses a BOS (on anyway with model.doc_mask)
 
 

@@ -158,7 +158,7 @@ DOMAINS: dict[str, Range] = {
     "eval.seq_len": NONNEG,  # 0 = train.eval_seq_len
     "eval.stride": NONNEG,  # 0 = non-overlapping windows
     "eval.batch_seqs": COUNT,
-    "eval.time_budget_seconds": NONNEG,
+    "eval.max_seconds": NONNEG,
     # ttt: LoRA
     "ttt.lora_rank": COUNT,
     "ttt.lora_alpha": NONNEG,  # 0 = no alpha/r scaling

@@ -2,7 +2,8 @@
 
 Each record preset carries the logged hyperparameters of that record (record-stack.md
 §6.8 and Appendix A; hedge-stack.md for `pr430` as it was actually run). Where a README and the
-logs disagree, the logs win (record-stack.md §7.15).
+logs disagree, the logs win (record-stack.md §7.15). `pgolf.presets_sources` lists every one of those
+numbers with the PR that states it; tests/test_preset_fidelity.py holds each preset to that table.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def cpu_smoke() -> Config:
 
 
 def _record_1626() -> Config:
-    """The #1530 -> #1626 stack: SP8192, 11x512 MLP4, partial RoPE, XSA-all, loops 3-5, two lanes."""
+    """The #1530 -> #1626 stack as #1626 logged it: SP8192, 11x512 MLP4, partial RoPE, XSA-all, loops 3-5,
+    two lanes, int7 embeddings, per-group clips (the #1765/#1767/#1784/#1790 base)."""
     c = Config()
     m = c.model
     m.vocab_size = 8192
@@ -73,7 +75,7 @@ def _record_1626() -> Config:
     m.num_loops, m.loop_start, m.loop_end, m.enable_looping_at = 2, 3, 5, 0.35
     m.doc_mask = True
     o = c.optim
-    o.matrix_lr, o.tied_embed_lr, o.scalar_lr = 0.022, 0.03, 0.02
+    o.matrix_lr, o.tied_embed_lr, o.scalar_lr = 0.026, 0.03, 0.02
     o.muon_momentum, o.muon_momentum_warmup_start, o.muon_momentum_warmup_steps = 0.97, 0.92, 1500
     o.muon_row_normalize = True
     o.muon_wd = 0.095
@@ -86,14 +88,14 @@ def _record_1626() -> Config:
     t.micro_batch_tokens = 98_304  # 48 x 2048 per GPU: accumulation 1 on 8 GPUs, 8 on one
     t.train_seq_len = t.eval_seq_len = 2048
     t.warmdown_iters = 0
-    t.warmdown_frac = 0.72
+    t.warmdown_frac = 0.75
     t.gptq_reserve_seconds = 4.0
     t.export = "none"  # the records export through GPTQ (`pgolf quantize`)
     q = c.quant
     q.method = "gptq"
     q.attn_bits = q.mlp_bits = q.other_bits = 6
-    q.embed_bits, q.embed_clip_sigmas = 8, 20.0
-    q.attn_clip_sigmas, q.mlp_clip_sigmas, q.other_clip_sigmas = 13.0, 10.0, 12.85
+    q.embed_bits, q.embed_clip_sigmas = 7, 15.0  # int7 embeddings (#1586 via #1626)
+    q.attn_clip_sigmas, q.mlp_clip_sigmas, q.other_clip_sigmas = 13.0, 12.0, 12.85
     q.compressor = "brotli"
     tt = c.ttt
     tt.method = "lora"
@@ -105,30 +107,38 @@ def _record_1626() -> Config:
 
 
 def pr1765() -> Config:
-    """#1765 (renqianluo) on the #1626 stack: LoRA alpha/r scaling (alpha 96), warm-start A, WD 1.0."""
+    """#1765 (renqianluo) on the #1626 stack: LoRA rank 128 with alpha/r scaling at alpha 96 (scale 0.75,
+    the rank-96 magnitude with a third more A), warm-start A, TTT WD 1.0."""
     c = _record_1626()
     c.preset = "pr1765"
-    c.ttt.lora_alpha, c.ttt.warm_start_a, c.ttt.weight_decay = 96.0, True, 1.0
+    tt = c.ttt
+    tt.lora_rank, tt.lora_alpha, tt.warm_start_a, tt.weight_decay = 128, 96.0, True, 1.0
+    return c
+
+
+def _record_1767() -> Config:
+    """#1767 (renqianluo): #1765 with alpha 144 (scale 1.125 at rank 128), the base of #1784 and #1790."""
+    c = pr1765()
+    c.ttt.lora_alpha = 144.0
     return c
 
 
 def pr1784() -> Config:
-    """#1784: #1767 (rank 128, alpha 144) + dense GatedAttn mirrored into TTT + per-row int8 gate."""
-    c = pr1765()
+    """#1784: #1767 + dense GatedAttn mirrored into TTT + per-row int8 gate."""
+    c = _record_1767()
     c.preset = "pr1784"
     c.model.attn_gate, c.model.attn_gate_init_std = "dense", 0.005
-    c.ttt.lora_rank, c.ttt.lora_alpha = 128, 144.0
     return c
 
 
 def pr1790() -> Config:
-    """#1790 (miaoyuxun): SmearGate + AttnOutGate width 24 + #1767 LoRA + 3-phase global SGD."""
-    c = pr1765()
+    """#1790 (miaoyuxun): #1767's code + SmearGate + AttnOutGate width 24 + QK gain 5.25 + 3-phase global SGD."""
+    c = _record_1767()
     c.preset = "pr1790"
     m = c.model
+    m.qk_gain_init = 5.25
     m.smear_gate, m.smear_gate_width, m.smear_bos_mask = "gated", 12, False  # pre-#1851 (no BOS fix)
     m.attn_gate, m.attn_gate_width, m.attn_gate_input = "attn_out", 24, "block"
-    c.ttt.lora_rank, c.ttt.lora_alpha = 128, 144.0
     return c
 
 
@@ -137,15 +147,10 @@ def _record_1787() -> Config:
     c = _record_1626()
     m = c.model
     m.attn_gate, m.attn_gate_width, m.attn_gate_scale, m.attn_gate_init_std = "sparse", 12, 1.0, 0.0
-    o = c.optim
-    o.matrix_lr = 0.026
-    o.muon_coeffs = "polar_express"
+    c.optim.muon_coeffs = "polar_express"
     t = c.train
-    t.warmdown_frac, t.min_lr = 0.75, 0.1
+    t.min_lr = 0.1
     t.gptq_reserve_seconds = 0.5
-    q = c.quant
-    q.embed_bits, q.embed_clip_sigmas = 7, 15.0
-    q.mlp_clip_sigmas = 12.0
     tt = c.ttt
     tt.lora_rank, tt.lora_alpha, tt.warm_start_a = 96, 144.0, True
     tt.weight_decay, tt.beta2 = 1.0, 0.999

@@ -65,7 +65,7 @@ def bench_ttt(cfg: Config, *, tokens: int, run_dir: str | None = None) -> dict[s
     try:
         model = bench_model(cfg, run_dir, ctx.device)
         val = synthetic_val(tokens, cfg.model.vocab_size, bos_id=cfg.data.bos_id)
-        ledger = TimeLedger(cfg.eval.time_budget_seconds)
+        ledger = TimeLedger(cfg.eval.max_seconds)
         method = method_label(cfg)
         with ledger.phase("warmup"):
             warmup(model, cfg, lora=cfg.ttt.method == "lora", base=cfg.ttt.method != "lora" or cfg.ttt.phases > 0)

@@ -78,7 +78,7 @@ def cmd_eval(args: Any) -> dict[str, Any]:
     if args.ttt:
         runner_for(cfg)  # an unknown ttt.method fails before anything is loaded
     path = weights_path(run, result, args.artifact, args.weights)
-    ledger = TimeLedger(cfg.eval.time_budget_seconds)
+    ledger = TimeLedger(cfg.eval.max_seconds)
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     ctx = setup()
     if args.trace:  # before any work: a bad path fails now, not after the evaluation
@@ -122,7 +122,8 @@ def cmd_eval(args: Any) -> dict[str, Any]:
                 final = run_ttt(model, val, cfg, stream, log=log, ledger=ledger, rank=ctx.rank,
                                 world_size=ctx.world_size)
             out.update({"method": method, "updates": final["updates"], "val_bpb_no_ttt": base["val_bpb"],
-                        "val_loss_no_ttt": base["val_loss"], "ttt_log": str(run.file("ttt.jsonl"))})
+                        "val_loss_no_ttt": base["val_loss"], "ttt_log": str(run.file("ttt.jsonl")),
+                        "ttt_fallback": final["ttt_fallback"]})
         timed = "ttt" if args.ttt else "score"
         out.update({"val_bpb": final["val_bpb"], "val_loss": final["val_loss"], "scored_tokens": final["tokens"],
                     "scored_bytes": final["bytes"], "val_targets": n,
@@ -158,9 +159,10 @@ def _record(run: RunDir, cfg: Config, out: dict[str, Any], base: dict[str, Any],
            f"{prefix}val_tokens": out["scored_tokens"], f"{prefix}eval_seconds": out["eval_seconds"],
            f"{prefix}artifact": str(artifact), f"{prefix}weights": out["weights"]}
     if out["ttt"]:
-        upd.update({"ttt_method": out["method"], "ttt_val_bpb_no_ttt": base["val_bpb"], "ttt_updates": out["updates"]})
+        upd.update({"ttt_method": out["method"], "ttt_val_bpb_no_ttt": base["val_bpb"], "ttt_updates": out["updates"],
+                    "ttt_fallback": out.get("ttt_fallback")})
         new.append(record("ttt", {"val_bpb": out["val_bpb"], "val_loss": out["val_loss"],
                                   "tokens": out["scored_tokens"], "bytes": out["scored_bytes"]},
                           method=out["method"], setting=f"seq_len={cfg.ttt.eval_seq_len} (test-time training)",
-                          updates=out["updates"]))
+                          updates=out["updates"], fallback=out.get("ttt_fallback")))
     run.update_result(upd, new)

@@ -109,10 +109,12 @@ class HedgeTTT(SGDTTT):
         return self.mixer.mix(p).reshape(B, K, V)
 
     def after_score_batch(self, pos: np.ndarray, y: torch.Tensor, nll: torch.Tensor, valid: np.ndarray) -> None:
-        """Only now may the tables and the weights see the batch's tokens (condition 3)."""
+        """Only now may the tables and the weights see the batch's tokens (condition 3); after the
+        deadline's fallback the mixer stays as it is."""
         p = self._experts[:, torch.from_numpy(valid.reshape(-1)).to(self.device)]  # (4, M, V) scored rows
         self._experts = None
-        self.mix_update(pos, y, p)
+        if self.adapting():
+            self.mix_update(pos, y, p)
 
     def mix_update(self, pos: np.ndarray, y: torch.Tensor, p: torch.Tensor | None) -> None:
         """Hedge weights from the experts' losses at the scored targets, then the count tables.

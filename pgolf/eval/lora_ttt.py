@@ -7,6 +7,13 @@ the chunk's end. Per chunk: **score** (per-token CE into the ledger), **then** o
 Σ_docs mean(chunk CE) for the documents not on their last chunk (PR #1530). At every batch B is
 reset to 0, A is kept (`warm_start_a`, PR #1765) or re-drawn, and the optimizer state is zeroed.
 Adapters are scaled by alpha/r (PR #1765) and sit on Q, K, V, O, MLP and the head (each switchable).
+
+`eval.max_seconds` is enforced (ttt_base.Deadline): after every round of batches (one per rank) the
+loop measures its seconds per forward/backward position; once adapting through the next round would
+leave too little time to score the rest without adaptation, the remaining batches are scored that way:
+the model as it stands, no adapters, no updates, in chunks of half the context window (every target
+keeps >= eval_seq_len / 2 tokens of its document as context, all of it in documents that short), and
+the result says where (`ttt_fallback`).
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ import torch
 
 from pgolf.eval.score import autocast_for, log_probs
 from pgolf.eval.trace import EvalStream, find_docs
-from pgolf.eval.ttt_base import ConvergenceLog, TimeLedger, doc_batches, lora_targets
+from pgolf.eval.ttt_base import ConvergenceLog, Deadline, TimeLedger, doc_batches, lora_targets
 from pgolf.model.lora import BatchedLoRA
 
 LOG_EVERY_CHUNKS = 16  # convergence rows inside a batch of long documents (besides one per batch)
@@ -47,7 +54,8 @@ class LoRATTT:
                  log: ConvergenceLog | None = None, ledger: TimeLedger | None = None,
                  rank: int = 0, world_size: int = 1):
         self.model, self.cfg, self.tc = model, cfg, cfg.ttt
-        self.stream, self.log, self.ledger = stream, log, ledger or TimeLedger()
+        self.stream, self.log, self.ledger = stream, log, ledger or TimeLedger(cfg.eval.max_seconds)
+        self.deadline = Deadline(self.ledger.budget, self.ledger.clock)  # the TTT timer starts here
         self.rank, self.world_size = rank, world_size
         self.device = next(model.parameters()).device
         self.V = cfg.model.vocab_size
@@ -70,10 +78,14 @@ class LoRATTT:
             p.requires_grad_(False)  # only the adapters train
         was_training = self.model.training
         self.model.eval()
+        cum = np.cumsum(self.work_plan())
         try:
             for b, docs in enumerate(self.batches):
                 if b % self.world_size == self.rank:  # deterministic split, no work stealing
                     self.run_batch(b, docs)
+                if (b + 1) % self.world_size == 0:  # a round: every rank checks the deadline here
+                    nxt = cum[min(b + self.world_size, cum.size - 1)] - cum[b]  # this rank's next round
+                    self.check_deadline(b + 1, float(cum[b]), float(nxt), float(cum[-1] - cum[b]))
                 self.after_batch(b)
         finally:
             for p, r in zip(self.model.parameters(), req):
@@ -82,6 +94,7 @@ class LoRATTT:
         self.stream.finish()
         out = self.stream.metrics(self.device)
         out["updates"] = self.stream.step
+        out["ttt_fallback"] = self.deadline.result(out["tokens"])
         if self.log is not None:
             self.log.done(phase=self.phase)
         return out
@@ -89,7 +102,33 @@ class LoRATTT:
     def after_batch(self, b: int) -> None:
         """Called on every rank after batch b (a collective point for phased TTT)."""
 
+    # ---- the deadline
+    def batch_work(self, docs: np.ndarray) -> float:
+        """Forward/backward positions of a batch: rows x the window width of each chunk (the window of
+        chunk c is min((c + 1) C, longest document, eval_seq_len) wide)."""
+        C, S = self.tc.chunk_size, self.tc.eval_seq_len
+        longest = int(self.docs.lengths[docs].max()) if len(docs) else 0
+        ends = np.minimum(np.arange(1, -(-longest // C) + 1) * C, longest)
+        return float(self.tc.batch_size * np.minimum(ends, S).sum())
+
+    def work_plan(self) -> np.ndarray:
+        """This rank's work at each batch index (0 where another rank runs the batch)."""
+        return np.array([self.batch_work(d) if b % self.world_size == self.rank else 0.0
+                         for b, d in enumerate(self.batches)])
+
+    def check_deadline(self, b: int, done: float, nxt: float, left: float) -> None:
+        """Before batch b: fall back to scoring without adaptation if adapting on would overrun."""
+        if self.deadline.fallback is not None or b >= len(self.batches):
+            return
+        if self.deadline.overrun(done, nxt, left, self.device, self.stream.count, at_batch=b,
+                                 at_document=int(self.batches[b][0]),
+                                 documents_left=int(sum(len(d) for d in self.batches[b:]))):
+            if self.log is not None:
+                self.log.fallback(phase=self.phase, **self.deadline.fallback)
+
     def run_batch(self, b: int, docs: np.ndarray) -> None:
+        if self.deadline.fallback is not None:
+            return self.score_plain(b, docs)
         tc = self.tc
         self.lora.reset_B()
         if not tc.warm_start_a:  # re-drawn from the batch index: the same on any number of ranks
@@ -98,19 +137,31 @@ class LoRATTT:
                 self.lora.reset_A()
         self.opt = torch.optim.AdamW(self.lora.parameters(), lr=tc.lora_lr, betas=(tc.beta1, tc.beta2),
                                      eps=tc.eps, weight_decay=tc.weight_decay)  # fresh state per batch
-        n = len(docs)
-        starts = np.zeros(tc.batch_size, np.int64)
-        lens = np.zeros(tc.batch_size, np.int64)
-        starts[:n], lens[:n] = self.docs.starts[docs], self.docs.lengths[docs]
-        doc = np.full(tc.batch_size, -1, np.int64)
-        doc[:n] = docs
+        starts, lens, doc = self.rows(docs)
         nch = -(-lens // tc.chunk_size)  # chunks per row (0 for padding rows)
         for c in range(int(nch.max())):
             self.step(self.chunk(c, starts, lens, nch, doc))
             if self.log is not None and c % LOG_EVERY_CHUNKS == LOG_EVERY_CHUNKS - 1 and c < nch.max() - 1:
                 self.log.batch(b, phase=self.phase, kind="chunk", chunk=c)  # long batches: points inside
         if self.log is not None:
-            self.log.batch(b, phase=self.phase, docs=n)
+            self.log.batch(b, phase=self.phase, docs=len(docs))
+
+    def rows(self, docs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(start, length, document index) per row of a batch; padding rows have length 0, doc -1."""
+        B, n = self.tc.batch_size, len(docs)
+        starts, lens, doc = np.zeros(B, np.int64), np.zeros(B, np.int64), np.full(B, -1, np.int64)
+        starts[:n], lens[:n], doc[:n] = self.docs.starts[docs], self.docs.lengths[docs], docs
+        return starts, lens, doc
+
+    def score_plain(self, b: int, docs: np.ndarray) -> None:
+        """After the deadline's fallback: score without adaptation, in chunks of half the context."""
+        size = max(self.tc.chunk_size, self.tc.eval_seq_len // 2)
+        starts, lens, doc = self.rows(docs)
+        nch = -(-lens // size)
+        for c in range(int(nch.max())):
+            self.score(self.chunk(c, starts, lens, nch, doc, size), adapted=False)
+        if self.log is not None:
+            self.log.batch(b, phase=self.phase, docs=len(docs))
 
     def step(self, ch: Chunk) -> None:
         """Score, THEN update (Issue #1017 condition 3)."""
@@ -118,8 +169,9 @@ class LoRATTT:
         self.update(ch)
 
     # ---- one chunk
-    def chunk(self, c: int, starts: np.ndarray, lens: np.ndarray, nch: np.ndarray, doc: np.ndarray) -> Chunk:
-        C, S, N = self.tc.chunk_size, self.tc.eval_seq_len, self.tokens.size - 1
+    def chunk(self, c: int, starts: np.ndarray, lens: np.ndarray, nch: np.ndarray, doc: np.ndarray,
+              size: int = 0) -> Chunk:
+        C, S, N = size or self.tc.chunk_size, self.tc.eval_seq_len, self.tokens.size - 1
         active = c < nch
         cs = c * C
         ce = np.where(active, np.minimum(cs + C, lens), 0)  # chunk end (doc-relative)
@@ -152,15 +204,15 @@ class LoRATTT:
         """Log-probabilities over the full vocabulary from the model's soft-capped logits."""
         return log_probs(logits)
 
-    def nll(self, ch: Chunk) -> torch.Tensor:
+    def nll(self, ch: Chunk, adapted: bool = True) -> torch.Tensor:
         """Per-token CE (B, K) of the chunk's targets: the model's one forward with the adapters."""
         with autocast_for(self.device):
-            z = self.model.forward_at(ch.x, ch.gi, lora=self.lora)  # (B, K, V): the chunk's positions only
+            z = self.model.forward_at(ch.x, ch.gi, lora=self.lora if adapted else None)  # (B, K, V)
         return self.stream.score(self.distribution(z), ch.y.gather(1, ch.gi), self.V)
 
-    def score(self, ch: Chunk) -> None:
-        with torch.set_grad_enabled(bool(ch.trains.any())):
-            nll = self.nll(ch)  # (B, K); the graph is kept for the update that follows
+    def score(self, ch: Chunk, adapted: bool = True) -> None:
+        with self.deadline.scoring(), torch.set_grad_enabled(adapted and bool(ch.trains.any())):
+            nll = self.nll(ch, adapted)  # (B, K); the graph is kept for the update that follows
         v = torch.from_numpy(ch.valid).to(self.device)
         pos = ch.pos[ch.valid]
         rows = np.broadcast_to(ch.doc[:, None], ch.valid.shape)[ch.valid]

@@ -6,7 +6,8 @@ documents (in queue order) reaches boundary k = floor(P (k+1) / phases), every r
 base model trains with SGD (momentum, cosine decay across chunks of `global_chunk_tokens`, the last
 chunk skipped, gradient clipping) on the first `boundary` documents of the queue, cumulatively. Every
 one of those documents was scored before: the ledger checks it. Then new adapters are built and
-scoring resumes.
+scoring resumes. Under the evaluation deadline (ttt_base.Deadline) the phases count as work, and after
+a fallback no further phase runs.
 """
 from __future__ import annotations
 
@@ -93,8 +94,20 @@ class PhasedTTT(LoRATTT):
                 self.fire.setdefault(int(np.searchsorted(cum, bound)), []).append(k)
 
     def after_batch(self, b: int) -> None:
+        if self.deadline.fallback is not None:  # no more adaptation of any kind
+            return
         for k in self.fire.get(b, []):
             self.global_phase(k)
+
+    def work_plan(self) -> np.ndarray:
+        """The LoRA batches' positions, plus each phase's trained tokens (this rank's share) on the batch
+        after which it runs: the deadline is checked before a phase starts, so it counts as what follows."""
+        plan = super().work_plan()
+        for b, ks in self.fire.items():
+            for k in ks:
+                tokens = self.docs.lengths[self.phase_docs(k)].sum() * self.tc.global_epochs
+                plan[min(b + 1, plan.size - 1)] += tokens / self.world_size
+        return plan
 
     def phase_docs(self, k: int) -> np.ndarray:
         """The documents phase k trains on: the first `bounds[k]` of the queue (cumulative)."""

@@ -14,6 +14,11 @@ The #688 family's extras (hedge-stack.md §6.2), each a switch and all off by de
   are scored with the averaged weights, training continues on the raw ones;
 - `sgd_temperature` T: scores use softmax(z / tau) with tau = clamp(1 - (1 - T)(1 - H / ln V), 0.9, 1.05),
   H the entropy of softmax(z): a function of the logits alone, so still one normalised distribution.
+`eval.max_seconds` is enforced (ttt_base.Deadline, like #430's TTT_TIME_LIMIT but predicted, not
+waited for): before each chunk the finish is predicted from the seconds per chunk so far and the share
+of them spent scoring; once training on the next chunk would leave too little time to score the rest,
+the remaining chunks are scored without training (and, for Hedge, without moving the mixer), and the
+result says where (`ttt_fallback`).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch.nn.functional as F
 from pgolf.errors import PgolfError
 from pgolf.eval.score import autocast_for, doc_masking, log_probs, score_windows, window_plan
 from pgolf.eval.trace import EvalStream
-from pgolf.eval.ttt_base import ConvergenceLog, TimeLedger, all_reduce_grads, cosine_lr
+from pgolf.eval.ttt_base import ConvergenceLog, Deadline, TimeLedger, all_reduce_grads, cosine_lr
 from pgolf.optim.ema import EMA
 
 
@@ -84,7 +89,8 @@ class SGDTTT:
                  rank: int = 0, world_size: int = 1):
         self.model = copy.deepcopy(model)  # the base weights train: never the caller's model
         self.cfg, self.tc = cfg, cfg.ttt
-        self.stream, self.log, self.ledger = stream, log, ledger or TimeLedger()
+        self.stream, self.log, self.ledger = stream, log, ledger or TimeLedger(cfg.eval.max_seconds)
+        self.deadline = Deadline(self.ledger.budget, self.ledger.clock)  # the TTT timer starts here
         self.rank, self.world_size = rank, world_size
         self.device = next(model.parameters()).device
         self.V = cfg.model.vocab_size
@@ -112,15 +118,32 @@ class SGDTTT:
         for p in self.params:
             p.requires_grad_(True)
         for c in range(self.n_chunks):
+            self.check_deadline(c)
             self.step(c)
             if self.log is not None:
                 self.log.batch(c, chunk_tokens=min(self.C, self.N - c * self.C))
         self.stream.finish()
         out = self.stream.metrics(self.device)
         out["updates"] = self.stream.step
+        out["ttt_fallback"] = self.deadline.result(out["tokens"])
         if self.log is not None:
             self.log.done()
         return out
+
+    def check_deadline(self, c: int) -> None:
+        """Before chunk c (every rank): fall back to scoring without adaptation on a predicted overrun."""
+        if c == 0 or self.deadline.fallback is not None:
+            return
+        first, docs = c * self.C, self.stream.docs
+        where = {"at_chunk": c, "at_position": first,
+                 "at_document": int(docs.of(first)[0]) if docs is not None else -1}
+        if self.deadline.overrun(c, 1, self.n_chunks - c, self.device, self.stream.count, **where):
+            if self.log is not None:
+                self.log.fallback(**self.deadline.fallback)
+
+    def adapting(self) -> bool:
+        """False once the deadline fell back: no training, no mixer updates."""
+        return self.deadline.fallback is None
 
     def step(self, c: int) -> None:
         """Score, THEN train (Issue #1017 condition 3)."""
@@ -155,14 +178,14 @@ class SGDTTT:
         lo, hi = idx.size * self.rank // self.world_size, idx.size * (self.rank + 1) // self.world_size
         mine = tuple(w[idx[lo:hi]] for w in self.windows)
         self.model.eval()
-        with doc_masking(self.model, self.cfg.eval.doc_mask), self.scoring_weights(c):
+        with self.deadline.scoring(), doc_masking(self.model, self.cfg.eval.doc_mask), self.scoring_weights(c):
             score_windows(self.model, self.val.tokens, self.val.bytes, mine, self.stream,
                           batch_seqs=self.cfg.eval.batch_seqs, vocab_size=self.V,
                           distribution=self.distribution, after_batch=self.after_score_batch)
 
     def update(self, c: int) -> None:
         tc = self.tc
-        if c == self.n_chunks - 1 or tc.sgd_epochs <= 0:  # the last chunk is never trained on
+        if c == self.n_chunks - 1 or tc.sgd_epochs <= 0 or not self.adapting():  # never the last chunk
             return
         lo, hi = c * self.C, min((c + 1) * self.C, self.N)
         first = max(lo - 1, 0)  # the chunk's first input is the target of position lo - 1

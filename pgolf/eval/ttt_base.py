@@ -1,6 +1,7 @@
 """What every test-time-training method shares (record-stack.md §5, hedge-stack.md §5-6): document
-batches, the cosine schedule across chunks, the gradient all-reduce, the evaluation time ledger, the
-convergence record (`ttt.jsonl`), the synthetic-token warm-up and the LoRA target list.
+batches, the cosine schedule across chunks, the gradient all-reduce, the evaluation time ledger and
+its deadline (`eval.max_seconds` enforced), the convergence record (`ttt.jsonl`), the synthetic-token
+warm-up and the LoRA target list.
 
 The methods (lora_ttt.py, phased.py, sgd_ttt.py, hedge.py) import from here; `pgolf.eval.ttt` sits
 above them all and picks one (`runner_for`).
@@ -12,7 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,22 +51,43 @@ def _sync(device: torch.device | None = None) -> None:
         torch.cuda.synchronize(device)
 
 
-class TimeLedger:
-    """Seconds per evaluation phase (load, warm-up, scoring, TTT, each global phase) against the budget."""
+def _reduce_max(values: list[float], device: torch.device) -> list[float]:
+    """Each value maximised over ranks (the values themselves in a single process)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
 
-    def __init__(self, budget_seconds: float = 600.0):
+
+def _sum_over_ranks(value: int, device: torch.device) -> int:
+    from pgolf.distributed import all_reduce_sum_
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    all_reduce_sum_([t])
+    return int(t.item())
+
+
+class TimeLedger:
+    """Seconds per evaluation phase (load, warm-up, scoring, TTT, each global phase) against the budget
+    (`eval.max_seconds`; 0 = none). `clock` is what the ledger and the TTT deadline read (tests pass
+    a simulated one)."""
+
+    def __init__(self, budget_seconds: float = 600.0, clock: Callable[[], float] = time.perf_counter):
         self.budget = budget_seconds
+        self.clock = clock
         self.seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         _sync()
-        t = time.perf_counter()
+        t = self.clock()
         try:
             yield
         finally:
             _sync()
-            self.add(name, time.perf_counter() - t)
+            self.add(name, self.clock() - t)
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
@@ -77,8 +99,78 @@ class TimeLedger:
         out["budget_seconds"] = self.budget
         if timed is not None:
             out["timed"] = timed
-            out["within_budget"] = self.seconds.get(timed, 0.0) <= self.budget
+            out["within_budget"] = self.budget <= 0 or self.seconds.get(timed, 0.0) <= self.budget
         return out
+
+
+DEADLINE_MARGIN = 0.05  # aim at 95% of the budget: throughput drifts between two checks
+
+
+class Deadline:
+    """`eval.max_seconds` enforced on the TTT loop (the records' TTT timer, record-stack.md §5.7).
+
+    A runner counts its work in units of about constant cost (LoRA: forward/backward positions, since
+    the queue runs the longest documents first and those cost more per token; SGD / Hedge: chunks),
+    wraps its scoring in `scoring()`, and before each round (points every rank reaches together) asks
+    `overrun(done, nxt, left)`: may it adapt through the next round (`nxt` units) and still score the
+    rest without adaptation in budget? With rate = seconds per unit so far and share = the part of
+    those seconds spent scoring,
+
+        elapsed + rate * (nxt + share * (left - nxt)) <= (1 - DEADLINE_MARGIN) * budget
+
+    Scoring without adaptation costs at most what the scoring did while adapting (no backward, no
+    optimizer; LoRA's fallback also uses wider chunks), so the share bounds it from above. The first
+    "no" (maximised over ranks, so every rank agrees) records `fallback`, and from then on the runner
+    scores the rest without adaptation. Until then nothing changes.
+    """
+
+    def __init__(self, budget: float, clock: Callable[[], float] = time.perf_counter):
+        self.budget, self.clock = budget, clock
+        self.t0 = clock()
+        self.scoring_seconds = 0.0
+        self.fallback: dict[str, Any] | None = None
+
+    def elapsed(self) -> float:
+        return self.clock() - self.t0
+
+    @contextlib.contextmanager
+    def scoring(self) -> Iterator[None]:
+        _sync()
+        t = self.clock()
+        try:
+            yield
+        finally:
+            _sync()
+            self.scoring_seconds += self.clock() - t
+
+    def overrun(self, done: float, nxt: float, left: float, device: torch.device, scored: int,
+                **where: Any) -> bool:
+        """True from the first check at which adapting through the next round would overrun.
+
+        `left` includes the next round's `nxt`; `scored`: tokens this rank has scored (the record holds
+        the total over ranks); `where` names the point (batch / chunk, document) for the record."""
+        if self.fallback is not None:
+            return True
+        if self.budget <= 0:  # the same on every rank: a rank-dependent return here would hang the others
+            return False
+        elapsed = self.elapsed()
+        rate = elapsed / done if done > 0 else 0.0
+        share = min(self.scoring_seconds / elapsed, 1.0) if elapsed > 0 else 1.0
+        finish, adapting = _reduce_max([elapsed + rate * (nxt + share * (left - nxt)), elapsed + rate * left],
+                                       device)
+        if finish <= (1.0 - DEADLINE_MARGIN) * self.budget:
+            return False
+        self.fallback = {"reason": "predicted overrun of eval.max_seconds", "budget_seconds": self.budget,
+                         "predicted_seconds": round(adapting, 3), "elapsed_seconds": round(elapsed, 3),
+                         "scoring_share": round(share, 3), "at_token": _sum_over_ranks(scored, device), **where}
+        return True
+
+    def result(self, scored_total: int) -> dict[str, Any] | None:
+        """The fallback record for the results (None when every token was scored with adaptation):
+        `predicted_seconds` is the finish had adaptation gone on to the end."""
+        if self.fallback is None:
+            return None
+        return {**self.fallback, "tokens_without_adaptation": scored_total - self.fallback["at_token"]}
 
 
 class ConvergenceLog:
@@ -113,7 +205,8 @@ class ConvergenceLog:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         now = time.perf_counter()
-        if self.echo is not None and (row["kind"] in ("phase", "done") or now - self._echoed >= self.echo_every):
+        if self.echo is not None and (row["kind"] in ("phase", "fallback", "done") or
+                                      now - self._echoed >= self.echo_every):
             self._echoed = now
             base = f" (no TTT {row['bpb_no_ttt']:.4f})" if row.get("bpb_no_ttt") is not None else ""
             bpb = f"{row['bpb']:.4f}" if row.get("bpb") is not None else "-"
@@ -135,6 +228,10 @@ class ConvergenceLog:
 
     def phase(self, phase: int, **extra: Any) -> dict[str, Any]:
         return self._emit({"kind": "phase", "phase": phase, **self._running(), **extra})
+
+    def fallback(self, **extra: Any) -> dict[str, Any]:
+        """The point where the deadline stopped adaptation (the rest is scored without it)."""
+        return self._emit({"kind": "fallback", **self._running(), **extra})
 
     def done(self, **extra: Any) -> dict[str, Any]:
         return self._emit({"kind": "done", **self._running(), **extra})

@@ -5,12 +5,13 @@ The widgets of `architecture_tweaks.ipynb` are thin wrappers: `tweak_widget` cal
 so both show the same numbers. Training (`compare`) runs in torchrun child processes through
 `pgolf.lab.launch`; this module builds models only on the meta device.
 
-`estimate` is an entropy estimate, not a measurement: each quantised matrix is taken as Gaussian,
-rounded per row with the configured bits and clip (SDClip k*std/R for GPTQ/RTN, the row maximum for
-the baseline's int8), and compressed to its entropy times a codec overhead. Trained weights have
-heavier tails than a Gaussian, so the true size (from `pgolf quantize`) is usually a little lower:
-against the records' logged model blobs the estimate is +0.2 % (pr1801 vs #1787), +1 % (pr1855 vs
-#1855) and +7 % (pr1765 vs #1626, whose MLP clip is 10 sigma).
+`estimate` is a calibrated entropy estimate, not a measurement. `raw_bits` takes each quantised
+matrix as Gaussian, rounded per row with its bits and clip (SDClip k*std/R; the #688 family's per-row
+quantile clip simulated on Gaussian rows; the baseline's int8 at the row maximum), plus fp16 row
+scales, gates, passthrough tensors and LQER factors. The artifact is that times a ratio fitted per
+codec and clip family on real artifacts (`pgolf.lab.size_calibration`: the records' logged model
+blobs and pgolf's own quantised CPU runs), which also gives the error band `bytes_low`..`bytes_high`.
+`pgolf quantize` measures the real size.
 """
 from __future__ import annotations
 
@@ -33,10 +34,8 @@ if TYPE_CHECKING:
 
 # Code bytes when pgolf.quant.codebytes cannot count them (the records' wrapped code: 27.5-32 kB).
 CODE_BYTES_EST = 30_000
-# Compressed size / entropy of the integer stream (zlib and pergroup measured loosely on int8 planes).
-# fp16 of Gaussian-like weights: sign + ~3 bits of exponent entropy + 10 mantissa bits (zlib measured 13.9).
-FP16_BITS = 14.0
-CODEC_OVERHEAD = {"zlib": 1.04, "lzma": 1.01, "brotli": 1.01, "zstd": 1.02, "pergroup": 1.0, "best": 1.0}
+FP16_BITS = 16.0  # passthrough fp16 values, before the codec (its ratio is fitted on whole artifacts)
+SCALE_BITS = 16.0  # one fp16 scale per quantised row
 
 
 # ---- paths
@@ -123,18 +122,35 @@ def write_config(cfg: Config, run_dir: str | Path) -> Path:
 
 # ---- size estimate
 
+def _entropy(counts: Any) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log2()).sum())
+
+
+@functools.lru_cache(maxsize=None)
 def _gaussian_entropy_bits(R: int, k: float) -> float:
     """Entropy (bits) of round(z / s) clamped to [-R, R], z ~ N(0, 1), s = k / R."""
-    s = k / R
-    cdf = lambda x: 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))  # noqa: E731
-    h = 0.0
-    for j in range(-R, R + 1):
-        lo = -math.inf if j == -R else (j - 0.5) * s
-        hi = math.inf if j == R else (j + 0.5) * s
-        p = (1.0 if hi == math.inf else cdf(hi)) - (0.0 if lo == -math.inf else cdf(lo))
-        if p > 0:
-            h -= p * math.log2(p)
-    return h
+    import torch
+
+    edges = (torch.arange(-R, R, dtype=torch.float64) + 0.5) * (k / R)  # 2R bin edges
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * (1 + torch.erf(edges / 2 ** 0.5)),
+                     torch.ones(1, dtype=torch.float64)])
+    return _entropy(cdf.diff())
+
+
+@functools.lru_cache(maxsize=None)
+def _quantile_entropy_bits(bits: int, cols: int) -> float:
+    """Entropy (bits) of the #688 family's per-row quantile clip (the best of its |w| quantiles by
+    row MSE) on Gaussian rows of `cols` entries, simulated on 64 seeded rows. (The 3% magnitude
+    pruning only zeroes values that round to 0 anyway at these steps.)"""
+    import torch
+
+    from pgolf.quant.gptq import clip_range, quantile_clip_scale
+
+    R = clip_range(bits)
+    w = torch.randn(64, cols, generator=torch.Generator().manual_seed(0))
+    q = torch.clamp(torch.round(w / quantile_clip_scale(w, bits).float()[:, None]), -R, R)
+    return _entropy(torch.bincount((q + R).long().flatten(), minlength=2 * R + 1).double())
 
 
 @functools.lru_cache(maxsize=1)
@@ -147,48 +163,76 @@ def counted_code_bytes() -> int:
     return int(code_bytes()["code_bytes"])
 
 
-def estimate(cfg: Config, code_bytes: int | None = None) -> dict[str, Any]:
-    """Trainable parameters and an estimate of the compressed artifact (model + code) in bytes.
+def raw_bits(cfg: Config, model: Any = None) -> dict[str, float]:
+    """Bits of each kind of tensor in the artifact before its codec (see the module docstring).
 
     Tensors are sorted exactly as `pgolf quantize` sorts them (`pgolf.quant.quantize.classify` and
-    `tensor_group`); only the compressed size of each is estimated.
-    """
-    from pgolf.model import build_model, count_params  # torch, but only the meta device
-    from pgolf.quant.quantize import classify, group_setting, tensor_group
+    `tensor_group`). `model`: the config's model on the meta device, if already built."""
     from pgolf.artifact.int8 import is_control
+    from pgolf.model import build_model  # torch, but only the meta device
+    from pgolf.quant.quantize import classify, group_setting, tensor_group
 
-    code_bytes = counted_code_bytes() if code_bytes is None else code_bytes
-    model = build_model(cfg, "meta")
+    model = model if model is not None else build_model(cfg, "meta")
     q = cfg.quant
-    total_bits, by_kind = 0.0, {}
+    out: dict[str, float] = {}
     for name, p in model.named_parameters():
         n, kind = p.numel(), classify(name, p, q)
         rows = p.shape[0] if p.dim() >= 2 else 0
         if kind == "gate":  # per-row absmax int8
             per = 8.0
         elif kind == "quant":
-            kind = tensor_group(name)
-            rows = n // p.shape[-1]
+            kind, cols = tensor_group(name), p.shape[-1]
+            rows = n // cols
+            bits, k = group_setting(q, kind)
             if q.method == "int8":  # the baseline clips at a row percentile ~ the row maximum
-                per = _gaussian_entropy_bits(127, math.sqrt(2 * math.log(2 * p.shape[-1])))
+                per = _gaussian_entropy_bits(127, math.sqrt(2 * math.log(2 * cols)))
+            elif q.clip_mode == "quantile":
+                per = _quantile_entropy_bits(bits, cols)
             else:
-                bits, k = group_setting(q, kind)
                 per = _gaussian_entropy_bits(2 ** (bits - 1) - 1, k)
         else:  # fp16 passthrough (the baseline keeps control tensors fp32)
             per, rows, kind = (32.0 if q.method == "int8" and is_control(name) else FP16_BITS), 0, "passthrough"
-        kb = n * per + rows * 16  # + one fp16 scale per row
-        total_bits += kb
-        by_kind[kind] = by_kind.get(kind, 0.0) + kb / 8
+        out[kind] = out.get(kind, 0.0) + n * per + rows * SCALE_BITS
     if q.lqer and q.method != "int8":  # rank-r factors of the top-k matrices (PR #1797 / #1855)
         mats = sorted((p.shape for _, p in model.named_parameters() if p.dim() == 2), key=lambda s: -s[0] * s[1])
-        lq = sum(q.lqer_rank * (r + c) * q.lqer_factor_bits for r, c in mats[:q.lqer_top_k])
-        total_bits += lq
-        by_kind["lqer"] = lq / 8
-    model_bytes = int(total_bits / 8 * CODEC_OVERHEAD.get(q.compressor, 1.0))
-    total = model_bytes + int(code_bytes)
+        out["lqer"] = float(sum(q.lqer_rank * (r + c) * q.lqer_factor_bits for r, c in mats[:q.lqer_top_k]))
+    return out
+
+
+def calibration_for(q: Any) -> Any:
+    """The fitted ratio and band of this quantisation's codec / clip family (UNCALIBRATED if none)."""
+    from pgolf.lab.size_calibration import CALIBRATION, UNCALIBRATED, family
+
+    return CALIBRATION.get(family(q), UNCALIBRATED)
+
+
+def estimate(cfg: Config, code_bytes: int | None = None) -> dict[str, Any]:
+    """Trainable parameters and the artifact (model + code) in bytes: a point estimate and a band.
+
+    `bytes` is the point estimate (a fully trained model, as the records were), `bytes_low` ..
+    `bytes_high` the band every calibration artifact of this codec / clip family fell in (widened a
+    little); `over_limit` only when even `bytes_low` is over `quant.limit_bytes`, `maybe_over` when
+    the band straddles it, `under_limit` when all of it is under. `code_bytes` is one input (default:
+    what `pgolf quantize` counts now), added to every figure.
+    """
+    from pgolf.lab.size_calibration import family
+    from pgolf.model import build_model, count_params
+
+    code_bytes = counted_code_bytes() if code_bytes is None else int(code_bytes)
+    model = build_model(cfg, "meta")
+    parts = raw_bits(cfg, model)
+    cal = calibration_for(cfg.quant)
+    raw = sum(parts.values()) / 8
+    model_bytes = int(raw * cal.ratio)
+    low, high = int(raw * cal.low) + code_bytes, int(raw * cal.high) + code_bytes
+    limit = cfg.quant.limit_bytes
     return {"preset": cfg.preset, "params": count_params(model), "est_model_bytes": model_bytes,
-            "code_bytes": int(code_bytes), "est_artifact_bytes": total, "under_limit": total <= cfg.quant.limit_bytes,
-            "bytes_by_kind": {k: int(v) for k, v in sorted(by_kind.items())}}
+            "code_bytes": code_bytes, "bytes": model_bytes + code_bytes, "bytes_low": low, "bytes_high": high,
+            "est_artifact_bytes": model_bytes + code_bytes, "limit": limit, "over_limit": low > limit,
+            "maybe_over": low <= limit < high, "under_limit": high <= limit,
+            "calibration": {"family": family(cfg.quant), "ratio": cal.ratio, "low": cal.low, "high": cal.high,
+                            "points": cal.points},
+            "bytes_by_kind": {k: int(v / 8 * cal.ratio) for k, v in sorted(parts.items())}}
 
 
 # ---- widgets
@@ -279,10 +323,11 @@ def estimate_table(estimates: dict[str, Any]) -> "pandas.DataFrame":  # noqa: F8
     cols = {}
     for label, est in estimates.items():
         rows = {"params": est["params"], "est. model bytes": est["est_model_bytes"], "code bytes": est["code_bytes"],
-                "est. artifact bytes": est["est_artifact_bytes"]}
+                "est. artifact bytes": est["bytes"], "  band low": est["bytes_low"], "  band high": est["bytes_high"]}
         rows.update({f"  {k}": v for k, v in est["bytes_by_kind"].items()})
         cols[label] = pd.Series(rows).map("{:,}".format)
-        cols[label]["under 16,000,000"] = str(est["under_limit"])
+        cols[label][f"vs {est['limit']:,}"] = ("over" if est["over_limit"] else "maybe over" if est["maybe_over"]
+                                               else "under")
     return pd.DataFrame(cols).fillna("")
 
 
