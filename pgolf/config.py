@@ -24,6 +24,11 @@ class DataConfig:
     tokenizer: str = ""  # SentencePiece .model; "" = <path>/tokenizer.model
     val_max_tokens: int = 0  # 0 = the whole validation split (truncated to whole sequences)
     bos_id: int = 1
+    # rows: fixed rows of seq_len tokens (the baseline, #430 line); varlen: each rank's micro-batch is ONE
+    # packed row cut at BOS and every seq_len tokens from a document's start, attention per segment, and
+    # validation packs eval.batch_seqs sequences per row, dropping the tail (PR #1530; the segments cut
+    # attention when model.doc_mask is on)
+    segmentation: str = "rows"
 
 
 @dataclass

@@ -98,7 +98,13 @@ def _record_1626() -> Config:
     tt.weight_decay, tt.beta2 = 0.5, 0.999
     tt.chunk_size = 48
     tt.phases, tt.prefix_docs = 3, 2000
+    _record_procedures(c)
     return c
+
+
+def _record_procedures(c: Config) -> None:
+    """How the #1530-line records cut, calibrate, select and store (docs/fidelity.md)."""
+    c.data.segmentation = "varlen"  # one packed row per rank, cut at BOS and every 2048 (_build_cu_seqlens)
 
 
 def pr1765() -> Config:
