@@ -349,6 +349,8 @@ class GPT(nn.Module):
             self.lm_head = nn.Linear(d, V, bias=False)
         if self.tok_emb.weight.device.type != "meta":
             self.reset_parameters()
+        if cfg.tok_emb_bf16:  # initialised in fp32, stored in bf16 (the records' model.bfloat16())
+            self.tok_emb.to(torch.bfloat16)
 
     # ---- structure
     def layer_order(self, looping: bool | None = None) -> list[int]:
@@ -447,7 +449,7 @@ class GPT(nn.Module):
         first[:, 0] = True
         if cfg.smear_bos_mask:  # token mixing never crosses a document boundary (#1851/#1855 fix)
             first = first | bos
-        e = self.tok_emb(idx)
+        e = self.tok_emb(idx).float()  # a bf16-stored table (tok_emb_bf16) is read into the fp32 stream
         if hasattr(self, "bigram"):
             e = e + self.bigram(idx, first).to(e.dtype)
         if cfg.smear_gate == "gated":
