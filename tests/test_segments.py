@@ -73,7 +73,7 @@ def _reference(q, k, v, ids):
     g = H // k.shape[2]
     q, k, v = q.double(), k.double().repeat_interleave(g, 2), v.double().repeat_interleave(g, 2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
-    ok = torch.ones(T, T, dtype=torch.bool).tril() & (ids[:, :, None] == ids[:, None, :])
+    ok = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() & (ids[:, :, None] == ids[:, None, :])
     return torch.einsum("bhqk,bkhd->bqhd", s.masked_fill(~ok[:, None], float("-inf")).softmax(-1), v)
 
 
@@ -96,6 +96,26 @@ def test_packed_sdpa_is_exact_attention_per_segment_with_gradients(H, Hkv):
     grads = torch.autograd.grad((y * w).sum(), (q, k, v))
     grads_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
     assert max(max_diff(a, b) for a, b in zip(grads, grads_ref)) < 1e-12
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash", "flex", "sdpa"])
+def test_cuda_packed_row_equals_reference(backend):
+    """A 2,048-token packed row with segments cut every 256 tokens, on each CUDA backend, in bf16."""
+    from pgolf.model.attention import flash_attn_available, flex_attention_available
+
+    assert torch.cuda.is_available(), "run the gpu tests on a CUDA machine"
+    if backend == "flash" and not flash_attn_available():
+        pytest.skip("flash_attn is not installed on this machine")
+    if backend == "flex" and not flex_attention_available():
+        pytest.skip("this torch has no FlexAttention")
+    idx = torch.randint(2, V, (1, 2048), generator=torch.Generator().manual_seed(6))
+    idx[0, [0, 3, 700, 701, 1500]] = BOS
+    ids = segment_ids(idx.cuda(), BOS, 256)
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2048, h, 64, generator=g).cuda().bfloat16() for h in (8, 4, 4))
+    y = attend(q, k, v, doc_ids=prepare_doc_mask(ids, backend, 256), backend=backend)
+    assert y.shape == q.shape and max_diff(y, _reference(q, k, v, ids)) < 2.5e-2
 
 
 def test_rows_mask_is_bitwise_the_mask_of_before():
