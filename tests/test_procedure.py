@@ -177,3 +177,18 @@ def test_bf16_muon_momentum_is_the_records_arithmetic():
     expect = g1.bfloat16().mul_(0.9).add_(g2.bfloat16())  # step 1: buf = bf16(g1); step 2, in bf16
     assert buf.dtype == torch.bfloat16 and torch.equal(buf, expect)
     assert not torch.equal(buf.float(), 0.9 * g1 + g2)  # fp32 arithmetic would differ
+
+
+def test_unknown_procedure_values_name_their_key():
+    from pgolf.errors import PgolfError
+    from pgolf.eval.phased import PhasedTTT
+    from pgolf.model import build_model
+    from test_eval_common import stream_for, tiny_cfg as eval_cfg, tiny_model as eval_model, tiny_val
+
+    with pytest.raises(PgolfError, match="data.segmentation"):
+        build_model(tiny_cfg("pr1855", "data.segmentation=packed"), "meta")
+    cfg = eval_cfg()
+    cfg.ttt.phases, cfg.ttt.phase_select = 2, "longest"
+    val = tiny_val(6)
+    with pytest.raises(PgolfError, match="ttt.phase_select"):
+        PhasedTTT(eval_model(cfg), val, cfg, stream_for(val))

@@ -57,11 +57,11 @@ def collect_hessians(model: nn.Module, batches, *, min_numel: int = 65_536,
             hooks.append(mod.register_forward_hook(lambda m, inp, out, key=f"{name}.weight": add(key, inp[0])))
     mcfg = getattr(model, "cfg", None)
     tied = getattr(mcfg, "tie_embeddings", False)
-    masked = getattr(mcfg, "doc_mask", False)
+    unmask = getattr(mcfg, "doc_mask", False) and not doc_mask  # the model's own switch, off for a while
     was_training = model.training
     model.eval()
-    if mcfg is not None:
-        mcfg.doc_mask = masked and doc_mask
+    if unmask:
+        mcfg.doc_mask = False
     try:
         for idx in batches:
             with _autocast(device):
@@ -72,8 +72,8 @@ def collect_hessians(model: nn.Module, batches, *, min_numel: int = 65_536,
         for hk in hooks:
             hk.remove()
         model.train(was_training)
-        if mcfg is not None:
-            mcfg.doc_mask = masked
+        if unmask:
+            mcfg.doc_mask = True
     return {k: sums[k] / max(rows[k], 1) for k in sums}
 
 
