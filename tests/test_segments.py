@@ -69,7 +69,7 @@ def test_boundaries_equal_a_token_by_token_walk():
 
 def _reference(q, k, v, ids):
     """float64 softmax attention, causal and inside equal segment ids; query head h reads KV head h // g."""
-    B, T, H, D = q.shape
+    T, H, D = q.shape[1:]
     g = H // k.shape[2]
     q, k, v = q.double(), k.double().repeat_interleave(g, 2), v.double().repeat_interleave(g, 2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(D)
