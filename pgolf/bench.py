@@ -69,9 +69,10 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     model.looping = looping and bool(cfg.model.num_loops)
     step_model = torch.compile(model, dynamic=False) if t.compile and dev.type == "cuda" else model
     opt = build_optimizers(model, cfg.optim, cfg.model.tie_embeddings)
-    rows = micro // t.train_seq_len
+    packed = cfg.data.segmentation == "varlen"  # one packed row per micro-step, as the loader yields
+    rows, width = (1, micro) if packed else (micro // t.train_seq_len, t.train_seq_len)
     gen = torch.Generator(device="cpu").manual_seed(0)
-    batches = [(torch.randint(0, cfg.model.vocab_size, (rows, t.train_seq_len + 1), generator=gen)
+    batches = [(torch.randint(0, cfg.model.vocab_size, (rows, width + 1), generator=gen)
                 .to(dev)) for _ in range(4)]
 
     ema = EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None

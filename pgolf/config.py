@@ -26,6 +26,11 @@ class DataConfig:
     tokenizer: str = ""  # SentencePiece .model; "" = <path>/tokenizer.model
     val_max_tokens: int = 0  # 0 = the whole validation split (truncated to whole sequences)
     bos_id: int = 1
+    # rows: fixed rows of seq_len tokens (the baseline, #430 line); varlen: each rank's micro-batch is ONE
+    # packed row cut at BOS and every seq_len tokens from a document's start, attention per segment, and
+    # validation packs eval.batch_seqs sequences per row, dropping the tail (PR #1530; the segments cut
+    # attention when model.doc_mask is on)
+    segmentation: str = "rows"
 
 
 @dataclass
@@ -56,6 +61,7 @@ class ModelConfig:
     attn_gate_scale: float = 1.0  # c in sigma(c W x[:w]) of the sparse gate
     attn_gate_init_std: float = 0.0  # dense / sparse gate weight init std (0 = zeros)
     doc_mask: bool = False  # attention never crosses a BOS (segments at every BOS and every row)
+    tok_emb_bf16: bool = False  # store tok_emb in bf16 (#1530 line: model.bfloat16() keeps only it in bf16)
     # --- embedding path
     smear_gate: str = "off"  # off | gated (#1667, width-w input) | channel (#430 per-channel)
     smear_gate_width: int = 12
@@ -94,6 +100,7 @@ class OptimConfig:
     muon_coeffs: str = "classic"  # classic (3.4445, -4.7750, 2.0315) | polar_express (PR #1344)
     muon_row_normalize: bool = False  # MuonEq-R (PR #1285)
     muon_wd: float = 0.0
+    muon_momentum_bf16: bool = False  # momentum buffer and Nesterov update in bf16 (the records' banked Muon)
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -164,6 +171,8 @@ class QuantConfig:
     group_codec: str = "brotli"  # pergroup's per-group streams; zpaq = the ZPAQ back end of the record's lrzip -z
     zpaq_threads: int = 1  # blocks per zpaq stream, (de)compressed in parallel: 2 = +0.1% bytes, half the load time
     calibration_seed: int = 0  # RNG of the calibration windows (training shards only)
+    calibration_doc_mask: bool = True  # calibration attention segments as model.doc_mask does; false = dense
+    # causal over each window, as the #1530-line records' collect_hessians (no cu_seqlens)
     eval_max_tokens: int = 0  # cap on validation tokens when re-scoring the artifact (0 = data.val_max_tokens)
     clip_mode: str = "sdclip"  # sdclip (k * std / R, PR #1394) | quantile (#688: best of 5 |w| quantiles per row)
     act_order_ascending: bool = False  # the #688 family sorted columns by ascending diag(H)
@@ -212,6 +221,9 @@ class TTTConfig:
     global_chunk_tokens: int = 32_768
     global_batch_seqs: int = 32
     global_grad_clip: float = 1.0
+    # which scored documents phase k trains on: queue = the first `boundary` in queue order (longest
+    # first); shortest = the records' rule, scored documents sorted by (length-sorted batch, position)
+    phase_select: str = "queue"
     # score-first SGD of the #549 / #430 line
     sgd_chunk_tokens: int = 32_768
     sgd_epochs: int = 3

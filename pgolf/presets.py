@@ -103,7 +103,17 @@ def _record_1626() -> Config:
     tt.weight_decay, tt.beta2 = 0.5, 0.999
     tt.chunk_size = 48
     tt.phases, tt.prefix_docs = 3, 2000
+    _record_procedures(c)
     return c
+
+
+def _record_procedures(c: Config) -> None:
+    """How the #1530-line records cut, calibrate, select and store (docs/fidelity.md)."""
+    c.data.segmentation = "varlen"  # one packed row per rank, cut at BOS and every 2048 (_build_cu_seqlens)
+    c.quant.calibration_doc_mask = False  # collect_hessians: forward_logits(x) without cu_seqlens
+    c.ttt.phase_select = "shortest"  # eval_val_ttt_phased: scored docs sorted by (batch index, position)
+    c.model.tok_emb_bf16 = True  # GPT(h).bfloat16() + restore_fp32_params: only tok_emb stays bf16
+    c.optim.muon_momentum_bf16 = True  # Muon: g = p.grad.bfloat16(), momentum_buffer zeros_like(g)
 
 
 def pr1765() -> Config:

@@ -82,6 +82,15 @@ def batch_shape(cfg: Config, world: int) -> tuple[int, int]:
     return micro, t.train_batch_tokens // (micro * world)
 
 
+def val_batch_seqs(cfg: Config, world: int) -> int:
+    """Sequences per rank per validation forward: val_batch_tokens / world in fixed rows; a packed row
+    (varlen) holds val_batch_tokens / (world x accumulation) tokens, as the records' eval_val
+    (524,288 -> 32 x 2048 on 8 GPUs x 1 or 1 GPU x 8)."""
+    t = cfg.train
+    ranks = world * (batch_shape(cfg, world)[1] if cfg.data.segmentation == "varlen" else 1)
+    return max(1, t.val_batch_tokens // t.eval_seq_len // ranks)
+
+
 # --------------------------------------------------------------------------- the loop
 def optimizer_step(step_model, model, opt, ema, batches, clip: float, lr_mult: float, step: int,
                    oc=None) -> torch.Tensor:
@@ -126,7 +135,8 @@ class Trainer:
         # Inputs first: a bad data dir or tokenizer fails before anything is written.
         self.val = load_val(cfg.data.path, cfg.data.tokenizer or None, cfg.model.vocab_size, t.eval_seq_len,
                             cfg.data.val_max_tokens, bos_id=cfg.data.bos_id)
-        self.loader = TrainLoader(cfg.data.path, t.train_seq_len, ctx.rank, ctx.world_size, cfg.model.vocab_size)
+        self.loader = TrainLoader(cfg.data.path, t.train_seq_len, ctx.rank, ctx.world_size, cfg.model.vocab_size,
+                                  cfg.data.segmentation, cfg.data.bos_id)
         self.micro, self.accum = batch_shape(cfg, ctx.world_size)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.backend = resolve_backend(t.attention_backend, ctx.device)
@@ -186,9 +196,8 @@ class Trainer:
 
     def validate(self, step: int, elapsed: float) -> dict[str, Any]:
         from pgolf.eval.score import evaluate
-        res = evaluate(self.model, self.val, self.cfg.train.eval_seq_len, max(1, self.cfg.train.val_batch_tokens
-                       // self.cfg.train.eval_seq_len // self.ctx.world_size), rank=self.ctx.rank,
-                       world_size=self.ctx.world_size)
+        res = evaluate(self.model, self.val, self.cfg.train.eval_seq_len, val_batch_seqs(self.cfg, self.ctx.world_size),
+                       rank=self.ctx.rank, world_size=self.ctx.world_size)
         self.metric({"step": step, "time_s": round(elapsed, 3), "val_loss": res["val_loss"], "val_bpb": res["val_bpb"]})
         self.log(f"step {step} val_loss {res['val_loss']:.4f} val_bpb {res['val_bpb']:.4f} ({res['seconds']:.1f}s)")
         return res
@@ -274,8 +283,7 @@ class Trainer:
         fresh = build_model(self.cfg, self.ctx.device, attention_backend=self.backend)
         fresh.load_state_dict(load_int8(blob))
         fresh.looping = self.model.looping
-        res = evaluate(fresh, self.val, self.cfg.train.eval_seq_len,
-                       max(1, self.cfg.train.val_batch_tokens // self.cfg.train.eval_seq_len // self.ctx.world_size),
+        res = evaluate(fresh, self.val, self.cfg.train.eval_seq_len, val_batch_seqs(self.cfg, self.ctx.world_size),
                        rank=self.ctx.rank, world_size=self.ctx.world_size)
         code = _code_bytes()
         out = {"artifact": name, "model_bytes": len(blob), **code,

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from model_helpers import one_thread  # noqa: F401  (autouse)
 from model_helpers import BOS, max_diff, tiny_model, tokens
 from pgolf.errors import PgolfError
-from pgolf.model.attention import BACKENDS, attend, doc_ids_from_tokens, resolve_backend
+from pgolf.data.segments import segment_ids
+from pgolf.model.attention import BACKENDS, attend, resolve_backend
 
 GQA_SHAPES = [(4, 2), (6, 2), (4, 4)]  # (H, Hkv): 2:1, 3:1, MHA
 
@@ -39,7 +40,7 @@ def _packed_doc_ids(B, T, device="cpu"):
     idx = torch.randint(2, 100, (B, T), generator=torch.Generator().manual_seed(9))
     idx[0, [0, T // 5, T // 2, T // 2 + 1, T - 3]] = BOS  # includes a one-token document
     idx[1, [T // 3, 2 * T // 3]] = BOS
-    return doc_ids_from_tokens(idx.to(device), BOS)
+    return segment_ids(idx.to(device), BOS)
 
 
 # ---------------------------------------------------------------- backend resolution and segments
@@ -54,9 +55,9 @@ def test_resolve_backend_is_sdpa_on_cpu_whatever_is_requested():
 
 
 def test_doc_ids_start_a_segment_at_every_bos():
-    """Segment ids count the BOS tokens seen so far: a new document at every BOS, the prefix is its own."""
+    """Segment ids count the segment starts so far: the row start and every BOS (the prefix is its own)."""
     idx = torch.tensor([[1, 5, 6, 1, 7], [4, 1, 1, 8, 9]])
-    assert doc_ids_from_tokens(idx, BOS).tolist() == [[1, 1, 1, 2, 2], [0, 1, 2, 2, 2]]
+    assert segment_ids(idx, BOS).tolist() == [[1, 1, 1, 2, 2], [1, 2, 3, 3, 3]]
 
 
 def test_kernels_outside_autocast_get_one_autocast_dtype():

@@ -46,7 +46,7 @@ def test_logits_are_the_tied_head_of_hidden():
     model = tiny_model("pr1855")
     idx = tokens(bos_at=(0, 9))
     h = model.hidden(idx)
-    assert torch.equal(model.logits(h), h @ model.tok_emb.weight.T)
+    assert torch.equal(model.logits(h), h @ model.tok_emb.weight.float().T)  # a bf16-stored table, fp32 head
     cap = model.cfg.logit_softcap
     torch.testing.assert_close(model(idx), cap * torch.tanh(model.logits(h) / cap), rtol=0, atol=0)
 
@@ -237,7 +237,7 @@ def reference_hidden(model, idx, looping):
     n_enc = len(order) // 2
     enc, dec = order[:n_enc], order[n_enc:]
     doc_ids = (idx == BOS).cumsum(1, dtype=torch.int32)
-    e = model.tok_emb(idx)
+    e = model.tok_emb(idx).float()  # the table may be stored in bf16 (tok_emb_bf16)
     if cfg.smear_gate == "gated":  # §2.2 SmearGate with the BOS mask
         g = model.smear_lambda * torch.sigmoid(e[:, 1:, :12] @ model.smear_gate.weight[0])  # (B, T-1)
         g = g * (idx[:, 1:] != BOS)

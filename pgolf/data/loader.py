@@ -6,6 +6,10 @@ wrapping around after the last. Each optimizer step takes ONE span of
 `accum_steps * world_size * (micro_tokens + 1)` tokens; micro-step m of rank r is chunk
 `m * world_size + r`, so one process with accumulation A*W sees exactly the chunks that W
 processes with accumulation A see, shard ends included.
+
+Segmentation `rows` cuts each chunk into fixed rows of `seq_len`. `varlen` (PR #1530, record
+`DocumentPackingLoader`) yields each chunk as ONE packed row; the model cuts it into segments
+(`pgolf.data.segments`), and the stream starts at the first BOS of every shard it opens.
 """
 from __future__ import annotations
 
@@ -26,22 +30,38 @@ def _train_files(data_dir: str | Path) -> list[Path]:
     return files
 
 
+def _first_bos(tokens: np.ndarray, bos_id: int, block: int = 1 << 16) -> int:
+    """Index of the first BOS (0 when there is none), reading the shard a block at a time."""
+    for lo in range(0, tokens.size, block):
+        hit = np.flatnonzero(tokens[lo:lo + block] == bos_id)
+        if hit.size:
+            return lo + int(hit[0])
+    return 0
+
+
 class TrainLoader:
     def __init__(self, data_dir: str | Path, seq_len: int, rank: int = 0, world_size: int = 1,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, segmentation: str = "rows", bos_id: int = 1):
         if not 0 <= rank < world_size:
             raise PgolfError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
+        if segmentation not in ("rows", "varlen"):
+            raise PgolfError(f"data.segmentation: unknown segmentation {segmentation!r} (rows | varlen)")
         self.data_dir, self.seq_len, self.rank, self.world_size = Path(data_dir), seq_len, rank, world_size
         self.vocab_size = vocab_size
+        self.packed, self.bos_id = segmentation == "varlen", bos_id
         self.files = _train_files(data_dir)
         for f in self.files:  # every header and file size up front (cheap), before any timed step
             shards.read_header(f)
         self.reset()
 
     def reset(self) -> None:
-        """Rewind to the first token of the first shard."""
-        self.shard, self.pos = 0, 0
-        self.tokens = shards.read_shard(self.files[0])
+        """Rewind to the start of the first shard."""
+        self._open(0)
+
+    def _open(self, shard: int) -> None:
+        self.shard = shard
+        self.tokens = shards.read_shard(self.files[shard])
+        self.pos = _first_bos(self.tokens, self.bos_id) if self.packed else 0
 
     def _check_ids(self, span: np.ndarray) -> None:
         """Reject ids outside the vocabulary in the span actually taken (a few microseconds per step,
@@ -58,15 +78,14 @@ class TrainLoader:
                 self._check_ids(span)
                 self.pos += n
                 return span
-            self.shard = (self.shard + 1) % len(self.files)  # drop the remainder, as the records do
-            self.pos = 0
-            self.tokens = shards.read_shard(self.files[self.shard])
+            self._open((self.shard + 1) % len(self.files))  # drop the remainder, as the records do
         raise PgolfError(f"{self.data_dir}: no train shard holds a span of {n} tokens "
                          "(lower train_batch_tokens / micro_batch_tokens or use larger shards)")
 
     def next_batch(self, micro_tokens: int, accum_steps: int = 1,
                    device=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """`accum_steps` pairs (x, y) of int64 tensors shaped (micro_tokens // seq_len, seq_len)."""
+        """`accum_steps` pairs (x, y) of int64 tensors shaped (micro_tokens // seq_len, seq_len), or
+        (1, micro_tokens) for packed rows (varlen)."""
         if micro_tokens <= 0 or micro_tokens % self.seq_len:
             raise PgolfError(f"micro-batch of {micro_tokens} tokens: must be a positive multiple of "
                              f"seq_len {self.seq_len}")
@@ -76,7 +95,8 @@ class TrainLoader:
         for m in range(accum_steps):
             k = m * self.world_size + self.rank
             c = torch.from_numpy(span[k * chunk:(k + 1) * chunk].astype(np.int64))
-            x, y = c[:-1].view(-1, self.seq_len), c[1:].view(-1, self.seq_len)  # (B, T) each
+            row = micro_tokens if self.packed else self.seq_len
+            x, y = c[:-1].view(-1, row), c[1:].view(-1, row)  # (B, T) each
             if device is not None:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             out.append((x, y))

@@ -4,10 +4,13 @@ PR #1610 -> #1626 -> #1700).
 The first `ttt.prefix_docs` documents of the queue are the prefix. When the count of fully scored
 documents (in queue order) reaches boundary k = floor(P (k+1) / phases), every rank stops, and the
 base model trains with SGD (momentum, cosine decay across chunks of `global_chunk_tokens`, the last
-chunk skipped, gradient clipping) on the first `boundary` documents of the queue, cumulatively. Every
-one of those documents was scored before: the ledger checks it. Then new adapters are built and
-scoring resumes. Under the evaluation deadline (ttt_base.Deadline) the phases count as work, and after
-a fallback no further phase runs.
+chunk skipped, gradient clipping) on `boundary` of the scored documents, cumulatively: the first ones
+in queue order (`ttt.phase_select = queue`), or, as the records' `eval_val_ttt_phased`, the scored
+documents sorted by (length-sorted batch index, position in batch), i.e. the shortest (`shortest`).
+Every one of those documents was scored before: the ledger checks it. With packed rows (varlen) each
+micro-batch of sequences is one packed row, cut at BOS and every `eval_seq_len` tokens from a
+document's start. Then new adapters are built and scoring resumes. Under the evaluation deadline
+(ttt_base.Deadline) the phases count as work, and after a fallback no further phase runs.
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from pgolf.errors import PgolfError
 from pgolf.eval.lora_ttt import LoRATTT
-from pgolf.eval.score import autocast_for, doc_masking
+from pgolf.eval.score import autocast_for, doc_len_cut, doc_masking
 from pgolf.eval.trace import EvalStream
 from pgolf.eval.ttt_base import all_reduce_grads, cosine_lr
 
@@ -38,7 +42,9 @@ def global_sgd(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, pos: np.nda
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=tc.global_lr, momentum=tc.global_momentum)
     model.train()
-    with doc_masking(model, True):  # attention never crosses a BOS (GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=1)
+    packed = model.max_doc_len > 0
+    # attention never crosses a BOS (GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=1); packed rows cut at seq_len
+    with doc_masking(model, True), doc_len_cut(model, seq_len if packed else 0):
         steps = _global_sgd_loop(model, x, y, pos, tc, stream, opt, params, seq_len=seq_len, rank=rank,
                                  world_size=world_size)
     return steps
@@ -63,6 +69,8 @@ def _global_sgd_loop(model, x, y, pos, tc, stream, opt, params, *, seq_len, rank
                     sel = [r for r in group if min(seq_len, hi - r) == r0]
                     xb = torch.from_numpy(np.stack([x[r:r + r0] for r in sel])).to(device)  # (b, r0)
                     yb = torch.from_numpy(np.stack([y[r:r + r0] for r in sel])).to(device)
+                    if model.max_doc_len > 0:  # varlen: the micro-batch is one packed row
+                        xb, yb = xb.view(1, -1), yb.view(1, -1)
                     with autocast_for(device):
                         loss = model(xb, yb, reduction="sum") / (hi - lo)  # mean over the whole chunk
                     loss.backward()
@@ -87,11 +95,16 @@ class PhasedTTT(LoRATTT):
         self.queue = np.concatenate(self.batches)  # documents in queue order
         prefix = min(tc.prefix_docs, self.queue.size)
         self.bounds = [prefix * (k + 1) // tc.phases for k in range(tc.phases)]
+        if tc.phase_select not in ("queue", "shortest"):
+            raise PgolfError(f"ttt.phase_select: unknown rule {tc.phase_select!r} (queue | shortest)")
         cum = np.cumsum([len(b) for b in self.batches])
         self.fire: dict[int, list[int]] = {}  # batch index -> phases that start after it
+        self.fired_after: list[int] = []  # phase k -> the queue batch after which it starts
         for k, bound in enumerate(self.bounds):
+            b = int(np.searchsorted(cum, bound))
+            self.fired_after.append(b)
             if bound > 0:
-                self.fire.setdefault(int(np.searchsorted(cum, bound)), []).append(k)
+                self.fire.setdefault(b, []).append(k)
 
     def after_batch(self, b: int) -> None:
         if self.deadline.fallback is not None:  # no more adaptation of any kind
@@ -110,8 +123,13 @@ class PhasedTTT(LoRATTT):
         return plan
 
     def phase_docs(self, k: int) -> np.ndarray:
-        """The documents phase k trains on: the first `bounds[k]` of the queue (cumulative)."""
-        return self.queue[:self.bounds[k]]
+        """The `bounds[k]` documents phase k trains on (cumulative), by `ttt.phase_select`."""
+        if self.tc.phase_select == "queue":
+            return self.queue[:self.bounds[k]]
+        # the scored batches, in length-sorted (ascending) batch order: the queue runs longest first, so
+        # that is the queue reversed; within a batch, documents keep their position (ascending length)
+        scored = self.batches[:self.fired_after[k] + 1][::-1]
+        return np.concatenate(scored)[:self.bounds[k]]
 
     def global_phase(self, k: int) -> None:
         t0 = time.perf_counter()

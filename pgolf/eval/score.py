@@ -6,8 +6,12 @@ float64 sums are all-reduced across ranks: val_bpb = sum(loss) / (ln 2 * sum(byt
 
 Windows (record-stack.md §1.5): non-overlapping windows of `seq_len` targets, or sliding windows
 with `stride` (each window scores its last `stride` targets, the first window all of them). With
-`doc_mask` attention inside a window never crosses a BOS (the records' cu_seqlens at BOS). Every
-score passes through an `EvalStream` (pgolf.eval.trace), which can keep the per-token trace.
+`doc_mask` attention inside a window never crosses a BOS (the records' cu_seqlens at BOS). A model
+with packed rows (`data.segmentation = varlen`, `model.max_doc_len > 0`) is scored without stride
+as the records' `eval_val`: `batch_seqs` sequences per packed row, cut at BOS and every `seq_len`
+tokens from a document's start, each rank a contiguous range of whole rows; the tail that does not
+fill a whole row on a rank is left out (`packed_plan`). Every score passes through an `EvalStream`
+(pgolf.eval.trace), which can keep the per-token trace.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pgolf.errors import PgolfError
 from pgolf.eval.trace import EvalStream, find_docs
 
 
@@ -39,6 +44,42 @@ def doc_masking(model: torch.nn.Module, on: bool) -> Iterator[None]:
         yield
     finally:
         cfg.doc_mask = before
+
+
+@contextlib.contextmanager
+def doc_len_cut(model: torch.nn.Module, max_doc_len: int) -> Iterator[None]:
+    """Cut packed rows every `max_doc_len` tokens from a document's start for a while (the records cut
+    at eval_seq_len when scoring and in global SGD, at train_seq_len in training)."""
+    before = model.max_doc_len
+    model.max_doc_len = max_doc_len
+    try:
+        yield
+    finally:
+        model.max_doc_len = before
+
+
+def packed_plan(num_targets: int, seq_len: int, row_seqs: int, rank: int = 0,
+                world_size: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(a, e, s) of rank `rank`'s packed rows of `row_seqs` sequences (record `eval_val`).
+
+    The `num_targets // seq_len` sequences are split into contiguous per-rank ranges; each range is
+    cut down to whole rows (the records' "TODO: Don't truncate this"). Every row scores all its targets.
+    """
+    total = num_targets // seq_len
+    lo, hi = total * rank // world_size, total * (rank + 1) // world_size
+    hi = lo + (hi - lo) // row_seqs * row_seqs
+    a = np.arange(lo, hi, row_seqs, dtype=np.int64) * seq_len
+    return a, a + row_seqs * seq_len, a.copy()
+
+
+def packed_dropped(num_targets: int, seq_len: int, row_seqs: int, world_size: int) -> np.ndarray:
+    """Target positions that no rank's packed rows score (the same on every rank)."""
+    covered = np.zeros(num_targets, bool)
+    for r in range(world_size):
+        a, e, _ = packed_plan(num_targets, seq_len, row_seqs, r, world_size)
+        if a.size:
+            covered[a[0]:e[-1]] = True
+    return np.flatnonzero(~covered)
 
 
 def window_plan(num_targets: int, seq_len: int, stride: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -109,13 +150,24 @@ def score_stream(model: torch.nn.Module, val: Any, seq_len: int, stride: int = 0
     if stream is None:
         bos = getattr(model, "bos_id", 1) if bos_id is None else bos_id
         stream = EvalStream(n, docs=find_docs(val.tokens, bos))
-    windows = window_plan(n, seq_len, stride)
-    lo, hi = len(windows[0]) * rank // world_size, len(windows[0]) * (rank + 1) // world_size
-    mine = tuple(w[lo:hi] for w in windows)
+    packed = getattr(model, "max_doc_len", 0) > 0 and not 0 < stride < seq_len
+    if packed:  # one packed row of batch_seqs sequences per forward
+        mine = packed_plan(n, seq_len, batch_seqs, rank, world_size)
+        dropped = packed_dropped(n, seq_len, batch_seqs, world_size)
+        if dropped.size == n:
+            raise PgolfError(f"validation: {n // seq_len} sequences of {seq_len} over {world_size} rank(s) fill no "
+                             f"packed row of {batch_seqs} sequences (lower eval.batch_seqs / train.val_batch_tokens)")
+        stream.exclude(dropped)
+        cut = doc_len_cut(model, seq_len)
+    else:
+        windows = window_plan(n, seq_len, stride)
+        lo, hi = len(windows[0]) * rank // world_size, len(windows[0]) * (rank + 1) // world_size
+        mine = tuple(w[lo:hi] for w in windows)
+        cut = contextlib.nullcontext()
     was_training = model.training
     model.eval()
-    with doc_masking(model, doc_mask):
-        score_windows(model, val.tokens, val.bytes, mine, stream, batch_seqs=batch_seqs,
+    with doc_masking(model, doc_mask), cut:
+        score_windows(model, val.tokens, val.bytes, mine, stream, batch_seqs=1 if packed else batch_seqs,
                       vocab_size=model.cfg.vocab_size)
     model.train(was_training)
     out = stream.metrics(device)
@@ -125,5 +177,5 @@ def score_stream(model: torch.nn.Module, val: Any, seq_len: int, stride: int = 0
 
 def evaluate(model: torch.nn.Module, val: Any, seq_len: int, batch_seqs: int = 32, *,
              rank: int = 0, world_size: int = 1) -> dict[str, Any]:
-    """Non-overlapping windows of `seq_len` targets; rank r takes a contiguous share of windows."""
+    """Non-overlapping windows of `seq_len` targets (or packed rows); rank r takes a contiguous share."""
     return score_stream(model, val, seq_len, 0, batch_seqs, rank=rank, world_size=world_size)

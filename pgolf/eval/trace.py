@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from pgolf.errors import LegalityError
 
-UNSCORED, REMOTE = -1, -2  # `order` sentinels: never scored / scored on another rank
+# `order` sentinels: never scored / scored on another rank / left out by the evaluation's plan
+UNSCORED, REMOTE, EXCLUDED = -1, -2, -3
 
 
 def _np(a: Any, dtype=None) -> np.ndarray:
@@ -188,12 +189,18 @@ class EvalStream:
         from pgolf.eval.legality import scored_nll
         return scored_nll(logp, targets, vocab_size=vocab_size, check_rows=self.check_rows)
 
+    def exclude(self, positions: Any) -> None:
+        """Targets this evaluation leaves out by design on every rank (the records' `eval_val` drops
+        the tail of whole rows, `pgolf.eval.score.packed_plan`); they count as neither scored nor missing."""
+        pos = _np(positions, np.int64)
+        self.order[pos[self.order[pos] == UNSCORED]] = EXCLUDED
+
     # ---- updates
     def declare_update(self, positions: Any) -> None:
         """Declare the target positions the next update of the eval-time model trains on."""
         pos = _np(positions, np.int64)
         o = self.order[pos] if pos.size else np.zeros(0, np.int64)
-        unscored = o == UNSCORED
+        unscored = (o == UNSCORED) | (o == EXCLUDED)
         if unscored.any():
             self._violate(f"score before update: update {self.step} trains on target position "
                           f"{int(pos[unscored][0])} before it was scored ({int(unscored.sum())} such)")
@@ -216,14 +223,16 @@ class EvalStream:
 
     # ---- results
     def finish(self) -> None:
-        """Condition 4 over all ranks: every target scored exactly once."""
+        """Condition 4 over all ranks: every target scored exactly once (or left out by the plan)."""
         counts = torch.from_numpy((self.order >= 0).astype(np.int32))
         if _distributed():
             dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
             c = counts.to(dev)
             dist.all_reduce(c)
             counts = c.cpu()
-        missing, twice = int((counts == 0).sum()), int((counts > 1).sum())
+        counts = counts.numpy()
+        missing = int(((counts == 0) & (self.order != EXCLUDED)).sum())  # exclusions are the same on every rank
+        twice = int((counts > 1).sum())
         if missing or twice:
             self._violate(f"single pass: {missing} targets never scored, {twice} scored on several ranks "
                           f"(of {self.num_targets})")

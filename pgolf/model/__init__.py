@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from pgolf.config import Config, ModelConfig
+from pgolf.errors import PgolfError
 from pgolf.model.gpt import GPT, count_params, validate
 from pgolf.model.lora import BatchedLoRA
 
@@ -19,16 +20,23 @@ def build_model(cfg: Config | ModelConfig, device: str | torch.device = "cpu", *
     """A freshly initialised model on `device` ("meta" builds without allocating)."""
     mcfg = cfg.model if isinstance(cfg, Config) else cfg
     bos = cfg.data.bos_id if isinstance(cfg, Config) else 1
+    max_doc_len = max_doc_len_of(cfg) if isinstance(cfg, Config) else 0
     with torch.device(device):
-        return GPT(mcfg, bos_id=bos, attention_backend=attention_backend)
+        return GPT(mcfg, bos_id=bos, attention_backend=attention_backend, max_doc_len=max_doc_len)
+
+
+def max_doc_len_of(cfg: Config) -> int:
+    """The model's length cut: train.train_seq_len for packed rows (`varlen`), 0 for fixed rows."""
+    seg = cfg.data.segmentation
+    if seg not in ("rows", "varlen"):
+        raise PgolfError(f"data.segmentation: unknown segmentation {seg!r} (rows | varlen)")
+    return cfg.train.train_seq_len if seg == "varlen" else 0
 
 
 def build_with_state(cfg: Config, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
                      name: str = "the run's weights") -> GPT:
     """A fresh model with `state` loaded (strict) and looping on, as evaluated and calibrated
     (record-stack.md §2.6, §4.2); `name` says whose weights in the error when they do not fit."""
-    from pgolf.errors import PgolfError
-
     model = build_model(cfg, device)
     try:
         model.load_state_dict({k: v.to(device) for k, v in state.items()})

@@ -17,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pgolf.config import ModelConfig
+from pgolf.data.segments import segment_ids
 from pgolf.errors import PgolfError
-from pgolf.model.attention import attend, doc_ids_from_tokens, prepare_doc_mask
+from pgolf.model.attention import attend, prepare_doc_mask
 from pgolf.model.loss import fused_softcap_cross_entropy, softcap_cross_entropy
 
 # Frozen recurrent carry of PR #1801 (leon2k2k2k): learned in a separate run, rounded, frozen.
@@ -307,12 +308,15 @@ class ValueEmbedding(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, bos_id: int = 1, attention_backend: str = "sdpa"):
+    def __init__(self, cfg: ModelConfig, *, bos_id: int = 1, attention_backend: str = "sdpa", max_doc_len: int = 0):
         super().__init__()
         validate(cfg)
         self.cfg = cfg
         self.bos_id = bos_id
         self.attention_backend = attention_backend
+        # > 0: rows are packed streams (data.segmentation = varlen) whose segments are also cut every
+        # max_doc_len tokens from a document's start (pgolf.data.segments); 0: fixed rows
+        self.max_doc_len = max_doc_len
         self.looping = False  # depth recurrence is switched on by the trainer (enable_looping_at)
         self.fused_ce = False  # compiled soft-capped CE for CUDA training (scoring always eager)
         d, V, L = cfg.model_dim, cfg.vocab_size, cfg.num_layers
@@ -345,6 +349,8 @@ class GPT(nn.Module):
             self.lm_head = nn.Linear(d, V, bias=False)
         if self.tok_emb.weight.device.type != "meta":
             self.reset_parameters()
+        if cfg.tok_emb_bf16:  # initialised in fp32, stored in bf16 (the records' model.bfloat16())
+            self.tok_emb.to(torch.bfloat16)
 
     # ---- structure
     def layer_order(self, looping: bool | None = None) -> list[int]:
@@ -443,7 +449,7 @@ class GPT(nn.Module):
         first[:, 0] = True
         if cfg.smear_bos_mask:  # token mixing never crosses a document boundary (#1851/#1855 fix)
             first = first | bos
-        e = self.tok_emb(idx)
+        e = self.tok_emb(idx).float()  # a bf16-stored table (tok_emb_bf16) is read into the fp32 stream
         if hasattr(self, "bigram"):
             e = e + self.bigram(idx, first).to(e.dtype)
         if cfg.smear_gate == "gated":
@@ -466,8 +472,10 @@ class GPT(nn.Module):
         """The final normalised hidden state (B, T, d): the input of the (tied) head."""
         cfg = self.cfg
         x = x0 = self.embed(idx)
-        doc_ids = (prepare_doc_mask(doc_ids_from_tokens(idx, self.bos_id), self.attention_backend)
-                   if cfg.doc_mask else None)  # built once, shared by every layer
+        doc_ids = None
+        if cfg.doc_mask:  # segments built once, shared by every layer
+            ids = segment_ids(idx, self.bos_id, self.max_doc_len)  # (B, T)
+            doc_ids = prepare_doc_mask(ids, self.attention_backend, self.max_doc_len)
         ve = self.ve(idx).to(x.dtype) if hasattr(self, "ve") else None
         order = self.layer_order()
         n_enc = len(order) // 2

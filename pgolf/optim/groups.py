@@ -103,7 +103,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, tied: bool) -> Optimize
             [{"params": [p for _, p in groups["muon"]], "name": "muon", "base_lr": cfg.matrix_lr}],
             lr=cfg.matrix_lr, momentum=momentum_at(0, cfg), nesterov=True, weight_decay=cfg.muon_wd,
             backend_steps=cfg.muon_backend_steps, coeffs=cfg.muon_coeffs,
-            row_normalize=cfg.muon_row_normalize)
+            row_normalize=cfg.muon_row_normalize, momentum_dtype=torch.bfloat16 if cfg.muon_momentum_bf16 else None)
     # (group, base lr, decoupled wd). The records' untied head uses plain Adam: no weight decay.
     adam_spec = [
         ("embed", cfg.tied_embed_lr if tied else cfg.embed_lr, cfg.embed_wd),

@@ -81,15 +81,18 @@ class Muon(torch.optim.Optimizer):
     `p <- p*(1 - lr*wd)` and `p <- p - lr*max(1, rows/cols)^(1/2) * X`.
     The momentum is a group value the caller sets each step (warm-up lives in `OptimizerSet`).
     Gradients must already be averaged across ranks. `ns_dtype` None = `ns_dtype_for(device)`.
+    `momentum_dtype` None keeps the buffer in the gradient's dtype; bf16 casts the gradient and
+    keeps the buffer and the Nesterov update in bf16, as the records' banked Muon (record-stack §3.3).
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, backend_steps: int = 5, coeffs: str = "classic",
-                 row_normalize: bool = False, ns_dtype: torch.dtype | None = None):
+                 row_normalize: bool = False, ns_dtype: torch.dtype | None = None,
+                 momentum_dtype: torch.dtype | None = None):
         ns_coefficients(0, coeffs)  # validate the name early
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         backend_steps=backend_steps, coeffs=coeffs, row_normalize=row_normalize,
-                        ns_dtype=ns_dtype)
+                        ns_dtype=ns_dtype, momentum_dtype=momentum_dtype)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -117,20 +120,28 @@ class Muon(torch.optim.Optimizer):
         return live, mine
 
     def _orthogonalise(self, group: dict, ps: list[torch.Tensor]) -> torch.Tensor:
-        grads = [p.grad for p in ps]
+        dt = group.get("momentum_dtype")
+        grads = [p.grad if dt is None else p.grad.to(dt) for p in ps]
         bufs = []
-        for p in ps:
+        for p, g in zip(ps, grads):
             st = self.state[p]
             if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p.grad)
+                st["momentum_buffer"] = torch.zeros_like(g)
+            elif st["momentum_buffer"].dtype != g.dtype:  # load_state_dict casts state to the param's dtype
+                st["momentum_buffer"] = st["momentum_buffer"].to(g.dtype)
             bufs.append(st["momentum_buffer"])
         mu = group["momentum"]
-        torch._foreach_mul_(bufs, mu)
-        torch._foreach_add_(bufs, grads)
-        us = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+        if dt is None:
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
+            us = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+        else:  # tensor by tensor, as the record: CPU foreach rounds the scalar mu to bf16 first
+            for b, g in zip(bufs, grads):
+                b.mul_(mu).add_(g)
+            us = [g.add(b, alpha=mu) for g, b in zip(grads, bufs)] if group["nesterov"] else bufs
         U = torch.stack(us)  # (k, ..., rows, cols)
-        if group["row_normalize"]:  # MuonEq-R: unit rows *before* orthogonalising
-            U = U / U.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+        if group["row_normalize"]:  # MuonEq-R: unit rows *before* orthogonalising (norms in fp32)
+            U = U / U.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(U.dtype)
         return zeropower(U, group["backend_steps"], group["coeffs"], group["ns_dtype"])
 
     @torch.no_grad()

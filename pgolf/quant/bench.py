@@ -77,7 +77,8 @@ def bench_quant(cfg: Config, *, run_dir: str | None = None, codecs: str | None =
     model, batches, source = _model_and_batches(cfg, run_dir, device)  # looped forward, as the records calibrate
     _sync(device)
     t0 = time.perf_counter()
-    H = collect_hessians(model, [b.to(device) for b in batches], min_numel=q.passthrough_numel) \
+    H = collect_hessians(model, [b.to(device) for b in batches], min_numel=q.passthrough_numel,
+                         doc_mask=q.calibration_doc_mask) \
         if q.method == "gptq" else {}
     _sync(device)
     hessians_s = time.perf_counter() - t0

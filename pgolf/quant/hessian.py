@@ -2,7 +2,10 @@
 
 Calibration windows come from the TRAINING shards only (`pgolf.data.loader.calibration_batches`,
 record-stack.md §4.2); validation is never read. The forward is the model's one forward
-(`model.hidden`, looping as configured), so looped layers accumulate every visit. Hooks record:
+(`model.hidden`, looping as configured), so looped layers accumulate every visit. With
+`quant.calibration_doc_mask` off, attention is dense causal over each window whatever
+`model.doc_mask` says: the #1530-line records' `collect_hessians` calls `forward_logits(x)` without
+cu_seqlens. Hooks record:
 - each `nn.Linear` whose weight is large enough to be quantised (q/k/v/o, MLP fc/proj, an untied
   head): its input;
 - the tied embedding as the output head: the final normalised hidden state (the head's input).
@@ -31,9 +34,11 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def collect_hessians(model: nn.Module, batches, *, min_numel: int = 65_536) -> dict[str, torch.Tensor]:
+def collect_hessians(model: nn.Module, batches, *, min_numel: int = 65_536,
+                     doc_mask: bool = True) -> dict[str, torch.Tensor]:
     """{parameter name: H (in, in) fp32} for every Linear with weight.numel() > min_numel, and
-    `tok_emb.weight` (from the head input) when the embedding is tied."""
+    `tok_emb.weight` (from the head input) when the embedding is tied. `doc_mask` False switches the
+    model's document masking off for the calibration forward."""
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
@@ -50,9 +55,13 @@ def collect_hessians(model: nn.Module, batches, *, min_numel: int = 65_536) -> d
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and mod.weight.numel() > min_numel:
             hooks.append(mod.register_forward_hook(lambda m, inp, out, key=f"{name}.weight": add(key, inp[0])))
-    tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
+    mcfg = getattr(model, "cfg", None)
+    tied = getattr(mcfg, "tie_embeddings", False)
+    unmask = getattr(mcfg, "doc_mask", False) and not doc_mask  # the model's own switch, off for a while
     was_training = model.training
     model.eval()
+    if unmask:
+        mcfg.doc_mask = False
     try:
         for idx in batches:
             with _autocast(device):
@@ -63,6 +72,8 @@ def collect_hessians(model: nn.Module, batches, *, min_numel: int = 65_536) -> d
         for hk in hooks:
             hk.remove()
         model.train(was_training)
+        if unmask:
+            mcfg.doc_mask = True
     return {k: sums[k] / max(rows[k], 1) for k in sums}
 
 
@@ -73,6 +84,7 @@ def calibration_key(cfg, weights: Path) -> str:
     blob = json.dumps({"data": str(Path(cfg.data.path).resolve()), "batches": q.calibration_batches,
                        "seqs": q.calibration_seqs, "seq_len": q.calibration_seq_len, "seed": q.calibration_seed,
                        "looping": bool(cfg.model.num_loops), "min_numel": q.passthrough_numel,
+                       "doc_mask": cfg.model.doc_mask and q.calibration_doc_mask,
                        "weights": [weights.name, st.st_size, st.st_mtime_ns]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -86,7 +98,7 @@ def calibrate(model: nn.Module, cfg, *, rank: int = 0, world_size: int = 1) -> t
     batches = calibration_batches(cfg.data.path, q.calibration_batches, q.calibration_seqs,
                                   q.calibration_seq_len, seed=q.calibration_seed, rank=rank, world_size=world_size)
     t1 = time.perf_counter()
-    H = collect_hessians(model, batches, min_numel=q.passthrough_numel)
+    H = collect_hessians(model, batches, min_numel=q.passthrough_numel, doc_mask=q.calibration_doc_mask)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t2 = time.perf_counter()
