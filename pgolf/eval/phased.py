@@ -42,7 +42,7 @@ def global_sgd(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, pos: np.nda
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=tc.global_lr, momentum=tc.global_momentum)
     model.train()
-    packed = model.max_doc_len > 0
+    packed = int(getattr(model, "max_doc_len", 0)) > 0  # a pgolf GPT: packed rows (varlen) when > 0
     # attention never crosses a BOS (GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=1); packed rows cut at seq_len
     with doc_masking(model, True), doc_len_cut(model, seq_len if packed else 0):
         steps = _global_sgd_loop(model, x, y, pos, tc, stream, opt, params, seq_len=seq_len, rank=rank,
