@@ -90,6 +90,14 @@ _PR1626 = {
         "ttt.method": "lora", "ttt.eps": 1e-10,  # §5.3
         "ttt.lora_alpha": 0.0, "ttt.warm_start_a": False,  # no alpha/r, A re-drawn (the #1765 README)
     }),
+    # the procedures around the model, from #1530's code on (docs/fidelity.md holds each to a test)
+    **_facts(1530, "code", {
+        "data.segmentation": "varlen",  # one packed row per rank, _build_cu_seqlens, §1.5
+        "model.tok_emb_bf16": True,  # model cast to bf16, controls restored to fp32: tok_emb stays bf16, §2.1
+        "optim.muon_momentum_bf16": True,  # the sharded Muon momentum buffer is bf16, §3.3
+        "quant.calibration_doc_mask": False,  # Hessians through forward_logits without cu_seqlens, §4.2
+    }),
+    **_facts(1626, "code", {"ttt.phase_select": "shortest"}),  # scored docs sorted by (batch, position), §5.5
     **_facts(None, "pgolf: the records export through GPTQ, i.e. `pgolf quantize`", {"train.export": "none"}),
     **_facts(None, "pgolf: WARMDOWN_FRAC sets the warm-down, so no iteration count", {"train.warmdown_iters": 0}),
 }

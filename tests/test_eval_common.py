@@ -2,6 +2,8 @@
 tests of the pieces every TTT method shares: documents, batches, LR schedule, ledger, warm-up."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -111,6 +113,17 @@ def test_time_ledger_and_convergence_log(tmp_path):
     assert row["tokens"] == 2 and row["bpb"] < row["bpb_no_ttt"]
     log.phase(1)
     assert len((tmp_path / "ttt.jsonl").read_text().splitlines()) == 2
+
+
+def test_convergence_baseline_leaves_out_positions_scored_without_ttt_never():
+    """Packed validation rows drop a tail that TTT still scores: the running no-TTT figure covers only
+    the positions it has, their bytes included (a NaN would poison it, a 0 would read low)."""
+    s = EvalStream(4)
+    log = ConvergenceLog(None, s, method="lora", baseline=np.array([2.0, 2.0, np.nan, np.nan], np.float32))
+    s.record([0, 1, 2, 3], None, [1.0, 1.0, 1.0, 1.0], [1, 1, 5, 5])
+    row = log.batch(0)
+    assert row["no_ttt_tokens"] == 2 and row["tokens"] == 4
+    assert row["bpb_no_ttt"] == pytest.approx(4.0 / (math.log(2) * 2))
 
 
 def test_warmup_uses_synthetic_tokens_and_leaves_weights_intact():

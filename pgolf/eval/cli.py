@@ -55,13 +55,16 @@ def load_model(run: RunDir, cfg: Config, artifact: str | None, device: torch.dev
 
 
 def _gather_losses(losses: np.ndarray, device: torch.device) -> np.ndarray:
-    """Per-position losses from every rank (each position was scored on one rank)."""
+    """Per-position losses from every rank (each position was scored on one rank); NaN where no rank
+    scored it (the tail that packed validation rows drop)."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return losses
-    t = torch.from_numpy(np.nan_to_num(losses, nan=0.0)).to(device)
+    scored = np.isfinite(losses)
+    t = torch.from_numpy(np.stack([np.where(scored, losses, 0.0), scored]).astype(np.float64)).to(device)
     dist.all_reduce(t)
-    return t.cpu().numpy()
+    total, count = t.cpu().numpy()
+    return np.where(count > 0, total, np.nan)
 
 
 def cmd_eval(args: Any) -> dict[str, Any]:

@@ -178,7 +178,9 @@ class ConvergenceLog:
 
     One JSON line per event in `path` (rank 0 only; in a distributed run the running figures are rank
     0's partial sums, as in the records' logs). `baseline` (per position, nats) gives the running BPB
-    of the model without TTT over the same tokens, so TTT on and off share one x axis.
+    of the model without TTT over the same tokens, so TTT on and off share one x axis. Positions the
+    scoring without TTT never scored (NaN: the tail packed validation rows drop, record `eval_val`) are
+    left out of that running figure, bytes and all; `no_ttt_tokens` says how many tokens it covers.
     """
 
     def __init__(self, path: str | Path | None, stream: EvalStream, *, method: str,
@@ -189,13 +191,17 @@ class ConvergenceLog:
         self.stream, self.method, self.baseline, self.label = stream, method, baseline, label
         self.eval_id = eval_id or time.strftime("%Y%m%d-%H%M%S")
         self.t0 = time.perf_counter()
-        self.base_sum = 0.0
+        self.base_sum, self.base_bytes, self.base_tokens = 0.0, 0.0, 0
         self.rows: list[dict[str, Any]] = []
         if baseline is not None:
             stream.hooks.append(self._on_record)
 
     def _on_record(self, pos: np.ndarray, loss: np.ndarray, nbytes: np.ndarray) -> None:
-        self.base_sum += float(self.baseline[pos].sum(dtype=np.float64))
+        base = self.baseline[pos]
+        have = np.isfinite(base)
+        self.base_sum += float(base[have].sum(dtype=np.float64))
+        self.base_bytes += float(np.asarray(nbytes)[have].sum(dtype=np.float64))
+        self.base_tokens += int(have.sum())
 
     def _emit(self, row: dict[str, Any]) -> dict[str, Any]:
         row = {"eval_id": self.eval_id, "method": self.method, "label": self.label, **row,
@@ -219,7 +225,8 @@ class ConvergenceLog:
         out = {"tokens": int(ntok), "bytes": int(nbytes), "step": self.stream.step,
                "bpb": loss / (math.log(2) * nbytes) if nbytes else None}
         if self.baseline is not None:
-            out["bpb_no_ttt"] = self.base_sum / (math.log(2) * nbytes) if nbytes else None
+            out["bpb_no_ttt"] = self.base_sum / (math.log(2) * self.base_bytes) if self.base_bytes else None
+            out["no_ttt_tokens"] = self.base_tokens
         return out
 
     def batch(self, batch: int, phase: int = 0, kind: str = "batch", **extra: Any) -> dict[str, Any]:
