@@ -265,11 +265,11 @@ class Trainer:
             return out
         t0 = time.perf_counter()
         name = "final_model.int8.ptz"
-        path = self.run_path / name
-        if self.run is not None:  # rank 0 writes; every rank then scores the file alone
-            self.run.write_bytes(name, export_int8(_cpu_state(self.model)))
-        distributed.barrier()
-        blob = path.read_bytes()
+        blob = export_int8(_cpu_state(self.model)) if self.run is not None else None
+        if self.run is not None:  # rank 0 writes; every rank then scores the file's bytes alone
+            self.run.write_bytes(name, blob)
+        # Sent, not re-read: ranks on other nodes need not see rank 0's filesystem.
+        blob = distributed.broadcast_object(blob)
         fresh = build_model(self.cfg, self.ctx.device, attention_backend=self.backend)
         fresh.load_state_dict(load_int8(blob))
         fresh.looping = self.model.looping
