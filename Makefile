@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test test-gpu gpu-wheels lab venv clean
+.PHONY: run test test-gpu lab-test gpu-wheels lab venv clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,17 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The notebooks in JupyterLab in a real browser: Debian's Chromium (installed here with apt when it is
+# missing; needs root) driven by Playwright, which never downloads a browser of its own. Fails, never
+# skips, without Chromium. Screenshots land in figures/.
+CHROMIUM ?= /usr/bin/chromium
+lab-test: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[browser]"
+	test -x $(CHROMIUM) || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+	  || { echo "lab-test: could not install Debian's chromium (apt-get needs root and the Debian mirror)" >&2; exit 1; }
+	test -x $(CHROMIUM)
+	$(BIN)/python -m pytest -q -m browser tests/browser
 
 # GPU-only tests (run on a CUDA machine).
 test-gpu: $(STAMP)
