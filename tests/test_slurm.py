@@ -127,6 +127,8 @@ def test_a_dry_run_script_runs_as_a_slurm_job(dummy_nb, tmp_path, cli):
     assert Path(job["notebook"]).is_file() and Path(job["notebook"]).parent == run_dir  # the executed notebook
     out = (Path(res["scripts"][0]).parent / "4242_0_log.out").read_text()
     assert json.loads(out.strip().splitlines()[-1])["status"] == "finished"
+    [point] = cli("sweep", "--status", root)[1]["points"]  # submitted by hand: known from the job's record
+    assert (point["status"], point["job_id"], point["state"]) == ("finished", "4242", "FINISHED")
 
 
 def test_local_jobs_status_and_resubmission_of_failed_points_only(dummy_nb, tmp_path, cli):
@@ -200,3 +202,32 @@ def test_two_node_job_trains_across_both_nodes(sp1024_data, tmp_path, cli):
     launches = sorted(p.name for p in (script.parent / "launches-777").iterdir())
     assert launches == ["0000.json", "done"]  # one launch, joined by the second node
     assert "launch 0 failed" not in (script.parent / "777_1_log.out").read_text()
+
+
+@pytest.mark.parametrize("recorded, scheduler, status, state", [
+    (None, None, "new", None),  # never submitted
+    (None, "PENDING", "active", "PENDING"),
+    (None, "UNKNOWN", "active", "UNKNOWN"),  # just submitted: sacct has not seen it yet
+    ("RUNNING", "RUNNING", "active", "RUNNING"),
+    ("RUNNING", "TIMEOUT", "failed", "RUNNING"),  # killed at its time limit before it could record its end
+    ("RUNNING", "UNKNOWN", "active", "RUNNING"),  # no sacct answer: trust the job's record
+    ("FAILED", "REQUEUED", "active", "REQUEUED"),  # preempted, recorded FAILED, requeued under its id
+    ("FAILED", "FAILED", "failed", "FAILED"),
+])
+def test_point_status_joins_the_job_record_and_the_scheduler(recorded, scheduler, status, state, tmp_path,
+                                                             monkeypatch):
+    root = tmp_path / "runs"
+    run_dir = root / "train-abc_s1"
+    asked = []
+    monkeypatch.setattr(slurm, "_scheduler_state", lambda cluster, job_id, job_dir: asked.append(job_id) or scheduler)
+    if scheduler is not None:
+        (root / ".jobs" / run_dir.name).mkdir(parents=True)
+        (root / ".jobs" / run_dir.name / "jobs.json").write_text(json.dumps([{"job_id": "99", "cluster": "slurm"}]))
+    if recorded is not None:
+        run_dir.mkdir(parents=True)
+        (run_dir / "job.json").write_text(json.dumps({"job_id": "99", "state": recorded}))
+    got = slurm.point_status(root, run_dir)
+    assert (got["status"], got["state"]) == (status, state)
+    assert asked == ([] if scheduler is None else ["99"])
+    if status == "failed" and recorded == "RUNNING":
+        assert got["error"] == "job 99 ended (TIMEOUT) without a finished run"

@@ -39,7 +39,9 @@ from pgolf.lab import launch, sweep
 from pgolf.runs import RunDir
 
 JOBS = ".jobs"  # beside the run directories: one folder per point
-ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED", "SUBMITTED"}
+# sacct states of a job that is queued or still running (or about to run again)
+ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+          "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
 RDZV_PORT = 29400  # + a number from the job id, so two multi-node jobs sharing a host do not collide
 
 
@@ -71,9 +73,10 @@ def parse_time(raw: str) -> int:
     if days is not None:  # D-H[:M[:S]]
         h, mi, sec = (parts + [0, 0])[:3]
         seconds = ((int(days) * 24 + h) * 60 + mi) * 60 + sec
-    else:  # M, M:S or H:M:S
-        seconds = {1: lambda p: p[0] * 60, 2: lambda p: p[0] * 60 + p[1],
-                   3: lambda p: (p[0] * 60 + p[1]) * 60 + p[2]}[len(parts)](parts)
+    elif len(parts) == 3:  # H:M:S
+        seconds = (parts[0] * 60 + parts[1]) * 60 + parts[2]
+    else:  # M or M:S
+        seconds = parts[0] * 60 + (parts[1] if len(parts) == 2 else 0)
     if seconds < 1:
         raise PgolfError(f"--time {raw!r}: expected a positive duration")
     return -(-seconds // 60)
@@ -124,7 +127,7 @@ def _executor(folder: Path, opts: SlurmOptions, name: str):
 
 def sbatch_script(job_dir: Path, opts: SlurmOptions) -> str:
     """The sbatch script of one point: submitit's header for these options, then one task per node
-    running `python -m pgolf.lab.slurm JOB_DIR` (what the submitted job runs too)."""
+    running `python -m pgolf.lab.slurm JOB_DIR`, which calls `run_point` as a submitted job does."""
     from submitit.slurm.slurm import _make_sbatch_string  # the header submitit itself submits
 
     command = shlex.join([sys.executable, "-u", "-m", "pgolf.lab.slurm", str(job_dir)])
@@ -167,8 +170,14 @@ def submit(notebook: Path, items: list[dict[str, Any]], runs_root: str | Path, o
     if dry_run:
         return {**out, "dry_run": True, "scripts": scripts}
     if wait or opts.cluster == "local":  # local jobs are this process's children: see them through
-        for job in jobs:
-            job.wait()
+        try:
+            for job in jobs:
+                job.wait()
+        except BaseException:  # Ctrl-C / SIGTERM: local jobs stop with us; Slurm jobs stay queued
+            if opts.cluster == "local":
+                for job in jobs:
+                    job.cancel(check=False)
+            raise
         statuses = [point_status(root, s["run_dir"]) for s in submitted]
         out["runs"] = [s["run_dir"] for s in statuses if s["status"] == "finished"]
         out["failed"] = [{k: s.get(k) for k in ("run_dir", "job_id", "state", "error")}
@@ -197,12 +206,18 @@ def _scheduler_state(cluster: str, job_id: str, job_dir: Path) -> str:
 
 
 def point_status(runs_root: Path, run_dir: str | Path) -> dict[str, Any]:
-    """{run_dir, status: finished | active | failed | new, job_id, state, notebook, error}."""
+    """{run_dir, status: finished | active | failed | new, job_id, state, attempts, notebook, error}.
+
+    The job's own record (`job.json`) says RUNNING / FINISHED / FAILED; the scheduler says the rest
+    (PENDING, or TIMEOUT / CANCELLED for a job that could not record its end) and wins while it calls
+    the job active: a preempted Slurm job that recorded FAILED is requeued under the same id."""
     run_dir = Path(run_dir)
     job_dir = _job_dir(runs_root, str(run_dir))
     history = json.loads((job_dir / "jobs.json").read_text()) if (job_dir / "jobs.json").exists() else []
-    last = history[-1] if history else None
     record = _read(run_dir / "job.json")
+    if not history and record.get("job_id"):  # a --dry-run script submitted by hand: the job's own record
+        history = [{"job_id": record["job_id"], "cluster": "slurm"}]
+    last = history[-1] if history else None
     out: dict[str, Any] = {"run_dir": str(run_dir), "job_id": last and last["job_id"], "state": None,
                            "attempts": len(history)}
     if (run_dir / "error.json").exists():
@@ -213,12 +228,14 @@ def point_status(runs_root: Path, run_dir: str | Path) -> dict[str, Any]:
         return {**out, "status": "finished", "state": record.get("state", "FINISHED")}
     if last is None:
         return {**out, "status": "new"}
-    if record.get("job_id") == last["job_id"] and record.get("state") in ("FINISHED", "FAILED"):
-        return {**out, "status": "failed", "state": record["state"]}
-    state = _scheduler_state(last.get("cluster", "slurm"), last["job_id"], job_dir)
-    out["state"] = state
-    if state in ACTIVE or (state == "UNKNOWN" and record.get("job_id") != last["job_id"]):
-        return {**out, "status": "active"}  # queued, running, or not yet seen by sacct
+    cluster = last.get("cluster", "slurm")
+    recorded = record.get("state") if record.get("job_id") == last["job_id"] else None
+    if cluster == "local" and recorded in ("FINISHED", "FAILED"):
+        return {**out, "status": "failed", "state": recorded}  # a local job id is a pid: not asked again
+    state = _scheduler_state(cluster, last["job_id"], job_dir)
+    out["state"] = recorded if recorded and state not in ACTIVE else state
+    if state in ACTIVE or (state == "UNKNOWN" and recorded in (None, "RUNNING")):
+        return {**out, "status": "active"}  # queued, running, requeued, or unknown to sacct (yet)
     out.setdefault("error", f"job {last['job_id']} ended ({state}) without a finished run")
     return {**out, "status": "failed"}
 
@@ -259,7 +276,7 @@ def run_point(job_dir: str) -> dict[str, Any]:
     launches = job_dir_p / f"launches-{job_id}"
     if nodes > 1:
         host = "127.0.0.1" if spec.get("cluster") == "local" else env.hostnames[0]
-        port = RDZV_PORT + int(re.sub(r"\D", "", job_id) or 0) % 500 * 2
+        port = RDZV_PORT + int(re.sub(r"\D", "", job_id) or 0) % 1000
         os.environ.update(launch.multinode_env(nodes, f"{host}:{port}", job_id, launches))
     if node > 0:
         launch.follow(launches)

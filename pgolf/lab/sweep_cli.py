@@ -30,10 +30,10 @@ def cmd_sweep(args: Any) -> dict[str, Any]:
         if given:
             raise PgolfError(f"{given[0]}: only with --launcher slurm")
         return sweep.sweep(args.notebook, args.seeds, params, grid, nproc=args.nproc, runs_root=args.runs_root)
-    opts = slurm.SlurmOptions(nodes=args.nodes or 1, gpus_per_node=args.gpus_per_node or 0,
-                              partition=args.partition, account=args.account,
-                              time_min=slurm.parse_time(args.time) if args.time else 60,
-                              sbatch=slurm.parse_sbatch(args.sbatch or []), cluster=args.cluster or "slurm")
+    given = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "partition": args.partition,
+             "account": args.account, "time_min": slurm.parse_time(args.time) if args.time else None,
+             "sbatch": slurm.parse_sbatch(args.sbatch), "cluster": args.cluster}
+    opts = slurm.SlurmOptions(**{k: v for k, v in given.items() if v is not None})
     opts.check()
     # --nproc is per node here: one process per GPU of a node by default (one on a CPU-only node)
     nproc = args.nproc if args.nproc is not None else max(opts.gpus_per_node, 1)
