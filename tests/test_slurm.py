@@ -1,5 +1,6 @@
 """`pgolf sweep --launcher slurm`: sbatch scripts (--dry-run), jobs through submitit's local executor,
---status, resubmission of failed points only, and a script run as Slurm would run it (a stand-in srun).
+--status, resubmission of failed points only, a script run as Slurm would run it (a stand-in srun), and
+a two-node job whose training equals the one-node run.
 
 No Slurm here: the dry-run scripts are executed by bash with `srun` replaced by a script that starts
 the command once per task with the variables a Slurm task sees (SLURM_PROCID, SLURM_JOB_NODELIST...).
@@ -10,6 +11,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -131,6 +133,7 @@ def test_a_dry_run_script_runs_as_a_slurm_job(dummy_nb, tmp_path, cli):
     assert (point["status"], point["job_id"], point["state"]) == ("finished", "4242", "FINISHED")
 
 
+@pytest.mark.slow
 def test_local_jobs_status_and_resubmission_of_failed_points_only(dummy_nb, tmp_path, cli):
     root, flag = tmp_path / "runs", tmp_path / "FAIL"
     argv = ["sweep", dummy_nb, "--launcher", "slurm", "--cluster", "local", "--seeds", "7",
@@ -184,24 +187,43 @@ def test_local_executor_runs_the_train_notebook_jobs(sp1024_data, tmp_path, cli,
 
 
 @pytest.mark.slow
-def test_two_node_job_trains_across_both_nodes(sp1024_data, tmp_path, cli):
-    """A 2-node sbatch script (both "nodes" on this machine): the notebook's torchrun and the second
-    node's follower meet in one c10d rendezvous, and the run trains with world size 2."""
+def test_two_node_job_equals_the_one_node_run(sp1024_data, tmp_path, cli):
+    """A 2-node sbatch script (both "nodes" on this machine, gloo, fp32): the notebook's torchrun and the
+    second node's follower meet in one c10d rendezvous (`torchrun --nnodes 2 --rdzv-backend c10d`), and
+    the 10 losses equal those of a one-node run of the same config.json at the same global batch."""
     root = tmp_path / "runs"
+    ten = [o for o in TINY if not o.startswith("train.iterations")] + ["train.iterations=10", 'train.export="int8"']
     rc, res, err = cli("sweep", NB_DIR / "train.ipynb", "--launcher", "slurm", "--nodes", "2", "--seeds", "5",
-                       "-p", "data", sp1024_data, "-p", "overrides", json.dumps(TINY),
+                       "-p", "data", sp1024_data, "-p", "overrides", json.dumps(ten),
                        "-p", "figures_dir", tmp_path / "fig", "--dry-run", "--runs-root", root)
     assert rc == 0, err
     script = Path(res["scripts"][0])
     r = run_script(script, tmp_path, "777", nodes=2)
     run_dir = root / script.parent.name
     assert r.returncode == 0, (script.parent / "777_0_log.err").read_text()[-3000:]
-    result = RunDir(run_dir).result()
-    assert result["status"] == "finished" and result["world_size"] == 2 and result["steps"] == 4
+    two = RunDir(run_dir).result()
+    assert two["status"] == "finished" and two["world_size"] == 2 and two["steps"] == 10
     assert json.loads((run_dir / "job.json").read_text())["nodes"] == 2
     launches = sorted(p.name for p in (script.parent / "launches-777").iterdir())
     assert launches == ["0000.json", "done"]  # one launch, joined by the second node
-    assert "launch 0 failed" not in (script.parent / "777_1_log.out").read_text()
+    spec = json.loads((script.parent / "launches-777" / "0000.json").read_text())
+    assert spec["rdzv_id"] == "777-0" and spec["nproc"] == 1
+    one = subprocess.run([sys.executable, "-m", "pgolf.train", "--config", str(run_dir / "config.json"),
+                          "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PGOLF_DEVICE": "cpu"})
+    assert one.returncode == 0, one.stderr[-2000:]
+    l1, l2 = losses(tmp_path / "one"), losses(run_dir)
+    assert len(l1) == len(l2) == 10 and len(set(l1)) == 10  # ten real steps
+    assert max(abs(a - b) / abs(a) for a, b in zip(l1, l2)) <= 1e-5
+    # the int8 artifact, scored on both nodes from rank 0's bytes (sent, not re-read from its disk)
+    ref = RunDir(tmp_path / "one").result()
+    assert two["model_bytes"] == ref["model_bytes"]
+    assert abs(two["artifact_val_bpb"] / ref["artifact_val_bpb"] - 1) <= 1e-5
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in rows if "train_loss" in r]
 
 
 @pytest.mark.parametrize("recorded, scheduler, status, state", [
