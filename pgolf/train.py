@@ -1,6 +1,9 @@
 """Training under a wall-clock budget: `python -m pgolf.train` (works under torchrun) or `pgolf train`.
 
-One process, or `torchrun --nproc_per_node=N -m pgolf.train ...` (NCCL on CUDA, gloo on the CPU).
+One process, or `torchrun --nproc_per_node=N -m pgolf.train ...` (NCCL on CUDA, gloo on the CPU), or
+one torchrun agent per node with `--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT`: RANK picks
+the data shard and the writer (global rank 0, on whichever node the rendezvous put it), LOCAL_RANK only
+the CUDA device.
 The global batch is `train.train_batch_tokens`, reached by gradient accumulation. Compile warm-up
 steps are rolled back (weights, optimizer state and data order restored) before the timer starts.
 Validation time is excluded from the training clock. Rank 0 writes the run directory; the run is

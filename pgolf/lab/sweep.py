@@ -18,6 +18,7 @@ the sweep stops the point's kernel, records the point as interrupted and ends th
 notebook's own error: the exception and, for a training child, its `pgolf: error:` line) and the
 sweep goes on; the command then exits 1 after printing its JSON. An earlier failed attempt is moved
 to `<runs-root>/.failed/` before the point is retried, so its partial logs never mix with the new ones.
+`pgolf.lab.slurm` runs the same points as Slurm jobs (`--launcher slurm`), each through `execute`.
 """
 from __future__ import annotations
 
