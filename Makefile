@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# CPU installs come from the lock (pyproject's dependencies + the dev extra, resolved by `make lock`);
+# CPU installs come from the lock (pyproject's dependencies + every extra: dev, lab, browser; `make lock`);
 # GPU machines use environment.yml instead (docs/dependencies.md).
 LOCK   := requirements-cpu.lock
 # torch's CPU build, which the lock pins (a plain resolve from PyPI would pull the CUDA build and its
@@ -13,7 +13,7 @@ TORCH_CPU  ?= torch==2.13.0+cpu
 LOCK_FLAGS ?= --find-links /opt/wheels
 PIP_FLAGS  ?=
 
-.PHONY: run test lint lock test-gpu gpu-wheels lab venv clean
+.PHONY: run test lint lock test-gpu lab-test gpu-wheels lab venv clean
 
 venv: $(STAMP)
 
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml $(LOCK)
 # Needs only uv (a dev dependency), so it works while the venv lags behind a changed pyproject.toml.
 lock:
 	test -x $(BIN)/uv || { test -x $(BIN)/python || $(PYTHON) -m venv $(VENV); $(BIN)/python -m pip install -q uv; }
-	echo "$(TORCH_CPU)" | $(BIN)/uv pip compile pyproject.toml - --extra dev --python-version 3.11 \
+	echo "$(TORCH_CPU)" | $(BIN)/uv pip compile pyproject.toml - --extra dev --extra lab --extra browser --python-version 3.11 \
 	  $(LOCK_FLAGS) --custom-compile-command "make lock" --quiet -o $(LOCK)
 
 # The main job on the embedded default: sample corpus -> train (cpu-smoke, or baseline on a GPU)
@@ -45,6 +45,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check pgolf scripts tests
 	$(BIN)/mypy pgolf scripts
 
+# The notebooks in JupyterLab in a real browser: Debian's Chromium (installed here with apt when it is
+# missing; needs root) driven by Playwright, which never downloads a browser of its own. Fails, never
+# skips, without Chromium. Screenshots land in figures/.
+CHROMIUM ?= /usr/bin/chromium
+lab-test: $(STAMP)
+	test -x $(CHROMIUM) || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+	  || { echo "lab-test: could not install Debian's chromium (apt-get needs root and the Debian mirror)" >&2; exit 1; }
+	test -x $(CHROMIUM)
+	$(BIN)/python -m pytest -q -m browser tests/browser
+
 # GPU-only tests (run on a CUDA machine).
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
@@ -58,7 +68,6 @@ gpu-wheels: $(STAMP)
 	  --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 lab: $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[lab]"
 	$(BIN)/jupyter lab --notebook-dir=notebooks
 
 clean:

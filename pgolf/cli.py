@@ -115,15 +115,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="pgolf.bench:cmd_bench")
 
     p = sub.add_parser("sweep", help="execute a parameterised notebook once per seed x grid point")
-    p.add_argument("notebook")
+    p.add_argument("notebook", nargs="?")
     p.add_argument("--seeds", nargs="+", type=int, default=[1337])
     p.add_argument("-p", dest="params", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
                    help="a notebook parameter, or a dotted config key appended to the notebook's overrides")
     p.add_argument("--nproc", type=int, default=None,
-                   help="torchrun processes per point (default: one per visible GPU, one without a GPU)")
+                   help="torchrun processes per point (per node with slurm; default: one per GPU, one without)")
     p.add_argument("--runs-root", default="runs")
-    p.set_defaults(handler="pgolf.lab.sweep:cmd_sweep")
+    p.add_argument("--status", metavar="RUNS_ROOT", default=None,
+                   help="list the Slurm points under RUNS_ROOT with their job ids and states")
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local: one point after another here; slurm: one job per point (submitit)")
+    s = p.add_argument_group("--launcher slurm")
+    s.add_argument("--nodes", type=int, default=None, help="nodes per job (torchrun --nnodes, c10d rendezvous)")
+    s.add_argument("--gpus-per-node", type=int, default=None)
+    s.add_argument("--partition", default=None)
+    s.add_argument("--time", default=None, help="job time limit: minutes, H:MM:SS or D-HH:MM:SS (default 60)")
+    s.add_argument("--account", default=None)
+    s.add_argument("--sbatch", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="an extra sbatch option, e.g. --sbatch qos=high --sbatch exclusive (repeatable)")
+    s.add_argument("--dry-run", action="store_true",
+                   help="write one sbatch script per point (listed under scripts) and submit nothing")
+    s.add_argument("--wait", action="store_true", help="wait for the submitted jobs and report them")
+    s.add_argument("--cluster", choices=["slurm", "local"], default=None,
+                   help="submitit's executor: slurm (default), or local (jobs as child processes here)")
+    p.set_defaults(handler="pgolf.lab.sweep_cli:cmd_sweep")
 
     p = sub.add_parser("stats", help="seed statistics and the challenge's significance test")
     p.add_argument("a_glob")

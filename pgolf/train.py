@@ -1,6 +1,9 @@
 """Training under a wall-clock budget: `python -m pgolf.train` (works under torchrun) or `pgolf train`.
 
-One process, or `torchrun --nproc_per_node=N -m pgolf.train ...` (NCCL on CUDA, gloo on the CPU).
+One process, or `torchrun --nproc_per_node=N -m pgolf.train ...` (NCCL on CUDA, gloo on the CPU), or
+one torchrun agent per node with `--nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT`: RANK picks
+the data shard and the writer (global rank 0, on whichever node the rendezvous put it), LOCAL_RANK only
+the CUDA device.
 The global batch is `train.train_batch_tokens`, reached by gradient accumulation. Compile warm-up
 steps are rolled back (weights, optimizer state and data order restored) before the timer starts.
 Validation time is excluded from the training clock. Rank 0 writes the run directory; the run is
@@ -275,11 +278,11 @@ class Trainer:
             return out
         t0 = time.perf_counter()
         name = "final_model.int8.ptz"
-        path = self.run_path / name
-        if self.run is not None:  # rank 0 writes; every rank then scores the file alone
-            self.run.write_bytes(name, export_int8(_cpu_state(self.model)))
-        distributed.barrier()
-        blob = path.read_bytes()
+        blob = export_int8(_cpu_state(self.model)) if self.run is not None else None
+        if self.run is not None:  # rank 0 writes; every rank then scores the file's bytes alone
+            self.run.write_bytes(name, blob)
+        # Sent, not re-read: ranks on other nodes need not see rank 0's filesystem.
+        blob = distributed.broadcast_object(blob)
         fresh = build_model(self.cfg, self.ctx.device, attention_backend=self.backend)
         fresh.load_state_dict(load_int8(blob))
         fresh.looping = self.model.looping

@@ -91,7 +91,8 @@ def test_make_fixtures_from_the_hub_takes_tokenizers_and_the_head_of_docs_select
 
 def test_one_dependency_story():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    extras = project["optional-dependencies"]  # make installs every extra from the lock (dev, lab, browser)
+    wanted = [Requirement(r) for r in project["dependencies"] + [r for reqs in extras.values() for r in reqs]]
     lock = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (ROOT / "requirements-cpu.lock").read_text(), re.M))
     lock = {canonicalize_name(k): v for k, v in lock.items()}
     for req in wanted:  # a dependency added to pyproject without `make lock` fails here

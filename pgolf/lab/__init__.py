@@ -1,7 +1,9 @@
 """The lab side: what the notebooks and sweeps use on top of the core (data, model, train, quant, eval).
 
-launch.py     torchrun child processes from a notebook, with the log streamed
+launch.py     torchrun child processes from a notebook, with the log streamed (multi-node in a Slurm job)
 sweep.py      `pgolf sweep`: a parameterised notebook once per seed x grid point (papermill)
+slurm.py      `pgolf sweep --launcher slurm`: one submitit job per point, --dry-run scripts, --status
+sweep_cli.py  the `pgolf sweep` command line over both launchers
 registry.py   finished runs and TTT convergence records as DataFrames
 stats.py      seed statistics and the challenge's significance test (`pgolf stats`)
 plots.py      the standard figures

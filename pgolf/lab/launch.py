@@ -4,6 +4,13 @@ The caller never imports torch: training runs in child processes started by
 `python -m torch.distributed.run --standalone`, so a notebook kernel never initialises CUDA or
 NCCL and a crashed run cannot take the kernel with it. One process on a CPU machine, one per GPU
 on a GPU machine (counted with `nvidia-smi`, not torch).
+
+Inside a multi-node Slurm job (`pgolf.lab.slurm` sets PGOLF_NNODES and the rest of `multinode_env`)
+the same call runs `torchrun --nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT` instead, after
+writing the launch to the job's launch folder, where the job's other nodes pick it up (`follow`) and
+join the same rendezvous. The rendezvous orders the nodes itself, so global rank 0 (which prints the
+final JSON and writes the run directory) may sit on another node: the result is then read from the
+run directory.
 """
 from __future__ import annotations
 
@@ -14,11 +21,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pgolf.errors import PgolfError, sigterm_raises
+from pgolf.runs import RunDir
 
 
 def gpu_count() -> int:
@@ -55,12 +64,72 @@ def train_args(preset: str | None = None, data: str | None = None, *, config: st
     return argv
 
 
-def torchrun_cmd(train_argv: Sequence[str], nproc: int = 1) -> list[str]:
-    """`torchrun --standalone --nproc_per_node=N -m pgolf.train ...` with this interpreter."""
+MULTINODE = ("PGOLF_NNODES", "PGOLF_RDZV_ENDPOINT", "PGOLF_RDZV_ID", "PGOLF_LAUNCH_DIR")
+DONE = "done"  # in the launch folder: the first node has no more launches
+FOLLOW_POLL_S = 0.5
+
+
+def multinode_env(nodes: int, endpoint: str, rdzv_id: str, launch_dir: str | Path) -> dict[str, str]:
+    """The environment that makes `train` launch across `nodes` nodes (set by a Slurm job's tasks)."""
+    return dict(zip(MULTINODE, (str(int(nodes)), endpoint, str(rdzv_id), str(launch_dir))))
+
+
+def _multinode() -> dict[str, str] | None:
+    env = {k: os.environ.get(k, "") for k in MULTINODE}
+    return env if env["PGOLF_NNODES"] and int(env["PGOLF_NNODES"]) > 1 else None
+
+
+def torchrun_cmd(train_argv: Sequence[str], nproc: int = 1, rdzv_id: str | None = None) -> list[str]:
+    """`torchrun --standalone --nproc_per_node=N -m pgolf.train ...` with this interpreter; inside a
+    multi-node job, `--nnodes` with the job's c10d rendezvous (`rdzv_id` names this launch)."""
     if int(nproc) < 1:
         raise PgolfError(f"nproc must be >= 1 (got {nproc})")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(int(nproc)),
+    nodes = _multinode()
+    where = ["--standalone"] if nodes is None else [
+        "--nnodes", nodes["PGOLF_NNODES"], "--rdzv-backend", "c10d", "--rdzv-endpoint", nodes["PGOLF_RDZV_ENDPOINT"],
+        "--rdzv-id", rdzv_id or nodes["PGOLF_RDZV_ID"]]
+    return [sys.executable, "-m", "torch.distributed.run", *where, "--nproc_per_node", str(int(nproc)),
             "-m", "pgolf.train", *map(str, train_argv)]
+
+
+def _publish(train_argv: Sequence[str], nproc: int) -> str:
+    """Write the next launch of a multi-node job for the other nodes; returns its rendezvous id."""
+    from pgolf.fileio import atomic_write_json
+
+    nodes = _multinode()
+    assert nodes is not None
+    folder = Path(nodes["PGOLF_LAUNCH_DIR"])
+    folder.mkdir(parents=True, exist_ok=True)
+    k = len(list(folder.glob("*.json")))
+    rdzv_id = f"{nodes['PGOLF_RDZV_ID']}-{k}"
+    atomic_write_json(folder / f"{k:04d}.json", {"train_argv": list(map(str, train_argv)), "nproc": int(nproc),
+                                                  "rdzv_id": rdzv_id})
+    return rdzv_id
+
+
+def end_launches(launch_dir: str | Path) -> None:
+    """The first node is done: the following nodes stop waiting."""
+    Path(launch_dir).mkdir(parents=True, exist_ok=True)
+    (Path(launch_dir) / DONE).touch()
+
+
+def follow(launch_dir: str | Path, file: Any = None) -> int:
+    """On a job's other nodes: run each launch the first node publishes, in order, until it is done.
+    Returns the number of launches joined. A failed launch is the first node's to report."""
+    folder, k = Path(launch_dir), 0
+    while True:
+        nxt = folder / f"{k:04d}.json"
+        if nxt.exists():
+            spec = json.loads(nxt.read_text())
+            try:
+                stream(torchrun_cmd(spec["train_argv"], spec["nproc"], spec["rdzv_id"]), file=file)
+            except PgolfError as e:
+                print(f"pgolf: launch {k} failed on this node: {str(e).splitlines()[0]}", file=file or sys.stdout)
+            k += 1
+        elif (folder / DONE).exists():
+            return k
+        else:
+            time.sleep(FOLLOW_POLL_S)
 
 
 def _last_metrics(path: Path, state: dict[str, Any]) -> dict[str, Any] | None:
@@ -193,11 +262,19 @@ def train(preset: str | None = None, data: str | None = None, *, nproc: int = 1,
     """Train under torchrun, streaming the log; returns the final JSON of rank 0.
 
     `budget_seconds` only sizes the progress bar (default: `max_seconds`, else the config's budget)."""
-    cmd = torchrun_cmd(train_args(preset, data, config=config, tokenizer=tokenizer, out=out, seed=seed,
-                                  max_seconds=max_seconds, overrides=overrides), nproc)
+    argv = train_args(preset, data, config=config, tokenizer=tokenizer, out=out, seed=seed,
+                      max_seconds=max_seconds, overrides=overrides)
+    rdzv_id = _publish(argv, nproc) if _multinode() else None
+    cmd = torchrun_cmd(argv, nproc, rdzv_id)
     if budget_seconds is None:
         budget_seconds = max_seconds or _config_budget(config)
-    return final_json(stream(cmd, echo=echo, run_dir=out, total_seconds=budget_seconds or None))
+    lines = stream(cmd, echo=echo, run_dir=out, total_seconds=budget_seconds or None)
+    try:
+        return final_json(lines)
+    except PgolfError:
+        if rdzv_id and out and RunDir(out).is_finished():  # global rank 0 ran on another node
+            return RunDir(out).result()
+        raise
 
 
 def _config_budget(config: str | None) -> float | None:

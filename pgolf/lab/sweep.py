@@ -18,6 +18,7 @@ the sweep stops the point's kernel, records the point as interrupted and ends th
 notebook's own error: the exception and, for a training child, its `pgolf: error:` line) and the
 sweep goes on; the command then exits 1 after printing its JSON. An earlier failed attempt is moved
 to `<runs-root>/.failed/` before the point is retried, so its partial logs never mix with the new ones.
+`pgolf.lab.slurm` runs the same points as Slurm jobs (`--launcher slurm`), each through `execute`.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def parse_value(raw: str) -> Any:
         return raw
 
 
-def _is_name(name: str) -> bool:
+def is_name(name: str) -> bool:
     """A notebook parameter (`lr`) or a dotted config key (`model.attn_gate_width`)."""
     return all(part.isidentifier() for part in name.split("."))
 
@@ -64,7 +65,7 @@ def parse_grid(items: Iterable[str]) -> dict[str, list[Any]]:
     for item in items:
         name, sep, values = item.partition("=")
         name = name.strip()
-        if not sep or not _is_name(name) or not values:
+        if not sep or not is_name(name) or not values:
             raise PgolfError(f"--grid {item!r}: expected NAME=V1,V2,... (NAME a parameter or a config key)")
         if name in grid:
             raise PgolfError(f"--grid {name}: given twice")
@@ -153,7 +154,7 @@ def plan(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any], gri
     return out
 
 
-def _retire(run_dir: Path, runs_root: Path) -> None:
+def retire(run_dir: Path, runs_root: Path) -> None:
     """Move an unfinished earlier attempt out of the way (kept for inspection, not deleted)."""
     if run_dir.exists() and any(run_dir.iterdir()):
         dest = runs_root / ".failed" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -163,10 +164,10 @@ def _retire(run_dir: Path, runs_root: Path) -> None:
 
 def execute(notebook: str | Path, item: dict[str, Any], runs_root: str | Path, cwd: str | None = None,
             kernel_name: str = KERNEL) -> dict[str, Any]:
-    """Run one point; returns {status: finished|failed, ...}. Never raises for a notebook failure; a
-    SIGINT / SIGTERM of the sweep stops the point, records it as interrupted and propagates."""
+    """Run one point in its run directory (an earlier attempt already `retire`d); returns {status:
+    finished|failed, ...}. Never raises for a notebook failure; a SIGINT / SIGTERM of the sweep stops
+    the point, records it as interrupted and propagates."""
     run_dir = Path(item["run_dir"])
-    _retire(run_dir, Path(runs_root))
     run_dir.mkdir(parents=True, exist_ok=True)
     output = run_dir / Path(notebook).name
     log_path = run_dir / "papermill.log"
@@ -253,22 +254,30 @@ def _first_line(x: Any) -> str:
     return s.splitlines()[0][:500] if s else ""
 
 
-def sweep(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any] | None = None,
-          grid: dict[str, list[Any]] | None = None, nproc: int | None = None, runs_root: str | Path = "runs",
-          cwd: str | None = None) -> dict[str, Any]:
-    """Execute `notebook` for every seed x grid point; returns {runs, failed, skipped, ...}."""
-    from tqdm import tqdm
-
+def prepare(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any] | None,
+            grid: dict[str, list[Any]] | None, nproc: int) -> tuple[Path, dict[str, Any], dict[str, list[Any]]]:
+    """Check everything a sweep (local or Slurm) needs before its first point; returns the notebook
+    path and the parameters with `nproc` added."""
     nb = Path(notebook)
     if not nb.is_file():
         raise PgolfError(f"{nb}: notebook not found")
     params, grid = dict(params or {}), dict(grid or {})
     if "nproc" in params or "nproc" in grid:
         raise PgolfError("give nproc with --nproc, not -p or --grid")
-    params["nproc"] = default_nproc() if nproc is None else int(nproc)
+    params["nproc"] = int(nproc)
     if params["nproc"] < 1:
         raise PgolfError(f"--nproc {params['nproc']}: expected >= 1")
     check(nb, {k: v for k, v in params.items() if k != "nproc"}, grid)
+    return nb, params, grid
+
+
+def sweep(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any] | None = None,
+          grid: dict[str, list[Any]] | None = None, nproc: int | None = None, runs_root: str | Path = "runs",
+          cwd: str | None = None) -> dict[str, Any]:
+    """Execute `notebook` for every seed x grid point; returns {runs, failed, skipped, ...}."""
+    from tqdm import tqdm
+
+    nb, params, grid = prepare(notebook, seeds, params, grid, default_nproc() if nproc is None else nproc)
     items = plan(nb, seeds, params, grid, runs_root)
     Path(runs_root).mkdir(parents=True, exist_ok=True)
     runs, failed, skipped = [], [], []
@@ -280,6 +289,7 @@ def sweep(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any] | N
             bar.write(f"skip {name} (finished)", file=sys.stderr)
             continue
         bar.set_postfix_str(name)
+        retire(Path(item["run_dir"]), Path(runs_root))
         res = execute(nb, item, runs_root, cwd=cwd)
         if res["status"] == "finished":
             runs.append(item["run_dir"])
@@ -290,14 +300,3 @@ def sweep(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any] | N
     bar.close()
     return {"notebook": str(nb), "points": len(items), "nproc": params["nproc"], "runs": runs, "failed": failed,
             "skipped": skipped}
-
-
-def cmd_sweep(args: Any) -> dict[str, Any]:
-    """`pgolf sweep NOTEBOOK --seeds S... [-p NAME VALUE]... [--grid NAME=V1,V2]... [--nproc N]`."""
-    params: dict[str, Any] = {}
-    for name, raw in args.params:
-        if not _is_name(name):
-            raise PgolfError(f"-p {name!r}: not a parameter name or a dotted config key")
-        params[name] = parse_value(raw)
-    return sweep(args.notebook, args.seeds, params, parse_grid(args.grid), nproc=args.nproc,
-                 runs_root=args.runs_root)

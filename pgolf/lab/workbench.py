@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import html
 import json
 import math
 import os
@@ -252,25 +253,45 @@ def _control(name: str, value: Any):
                        continuous_update=False, style=style)
 
 
+def estimate_html(est: dict[str, Any]) -> str:
+    """The live estimate line. Its classes are the browser test's hooks (tests/browser): plain integers
+    in `pgolf-params` and `pgolf-bytes` (`est_artifact_bytes`), inside `pgolf-estimate`."""
+    if "error" in est:
+        return f'<div class="pgolf-estimate pgolf-invalid">invalid: {html.escape(est["error"])}</div>'
+    return (f'<div class="pgolf-estimate"><b>params</b> <span class="pgolf-params">{est["params"]}</span> · '
+            f'<b>est. artifact bytes</b> <span class="pgolf-bytes">{est["est_artifact_bytes"]}</span> '
+            f'({"under" if est["under_limit"] else "OVER"} 16,000,000)</div>')
+
+
 def tweak_widget(preset: str, overrides: Sequence[str] = (), names: Sequence[str] | None = None):
-    """A live `ipywidgets.interactive` over the tweaks; its `.result` is the `estimate` dict."""
+    """A live `ipywidgets.interactive` over the tweaks; its `.result` is the `estimate` dict.
+
+    Each control has `description` = the tweak name and the DOM class `pgolf-control-<name>`; the
+    estimate line (`estimate_html`, the last child) is refreshed by the same callback as the table."""
     import ipywidgets as w
     from IPython.display import display
 
     base = get_preset(preset, list(overrides))
     names = list(names or TWEAKS)
     controls = {n: _control(n, _get(base, TWEAKS[n][0])) for n in names}
+    for n, c in controls.items():
+        c.add_class(f"pgolf-control-{n}")
+    line = w.HTML()
 
     def show(**values: Any) -> dict[str, Any]:
         try:
             est = estimate(tweaked(preset, overrides, **values))
         except PgolfError as e:  # an impossible combination: say why, keep the widget alive
             print(f"invalid: {e}")
+            line.value = estimate_html({"error": str(e)})
             return {"error": str(e)}
+        line.value = estimate_html(est)
         display(estimate_table(est))
         return est
 
-    return w.interactive(show, **controls)
+    widget = w.interactive(show, **controls)
+    widget.children = (*widget.children, line)
+    return widget
 
 
 def widget_values(widget: Any) -> dict[str, Any]:
