@@ -6,7 +6,6 @@ Screenshots land in figures/ (git-ignored); docs/lab_*.png are copies of two of 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 
