@@ -114,9 +114,9 @@ def _executor(folder: Path, opts: SlurmOptions, name: str):
     import submitit
 
     if opts.cluster == "local":  # one node only: each task plays one node on this machine
-        ex = submitit.LocalExecutor(folder=folder)
-        ex.update_parameters(timeout_min=opts.time_min, tasks_per_node=opts.nodes)
-        return ex
+        local = submitit.LocalExecutor(folder=folder)
+        local.update_parameters(timeout_min=opts.time_min, tasks_per_node=opts.nodes)
+        return local
     if not shutil.which("srun"):
         raise PgolfError("no Slurm here (srun not found): submit from a login node of the cluster, or use "
                          "--dry-run (sbatch scripts) or --cluster local")

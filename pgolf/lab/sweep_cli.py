@@ -26,9 +26,9 @@ def cmd_sweep(args: Any) -> dict[str, Any]:
         params[name] = sweep.parse_value(raw)
     grid = sweep.parse_grid(args.grid)
     if args.launcher == "local":
-        given = [f"--{k.replace('_', '-')}" for k in SLURM_ONLY if getattr(args, k) not in (None, False, [])]
-        if given:
-            raise PgolfError(f"{given[0]}: only with --launcher slurm")
+        flags = [f"--{k.replace('_', '-')}" for k in SLURM_ONLY if getattr(args, k) not in (None, False, [])]
+        if flags:
+            raise PgolfError(f"{flags[0]}: only with --launcher slurm")
         return sweep.sweep(args.notebook, args.seeds, params, grid, nproc=args.nproc, runs_root=args.runs_root)
     given = {"nodes": args.nodes, "gpus_per_node": args.gpus_per_node, "partition": args.partition,
              "account": args.account, "time_min": slurm.parse_time(args.time) if args.time else None,
