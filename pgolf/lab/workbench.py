@@ -15,7 +15,6 @@ against the records' logged model blobs the estimate is +0.2 % (pr1801 vs #1787)
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
@@ -28,8 +27,6 @@ from pgolf.config import Config
 from pgolf.errors import PgolfError
 from pgolf.presets import get_preset
 
-# Code bytes when pgolf.quant.codebytes cannot count them (the records' wrapped code: 27.5-32 kB).
-CODE_BYTES_EST = 30_000
 # Compressed size / entropy of the integer stream (zlib and pergroup measured loosely on int8 planes).
 # fp16 of Gaussian-like weights: sign + ~3 bits of exponent entropy + 10 mantissa bits (zlib measured 13.9).
 FP16_BITS = 14.0
@@ -134,16 +131,6 @@ def _gaussian_entropy_bits(R: int, k: float) -> float:
     return h
 
 
-@functools.lru_cache(maxsize=1)
-def counted_code_bytes() -> int:
-    """The code bytes `pgolf quantize` counts (minified + compressed wrapper); computed once."""
-    try:
-        from pgolf.quant.codebytes import code_bytes
-    except ImportError:
-        return CODE_BYTES_EST
-    return int(code_bytes()["code_bytes"])
-
-
 def estimate(cfg: Config, code_bytes: int | None = None) -> dict[str, Any]:
     """Trainable parameters and an estimate of the compressed artifact (model + code) in bytes.
 
@@ -154,7 +141,9 @@ def estimate(cfg: Config, code_bytes: int | None = None) -> dict[str, Any]:
     from pgolf.quant.quantize import classify, group_setting, tensor_group
     from pgolf.artifact.int8 import is_control
 
-    code_bytes = counted_code_bytes() if code_bytes is None else code_bytes
+    if code_bytes is None:  # the exported record script's, as `pgolf quantize` counts it (cached per config)
+        from pgolf.export.codebytes import code_bytes as counted
+        code_bytes = counted(cfg)["code_bytes"]
     model = build_model(cfg, "meta")
     q = cfg.quant
     total_bits, by_kind = 0.0, {}

@@ -1,7 +1,8 @@
 """`pgolf quantize RUN`: weights -> Hessians -> GPTQ/RTN (+LQER) -> compressed artifact -> accounting
 -> the artifact alone re-scored (record-stack.md §4.1). Every phase is timed into result.json.
 
-The artifact counts as `model_bytes` (its size on disk) + `code_bytes` (codebytes.py) = `total_bytes`
+The artifact counts as `model_bytes` (its size on disk) + `code_bytes` (pgolf.export.codebytes:
+the exported record script, minified and wrapped) = `total_bytes`
 against `quant.limit_bytes` (16,000,000). Over the limit is an error with `strict`, otherwise a loud
 warning on stderr and `under_limit: false` in the result, never a silent pass.
 """
@@ -138,7 +139,7 @@ def warn_over_limit(total: int, limit: int, model_bytes: int, code: int, artifac
 def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict: bool = False, *,
                  evaluate: bool = True, device=None) -> dict[str, Any]:
     """The whole `pgolf quantize` pipeline; merges its results into result.json and returns them."""
-    from pgolf.quant.codebytes import code_bytes
+    from pgolf.export.codebytes import code_bytes
 
     t_start = time.perf_counter()
     p = prepare(run_dir, overrides, device=device, evaluate=evaluate)
@@ -149,7 +150,7 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
     run.write_bytes(name, blob)  # atomic: temporary file + rename
     _timed(p.timings, "write_s", t0)
     t0 = time.perf_counter()
-    code = code_bytes()
+    code = code_bytes(cfg)
     _timed(p.timings, "code_bytes_s", t0)
     model_bytes = run.file(name).stat().st_size  # the file on disk is what counts
     total = model_bytes + code["code_bytes"]
