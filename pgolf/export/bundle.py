@@ -23,6 +23,8 @@ from __future__ import annotations
 import ast
 import builtins
 import copy
+import hashlib
+import json
 import pprint
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -518,15 +520,32 @@ TOKENIZER_PATH, SEED, RUN_ID (the output folder runs/RUN_ID), ITERATIONS, MAX_WA
 """'''
 
 
-@dataclass
+@dataclass(frozen=True)
 class Script:
     text: str  # the readable train_gpt.py
     files: list[str]  # the pgolf files it holds code of
 
 
+def script_key(cfg: Config) -> str:
+    """What the script of `cfg` depends on, hashed: the canonical configuration and pgolf's sources."""
+    h = hashlib.sha256(json.dumps(canonical(cfg).to_dict(), sort_keys=True).encode())
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        h.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+_BUILT: dict[str, Script] = {}
+
+
 def build(cfg: Config) -> Script:
-    """The exported script for `cfg` (baked as `canonical(cfg)`)."""
-    cfg = canonical(cfg)
+    """The exported script for `cfg` (baked as `canonical(cfg)`), built once per script_key."""
+    key = script_key(cfg)
+    if key not in _BUILT:
+        _BUILT[key] = _build(canonical(cfg))
+    return _BUILT[key]
+
+
+def _build(cfg: Config) -> Script:
     closure = Closure(registries(cfg))
     stmts, docs, shadows = [], {}, {}
     for name in sorted(closure.mods):

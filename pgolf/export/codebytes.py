@@ -12,6 +12,7 @@ file cache (`$PGOLF_CACHE`, default ~/.cache/pgolf), so calling it is cheap afte
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -42,8 +43,10 @@ def unwrap(stub: str) -> str:
     return brotli.decompress(base64.b85decode(packed)).decode()
 
 
+@functools.lru_cache(maxsize=8)
 def measure(source: str) -> dict[str, int]:
-    """code_bytes (the wrapped stub), code_bytes_raw (the readable script), code_bytes_minified."""
+    """code_bytes (the wrapped stub), code_bytes_raw (the readable script), code_bytes_minified.
+    (Read-only result: it is cached, since minifying takes seconds.)"""
     small = minify(source)
     return {"code_bytes": len(wrap(small).encode()), "code_bytes_raw": len(source.encode()),
             "code_bytes_minified": len(small.encode())}
@@ -52,30 +55,21 @@ def measure(source: str) -> dict[str, int]:
 _MEMO: dict[str, dict[str, Any]] = {}
 
 
-def _cache_key(cfg) -> str:
-    from pgolf.export.bundle import PACKAGE_DIR, canonical
-
-    h = hashlib.sha256(json.dumps(canonical(cfg).to_dict(), sort_keys=True).encode())
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):  # the code the script is made of
-        h.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes())
-    for dist in ("python-minifier", "brotli"):
-        h.update(importlib.metadata.version(dist).encode())
-    return h.hexdigest()[:32]
-
-
 def code_bytes(cfg) -> dict[str, Any]:
     """measure() of the script `cfg` exports, plus the pgolf files it holds (`code_files`)."""
+    from pgolf.export.bundle import build, script_key
     from pgolf.fileio import atomic_write_json
 
-    key = _cache_key(cfg)
+    h = hashlib.sha256(script_key(cfg).encode())
+    for dist in ("python-minifier", "brotli"):  # they decide the count too
+        h.update(importlib.metadata.version(dist).encode())
+    key = h.hexdigest()[:32]
     if key in _MEMO:
         return dict(_MEMO[key])
     path = Path(os.environ.get("PGOLF_CACHE") or Path.home() / ".cache" / "pgolf") / "code_bytes" / f"{key}.json"
     try:
         info = json.loads(path.read_text())
     except (OSError, ValueError):
-        from pgolf.export.bundle import build
-
         script = build(cfg)
         info = {**measure(script.text), "code_files": script.files}
         try:

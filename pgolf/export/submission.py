@@ -19,6 +19,7 @@ The folder is written beside DIR and renamed into place when complete.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.metadata
 import json
 import shutil
@@ -120,8 +121,13 @@ def _catches_import_error(h: ast.ExceptHandler) -> bool:
 
 def distribution_of(name: str) -> str | None:
     """The installed distribution that provides the import name, or None."""
-    dists = importlib.metadata.packages_distributions().get(name)
+    dists = _packages().get(name)
     return sorted(dists)[0] if dists else None
+
+
+@functools.cache
+def _packages() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()
 
 
 def requirements(script: str, envs: list[dict[str, Any]]) -> str:
