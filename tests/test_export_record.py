@@ -126,3 +126,13 @@ def test_exported_script_under_torchrun_gives_the_one_process_curve(record_run, 
     assert two["val_bpb_prequant"] == pytest.approx(res["val_bpb_prequant"], rel=1e-4)
     assert sorted(p.name for p in (tmp_path / "runs" / "two").glob("trace*.npz")) == \
         ["trace.rank0.npz", "trace.rank1.npz"]
+
+
+def test_bad_input_is_one_line_and_never_a_finished_run(sp1024_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = record.cli(["--preset", "cpu-smoke", "--data", str(tmp_path / "nowhere"), "--out", str(out), *sets(TINY)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("pgolf: error: ") and "nowhere" in err[-1]
+    assert not (out / "result.json").exists() or json.loads((out / "result.json").read_text())["status"] == "failed"
+    rc = record.cli(["--preset", "cpu-smoke", "--data", str(sp1024_data), "--out", str(out), "--set", "ttt.method=magic"])
+    assert rc == 2 and "ttt.method" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """One readable `train_gpt.py` from pgolf's own modules: the record pipeline, flattened for a config.
 
-`build_script(cfg)` starts from `pgolf.export.record` and takes every pgolf module it can reach
+`build(cfg)` starts from `pgolf.export.record` and takes every pgolf module it can reach
 (imports at module level and inside functions), then:
 1. trims the registries by the configuration (`registries`): the TTT runner table keeps the one
    runner the config uses, the codec table the codecs it names, so the other methods' code is

@@ -66,7 +66,10 @@ class Binder(ast.NodeVisitor):
             self.names.add(node.id)
 
     def _scope(self, node) -> None:  # a nested scope binds its name here and nothing else
-        if not isinstance(node, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+        if isinstance(node, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            # ... except `(x := ...)` inside a comprehension, which binds x in the enclosing scope
+            self.names |= {n.target.id for n in ast.walk(node) if isinstance(n, ast.NamedExpr)}
+        elif not isinstance(node, ast.Lambda):
             self.names.add(node.name)
         for d in getattr(node, "decorator_list", []):
             self.visit(d)
