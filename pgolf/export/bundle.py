@@ -99,7 +99,7 @@ class Closure:
     def __init__(self, trims: dict[tuple[str, str], set[str]]):
         self.mods: dict[str, Module] = {}
         self.trims = trims
-        self.loads: dict[str, set[str]] = {}  # extern object -> extra `import a.b` modules
+        self.loads: dict[str, dict[str, set[str]]] = {}  # extern object -> module -> its `import a.b` lines
         self.forms: dict[str, ast.stmt] = {}  # extern object -> the import statement (first seen)
         todo, scanned = [ENTRY], set()
         while todo:
@@ -155,7 +155,7 @@ class Closure:
                 mod.externs[alias] = ("ext", obj)
                 self.forms.setdefault(obj, imp)
                 if extra:
-                    self.loads.setdefault(obj, set()).add(extra)
+                    self.loads.setdefault(obj, {}).setdefault(name, set()).add(extra)
         mod.own = binder.names - set(mod.links) - set(mod.externs)
         return mod
 
@@ -526,27 +526,46 @@ class Script:
     files: list[str]  # the pgolf files it holds code of
 
 
-def script_key(cfg: Config) -> str:
-    """What the script of `cfg` depends on, hashed: the canonical configuration and pgolf's sources."""
-    h = hashlib.sha256(json.dumps(canonical(cfg).to_dict(), sort_keys=True).encode())
+def _sources_key() -> str:
+    h = hashlib.sha256()
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
         h.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 
-_BUILT: dict[str, Script] = {}
+def script_key(cfg: Config) -> str:
+    """What the script of `cfg` depends on, hashed: the canonical configuration and pgolf's sources."""
+    return hashlib.sha256((json.dumps(canonical(cfg).to_dict(), sort_keys=True) + _sources_key()).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Body:
+    code: str  # the imports and the flattened modules
+    files: list[str]
+    entry: str  # the global name of record.main
+
+
+_BODIES: dict[str, Body] = {}  # the flattening depends on the config only through its registry entries
 
 
 def build(cfg: Config) -> Script:
-    """The exported script for `cfg` (baked as `canonical(cfg)`), built once per script_key."""
-    key = script_key(cfg)
-    if key not in _BUILT:
-        _BUILT[key] = _build(canonical(cfg))
-    return _BUILT[key]
+    """The exported script for `cfg` (baked as `canonical(cfg)`): its header, the flattened code for
+    the config's registry entries (built once per entries and pgolf sources), CONFIG and the entry."""
+    cfg = canonical(cfg)
+    trims = registries(cfg)
+    key = json.dumps(sorted((f"{m}.{t}", sorted(k)) for (m, t), k in trims.items())) + _sources_key()
+    if key not in _BODIES:
+        _BODIES[key] = _flatten(trims)
+    body = _BODIES[key]
+    literal = pprint.pformat(baked_config(cfg), width=110, sort_dicts=False)
+    parts = [_header(cfg), body.code,
+             f"# The configuration: the fields that differ from the defaults of the dataclasses above.\nCONFIG = {literal}",
+             f"if __name__ == \"__main__\":\n    {body.entry}(CONFIG)"]
+    return Script("\n\n\n".join(parts) + "\n", body.files)
 
 
-def _build(cfg: Config) -> Script:
-    closure = Closure(registries(cfg))
+def _flatten(trims: dict[tuple[str, str], set[str]]) -> Body:
+    closure = Closure(trims)
     stmts, docs, shadows = [], {}, {}
     for name in sorted(closure.mods):
         s, doc, sh = _rewrite(closure, closure.mods[name])
@@ -566,16 +585,16 @@ def _build(cfg: Config) -> Script:
         externs[ph] = next(aliases[i] for i in range(len(aliases)) if _extern_object(form, i)[0] == ph[4:])
     names = _final_names(kept, externs, shadows)
     renamer = _Rename(names)
-    imports = sorted({line for ph in externs for line in
-                      _extern_statement(ph[4:], names[ph], closure.forms[ph[4:]], closure.loads.get(ph[4:], set()))})
-    parts = [_header(cfg), "from __future__ import annotations", "\n".join(imports)]
+    imports = set()
+    for ph in externs:  # `import a.b` lines only from the modules whose kept code uses `a`
+        users = {s.module for s in kept if ph in s.refs}
+        loads = set().union(*(m for mod, m in closure.loads.get(ph[4:], {}).items() if mod in users))
+        imports |= set(_extern_statement(ph[4:], names[ph], closure.forms[ph[4:]], loads))
+    parts = ["from __future__ import annotations", "\n".join(sorted(imports))]
     order = _order(kept, ENTRY)
     for module in order:
         body = [ast.unparse(ast.fix_missing_locations(renamer.visit(s.node))) for s in kept if s.module == module]
         path = closure.mods[module].path.relative_to(PACKAGE_DIR.parent)
         parts.append(_banner(str(path), docs[module]) + "\n" + "\n\n".join(body))
-    literal = pprint.pformat(baked_config(cfg), width=110, sort_dicts=False)
-    parts.append(f"# The configuration: the fields that differ from the defaults of the dataclasses above.\nCONFIG = {literal}")
-    parts.append(f"if __name__ == \"__main__\":\n    {names[root]}(CONFIG)")
     files = sorted(str(closure.mods[m].path.relative_to(PACKAGE_DIR.parent)) for m in order)
-    return Script("\n\n\n".join(parts) + "\n", files)
+    return Body("\n\n\n".join(parts), files, names[root])
