@@ -14,12 +14,11 @@ import subprocess
 import sys
 import types
 from contextlib import redirect_stdout
-from pathlib import Path
 
 import pytest
 
 from pgolf.config import Config
-from pgolf.export import bundle, codebytes
+from pgolf.export import bundle, closure, codebytes
 from pgolf.export.submission import third_party_imports
 from pgolf.presets import get_preset
 
@@ -85,7 +84,7 @@ def test_flattening_resolves_names_like_python(tmp_path, monkeypatch):
     for name, text in FAKE.items():
         (pkg / name).parent.mkdir(parents=True, exist_ok=True)
         (pkg / name).write_text(text)
-    monkeypatch.setattr(bundle, "PACKAGE_DIR", pkg)
+    monkeypatch.setattr(closure, "PACKAGE_DIR", pkg)
     monkeypatch.setattr(bundle, "registries", lambda cfg: {})
     script = bundle.build(get_preset("cpu-smoke"))
     text = script.text

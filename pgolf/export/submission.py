@@ -240,14 +240,14 @@ def _compliance(runs: list[dict[str, Any]], audits: dict[int, dict]) -> list[str
         spent = [c.get("calibration_data_seconds", 0) + c.get("hessian_seconds", 0) for c in calib]
         reserve = calib[0].get("reserve_seconds", 0)
         within = all(c.get("within_reserve") for c in calib)
-        lines[-1] += (f"; GPTQ calibration (training shards only) " + ", ".join(f"{s:.1f}" for s in spent) +
+        lines[-1] += ("; GPTQ calibration (training shards only) " + ", ".join(f"{s:.1f}" for s in spent) +
                       f" s, {'inside' if within else 'NOT inside'} the {reserve:g} s the loop leaves free")
     lines[-1] += "."
     lines += ["- **Evaluation <= 600 s**: the TTT timer (as the records time it) " +
               ", ".join(f"{r['ttt_eval_seconds']:.1f}" for r in res) + " s; the whole evaluation (load, quantized "
               "score, warm-up, TTT) " + ", ".join(f"{r['eval_time']['total_seconds']:.1f}" for r in res) + " s.",
-              f"- **Score before update, single pass** (Issue #1017 conditions 3-4): each seed's per-token trace "
-              f"(`artifacts/seed<S>/trace*.npz`) audited by `pgolf.eval.legality.audit_trace`: " +
+              "- **Score before update, single pass** (Issue #1017 conditions 3-4): each seed's per-token trace "
+              "(`artifacts/seed<S>/trace*.npz`) audited by `pgolf.eval.legality.audit_trace`: " +
               "; ".join(f"seed {s}: {'ok' if a['ok'] else 'VIOLATIONS'} ({a['tokens']:,} tokens, {a['updates']:,} "
                         f"updates)" for s, a in audits.items()) + ".",
               "- **Full normalized distribution** (condition 2): every scored row comes from a log-softmax over the "
