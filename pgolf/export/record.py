@@ -182,10 +182,12 @@ def score_artifact(cfg: Config, ctx: distributed.Dist, path: Path, out: Path, sa
 
 def run_record(cfg: Config, ctx: distributed.Dist, out: Path, script: str) -> dict[str, Any]:
     """The whole pipeline into the run folder `out`; returns the run's result (result.json on rank 0)."""
-    if (out / "result.json").is_file() and '"finished"' in (out / "result.json").read_text():
+    if _status(out) == "finished":
         raise PgolfError(f"{out}: already holds a finished run (choose another RUN_ID / --out)")
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in ("train.log", "ttt.jsonl"):  # a failed run's lines, if this folder held one
+            (out / stale).unlink(missing_ok=True)
         atomic_write_json(out / "config.json", cfg.to_dict())
         atomic_write_bytes(out / "train_gpt.py", script.encode())
     distributed.barrier()
@@ -196,6 +198,13 @@ def run_record(cfg: Config, ctx: distributed.Dist, out: Path, script: str) -> di
             atomic_write_json(out / "result.json", {"status": "failed" if isinstance(e, Exception) else "interrupted",
                                                     "error": f"{type(e).__name__}: {e}"})
         raise
+
+
+def _status(out: Path) -> str | None:
+    try:
+        return json.loads((out / "result.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _run(cfg: Config, ctx: distributed.Dist, out: Path, script: str, say: Log) -> dict[str, Any]:
