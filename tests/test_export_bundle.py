@@ -95,7 +95,9 @@ def test_flattening_resolves_names_like_python(tmp_path, monkeypatch):
     assert out.getvalue().split() == ["a", "b?", "a!", "local", "['c']", "u", "cpu-smoke"]
     tree = ast.parse(text)
     top = {getattr(n, "name", None) for n in tree.body}
-    assert {"a_validate", "b_validate", "Box", "main"} <= top or {"validate", "b_validate"} <= top
+    assert {"a_validate", "b_validate", "a_FORMAT", "b_FORMAT", "Box", "main"} <= top | {
+        t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    assert "validate" not in top  # colliding names: every one takes its module's prefix
     assert "unused" not in top and "never_called" not in text  # unreachable function and method dropped
     assert "import numpy" not in text and "import json" not in text  # imports only what kept code uses
     assert "raise RuntimeError('pgolf.lab.thing is not part of this exported script')" in text

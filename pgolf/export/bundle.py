@@ -235,18 +235,24 @@ def _order(stmts: list[Stmt], entry: str) -> list[str]:
 
 
 def _final_names(stmts: list[Stmt], externs: dict[str, str], shadows: dict[str, set[str]]) -> dict[str, str]:
-    """A global name for every kept placeholder: its own name (a third-party import: its alias)
-    unless that collides with another kept name, a builtin, or a local variable where it is used;
-    then the name is prefixed with its module's."""
-    taken = set(RESERVED)
-    out: dict[str, str] = {}
-    for ph in sorted(externs) + sorted({ph for s in stmts for ph in s.binds}):
-        module, _, name = ph.rpartition(":")
-        cand = externs.get(ph, name)
-        if cand in taken or cand in shadows.get(ph, ()) or (ph not in externs and hasattr(builtins, cand)):
+    """A global name for every kept placeholder: its own name (a third-party import: its alias), unless
+    two modules' names collide (then each takes its module's name as a prefix: `quantize_validate`,
+    `gpt_validate`), it is a builtin's, or a local variable where it is used would capture it."""
+    symbols = sorted({ph for s in stmts for ph in s.binds})
+    own = {ph: externs.get(ph, ph.rpartition(":")[2]) for ph in list(externs) + symbols}
+    count: dict[str, int] = {}
+    for name in own.values():
+        count[name] = count.get(name, 0) + 1
+    ext_names = set(externs.values())
+    taken = set(RESERVED) | ext_names
+    out: dict[str, str] = dict(externs)
+    for ph in symbols:
+        module, name = ph.rpartition(":")[0], own[ph]
+        cand = name
+        if count[name] > 1 or hasattr(builtins, name) or name in taken or name in shadows.get(ph, ()):
             short = module.rsplit(".", 1)[-1]
             cand = f"_{short}{name}" if name.startswith("_") else f"{short}_{name}"
-            while cand in taken or cand in shadows.get(ph, ()):
+            while cand in taken or cand in shadows.get(ph, ()) or cand in own.values():
                 cand += "_"
         taken.add(cand)
         out[ph] = cand
