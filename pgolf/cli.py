@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("params", help="count the trainable parameters of a preset")
     p.add_argument("--preset", default="baseline")
+    p.add_argument("--code-bytes", action="store_true", help="also count the code bytes of its exported record script")
     _add_set(p)
     p.set_defaults(handler="pgolf.model:cmd_params")
 
@@ -150,6 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", action="store_true",
                    help="pool runs of different configurations (config_key) matched by one pattern")
     p.set_defaults(handler="pgolf.lab.stats:cmd_stats")
+
+    p = sub.add_parser("export", help="record runs of one configuration -> a records/ submission folder")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--out", required=True)
+    p.add_argument("--name", default=None)
+    p.add_argument("--author", default="")
+    p.add_argument("--github-id", default="")
+    p.add_argument("--blurb", default="")
+    p.set_defaults(handler="pgolf.export.submission:cmd_export")
+
+    p = sub.add_parser("check", help="the pre-submission checks of a submission folder (exit 2 on any failure)")
+    p.add_argument("folder")
+    p.add_argument("--vs", default=None, metavar="BPB_MEAN,STD,N|RECORD_DIR",
+                   help="the current record, for the significance rule")
+    p.set_defaults(handler="pgolf.export.check:cmd_check")
     return ap
 
 

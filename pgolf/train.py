@@ -267,7 +267,7 @@ class Trainer:
         self.log(f"stopped at step {step} after {elapsed:.1f}s of training")
         return {"steps": step, "train_seconds": elapsed, "train_loss": last_loss}
 
-    def export(self) -> dict[str, Any]:
+    def export_int8(self) -> dict[str, Any]:
         """The baseline artifact (per-row int8 + zlib), re-evaluated from the file alone."""
         from pgolf.eval.score import evaluate
         from pgolf.model import build_model
@@ -288,7 +288,7 @@ class Trainer:
         fresh.looping = self.model.looping
         res = evaluate(fresh, self.val, self.cfg.train.eval_seq_len, val_batch_seqs(self.cfg, self.ctx.world_size),
                        rank=self.ctx.rank, world_size=self.ctx.world_size)
-        code = _code_bytes()
+        code = _code_bytes(self.cfg)
         out = {"artifact": name, "model_bytes": len(blob), **code,
                "total_bytes": len(blob) + code["code_bytes"], "limit": self.cfg.quant.limit_bytes,
                "artifact_val_loss": res["val_loss"], "artifact_val_bpb": res["val_bpb"],
@@ -299,10 +299,10 @@ class Trainer:
         return out
 
 
-def _code_bytes() -> dict[str, int]:
-    """Code bytes as the records count them (minified + compressed wrapper), via pgolf.quant."""
-    from pgolf.quant.codebytes import code_bytes
-    info = code_bytes()
+def _code_bytes(cfg: Config) -> dict[str, int]:
+    """Code bytes as the records count them: the exported record script, minified and wrapped."""
+    from pgolf.export.codebytes import code_bytes
+    info = code_bytes(cfg)
     return {"code_bytes": int(info["code_bytes"]), "code_bytes_raw": int(info["code_bytes_raw"])}
 
 
@@ -337,7 +337,7 @@ def train(cfg: Config, ctx: distributed.Dist, out: str | None = None, runs_root:
         trainer.timings["final_eval_s"] = time.perf_counter() - t0
         if run is not None:
             run.write_bytes("final_model.pt", _state_bytes(trainer.model))
-        export = trainer.export()
+        export = trainer.export_int8()
         if run is not None and cfg.quant.method == "gptq" and cfg.train.gptq_reserve_seconds > 0:
             # GPTQ calibration reads training data: it runs here, inside the reserve the loop left
             # free (record-stack.md §3.9), and `pgolf quantize` reuses the cached Hessians.

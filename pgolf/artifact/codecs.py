@@ -14,18 +14,11 @@ stride byte, so the low and high bytes of fp16 scales (and the int8 planes) sit 
 """
 from __future__ import annotations
 
-import lzma
-import zlib
-
-import brotli
-import zstandard
+from dataclasses import dataclass
+from typing import Callable
 
 from pgolf.errors import PgolfError
 
-CODECS = ("zlib", "lzma", "brotli", "zstd", "zpaq")
-BEST_CODECS = ("zlib", "lzma", "brotli", "zstd")  # what "best" tries: the fast codecs
-_TAG = {"zlib": 0x01, "lzma": 0x02, "brotli": 0x03, "zstd": 0x04, "zpaq": 0x05}  # never 0x78: bare zlib
-_CODEC = {v: k for k, v in _TAG.items()}
 SHUFFLED = 0x80
 SHUFFLE_MAGIC = b"BSHF"
 
@@ -66,56 +59,110 @@ def zpaq_level(level: int) -> int:
     return 5 if level < 0 else min(max(level, 1), 5)
 
 
-def _raw_compress(data: bytes, codec: str, level: int, threads: int = 1) -> bytes:
-    if codec == "zlib":
-        return zlib.compress(data, 9 if level < 0 else level)
-    if codec == "lzma":
-        preset = (9 | lzma.PRESET_EXTREME) if level < 0 else level
-        return lzma.compress(data, format=lzma.FORMAT_XZ, preset=preset)
-    if codec == "brotli":
-        return brotli.compress(data, quality=11 if level < 0 else level, lgwin=24)
-    if codec == "zstd":
-        return zstandard.ZstdCompressor(level=22 if level < 0 else level).compress(data)
-    if codec == "zpaq":
-        return zpaq_module().compress(data, level=zpaq_level(level), threads=threads)
-    raise PgolfError(f"unknown compressor {codec!r} (choose from {', '.join(CODECS)}, best, pergroup)")
+# Each codec imports its library when used: code that reaches one codec does not need the others'.
+def _zlib_c(data: bytes, level: int, threads: int) -> bytes:
+    import zlib
+    return zlib.compress(data, 9 if level < 0 else level)
 
 
-def _raw_decompress(data: bytes, codec: str) -> bytes:
-    if codec == "zlib":
-        return zlib.decompress(data)
-    if codec == "lzma":
-        return lzma.decompress(data)
-    if codec == "brotli":
-        return brotli.decompress(data)
-    if codec == "zpaq":
-        return zpaq_module().decompress(data, threads=0)  # one worker per block
+def _zlib_d(data: bytes) -> bytes:
+    import zlib
+    return zlib.decompress(data)
+
+
+def _lzma_c(data: bytes, level: int, threads: int) -> bytes:
+    import lzma
+    return lzma.compress(data, format=lzma.FORMAT_XZ, preset=(9 | lzma.PRESET_EXTREME) if level < 0 else level)
+
+
+def _lzma_d(data: bytes) -> bytes:
+    import lzma
+    return lzma.decompress(data)
+
+
+def _brotli_c(data: bytes, level: int, threads: int) -> bytes:
+    import brotli
+    return brotli.compress(data, quality=11 if level < 0 else level, lgwin=24)
+
+
+def _brotli_d(data: bytes) -> bytes:
+    import brotli
+    return brotli.decompress(data)
+
+
+def _zstd_c(data: bytes, level: int, threads: int) -> bytes:
+    import zstandard
+    return zstandard.ZstdCompressor(level=22 if level < 0 else level).compress(data)
+
+
+def _zstd_d(data: bytes) -> bytes:
+    import zstandard
     return zstandard.ZstdDecompressor().decompress(data)
+
+
+def _zpaq_c(data: bytes, level: int, threads: int) -> bytes:
+    return zpaq_module().compress(data, level=zpaq_level(level), threads=threads)
+
+
+def _zpaq_d(data: bytes) -> bytes:
+    return zpaq_module().decompress(data, threads=0)  # one worker per block
+
+
+@dataclass(frozen=True)
+class Codec:
+    tag: int  # the stream's first byte (never 0x78: a bare zlib stream is the baseline export)
+    compress: Callable[[bytes, int, int], bytes]  # (data, level, threads)
+    decompress: Callable[[bytes], bytes]
+
+
+# The codec table. An exported record script keeps only the codecs its configuration names
+# (`codecs_for`; pgolf.export.bundle trims this table).
+CODECS = {"zlib": Codec(0x01, _zlib_c, _zlib_d), "lzma": Codec(0x02, _lzma_c, _lzma_d),
+          "brotli": Codec(0x03, _brotli_c, _brotli_d), "zstd": Codec(0x04, _zstd_c, _zstd_d),
+          "zpaq": Codec(0x05, _zpaq_c, _zpaq_d)}
+BEST_CODECS = ("zlib", "lzma", "brotli", "zstd")  # what "best" tries: the fast codecs
+
+
+def codecs_for(q) -> set[str]:
+    """The codecs a QuantConfig can write or read: its compressor (every fast one for "best"), its
+    group codec (validated whatever the compressor), and brotli for pergroup's rest stream."""
+    named = set(BEST_CODECS) if q.compressor == "best" else {q.compressor}
+    if q.compressor == "pergroup":
+        named = {"brotli"}
+    return {c for c in named | {q.group_codec} if c in CODECS}
+
+
+def _codec(name: str) -> Codec:
+    if name not in CODECS:
+        raise PgolfError(f"unknown compressor {name!r} (choose from {', '.join(CODECS)}, best, pergroup)")
+    return CODECS[name]
+
+
+def _tag_codec(tag: int) -> str | None:
+    return next((name for name, c in CODECS.items() if c.tag == tag), None)
 
 
 def compress(data: bytes, codec: str = "brotli", level: int = -1, shuffle: int = 0, threads: int = 1) -> bytes:
     """One tagged stream. codec "best" tries every codec of `BEST_CODECS` and keeps the smallest."""
     if codec == "best":
         return min((compress(data, c, level, shuffle) for c in BEST_CODECS), key=len)
+    c = _codec(codec)
     payload = byte_shuffle(data, shuffle) if shuffle > 1 else data
-    tag = _TAG.get(codec)
-    if tag is None:
-        raise PgolfError(f"unknown compressor {codec!r} (choose from {', '.join(CODECS)}, best, pergroup)")
-    return bytes([tag | (SHUFFLED if shuffle > 1 else 0)]) + _raw_compress(payload, codec, level, threads)
+    return bytes([c.tag | (SHUFFLED if shuffle > 1 else 0)]) + c.compress(payload, level, threads)
 
 
 def decompress(blob: bytes) -> bytes:
-    if not blob or (blob[0] & ~SHUFFLED) not in _CODEC:
+    codec = _tag_codec(blob[0] & ~SHUFFLED) if blob else None
+    if codec is None:
         raise PgolfError("corrupt artifact: unknown compressor tag")
-    codec = _CODEC[blob[0] & ~SHUFFLED]
     if codec == "zpaq":
         zpaq_module()  # a missing package is its own error, not a corrupt stream
     try:
-        data = _raw_decompress(blob[1:], codec)
+        data = CODECS[codec].decompress(blob[1:])
     except Exception as e:  # each codec raises its own error type
         raise PgolfError(f"corrupt artifact: {codec} stream does not decompress ({e})") from None
     return byte_unshuffle(data) if blob[0] & SHUFFLED else data
 
 
 def codec_of(blob: bytes) -> str:
-    return _CODEC.get(blob[0] & ~SHUFFLED, "?") if blob else "?"
+    return (_tag_codec(blob[0] & ~SHUFFLED) or "?") if blob else "?"

@@ -6,7 +6,10 @@ Methods (record-stack.md §5, hedge-stack.md §5-6):
 - sgd     score-first SGD on chunks of the stream (sgd_ttt.py; #549 / #430 line)
 - hedge   score-first SGD with the normalised Hedge mixer of n-gram experts (hedge.py; #430 made legal)
 
-The pieces the methods share live in ttt_base.py, below them.
+`RUNNERS` is the table of runners; each entry imports its module only when called, so code that
+imports this module does not carry every method, and an exported record script keeps only the entry
+its configuration reaches (`pgolf.export.bundle` trims the table by `runner_key`). The pieces the
+methods share live in ttt_base.py, below them.
 """
 from __future__ import annotations
 
@@ -15,14 +18,33 @@ from typing import Any
 import torch
 
 from pgolf.errors import PgolfError
-from pgolf.eval.hedge import HedgeTTT
-from pgolf.eval.lora_ttt import LoRATTT
-from pgolf.eval.phased import PhasedTTT
-from pgolf.eval.sgd_ttt import SGDTTT
 from pgolf.eval.trace import EvalStream
 from pgolf.eval.ttt_base import ConvergenceLog, TimeLedger
 
 METHODS = ("lora", "sgd", "hedge")
+
+
+def _lora():
+    from pgolf.eval.lora_ttt import LoRATTT
+    return LoRATTT
+
+
+def _phased():
+    from pgolf.eval.phased import PhasedTTT
+    return PhasedTTT
+
+
+def _sgd():
+    from pgolf.eval.sgd_ttt import SGDTTT
+    return SGDTTT
+
+
+def _hedge():
+    from pgolf.eval.hedge import HedgeTTT
+    return HedgeTTT
+
+
+RUNNERS = {"lora": _lora, "phased": _phased, "sgd": _sgd, "hedge": _hedge}  # runner_key -> its class, on demand
 
 
 def method_label(cfg: Any) -> str:
@@ -31,16 +53,20 @@ def method_label(cfg: Any) -> str:
     return tc.method + (f"+{tc.phases}phase" if tc.method == "lora" and tc.phases else "")
 
 
-def runner_for(cfg: Any):
-    """The runner class of `cfg.ttt.method` (phased LoRA when `ttt.phases > 0`)."""
+def runner_key(cfg: Any) -> str:
+    """The `RUNNERS` entry of `cfg.ttt.method` ("phased" for LoRA with `ttt.phases > 0`)."""
     method = cfg.ttt.method
-    if method == "lora":
-        return PhasedTTT if cfg.ttt.phases > 0 else LoRATTT
-    if method == "sgd":
-        return SGDTTT
-    if method == "hedge":
-        return HedgeTTT
-    raise PgolfError(f"ttt.method: unknown method {method!r} (choose from {METHODS})")
+    if method not in METHODS:
+        raise PgolfError(f"ttt.method: unknown method {method!r} (choose from {METHODS})")
+    return "phased" if method == "lora" and cfg.ttt.phases > 0 else method
+
+
+def runner_for(cfg: Any):
+    """The runner class of `cfg.ttt.method`."""
+    key = runner_key(cfg)
+    if key not in RUNNERS:  # only in an exported script, whose table holds its own method alone
+        raise PgolfError(f"ttt.method: {key!r} is not part of this script (it runs {', '.join(RUNNERS)})")
+    return RUNNERS[key]()
 
 
 def run_ttt(model: torch.nn.Module, val: Any, cfg: Any, stream: EvalStream, *, log: ConvergenceLog | None = None,

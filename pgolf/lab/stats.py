@@ -28,47 +28,18 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 from pgolf.errors import PgolfError
 from pgolf.runs import RunDir
+from pgolf.significance import ALPHA, MIN_DELTA_NATS, mean_std, welch  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     import pandas
 
-MIN_DELTA_NATS = 0.005
-ALPHA = 0.01
-
-
-# ---- numbers
-
-def mean_std(values: Iterable[float]) -> tuple[float, float | None]:
-    """Mean and sample standard deviation (ddof=1; None for a single value)."""
-    v = [float(x) for x in values]
-    if not v:
-        raise PgolfError("no values to average")
-    m = sum(v) / len(v)
-    if len(v) < 2:
-        return m, None
-    return m, math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
-
-
-def welch(a: Iterable[float], b: Iterable[float], min_delta: float = MIN_DELTA_NATS,
-          alpha: float = ALPHA) -> dict[str, Any]:
-    """Does B beat A by more than `min_delta`? One-sided Welch test on nats/token (lower is better)."""
-    from scipy import stats as st
-
-    a, b = [float(x) for x in a], [float(x) for x in b]
-    if len(a) < 2 or len(b) < 2:
-        raise PgolfError(f"the significance test needs at least 2 runs per group (got {len(a)} and {len(b)})")
-    res = st.ttest_ind([x - min_delta for x in a], b, equal_var=False, alternative="greater")
-    p = float(res.pvalue)
-    delta = sum(a) / len(a) - sum(b) / len(b)
-    return {"delta_nats": delta, "t": float(res.statistic), "df": float(res.df), "p_value": p,
-            "significant": bool(p < alpha), "min_delta_nats": min_delta, "alpha": alpha}
+# ---- numbers: the pure statistics live in the core (pgolf.significance), `pgolf check` uses them too
 
 
 def _present(v: Any) -> bool:

@@ -33,8 +33,6 @@ from pgolf.presets import get_preset
 if TYPE_CHECKING:
     import pandas
 
-# Code bytes when pgolf.quant.codebytes cannot count them (the records' wrapped code: 27.5-32 kB).
-CODE_BYTES_EST = 30_000
 FP16_BITS = 16.0  # passthrough fp16 values, before the codec (its ratio is fitted on whole artifacts)
 SCALE_BITS = 16.0  # one fp16 scale per quantised row
 
@@ -154,16 +152,6 @@ def _quantile_entropy_bits(bits: int, cols: int) -> float:
     return _entropy(torch.bincount((q + R).long().flatten(), minlength=2 * R + 1).double())
 
 
-@functools.lru_cache(maxsize=1)
-def counted_code_bytes() -> int:
-    """The code bytes `pgolf quantize` counts (minified + compressed wrapper); computed once."""
-    try:
-        from pgolf.quant.codebytes import code_bytes
-    except ImportError:
-        return CODE_BYTES_EST
-    return int(code_bytes()["code_bytes"])
-
-
 def raw_bits(cfg: Config, model: Any = None) -> dict[str, float]:
     """Bits of each kind of tensor in the artifact before its codec (see the module docstring).
 
@@ -214,12 +202,13 @@ def estimate(cfg: Config, code_bytes: int | None = None) -> dict[str, Any]:
     `bytes_high` the band every calibration artifact of this codec / clip family fell in (widened a
     little); `over_limit` only when even `bytes_low` is over `quant.limit_bytes`, `maybe_over` when
     the band straddles it, `under_limit` when all of it is under. `code_bytes` is one input (default:
-    what `pgolf quantize` counts now), added to every figure.
+    the exported record script's, as `pgolf quantize` counts it; cached per config), added to every figure.
     """
+    from pgolf.export.codebytes import code_bytes as counted
     from pgolf.lab.size_calibration import family
     from pgolf.model import build_model, count_params
 
-    code_bytes = counted_code_bytes() if code_bytes is None else int(code_bytes)
+    code_bytes = int(counted(cfg)["code_bytes"]) if code_bytes is None else int(code_bytes)
     model = build_model(cfg, "meta")
     parts = raw_bits(cfg, model)
     cal = calibration_for(cfg.quant)

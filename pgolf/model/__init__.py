@@ -65,4 +65,8 @@ def cmd_params(args: Any) -> dict[str, Any]:
 
     cfg = get_preset(args.preset, args.overrides)
     model = build_model(cfg, "meta")
-    return {"preset": args.preset, "params": count_params(model)}
+    out = {"preset": args.preset, "params": count_params(model)}
+    if getattr(args, "code_bytes", False):  # the exported record script, as `pgolf quantize` counts it
+        from pgolf.export.codebytes import code_bytes
+        out.update({k: v for k, v in code_bytes(cfg).items() if k != "code_files"})
+    return out

@@ -6,11 +6,11 @@ lqer.py      low-rank correction of the largest quantisation errors
 compress.py  zlib / lzma / brotli / zstd, byte shuffle, "best"
 pergroup.py  per-group streams with row reordering (PR #1855)
 artifact.py  the quantised state, serialisation, `load_artifact`, byte accounting
-codebytes.py the code a submission needs, minified and wrapped
 hessian.py   calibration on training data, Hessians cached in the run directory
 pipeline.py  `pgolf quantize`; analysis.py: `sweep(run, grid)`, Pareto front and figure
 
-Imports stay lazy here: the code counted in `code_bytes` imports this package.
+Imports stay lazy here. The code bytes of an artifact are the exported record script's
+(pgolf.export.codebytes).
 """
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ def sweep(run: str | Path, grid: dict[str, list], *, overrides: list[str] | None
     model on the same tokens) and seconds."""
     import pandas as pd
 
-    from pgolf.quant.codebytes import code_bytes
+    from pgolf.export.codebytes import code_bytes
 
     keys = list(grid)
     points = [dict(zip(keys, vals)) for vals in itertools.product(*(list(grid[k]) for k in keys))]
@@ -80,7 +80,7 @@ def sweep(run: str | Path, grid: dict[str, list], *, overrides: list[str] | None
         A.validate(c)  # every grid point is checked before the Hessians are computed
     need_h = any(c.method == "gptq" for c in configs)
     p = P.prepare(run, overrides, device=device, evaluate=evaluate, hessians=need_h)
-    code = code_bytes()["code_bytes"]
+    code = code_bytes(cfg0)["code_bytes"]
     rows = []
     for pt, q in zip(points, configs):
         t0 = time.perf_counter()

@@ -65,7 +65,7 @@ def _model_and_batches(cfg: Config, run_dir: str | None, device: torch.device):
 def bench_quant(cfg: Config, *, run_dir: str | None = None, codecs: str | None = None,
                 device: torch.device | None = None) -> dict[str, Any]:
     from pgolf.model import count_params
-    from pgolf.quant.codebytes import code_bytes
+    from pgolf.export.codebytes import code_bytes
     from pgolf.quant.hessian import collect_hessians
 
     q = cfg.quant
@@ -87,7 +87,7 @@ def bench_quant(cfg: Config, *, run_dir: str | None = None, codecs: str | None =
     qstate, info = A.quantize_state_dict(state, q, H, device)
     _sync(device)
     quantize_s = time.perf_counter() - t0
-    code = code_bytes()["code_bytes"]
+    code = code_bytes(cfg)["code_bytes"]
     rows = []
     for comp, group in pairs:
         qc = dataclasses.replace(q, compressor=comp, group_codec=group)

@@ -1,0 +1,442 @@
+"""One readable `train_gpt.py` from pgolf's own modules: the record pipeline, flattened for a config.
+
+`build(cfg)` starts from `pgolf.export.record` and takes every pgolf module it can reach
+(imports at module level and inside functions), then:
+1. trims the registries by the configuration (`registries`): the TTT runner table keeps the one
+   runner the config uses, the codec table the codecs it names, so the other methods' code is
+   unreachable;
+2. rewrites each module onto one global namespace (pgolf.export.scopes): pgolf imports are removed,
+   `module.attr` and import aliases become the names they refer to, module-level names that collide
+   between modules get the module's name as a prefix;
+3. keeps only the top-level statements the entry `main` reaches (functions and classes as a whole),
+   and the third-party imports they use; an import of a module that is never exported (the lab,
+   the CLI, this exporter) inside a kept function becomes `raise RuntimeError(...)`;
+4. orders the modules so every name a module's top level uses is defined above it, and writes them
+   out with a banner each (`ast.unparse`: comments are gone, docstrings stay; code bytes are counted on
+   the minified form anyway), the configuration as the literal `CONFIG` that `Config.from_dict`
+   reads, and `main(CONFIG)` under `if __name__ == "__main__"`.
+The result imports only the standard library and third-party packages, and is deterministic: the
+same pgolf sources and config give the same bytes in every process.
+"""
+from __future__ import annotations
+
+import ast
+import builtins
+import copy
+import hashlib
+import json
+import pprint
+from dataclasses import dataclass
+
+import pgolf
+from pgolf.config import Config
+from pgolf.errors import PgolfError
+from pgolf.export import closure as C
+from pgolf.export.closure import ENTRY, ENTRY_FUNCTION, Closure, Module, extern_object
+from pgolf.export.scopes import Binder, Rewriter, import_aliases, is_placeholder, placeholder
+
+RESERVED = {"CONFIG"}  # the names the script itself adds
+
+
+def registries(cfg: Config) -> dict[tuple[str, str], set[str]]:
+    """The tables whose entries a configuration can reach; the script keeps only those entries."""
+    from pgolf.artifact.codecs import codecs_for
+    from pgolf.eval.ttt import runner_key
+
+    return {("pgolf.eval.ttt", "RUNNERS"): {runner_key(cfg)},
+            ("pgolf.artifact.codecs", "CODECS"): codecs_for(cfg.quant)}
+
+
+# --------------------------------------------------------------------------- statements
+@dataclass
+class Stmt:
+    module: str
+    node: ast.stmt
+    binds: set[str]  # placeholders it defines
+    refs: set[str]  # placeholders it uses (function annotations excluded)
+    eager: set[str]  # placeholders used when the statement runs (not inside function bodies)
+
+
+def _skip(stmt: ast.stmt) -> bool:
+    """Module-level statements a script never needs: `__all__` and `if __name__ == "__main__":`."""
+    if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in stmt.targets):
+        return True
+    return (isinstance(stmt, ast.If) and isinstance(stmt.test, ast.Compare)
+            and isinstance(stmt.test.left, ast.Name) and stmt.test.left.id == "__name__")
+
+
+def _refs(node: ast.AST, eager_only: bool = False) -> set[str]:
+    """Placeholders loaded in `node`; function annotations never count (they are not evaluated)."""
+    out: set[str] = set()
+
+    def walk(n: ast.AST, in_function: bool) -> None:
+        if isinstance(n, ast.Name) and is_placeholder(n.id) and not (eager_only and in_function):
+            out.add(n.id)
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            for d in getattr(n, "decorator_list", []):
+                walk(d, in_function)
+            for d in n.args.defaults + [d for d in n.args.kw_defaults if d is not None]:
+                walk(d, in_function)
+            body = n.body if isinstance(n.body, list) else [n.body]
+            for b in body:
+                walk(b, True)
+            return
+        if isinstance(n, ast.AnnAssign) and in_function:
+            for part in (n.target, n.value):
+                if part is not None:
+                    walk(part, in_function)
+            return
+        for child in ast.iter_child_nodes(n):
+            walk(child, in_function)
+
+    walk(node, False)
+    return out
+
+
+def _binds(stmt: ast.stmt) -> set[str]:
+    b = Binder.of([stmt])
+    return {n for n in b.names if is_placeholder(n)}
+
+
+def _rewrite(closure: Closure, mod: Module) -> tuple[list[Stmt], list[str], dict[str, set[str]]]:
+    """A module's kept-able statements on placeholders, its docstring lines, and the shadow sets."""
+    rw = Rewriter(mod.name, mod.own, mod.links, mod.externs, lambda n: closure.link_of(n, mod), closure.member)
+    stmts, doc = [], []
+    body = mod.tree.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        doc, body = body[0].value.value.strip().splitlines(), body[1:]
+    for stmt in body:
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)) or _skip(stmt):
+            if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                links = closure.link_of(stmt, mod) or []
+                cut = [t for _, t in links if t[0] == "cut"]
+                if cut:
+                    raise PgolfError(f"bundle: {mod.name} imports {cut[0][1]} at module level, which is not exported")
+            continue
+        try:
+            node = rw.visit(stmt)
+        except ValueError as e:
+            raise PgolfError(f"bundle: {e}") from None
+        stmts.append(Stmt(mod.name, node, _binds(node), _refs(node), _refs(node, eager_only=True)))
+    return stmts, doc, rw.shadows
+
+
+# --------------------------------------------------------------------------- the script
+def _reachable(stmts: list[Stmt], roots: set[str]) -> list[Stmt]:
+    """The statements the roots need: those defining a reached placeholder, and side-effect
+    statements (they bind nothing) of modules that are kept anyway."""
+    reached, kept = set(roots), set()
+    changed = True
+    while changed:
+        changed = False
+        kept_mods = {s.module for i, s in enumerate(stmts) if i in kept}
+        for i, s in enumerate(stmts):
+            if i in kept:
+                continue
+            if (s.binds & reached) or (not s.binds and s.module in kept_mods):
+                kept.add(i)
+                reached |= s.refs
+                changed = True
+    return [s for i, s in enumerate(stmts) if i in kept]
+
+
+def _external_attrs(base: ast.expr) -> set[str] | None:
+    """Attribute names of a base class from outside the script (torch.nn.Module, Exception, ...),
+    which the framework may call on a subclass; None when the base cannot be looked up."""
+    import importlib
+
+    parts: list[str] = []
+    node = base
+    while isinstance(node, ast.Attribute):
+        parts.insert(0, node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    if node.id.startswith("ext:"):
+        parts = node.id[4:].split(".") + parts
+        for i in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            for attr in parts[i:]:
+                obj = getattr(obj, attr, None)
+            return set(dir(obj)) if obj is not None else None
+        return None
+    obj = getattr(builtins, node.id, None)
+    return set(dir(obj)) if isinstance(obj, type) else None
+
+
+def _prune_methods(kept: list[Stmt]) -> bool:
+    """Drop the methods of kept classes that nothing in the script can call: no attribute and no
+    string of that name anywhere, not a dunder, not a name the class's outside bases define (the
+    framework may call those: `forward`, `step`, ...). Returns whether anything was dropped."""
+    used: set[str] = set()
+    for s in kept:
+        for n in ast.walk(s.node):
+            if isinstance(n, ast.Attribute) and not (isinstance(n.value, ast.Name) and n.value.id.startswith("ext:")):
+                used.add(n.attr)  # (an attribute of a third-party module, torch.load, is never a method here)
+            elif isinstance(n, ast.Constant) and isinstance(n.value, str):
+                used.add(n.value)
+    dropped = False
+    for s in kept:
+        if not isinstance(s.node, ast.ClassDef):
+            continue
+        protect: set[str] = set()
+        for b in s.node.bases:
+            if isinstance(b, ast.Name) and b.id in {ph for k in kept for ph in k.binds}:
+                continue  # a class of the script: its methods are judged by the same rule
+            attrs = _external_attrs(b)
+            if attrs is None:
+                protect = None
+                break
+            protect |= attrs
+        if protect is None:
+            continue
+        body = [m for m in s.node.body
+                if not (isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and not m.name.startswith("__")
+                        and m.name not in used and m.name not in protect)]
+        if len(body) < len(s.node.body):
+            s.node.body, dropped = body, True
+            s.refs, s.eager = _refs(s.node), _refs(s.node, eager_only=True)
+    return dropped
+
+
+def _order(stmts: list[Stmt], entry: str) -> list[str]:
+    """Modules in an order where each one's top level only uses names defined above it: the
+    reading order (dependencies first, from the entry), constrained by the eager uses."""
+    defined = {ph: s.module for s in stmts for ph in s.binds}
+    deps: dict[str, set[str]] = {}
+    eager: dict[str, set[str]] = {}
+    for s in stmts:
+        deps.setdefault(s.module, set()).update(defined[r] for r in s.refs if r in defined)
+        eager.setdefault(s.module, set()).update(defined[r] for r in s.eager if r in defined)
+    reading: list[str] = []
+
+    def visit(m: str, seen: set[str]) -> None:
+        seen.add(m)
+        for d in sorted(deps.get(m, ())):
+            if d not in seen:
+                visit(d, seen)
+        reading.append(m)
+
+    seen: set[str] = set()
+    for m in [entry] + sorted(deps):
+        if m not in seen:
+            visit(m, seen)
+    out: list[str] = []
+    while len(out) < len(reading):
+        ready = [m for m in reading if m not in out and all(d in out or d == m for d in eager.get(m, ()))]
+        if not ready:
+            raise PgolfError(f"bundle: module-level import cycle among {sorted(set(reading) - set(out))}")
+        out.append(ready[0])
+    return out
+
+
+def _final_names(stmts: list[Stmt], externs: dict[str, str], shadows: dict[str, set[str]]) -> dict[str, str]:
+    """A global name for every kept placeholder: its own name (a third-party import: its alias), unless
+    two modules' names collide (then each takes its module's name as a prefix: `quantize_validate`,
+    `gpt_validate`), it is a builtin's, or a local variable where it is used would capture it."""
+    symbols = sorted({ph for s in stmts for ph in s.binds})
+    own = {ph: externs.get(ph, ph.rpartition(":")[2]) for ph in list(externs) + symbols}
+    count: dict[str, int] = {}
+    for name in own.values():
+        count[name] = count.get(name, 0) + 1
+    ext_names = set(externs.values())
+    taken = set(RESERVED) | ext_names
+    out: dict[str, str] = dict(externs)
+    for ph in symbols:
+        module, name = ph.rpartition(":")[0], own[ph]
+        cand = name
+        if count[name] > 1 or hasattr(builtins, name) or name in taken or name in shadows.get(ph, ()):
+            short = module.rsplit(".", 1)[-1]
+            cand = f"_{short}{name}" if name.startswith("_") else f"{short}_{name}"
+            while cand in taken or cand in shadows.get(ph, ()) or cand in own.values():
+                cand += "_"
+        taken.add(cand)
+        out[ph] = cand
+    return out
+
+
+class _Rename(ast.NodeTransformer):
+    def __init__(self, names: dict[str, str]):
+        self.names = names
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        if is_placeholder(node.id):
+            node.id = self.names[node.id]
+        return node
+
+    def visit_Global(self, node: ast.Global) -> ast.AST:
+        node.names = [self.names.get(n, n) for n in node.names]
+        return node
+
+    def _def(self, node):
+        if is_placeholder(node.name):
+            node.name = self.names[node.name]
+        for a in (node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+                  + [node.args.vararg, node.args.kwarg]) if hasattr(node, "args") else []:
+            if a is not None and a.annotation is not None and self._dangling(a.annotation):
+                a.annotation = None  # names a class the script leaves out (annotations are never run)
+        if getattr(node, "returns", None) is not None and self._dangling(node.returns):
+            node.returns = None
+        self.generic_visit(node)
+        return node
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _def
+
+    def visit_AnnAssign(self, node: ast.AnnAssign) -> ast.AST | None:
+        if self._dangling(node.annotation):  # a local's annotation naming a class the script leaves out
+            if node.value is None:
+                return None
+            return self.visit(ast.copy_location(ast.Assign(targets=[node.target], value=node.value), node))
+        self.generic_visit(node)
+        return node
+
+    def _dangling(self, ann: ast.AST) -> bool:
+        return any(isinstance(n, ast.Name) and is_placeholder(n.id) and n.id not in self.names for n in ast.walk(ann))
+
+
+def _extern_statement(obj: str, name: str, form: ast.stmt, loads: set[str]) -> list[str]:
+    """The import line(s) that bind `name` to the third-party object `obj`."""
+    if isinstance(form, ast.ImportFrom):
+        mod, _, attr = obj.rpartition(".")
+        return [f"from {mod} import {attr}" + (f" as {name}" if name != attr else "")]
+    if loads:  # `import a.b` binds `a` and loads a.b
+        if name != obj:
+            raise PgolfError(f"bundle: cannot rename the plain import of {obj}")
+        return [f"import {m}" for m in sorted(loads)]
+    return [f"import {obj}" + (f" as {name}" if name != obj else "")]
+
+
+def _banner(path: str, doc: list[str]) -> str:
+    head = f"# {'-' * 10} {path} "
+    lines = [head + "-" * max(0, 100 - len(head))]
+    lines += [f"# {line}".rstrip() for line in doc]
+    return "\n".join(lines)
+
+
+def canonical(cfg: Config) -> Config:
+    """The configuration a script bakes in: the run's, with the run-specific fields (seed, data
+    paths: pgolf.runs.config_key leaves them out too) at fixed defaults, so every seed of one
+    configuration exports the same script (and the same code bytes). SEED, DATA_PATH and
+    TOKENIZER_PATH set them when it runs."""
+    c = copy.deepcopy(cfg)
+    c.train.seed = Config().train.seed
+    c.data.path, c.data.tokenizer = "./data", ""
+    return c
+
+
+def baked_config(cfg: Config) -> dict:
+    """What the script bakes in: `cfg.to_dict()` without the fields at their dataclass defaults
+    (`Config.from_dict` fills those back in, so it reads back to `cfg`)."""
+    defaults = Config().to_dict()
+    out: dict = {"preset": cfg.preset}
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            diff = {k: v for k, v in values.items() if defaults[section][k] != v}
+            if diff:
+                out[section] = diff
+    return out
+
+
+def _header(cfg: Config) -> str:
+    from pgolf.eval.ttt import method_label
+    from pgolf.runs import config_key
+
+    return f'''"""train_gpt.py: a Parameter Golf record script, generated by pgolf {pgolf.__version__} from the
+preset {cfg.preset!r} (configuration {config_key(cfg.to_dict())}).
+
+It trains under the wall clock, calibrates GPTQ inside the training reserve, quantises and writes the
+artifact, loads the artifact alone and scores it with test-time training ({method_label(cfg)}), and
+prints one JSON line last (val_bpb, bytes_total, ...). The code is pgolf's own, flattened into one
+file: only the modules and functions this configuration reaches. The configuration is CONFIG at the end.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py
+
+Environment overrides: DATA_PATH (shards; tokenizer.model inside unless TOKENIZER_PATH is set),
+TOKENIZER_PATH, SEED, RUN_ID (the output folder runs/RUN_ID), ITERATIONS, MAX_WALLCLOCK_SECONDS
+(0 = no wall-clock cap).
+"""'''
+
+
+@dataclass(frozen=True)
+class Script:
+    text: str  # the readable train_gpt.py
+    files: list[str]  # the pgolf files it holds code of
+
+
+def _sources_key() -> str:
+    h = hashlib.sha256()
+    for path in sorted(C.PACKAGE_DIR.rglob("*.py")):
+        h.update(str(path.relative_to(C.PACKAGE_DIR)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def script_key(cfg: Config) -> str:
+    """What the script of `cfg` depends on, hashed: the canonical configuration and pgolf's sources."""
+    return hashlib.sha256((json.dumps(canonical(cfg).to_dict(), sort_keys=True) + _sources_key()).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Body:
+    code: str  # the imports and the flattened modules
+    files: list[str]
+    entry: str  # the global name of record.main
+
+
+_BODIES: dict[str, Body] = {}  # the flattening depends on the config only through its registry entries
+
+
+def build(cfg: Config) -> Script:
+    """The exported script for `cfg` (baked as `canonical(cfg)`): its header, the flattened code for
+    the config's registry entries (built once per entries and pgolf sources), CONFIG and the entry."""
+    cfg = canonical(cfg)
+    trims = registries(cfg)
+    key = json.dumps(sorted((f"{m}.{t}", sorted(k)) for (m, t), k in trims.items())) + _sources_key()
+    if key not in _BODIES:
+        _BODIES[key] = _flatten(trims)
+    body = _BODIES[key]
+    literal = pprint.pformat(baked_config(cfg), width=110, sort_dicts=False)
+    parts = [_header(cfg), body.code,
+             "# The configuration: the fields that differ from the defaults of the dataclasses above.\n"
+             f"CONFIG = {literal}",
+             f"if __name__ == \"__main__\":\n    {body.entry}(CONFIG)"]
+    return Script("\n\n\n".join(parts) + "\n", body.files)
+
+
+def _flatten(trims: dict[tuple[str, str], set[str]]) -> Body:
+    closure = Closure(trims)
+    stmts, docs, shadows = [], {}, {}
+    for name in sorted(closure.mods):
+        s, doc, sh = _rewrite(closure, closure.mods[name])
+        stmts += s
+        docs[name] = doc
+        for ph, names in sh.items():
+            shadows.setdefault(ph, set()).update(names)
+    root = placeholder(("sym", ENTRY, ENTRY_FUNCTION))
+    kept = _reachable(stmts, {root})
+    while _prune_methods(kept):
+        kept = _reachable(stmts, {root})
+    used = set().union(*(s.refs for s in kept)) if kept else set()
+    externs = {}  # placeholder -> the alias its import statement binds
+    for ph in sorted(p for p in used if p.startswith("ext:")):
+        form = closure.forms[ph[4:]]
+        aliases = import_aliases(form)
+        externs[ph] = next(aliases[i] for i in range(len(aliases)) if extern_object(form, i)[0] == ph[4:])
+    names = _final_names(kept, externs, shadows)
+    renamer = _Rename(names)
+    imports = set()
+    for ph in externs:  # `import a.b` lines only from the modules whose kept code uses `a`
+        users = {s.module for s in kept if ph in s.refs}
+        loads = set().union(*(m for mod, m in closure.loads.get(ph[4:], {}).items() if mod in users))
+        imports |= set(_extern_statement(ph[4:], names[ph], closure.forms[ph[4:]], loads))
+    parts = ["from __future__ import annotations", "\n".join(sorted(imports))]
+    order = _order(kept, ENTRY)
+    for module in order:
+        body = [ast.unparse(ast.fix_missing_locations(renamer.visit(s.node))) for s in kept if s.module == module]
+        path = closure.mods[module].path.relative_to(C.PACKAGE_DIR.parent)
+        parts.append(_banner(str(path), docs[module]) + "\n" + "\n\n".join(body))
+    files = sorted(str(closure.mods[m].path.relative_to(C.PACKAGE_DIR.parent)) for m in order)
+    return Body("\n\n\n".join(parts), files, names[root])

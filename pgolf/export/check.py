@@ -1,0 +1,339 @@
+"""`pgolf check DIR [--vs BPB_MEAN,STD,N | --vs RECORD_DIR]`: the pre-submission checks.
+
+One line per condition on stderr (PASS / FAIL and the facts), exit status 2 when any fails. Every
+figure is recomputed from the folder's files, never taken from submission.json:
+- bytes        per seed: the artifact's size on disk + the code bytes of train_gpt.py (minified,
+               brotli, base85 stub: pgolf.export.codebytes) <= 16,000,000;
+- imports      one script that imports only the standard library and the packages in
+               requirements.txt (never pgolf, never a file beside it);
+- network      no network module, no URL and no absolute path in the code (as far as the AST tells);
+- seeds        at least three seeds, each with its own log, and no two logs of the same run;
+- train_time   per seed, from the log: the training loop + GPTQ calibration <= 600 s;
+- eval_time    per seed, from the log: the TTT timer (`total_eval_time`, as the records) <= 600 s;
+- legality     each seed's trace (artifacts/seed<S>/trace*.npz) passes `pgolf.eval.legality.audit_trace`:
+               every token scored once, every update after the tokens it used were scored;
+- claims       submission.json's per-seed val_bpb and bytes agree with the logs and files;
+- significance with --vs: the challenge's rule against the current record (>= 0.005 nats better,
+               one-sided Welch p < 0.01, pgolf.significance, the code of `pgolf stats`).
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pgolf.errors import PgolfError
+
+LIMIT_BYTES = 16_000_000
+TIME_LIMIT_S = 600.0
+MIN_SEEDS = 3
+NETWORK = {"socket", "http", "urllib", "urllib2", "urllib3", "requests", "httpx", "aiohttp", "ftplib", "smtplib",
+           "huggingface_hub", "boto3", "paramiko", "websocket", "websockets"}
+LOG = re.compile(r"train_seed(\d+)\.log$")
+SEED_LINE = re.compile(r"^\s*train\.seed: (\d+)\s*$", re.M)
+TRAIN_LINE = re.compile(r"train_time: (\d+)ms step: (\d+)/(\d+)\s*$", re.M)
+GPTQ_LINE = re.compile(r"^GPTQ:collected \d+ Hessians in ([\d.]+)s", re.M)
+EVAL_LINE = re.compile(r"^total_eval_time:\s*([\d.]+)s", re.M)
+FINAL_LINE = re.compile(r"^quantized_ttt\S* val_loss:\s*([\d.]+) val_bpb:\s*([\d.]+)", re.M)
+STEP_LINE = re.compile(r"^\d+/\d+ train_loss: .*$", re.M)
+URL = re.compile(r"^(https?|ftp|s3|gs)://")
+ABS_PATH = re.compile(r"^(/|~/)[\w.-]+(/[\w.-]*)*$")
+
+
+@dataclass
+class SeedLog:
+    seed: int
+    path: Path
+    text: str
+    train_ms: float | None = None
+    gptq_s: float = 0.0
+    eval_s: float | None = None
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    curve: list[str] = field(default_factory=list)
+
+
+def read_log(path: Path) -> SeedLog:
+    text = path.read_text(errors="replace")
+    m = SEED_LINE.search(text)
+    log = SeedLog(int(m.group(1)) if m else int(LOG.search(path.name).group(1)), path, text)
+    if (t := TRAIN_LINE.findall(text)):
+        log.train_ms = float(t[-1][0])
+    log.gptq_s = sum(float(x) for x in GPTQ_LINE.findall(text))
+    if (e := EVAL_LINE.findall(text)):
+        log.eval_s = float(e[-1])
+    if (f := FINAL_LINE.findall(text)):
+        log.val_loss, log.val_bpb = float(f[-1][0]), float(f[-1][1])
+    log.curve = STEP_LINE.findall(text)
+    return log
+
+
+class Report:
+    def __init__(self):
+        self.lines: list[tuple[str, bool, str]] = []
+
+    def add(self, name: str, ok: bool, detail: str) -> None:
+        self.lines.append((name, ok, detail))
+        print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}", file=sys.stderr, flush=True)
+
+    @property
+    def ok(self) -> bool:
+        return all(ok for _, ok, _ in self.lines)
+
+
+# --------------------------------------------------------------------------- the conditions
+def check_bytes(folder: Path, logs: list[SeedLog], rep: Report) -> dict[int, int]:
+    from pgolf.export.codebytes import measure
+
+    code = measure((folder / "train_gpt.py").read_text())["code_bytes"]
+    totals, bad = {}, []
+    for log in logs:
+        arts = sorted((folder / "artifacts" / f"seed{log.seed}").glob("*.ptz"))
+        if len(arts) != 1:
+            bad.append(f"seed {log.seed}: {len(arts)} artifacts in artifacts/seed{log.seed}/ (need exactly one .ptz)")
+            continue
+        totals[log.seed] = arts[0].stat().st_size + code
+        if totals[log.seed] > LIMIT_BYTES:
+            bad.append(f"seed {log.seed}: {totals[log.seed]:,} B = {arts[0].name} {arts[0].stat().st_size:,} + code "
+                       f"{code:,} > {LIMIT_BYTES:,} by {totals[log.seed] - LIMIT_BYTES:,}")
+    rep.add("bytes", not bad and bool(totals), "; ".join(bad) if bad else
+            f"code {code:,} B; totals " + ", ".join(f"seed {s}: {t:,}" for s, t in totals.items()) +
+            f" <= {LIMIT_BYTES:,}")
+    return totals
+
+
+def requirement_names(folder: Path) -> set[str]:
+    names = set()
+    path = folder / "requirements.txt"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        line = line.strip()
+        if line.startswith("# optional:"):
+            line = line.split(":", 1)[1]
+        elif line.startswith("#") or not line:
+            continue
+        names.add(_norm(re.split(r"[=<>!~\[; ]", line.strip(), maxsplit=1)[0]))
+    return names
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def check_imports(folder: Path, tree: ast.Module, rep: Report) -> None:
+    from pgolf.export.submission import distribution_of, third_party_imports
+
+    source = ast.unparse(tree)
+    local = {p.stem for p in folder.glob("*.py")} | {p.name for p in folder.iterdir() if p.is_dir()}
+    wanted = requirement_names(folder)
+    bad = []
+    for name in sorted(third_party_imports(source)):
+        if name == "pgolf" or name in local:
+            bad.append(f"imports {name} ({'pgolf itself' if name == 'pgolf' else 'a file beside the script'}): "
+                       "the script must stand alone")
+            continue
+        dist = distribution_of(name)
+        if not ({_norm(name)} | ({_norm(dist)} if dist else set())) & wanted:
+            bad.append(f"imports {name}, which requirements.txt does not list")
+    rep.add("imports", not bad, "; ".join(bad) if bad else
+            "train_gpt.py imports only the standard library and requirements.txt's packages")
+
+
+def _docstrings(tree: ast.Module) -> set[int]:
+    out = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        first = body[0] if isinstance(body, list) and body else None
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+            out.add(id(body[0].value))
+    return out
+
+
+def check_network(tree: ast.Module, rep: Report) -> None:
+    bad = []
+    docs = _docstrings(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name.split(".")[0] for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [(node.module or "").split(".")[0]]
+        else:
+            names = []
+        bad += [f"line {node.lineno}: imports {n} (network)" for n in names if n in NETWORK]
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            if URL.match(node.value) or ABS_PATH.match(node.value):
+                bad.append(f"line {node.lineno}: {node.value!r} (a fixed URL or absolute path; data paths come "
+                           "from DATA_PATH / TOKENIZER_PATH)")
+    rep.add("network", not bad, "; ".join(bad[:3]) if bad else
+            "no network module, no fixed URL or absolute path (file access through the data paths and the run folder)")
+
+
+def check_seeds(logs: list[SeedLog], folder: Path, rep: Report) -> None:
+    bad = []
+    for log in logs:
+        named = int(LOG.search(log.path.name).group(1))
+        if named != log.seed:
+            bad.append(f"{log.path.name} is the log of seed {log.seed}")
+    seeds = sorted({log.seed for log in logs})
+    if len(seeds) < MIN_SEEDS:
+        bad.append(f"{len(seeds)} distinct seed(s) ({', '.join(map(str, seeds)) or 'none'}); at least {MIN_SEEDS}")
+    for i, a in enumerate(logs):
+        for b in logs[i + 1:]:
+            if a.text == b.text or (a.curve and a.curve == b.curve):
+                bad.append(f"{a.path.name} and {b.path.name} are the same run (identical training curve)")
+    arts = {}
+    for log in logs:
+        for p in (folder / "artifacts" / f"seed{log.seed}").glob("*.ptz"):
+            arts.setdefault(hashlib.sha256(p.read_bytes()).hexdigest(), []).append(log.seed)
+    bad += [f"seeds {', '.join(map(str, s))} have the same artifact" for s in arts.values() if len(s) > 1]
+    rep.add("seeds", not bad, "; ".join(bad) if bad else
+            f"{len(seeds)} distinct seeds ({', '.join(map(str, seeds))}), each with its own log and artifact")
+
+
+def check_times(logs: list[SeedLog], rep: Report) -> None:
+    bad, facts = [], []
+    for log in logs:
+        if log.train_ms is None:
+            bad.append(f"seed {log.seed}: no 'train_time: ...ms step: ...' line in {log.path.name}")
+            continue
+        total = log.train_ms / 1000 + log.gptq_s
+        facts.append(f"seed {log.seed}: {total:.1f}")
+        if total > TIME_LIMIT_S:
+            bad.append(f"seed {log.seed}: training {log.train_ms / 1000:.1f} s + GPTQ calibration {log.gptq_s:.1f} s "
+                       f"= {total:.1f} s > {TIME_LIMIT_S:.0f}")
+    rep.add("train_time", not bad, "; ".join(bad) if bad else "training + calibration " + ", ".join(facts) + " s")
+    bad, facts = [], []
+    for log in logs:
+        if log.eval_s is None:
+            bad.append(f"seed {log.seed}: no 'total_eval_time:' line in {log.path.name}")
+        elif log.eval_s > TIME_LIMIT_S:
+            bad.append(f"seed {log.seed}: evaluation {log.eval_s:.1f} s > {TIME_LIMIT_S:.0f} ({log.path.name})")
+        else:
+            facts.append(f"seed {log.seed}: {log.eval_s:.1f}")
+    rep.add("eval_time", not bad, "; ".join(bad) if bad else "TTT evaluation " + ", ".join(facts) + " s")
+
+
+def check_legality(folder: Path, logs: list[SeedLog], rep: Report) -> None:
+    from pgolf.eval.legality import audit_trace
+    from pgolf.eval.trace import load_trace
+
+    bad, facts = [], []
+    for log in logs:
+        d = folder / "artifacts" / f"seed{log.seed}"
+        try:
+            trace = load_trace(d / "trace.npz")
+        except (FileNotFoundError, OSError, KeyError, ValueError) as e:
+            bad.append(f"seed {log.seed}: no readable trace in {d} ({type(e).__name__})")
+            continue
+        audit = audit_trace(trace, trace.num_targets or None)
+        if audit["ok"]:
+            facts.append(f"seed {log.seed}: {audit['tokens']:,} tokens scored once, {audit['updates']:,} updates")
+        else:
+            bad.append(f"seed {log.seed}: {audit['violations'][0]}")
+    rep.add("legality", not bad, "; ".join(bad) if bad else "; ".join(facts))
+
+
+def check_claims(folder: Path, logs: list[SeedLog], totals: dict[int, int], rep: Report) -> None:
+    try:
+        sub = json.loads((folder / "submission.json").read_text())
+        claimed = sub["seed_results"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        rep.add("claims", False, f"submission.json unreadable or without seed_results ({type(e).__name__})")
+        return
+    bad = []
+    for log in logs:
+        c = claimed.get(str(log.seed))
+        if c is None:
+            bad.append(f"seed {log.seed} missing from submission.json")
+            continue
+        if log.val_bpb is None or abs(float(c.get("val_bpb", -1)) - log.val_bpb) > 1e-6:
+            bad.append(f"seed {log.seed}: val_bpb {c.get('val_bpb')} claimed, {log.val_bpb} in the log")
+        if log.seed in totals and int(c.get("bytes_total", -1)) != totals[log.seed]:
+            bad.append(f"seed {log.seed}: {c.get('bytes_total')} bytes claimed, {totals[log.seed]:,} from the files")
+    extra = sorted(set(claimed) - {str(log.seed) for log in logs})
+    bad += [f"seed {s} in submission.json has no log" for s in extra]
+    rep.add("claims", not bad, "; ".join(bad) if bad else "submission.json agrees with the logs and the files")
+
+
+def reference(vs: str, ratio: float) -> tuple[float, float, int, str]:
+    """(mean, std, n) of the reference in nats/token: `BPB_MEAN,STD,N` (converted with this
+    submission's own nats-per-bit ratio, the same validation bytes) or a record folder's logs."""
+    path = Path(vs)
+    if path.is_dir():
+        losses = [read_log(p).val_loss for p in sorted(path.glob("train_seed*.log"))]
+        losses = [x for x in losses if x is not None]
+        if len(losses) < 2:
+            try:
+                sub = json.loads((path / "submission.json").read_text())
+                losses = [float(r["val_loss"]) for r in sub["seed_results"].values()]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                losses = []
+        if len(losses) < 2:
+            raise PgolfError(f"--vs {vs}: need the final val_loss of >= 2 seeds (train_seed*.log or submission.json)")
+        from pgolf.significance import mean_std
+
+        m, s = mean_std(losses)
+        return m, s, len(losses), f"{path.name} ({len(losses)} seeds)"
+    try:
+        mean, std, n = (float(x) for x in vs.split(","))
+    except ValueError:
+        raise PgolfError(f"--vs {vs!r}: expected BPB_MEAN,STD,N or a record folder") from None
+    return mean * ratio, std * ratio, int(n), f"{mean} +- {std} BPB (n={int(n)})"
+
+
+def check_significance(logs: list[SeedLog], vs: str, rep: Report) -> None:
+    from pgolf.significance import mean_std, welch_from_stats
+
+    ours = [(log.val_loss, log.val_bpb) for log in logs if log.val_loss is not None]
+    if len(ours) < 2:
+        rep.add("significance", False, "fewer than 2 seeds with a final val_loss in their logs")
+        return
+    ratio = sum(loss / bpb for loss, bpb in ours) / len(ours)  # nats per bit-per-byte: same validation set
+    ref_m, ref_s, ref_n, label = reference(vs, ratio)
+    m, s = mean_std([loss for loss, _ in ours])
+    res = welch_from_stats(ref_m, ref_s, ref_n, m, s, len(ours))
+    rep.add("significance", res["significant"],
+            f"{res['delta_nats']:.5f} nats better than {label} (need > {res['min_delta_nats']}), one-sided Welch "
+            f"p = {res['p_value']:.4g} ({'<' if res['significant'] else '>='} {res['alpha']})")
+
+
+# --------------------------------------------------------------------------- the whole check
+def check(folder: str | Path, vs: str | None = None) -> dict[str, Any]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PgolfError(f"{folder}: not a folder")
+    rep = Report()
+    script = folder / "train_gpt.py"
+    missing = [n for n in ("train_gpt.py", "submission.json", "README.md", "requirements.txt")
+               if not (folder / n).is_file()]
+    logs = [read_log(p) for p in sorted(folder.iterdir()) if LOG.search(p.name)]
+    rep.add("files", not missing and bool(logs), f"missing {', '.join(missing)}" if missing else
+            (f"{len(logs)} seed logs" if logs else "no train_seed<S>.log"))
+    if not script.is_file():
+        raise PgolfError(f"{script}: not found; nothing more to check")
+    try:
+        tree = ast.parse(script.read_text(), filename=str(script))
+    except SyntaxError as e:
+        raise PgolfError(f"{script}: not valid Python (line {e.lineno}: {e.msg})") from None
+    totals = check_bytes(folder, logs, rep)
+    check_imports(folder, tree, rep)
+    check_network(tree, rep)
+    check_seeds(logs, folder, rep)
+    check_times(logs, rep)
+    check_legality(folder, logs, rep)
+    check_claims(folder, logs, totals, rep)
+    if vs:
+        check_significance(logs, vs, rep)
+    failed = [f"{name}: {detail}" for name, ok, detail in rep.lines if not ok]
+    if failed:
+        raise PgolfError(f"{folder}: {len(failed)} of {len(rep.lines)} checks failed (first: {failed[0]})")
+    return {"folder": str(folder), "ok": True, "checks": {name: detail for name, _, detail in rep.lines},
+            "seeds": [log.seed for log in logs], "bytes_total": totals}
+
+
+def cmd_check(args: Any) -> dict[str, Any]:
+    return check(args.folder, args.vs)

@@ -1,0 +1,171 @@
+"""pgolf.export.bundle: one readable script from pgolf's modules, for one configuration.
+
+The flattening is checked on a small made-up package (name collisions, aliases, locals that shadow a
+global, unreachable code, an import of a module that is never exported) and on the real pgolf for
+cpu-smoke and pr1855 (only the configured TTT runner and codecs, no pgolf import, CONFIG reads back).
+"""
+from __future__ import annotations
+
+import ast
+import io
+import json
+import os
+import subprocess
+import sys
+import types
+from contextlib import redirect_stdout
+
+import pytest
+
+from pgolf.config import Config
+from pgolf.export import bundle, closure, codebytes
+from pgolf.export.submission import third_party_imports
+from pgolf.presets import get_preset
+
+FAKE = {
+    "__init__.py": "",
+    "a.py": '''"""Module a."""
+import json as j
+FORMAT = "a"
+
+
+def validate():
+    return FORMAT
+
+
+def unused():
+    return j.dumps(1)
+
+
+class Box:
+    def used(self):
+        return "u"
+
+    def never_called(self):
+        return "n"
+''',
+    "b.py": '''import numpy as np
+from pgolf import a
+FORMAT = "b"
+VALUE = a.FORMAT + "!"  # runs at import: a must come first
+
+
+def validate(x):
+    return FORMAT + x
+
+
+def lazy():
+    from pgolf.lab.thing import helper
+    return helper()
+''',
+    "lab/__init__.py": "",
+    "lab/thing.py": "def helper():\n    return 1\n",
+    "export/__init__.py": "",
+    "export/record.py": '''from pgolf import a
+from pgolf.b import VALUE, validate as vb
+
+
+def main(config):
+    validate = "local"  # shadows nothing: a.validate and b.validate are other names now
+    FORMAT = [x for x in ("c",)]
+
+    def inner():
+        return validate
+    print(a.validate(), vb("?"), VALUE, inner(), FORMAT, a.Box().used(), config["preset"])
+    if config.get("lazy"):
+        from pgolf.b import lazy
+        return lazy()
+''',
+}
+
+
+def test_flattening_resolves_names_like_python(tmp_path, monkeypatch):
+    pkg = tmp_path / "pgolf"
+    for name, text in FAKE.items():
+        (pkg / name).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / name).write_text(text)
+    monkeypatch.setattr(closure, "PACKAGE_DIR", pkg)
+    monkeypatch.setattr(bundle, "registries", lambda cfg: {})
+    script = bundle.build(get_preset("cpu-smoke"))
+    text = script.text
+    assert script.files == ["pgolf/a.py", "pgolf/b.py", "pgolf/export/record.py"]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        exec(compile(text, "train_gpt.py", "exec"), {"__name__": "__main__"})
+    assert out.getvalue().split() == ["a", "b?", "a!", "local", "['c']", "u", "cpu-smoke"]
+    tree = ast.parse(text)
+    top = {getattr(n, "name", None) for n in tree.body}
+    assert {"a_validate", "b_validate", "a_FORMAT", "b_FORMAT", "Box", "main"} <= top | {
+        t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    assert "validate" not in top  # colliding names: every one takes its module's prefix
+    assert "unused" not in top and "never_called" not in text  # unreachable function and method dropped
+    assert "import numpy" not in text and "import json" not in text  # imports only what kept code uses
+    assert "raise RuntimeError('pgolf.lab.thing is not part of this exported script')" in text
+    assert "from pgolf" not in text and "import pgolf" not in text
+    assert text.index("VALUE = ") > text.index("FORMAT = 'a'")  # a's top level runs before b's
+
+
+@pytest.mark.parametrize("preset", ["cpu-smoke", "pr1855"])
+def test_script_holds_only_what_the_configuration_reaches(preset, monkeypatch):
+    cfg = get_preset(preset)
+    text = bundle.build(cfg).text
+    tree = ast.parse(text)
+    classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
+    runners = {"LoRATTT"} | ({"PhasedTTT"} if preset == "pr1855" else set())
+    assert runners <= classes and not ({"SGDTTT", "HedgeTTT", "HedgeMixer", "PhasedTTT"} - runners) & classes
+    table = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "CODECS")
+    codecs = {k.value for k in table.value.keys}
+    assert codecs == ({"brotli", "zpaq"} if preset == "pr1855" else {"zlib", "brotli"})
+    imports = third_party_imports(text)
+    assert "pgolf" not in imports and "zstandard" not in imports  # zstd is nobody's codec here
+    assert {"torch", "numpy", "sentencepiece", "brotli"} <= {n for n, how in imports.items() if how == "module"}
+    assert imports["python_minifier"] == "function"  # the script counts its own code bytes
+    assert imports["zpaq"] == "guarded" and ("def _zpaq_c" in text) == (preset == "pr1855")
+    # CONFIG reads back to the configuration (run-specific fields at their fixed defaults)
+    literal = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "CONFIG")
+    assert Config.from_dict(ast.literal_eval(literal.value)).to_dict() == bundle.canonical(cfg).to_dict()
+    # the minified, wrapped form that code_bytes counts is a program that defines the same entry
+    stub = codebytes.wrap(codebytes.minify(text))
+    mod = types.ModuleType(f"exported_{preset.replace('-', '_')}")  # a module of its own, not __main__
+    monkeypatch.setitem(sys.modules, mod.__name__, mod)
+    exec(compile(codebytes.unwrap(stub), "<stub>", "exec"), mod.__dict__)
+    assert callable(mod.main) and mod.CONFIG["preset"] == preset
+    assert mod.Config.from_dict(mod.CONFIG).to_dict() == bundle.canonical(cfg).to_dict()
+
+
+def test_every_seed_exports_the_same_script():
+    a, b = get_preset("pr1855"), get_preset("pr1855")
+    b.train.seed, b.data.path, b.data.tokenizer = 42, "/somewhere/else", "/x/tok.model"
+    assert bundle.build(a).text == bundle.build(b).text
+
+
+HASH = '''
+import hashlib, json
+from pgolf.presets import get_preset
+from pgolf.export.bundle import build
+from pgolf.export.codebytes import measure
+text = build(get_preset("pr1855")).text
+print(json.dumps({"sha": hashlib.sha256(text.encode()).hexdigest(), **measure(text)}))
+'''
+
+
+def test_same_bytes_in_every_process(tmp_path, monkeypatch):
+    """Two processes with different hash seeds build the same script and count the same code bytes,
+    which are what code_bytes (pgolf quantize's) reports here, from an empty cache."""
+    procs = [subprocess.Popen([sys.executable, "-c", HASH], env={**os.environ, "PYTHONHASHSEED": seed},
+                              stdout=subprocess.PIPE, text=True) for seed in ("1", "2")]
+    outs = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert outs[0] == outs[1]
+    monkeypatch.setenv("PGOLF_CACHE", str(tmp_path))
+    monkeypatch.setattr(codebytes, "_MEMO", {})
+    here = codebytes.code_bytes(get_preset("pr1855"))
+    assert {k: here[k] for k in outs[0] if k != "sha"} == {k: outs[0][k] for k in outs[0] if k != "sha"}
+    assert here["code_bytes"] < here["code_bytes_minified"] < here["code_bytes_raw"]
+    assert list(tmp_path.rglob("*.json"))  # cached on disk for the next process
+
+
+def test_params_prints_the_code_bytes(cli):
+    rc, out, _ = cli("params", "--preset", "pr1855", "--code-bytes")
+    assert rc == 0 and out["params"] == 35945671
+    assert out["code_bytes"] == codebytes.code_bytes(get_preset("pr1855"))["code_bytes"] > 0

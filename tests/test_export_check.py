@@ -1,0 +1,209 @@
+"""`pgolf export` (record runs -> a submission folder) and `pgolf check` (the pre-submission checks).
+
+Three seeds of a tiny cpu-smoke record make a valid folder; `pgolf check` passes on it and fails with
+one clear line on each fault built into a copy of it: an artifact one byte over the cap, two seeds,
+two seeds that are the same run, an evaluation of 601 s, a script that imports pgolf, and a trace in
+which a token is trained on before it is scored.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pgolf import distributed
+from pgolf.config import Config
+from pgolf.export import bundle, codebytes, record
+from pgolf.presets import get_preset
+from pgolf.significance import welch
+
+TINY = ["model.num_layers=2", "model.model_dim=64", "model.num_heads=2", "model.num_kv_heads=1",
+        "train.train_seq_len=64", "train.eval_seq_len=64", "train.train_batch_tokens=512",
+        "train.val_batch_tokens=4096", "data.val_max_tokens=512", "ttt.eval_seq_len=64", "ttt.chunk_size=64",
+        "train.iterations=4", "train.log_every=1"]
+SEEDS = (1, 2, 3)
+
+
+def tiny_cfg(data: Path, seed: int) -> Config:
+    cfg = get_preset("cpu-smoke", TINY)
+    cfg.data.path, cfg.train.seed, cfg.train.max_seconds = str(data), seed, 0.0
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(sp1024_data, tmp_path_factory):
+    """Three seeds through the record pipeline, in this process (as `python -m pgolf.export.record` runs it)."""
+    root = tmp_path_factory.mktemp("runs")
+    script = bundle.build(tiny_cfg(sp1024_data, SEEDS[0])).text  # one script for every seed
+    ctx = distributed.setup()
+    for s in SEEDS:
+        record.run_record(tiny_cfg(sp1024_data, s), ctx, root / f"seed{s}", script)
+    return [root / f"seed{s}" for s in SEEDS]
+
+
+@pytest.fixture(scope="module")
+def folder(runs, tmp_path_factory):
+    from pgolf.export.submission import export
+
+    out = tmp_path_factory.mktemp("records") / "2026-12-07_pgolf_tiny"
+    res = export([str(r) for r in runs], out, name="pgolf tiny", author="A. Golfer", github_id="golfer")
+    assert res["seeds"] == list(SEEDS) and res["legal"]
+    return out
+
+
+def test_export_writes_the_folder_the_records_have(folder, runs):
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["README.md", "artifacts", "requirements.txt", "submission.json", "train_gpt.py",
+                     "train_seed1.log", "train_seed2.log", "train_seed3.log"]
+    assert (folder / "artifacts" / ".gitignore").read_text() == "*\n!.gitignore\n"
+    assert (folder / "train_gpt.py").read_text() == (runs[0] / "train_gpt.py").read_text()
+    sub = json.loads((folder / "submission.json").read_text())
+    results = [json.loads((r / "result.json").read_text()) for r in runs]
+    assert sub["author"] == "A. Golfer" and sub["github_id"] == "golfer" and sub["track"] == "10min_16mb"
+    assert sub["seeds"] == list(SEEDS)
+    assert sub["val_bpb"] == pytest.approx(np.mean([r["ttt_val_bpb"] for r in results]))
+    for r in results:
+        seed = sub["seed_results"][str(r["seed"])]
+        art = folder / "artifacts" / f"seed{r['seed']}" / Path(r["artifact"]).name
+        assert seed["bytes_model"] == art.stat().st_size and seed["bytes_code"] == r["code_bytes"]
+        assert seed["bytes_total"] == seed["bytes_model"] + seed["bytes_code"] == r["total_bytes"]
+    readme = (folder / "README.md").read_text()
+    assert readme.count("\n| 1 |") + readme.count("\n| 2 |") + readme.count("\n| 3 |") == 3
+    assert "`model.num_layers` | `2` | `4`" in readme  # the config as a diff against cpu-smoke
+    assert "seed 1: ok" in readme and "train_seed1.log" in readme
+    pinned = {re.sub(r"[-_.]+", "-", ln.split("==")[0]).lower() for ln in
+              (folder / "requirements.txt").read_text().splitlines() if "==" in ln and not ln.startswith("#")}
+    assert {"torch", "numpy", "sentencepiece", "python-minifier", "brotli"} <= pinned and "pgolf" not in pinned
+
+
+def test_export_refuses_mixed_configurations_and_plain_runs(runs, tmp_path, cli):
+    other = tmp_path / "other"  # seed 2's run, as if made with another LoRA rank
+    shutil.copytree(runs[1], other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["ttt"]["lora_rank"] = 4
+    (other / "config.json").write_text(json.dumps(cfg))
+    rc, _, err = cli("export", str(runs[0]), str(other), "--out", tmp_path / "x")
+    assert rc == 2 and "runs of different configurations" in err and str(other) in err
+    plain = tmp_path / "plain"  # seed 3's run, as `pgolf train` records one (no record pipeline)
+    shutil.copytree(runs[2], plain)
+    res = json.loads((plain / "result.json").read_text())
+    del res["pipeline"]
+    (plain / "result.json").write_text(json.dumps(res))
+    rc, _, err = cli("export", str(runs[0]), str(plain), "--out", tmp_path / "y")
+    assert rc == 2 and "not a record run" in err and not (tmp_path / "y").exists()
+    rc, _, err = cli("export", str(runs[0]), str(runs[0]), "--out", tmp_path / "z")
+    assert rc == 2 and "both have seed 1" in err
+
+
+def test_check_passes_on_a_valid_export(folder, cli):
+    rc, out, err = cli("check", folder)
+    assert rc == 0, err
+    lines = [ln for ln in err.splitlines() if ln.startswith(("PASS", "FAIL"))]
+    assert [ln.split(":")[0] for ln in lines] == ["PASS files", "PASS bytes", "PASS imports", "PASS network",
+                                                   "PASS seeds", "PASS train_time", "PASS eval_time",
+                                                   "PASS legality", "PASS claims"]
+    assert out["ok"] and out["seeds"] == list(SEEDS)
+
+
+def _claim_the_files(d: Path) -> None:
+    """submission.json's bytes made to agree with the (edited) files, so only the fault itself shows."""
+    code = codebytes.measure((d / "train_gpt.py").read_text())["code_bytes"]
+    sub = json.loads((d / "submission.json").read_text())
+    for seed, res in sub["seed_results"].items():
+        model = next((d / "artifacts" / f"seed{seed}").glob("*.ptz")).stat().st_size
+        res.update(bytes_model=model, bytes_code=code, bytes_total=model + code)
+    (d / "submission.json").write_text(json.dumps(sub))
+
+
+def _over_cap(d: Path) -> None:
+    code = codebytes.measure((d / "train_gpt.py").read_text())["code_bytes"]
+    art = next((d / "artifacts" / "seed2").glob("*.ptz"))
+    art.write_bytes(art.read_bytes() + b"\0" * (16_000_001 - code - art.stat().st_size))
+    _claim_the_files(d)
+
+
+def _two_seeds(d: Path) -> None:
+    (d / "train_seed3.log").unlink()
+    shutil.rmtree(d / "artifacts" / "seed3")
+    sub = json.loads((d / "submission.json").read_text())
+    del sub["seed_results"]["3"]
+    (d / "submission.json").write_text(json.dumps(sub))
+
+
+def _same_run(d: Path) -> None:
+    """Seed 3's files replaced by seed 1's, the seed line changed: one run passed off as two."""
+    log = (d / "train_seed1.log").read_text().replace("  train.seed: 1\n", "  train.seed: 3\n")
+    (d / "train_seed3.log").write_text(log)
+    for p in (d / "artifacts" / "seed1").iterdir():
+        shutil.copyfile(p, d / "artifacts" / "seed3" / p.name)
+    sub = json.loads((d / "submission.json").read_text())
+    sub["seed_results"]["3"] = sub["seed_results"]["1"]
+    (d / "submission.json").write_text(json.dumps(sub))
+
+
+def _slow_eval(d: Path) -> None:
+    log = d / "train_seed2.log"
+    log.write_text(re.sub(r"total_eval_time:[\d.]+s", "total_eval_time:601.0s", log.read_text()))
+
+
+def _imports_pgolf(d: Path) -> None:
+    script = d / "train_gpt.py"
+    script.write_text(script.read_text().replace("from __future__ import annotations\n",
+                                                 "from __future__ import annotations\nimport pgolf\n", 1))
+    _claim_the_files(d)
+
+
+def _update_before_score(d: Path) -> None:
+    path = d / "artifacts" / "seed1" / "trace.npz"
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    assert arrays["update_at"].size > 0
+    arrays["update_max_order"][0] = arrays["update_at"][0]  # trained on the token scored right after it
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+@pytest.mark.parametrize("fault, condition, words", [
+    (_over_cap, "bytes", "16,000,001"),
+    (_two_seeds, "seeds", "2 distinct seed(s)"),
+    (_same_run, "seeds", "are the same run"),
+    (_slow_eval, "eval_time", "evaluation 601.0 s > 600"),
+    (_imports_pgolf, "imports", "imports pgolf"),
+    (_update_before_score, "legality", "score before update"),
+])
+def test_check_fails_with_one_clear_line(folder, tmp_path, cli, fault, condition, words):
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    fault(bad)
+    rc, _, err = cli("check", bad)
+    assert rc == 2
+    fails = [ln for ln in err.splitlines() if ln.startswith("FAIL")]
+    mine = [ln for ln in fails if ln.startswith(f"FAIL {condition}:")]
+    assert len(mine) == 1 and words in mine[0], err
+    assert fails == mine, err
+    assert err.strip().splitlines()[-1].startswith("pgolf: error:")
+
+
+def test_significance_is_the_stats_rule(folder, runs, tmp_path, cli):
+    results = [json.loads((r / "result.json").read_text()) for r in runs]
+    bpb, loss = [r["ttt_val_bpb"] for r in results], [r["ttt_val_loss"] for r in results]
+    ratio = np.mean([lo / b for lo, b in zip(loss, bpb)])
+    rc, out, err = cli("check", folder, "--vs", f"{np.mean(bpb) + 1.0},0.001,3")  # a far worse record
+    assert rc == 0, err
+    assert "PASS significance" in err
+    rc, _, err = cli("check", folder, "--vs", f"{np.mean(bpb) + 0.002},0.001,3")  # 0.004 nats: not enough
+    assert rc == 2 and "FAIL significance" in err
+    # against a record folder: the same one-sided Welch test `pgolf stats` runs on per-seed losses
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    for s, lo in zip(SEEDS, loss):
+        (ref / f"train_seed{s}.log").write_text(f"quantized_ttt_lora val_loss:{lo + 0.01:.8f} val_bpb:1.0\n")
+    rc, _, err = cli("check", folder, "--vs", ref)
+    line = next(ln for ln in err.splitlines() if "significance" in ln)
+    logged = [float(f"{x:.8f}") for x in loss]
+    expect = welch([x + 0.01 for x in logged], logged)["p_value"]
+    assert f"p = {expect:.4g}" in line and ratio > 0

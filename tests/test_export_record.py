@@ -1,0 +1,140 @@
+"""The record pipeline and its exported script.
+
+- a record run (`python -m pgolf.export.record`) scores exactly what `pgolf train` + `pgolf quantize` +
+  `pgolf eval --ttt` score on the same configuration, with the same artifact and code bytes;
+- the exported train_gpt.py, in a fresh virtual environment with the packages but without pgolf,
+  run from another folder, reproduces the record run to the last digit and writes the same artifact;
+- under torchrun --nproc_per_node=2 (gloo) it gives the one-process loss curve at the same global batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from pgolf.export import record
+
+# cpu-smoke made tiny for speed; micro_batch_tokens=256 makes one process accumulate the two
+# micro-batches that two ranks take (the same global batch, the same data).
+TINY = ["model.num_layers=2", "model.model_dim=64", "model.num_heads=2", "model.num_kv_heads=1",
+        "train.train_seq_len=64", "train.eval_seq_len=64", "train.train_batch_tokens=512",
+        "train.micro_batch_tokens=256", "train.val_batch_tokens=4096", "data.val_max_tokens=1024",
+        "ttt.eval_seq_len=64", "ttt.chunk_size=64", "train.log_every=1", "train.iterations=6"]
+
+
+def sets(items):
+    return [a for s in items for a in ("--set", s)]
+
+
+def curve(log: str) -> list[float]:
+    return [float(m) for m in re.findall(r"^\d+/\d+ train_loss: ([\d.]+)", log, re.M)]
+
+
+@pytest.fixture(scope="module")
+def record_run(sp1024_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("record") / "run"
+    rc = record.cli(["--preset", "cpu-smoke", "--data", str(sp1024_data), "--max-seconds", "0", "--out", str(out),
+                     *sets(TINY)])
+    assert rc == 0
+    return out, json.loads((out / "result.json").read_text())
+
+
+def test_record_run_is_train_quantize_eval(record_run, sp1024_data, tmp_path, cli):
+    out, res = record_run
+    assert res["status"] == "finished" and res["pipeline"] == "record" and res["steps"] == 6
+    assert (out.parent / "index.jsonl").read_text().count(str(out)) == 1  # in the registry
+    log = (out / "train.log").read_text()
+    assert len(curve(log)) == 6 and "total_eval_time:" in log and re.search(r"train_time: \d+ms step: 6/6", log)
+    run = tmp_path / "plain"
+    rc, trained, err = cli("train", "--preset", "cpu-smoke", "--data", sp1024_data, "--max-seconds", "0",
+                           "--out", run, *sets(TINY))
+    assert rc == 0, err
+    rc, quant, err = cli("quantize", run)
+    assert rc == 0, err
+    rc, ev, err = cli("eval", run, "--artifact", quant["artifact"], "--ttt")
+    assert rc == 0, err
+    assert res["val_bpb_prequant"] == trained["val_bpb"]
+    assert res["quant_val_bpb"] == quant["val_bpb"] == ev["val_bpb_no_ttt"]
+    assert res["ttt_val_bpb"] == ev["val_bpb"] and res["ttt_updates"] == ev["updates"]
+    assert Path(quant["artifact"]).read_bytes() == Path(res["artifact"]).read_bytes()
+    assert quant["code_bytes"] == res["code_bytes"]  # pgolf quantize counts the exported script
+
+
+@pytest.fixture(scope="module")
+def fresh_python(tmp_path_factory):
+    """A virtual environment with this environment's packages on its path but not pgolf (a .pth line
+    adds the site-packages folder without running its .pth files, so the editable pgolf is absent)."""
+    venv = tmp_path_factory.mktemp("fresh") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    Path(site, "packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return python
+
+
+def fresh_env(**extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    return {**env, "OMP_NUM_THREADS": "1", "PGOLF_DEVICE": "cpu", **extra}
+
+
+def test_exported_script_stands_alone_and_reproduces_the_run(record_run, fresh_python, sp1024_data, tmp_path):
+    out, res = record_run
+    (tmp_path / "train_gpt.py").write_text((out / "train_gpt.py").read_text())
+    no_pgolf = subprocess.run([str(fresh_python), "-c", "import pgolf"], cwd=tmp_path, env=fresh_env(),
+                              capture_output=True, text=True)
+    assert no_pgolf.returncode != 0 and "No module named 'pgolf'" in no_pgolf.stderr
+    env = fresh_env(DATA_PATH=str(sp1024_data), SEED=str(res["seed"]), RUN_ID="again", ITERATIONS="6",
+                    MAX_WALLCLOCK_SECONDS="0")
+    r = subprocess.run([str(fresh_python), "train_gpt.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    again = json.loads((tmp_path / "runs" / "again" / "result.json").read_text())
+    assert last["val_bpb"] == pytest.approx(res["ttt_val_bpb"], abs=1e-6)
+    for key in ("val_bpb_prequant", "quant_val_bpb", "ttt_val_bpb", "ttt_val_loss", "code_bytes", "model_bytes"):
+        assert again[key] == pytest.approx(res[key], abs=1e-6), key
+    assert (tmp_path / "runs" / "again" / Path(res["artifact"]).name).read_bytes() == Path(res["artifact"]).read_bytes()
+    assert last["bytes_total"] == res["total_bytes"] and last["bytes_code"] == res["code_bytes"]
+    # a bad override is one clear line and exit status 2
+    bad = subprocess.run([str(fresh_python), "train_gpt.py"], cwd=tmp_path, env={**env, "ITERATIONS": "many"},
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == \
+        "train_gpt.py: error: ITERATIONS='many': expected int (train.iterations)"
+
+
+def test_exported_script_under_torchrun_gives_the_one_process_curve(record_run, fresh_python, sp1024_data, tmp_path):
+    out, res = record_run
+    (tmp_path / "train_gpt.py").write_text((out / "train_gpt.py").read_text())
+    env = fresh_env(DATA_PATH=str(sp1024_data), SEED=str(res["seed"]), RUN_ID="two", ITERATIONS="6",
+                    MAX_WALLCLOCK_SECONDS="0")
+    r = subprocess.run([str(fresh_python), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "train_gpt.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len([ln for ln in r.stdout.splitlines() if ln.startswith("{")]) == 1  # rank 0 prints the one JSON line
+    two = json.loads((tmp_path / "runs" / "two" / "result.json").read_text())
+    assert two["world_size"] == 2
+    one_curve = curve((out / "train.log").read_text())
+    two_curve = curve((tmp_path / "runs" / "two" / "train.log").read_text())
+    assert len(two_curve) == len(one_curve) == 6 and len(set(one_curve)) > 1
+    assert two_curve == pytest.approx(one_curve, abs=2e-4)  # 4 decimals in the log
+    assert two["val_bpb_prequant"] == pytest.approx(res["val_bpb_prequant"], rel=1e-4)
+    assert sorted(p.name for p in (tmp_path / "runs" / "two").glob("trace*.npz")) == \
+        ["trace.rank0.npz", "trace.rank1.npz"]
+
+
+def test_bad_input_is_one_line_and_never_a_finished_run(sp1024_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = record.cli(["--preset", "cpu-smoke", "--data", str(tmp_path / "nowhere"), "--out", str(out), *sets(TINY)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("pgolf: error: ") and "nowhere" in err[-1]
+    assert not (out / "result.json").exists() or json.loads((out / "result.json").read_text())["status"] == "failed"
+    rc = record.cli(["--preset", "cpu-smoke", "--data", str(sp1024_data), "--out", str(out),
+                     "--set", "ttt.method=magic"])
+    assert rc == 2 and "ttt.method" in capsys.readouterr().err
