@@ -60,16 +60,18 @@ def run(trained, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def measured_code_bytes():
-    from pgolf.quant.codebytes import code_bytes
+def measured_code_bytes(trained):
+    from pgolf.config import Config
+    from pgolf.export.codebytes import code_bytes
 
-    return code_bytes()
+    return code_bytes(Config.load(Path(trained) / "config.json"))
 
 
 @pytest.fixture
 def code_bytes_once(monkeypatch, measured_code_bytes):
-    """Counting the code (minifying it) takes ~3 s here: the real count, measured once per module."""
-    monkeypatch.setattr("pgolf.quant.codebytes.code_bytes", lambda *a, **k: measured_code_bytes)
+    """Counting the code (exporting and minifying the record script) takes ~3 s per configuration here:
+    the run's real count, measured once per module, stands in for every quantisation setting."""
+    monkeypatch.setattr("pgolf.export.codebytes.code_bytes", lambda *a, **k: measured_code_bytes)
 
 
 @pytest.fixture
