@@ -174,3 +174,40 @@ def test_follow_records_a_failure(tmp_path):
     f("training: 10 params, ...")
     f.finish(error="pgolf: error: step 3: training loss is nan (diverged)\nlast lines: ...")
     assert f.phase == "failed" and f.status() == "r · failed · pgolf: error: step 3: training loss is nan (diverged)"
+
+
+def fake_trainer(calls):
+    """A stand-in for `launch.train` that writes a short metrics.jsonl and returns a result, as a run does."""
+    def train(preset=None, data=None, **kw):
+        out = Path(kw["out"])
+        out.mkdir(parents=True)
+        for step in (1, 2, 3):
+            with open(out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": step, "time_s": step * 0.1, "train_loss": 7.0 - 0.1 * step}) + "\n")
+        calls.append(kw["overrides"])
+        return {"run_dir": str(out), "params": 100 + len(calls), "steps": 3, "train_seconds": 0.3, "val_loss": 6.0,
+                "val_bpb": 3.0 - 0.01 * len(calls), "total_bytes": 1000 * len(calls)}
+    return train
+
+
+def test_the_train_both_and_grid_buttons(tmp_path, monkeypatch):
+    """The widgets' buttons: a click trains (here a stand-in) and draws the overlay / the grid figure."""
+    calls = []
+    monkeypatch.setattr(launch, "train", fake_trainer(calls))
+    data, figs = tmp_path / "data", tmp_path / "fig"
+    data.mkdir()
+    controls = workbench.tweak_widget("cpu-smoke", figure=False)
+    workbench.set_widget_values(controls, attn_gate="sparse", attn_gate_width=16)
+    both = trials.compare_widget(controls, "cpu-smoke", [], str(data), runs_root=tmp_path / "runs", figures_dir=figs)
+    both.manual_button.click()
+    assert calls == [] and not figs.exists()  # no data folder yet: a message, nothing trained
+    (data / "fineweb_val_000000.bin").write_bytes(b"")
+    both.manual_button.click()
+    assert calls == [[], ['model.attn_gate="sparse"', "model.attn_gate_width=16"]]
+    assert (figs / "compare_loss.png").is_file()
+    grid = trials.grid_widget(controls, "cpu-smoke", [], str(data), runs_root=tmp_path / "runs", figures_dir=figs,
+                              values="8, 24")
+    grid.manual_button.click()
+    assert calls[2:] == [['model.attn_gate="sparse"', "model.attn_gate_width=8"],
+                         ['model.attn_gate="sparse"', "model.attn_gate_width=24"]]
+    assert (figs / "grid_attn_gate_width.png").is_file()

@@ -240,22 +240,6 @@ def verdict(est: dict[str, Any]) -> str:
     return "over" if est["over_limit"] else "maybe over" if est["maybe_over"] else "under"
 
 
-def estimate_table(estimates: dict[str, Any]) -> "pandas.DataFrame":  # noqa: F821
-    """One `estimate` dict, or {label: estimate}, as a table with one column per configuration."""
-    import pandas as pd
-
-    if "params" in estimates:
-        estimates = {estimates["preset"]: estimates}
-    cols = {}
-    for label, est in estimates.items():
-        rows = {"params": est["params"], "est. model bytes": est["est_model_bytes"], "code bytes": est["code_bytes"],
-                "est. artifact bytes": est["bytes"], "  band low": est["bytes_low"], "  band high": est["bytes_high"]}
-        rows.update({f"  {k}": v for k, v in est["bytes_by_kind"].items()})
-        cols[label] = pd.Series(rows).map("{:,}".format)
-        cols[label][f"vs {est['limit']:,}"] = verdict(est)
-    return pd.DataFrame(cols).fillna("")
-
-
 def deltas(base: dict[str, Any], tweak: dict[str, Any]) -> dict[str, tuple[int, int, int]]:
     """{row: (preset, tweak, tweak - preset)} over the numbers of two `estimate` dicts: params, the
     artifact estimate and its band, model and code bytes, and the bytes of each tensor group."""
