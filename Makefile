@@ -13,9 +13,9 @@ TORCH_CPU  ?= torch==2.13.0+cpu
 LOCK_FLAGS ?= --find-links /opt/wheels
 PIP_FLAGS  ?=
 
-.PHONY: run test lint lock test-gpu lab-test gpu-wheels lab venv clean
+.PHONY: run test lint lock test-gpu lab-test gpu-wheels lab venv clean git-filter
 
-venv: $(STAMP)
+venv: $(STAMP) git-filter
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,10 +34,10 @@ lock:
 
 # The main job on the embedded default: sample corpus -> train (cpu-smoke, or baseline on a GPU)
 # -> run directory under runs/ and a loss-curve figure under figures/.
-run: $(STAMP)
+run: $(STAMP) git-filter
 	$(BIN)/python -m pgolf.lab.mainjob
 
-test: $(STAMP)
+test: $(STAMP) git-filter
 	$(BIN)/python -m pytest -q
 
 # ruff (style, pyflakes, bugbear) and mypy (types); settings in pyproject.toml. CI runs it before the tests.
@@ -67,8 +67,15 @@ gpu-wheels: $(STAMP)
 	  --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
-lab: $(STAMP)
+lab: $(STAMP) git-filter
 	$(BIN)/jupyter lab --notebook-dir=notebooks
+
+# Notebooks reach commits without outputs: the clean filter scripts/nbstrip.py (named for *.ipynb in
+# .gitattributes) strips them when a notebook is staged, so one run and saved in JupyterLab shows no
+# change in `git diff` and `git add` stages nothing. Installed into this clone's git config by venv, run,
+# test and lab.
+git-filter:
+	@if git rev-parse --git-dir >/dev/null 2>&1; then git config filter.nbstrip.clean "$(PYTHON) scripts/nbstrip.py"; fi
 
 clean:
 	rm -rf $(VENV) data/sample

@@ -1,4 +1,6 @@
-"""The workbench notebooks: committed clean, and each executes headless under papermill on CPU.
+"""The workbench notebooks: committed clean (what git holds, not the working tree: a notebook run and
+saved in JupyterLab must not fail the suite), the project's kernel, and each executes headless under
+papermill on CPU, with runs and with an empty runs/ (then it says what to run first).
 
 train.ipynb is executed the way the issue's acceptance does it, through `pgolf sweep` with two seeds
 (a tiny model and a few seconds each, to keep the suite short), then re-run to check that finished
@@ -10,6 +12,8 @@ import io
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,17 +48,77 @@ def literal_assignments(source):
     return names
 
 
-@pytest.mark.parametrize("path", sorted(NB_DIR.glob("*.ipynb")), ids=lambda p: p.name)
-def test_committed_clean_with_one_literal_parameters_cell(path):
-    nb = nbformat.read(path, as_version=4)
+def committed(path, root=ROOT):
+    """The notebook as git holds it for the next commit (the index; a file git does not track yet, or a
+    tree that is not a git checkout: the file itself). The working tree may hold a run's outputs."""
+    rel = Path(path).relative_to(root)
+    r = subprocess.run(["git", "-C", str(root), "show", f":{rel}"], capture_output=True, text=True)
+    return r.stdout if r.returncode == 0 else Path(path).read_text()
+
+
+def check_clean(text, name):
+    """No outputs or execution counts, and exactly one `parameters` cell of literal assignments."""
+    nb = nbformat.reads(text, as_version=4)
     nbformat.validate(nb)
     for cell in nb.cells:
         if cell.cell_type == "code":
-            assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: commit without outputs"
+            assert cell.outputs == [] and cell.execution_count is None, f"{name}: commit without outputs"
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    assert len(params) == 1, f"{path.name}: exactly one cell tagged 'parameters'"
+    assert len(params) == 1, f"{name}: exactly one cell tagged 'parameters'"
     names = literal_assignments(params[0].source)
     assert len(names) == len(set(names)) and names
+    return nb
+
+
+@pytest.mark.parametrize("path", sorted(NB_DIR.glob("*.ipynb")), ids=lambda p: p.name)
+def test_committed_clean_with_one_literal_parameters_cell_and_the_project_kernel(path):
+    nb = check_clean(committed(path), path.name)
+    assert nb.metadata.kernelspec.name == "pgolf", f"{path.name}: the project's kernel (make installs it)"
+
+
+def test_make_installs_the_kernel_the_notebooks_name():
+    assert "ipykernel install --sys-prefix --name pgolf" in (ROOT / "Makefile").read_text()
+
+
+def git(repo, *args, **kw):
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True, **kw).stdout
+
+
+def test_a_notebook_saved_with_outputs_neither_fails_the_check_nor_reaches_a_commit(tmp_path):
+    """In a fresh clone `make` installs the clean filter; a notebook then run and saved (with outputs,
+    counts and widget state) shows no change, stages clean, and the clean check above passes."""
+    repo = tmp_path / "clone"
+    (repo / "notebooks").mkdir(parents=True)
+    (repo / "scripts").mkdir()
+    shutil.copy(ROOT / ".gitattributes", repo)
+    shutil.copy(ROOT / "scripts" / "nbstrip.py", repo / "scripts")
+    git(repo, "init", "-q")
+    git(repo, "config", "user.email", "t@example.com")
+    git(repo, "config", "user.name", "t")
+    subprocess.run(["make", "-s", "-C", str(repo), "-f", str(ROOT / "Makefile"), "git-filter"], check=True)
+    assert git(repo, "config", "filter.nbstrip.clean").strip().endswith("scripts/nbstrip.py")
+    path = repo / "notebooks" / "bpb_vs_artifact.ipynb"
+    path.write_text(committed(NB_DIR / "bpb_vs_artifact.ipynb"))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "notebooks")
+    nb = nbformat.reads(path.read_text(), as_version=4)  # as JupyterLab saves it after a run
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    code[-1].outputs = [nbformat.v4.new_output("stream", name="stdout", text="3 finished runs\n")]
+    code[-1].execution_count = 7
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    nb.metadata["language_info"] = {"name": "python", "version": "3.11.9", "mimetype": "text/x-python"}
+    nbformat.write(nb, path)
+    assert "3 finished runs" in path.read_text()
+    assert git(repo, "diff", "--name-only") == ""  # git compares the cleaned notebook: no change
+    check_clean(committed(path, repo), path.name)
+    git(repo, "add", "-A")
+    assert git(repo, "diff", "--cached", "--name-only") == ""  # staging it stages nothing
+    assert git(repo, "status", "--porcelain") == ""
+    check_clean(committed(path, repo), path.name)
+    # Without the filter the outputs would be staged, and the check would catch them.
+    git(repo, "-c", "filter.nbstrip.clean=cat", "add", "--renormalize", ".")
+    with pytest.raises(AssertionError, match="commit without outputs"):
+        check_clean(committed(path, repo), path.name)
 
 
 def test_listed_notebooks_exist():
@@ -105,9 +169,18 @@ def check_train(tmp_path, request, monkeypatch):
     results = [RunDir(r).result() for r in res["runs"]]
     assert [r["status"] for r in results] == ["finished", "finished"]
     assert sorted(r["seed"] for r in results) == [1, 2]
-    for r in res["runs"]:
+    for r, result in zip(res["runs"], results):
         assert (Path(r) / "train.ipynb").is_file() and (Path(r) / "result.json").is_file()
         assert (root / "figures" / f"loss_{Path(r).name}.png").is_file()
+        logged = [m for m in RunDir(r).read_metrics() if "train_loss" in m]
+        assert result["train_loss"] == logged[-1]["train_loss"] and result["steps"] == logged[-1]["step"]
+        # the live view followed the run: a figure while it trained, then every phase named
+        nb = nbformat.read(Path(r) / "train.ipynb", as_version=4)
+        cell = next(c for c in nb.cells if "live.train(" in c.source)
+        assert any("image/png" in o.get("data", {}) for o in cell.outputs)
+        text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+        assert re.search(r": finished; starting [\d.]+ s · training [\d.]+ s · validation [\d.]+ s · "
+                         r"export / quantisation [\d.]+ s", text), text[-2000:]
     assert len((root / "runs" / "index.jsonl").read_text().splitlines()) == 2
     assert len(load(root / "runs")) == 2
     again = cli_sweep(root, data)
@@ -119,8 +192,9 @@ def check_architecture_tweaks(tmp_path, request, monkeypatch):
     nb = execute("architecture_tweaks.ipynb", tmp_path, figures_dir=str(tmp_path / "fig"))
     assert (tmp_path / "fig" / "architecture_bytes.png").is_file()
     assert (tmp_path / "fig" / "architecture_bytes.svg").is_file()
-    # the check cell (widgets == headless) ran
+    # the check cell (widgets == headless) ran, and the notebook ends with a message (no runs needed)
     assert any("set_widget_values" in c.source and c.get("execution_count") for c in nb.cells)
+    assert "To train them: the buttons above" in last_text(nb)
 
 
 def check_bpb_vs_artifact(tmp_path, request, monkeypatch):
@@ -131,8 +205,10 @@ def check_bpb_vs_artifact(tmp_path, request, monkeypatch):
         fake_run(root, f"new_s{i}", "new", i, loss, 15_900_000)
     nb = execute("bpb_vs_artifact.ipynb", tmp_path, runs_root=str(root), figures_dir=str(tmp_path / "fig"))
     assert (tmp_path / "fig" / "bpb_vs_artifact.png").is_file()
-    table = [o for o in nb.cells[-1].outputs if o.output_type == "execute_result"][0].data["text/plain"]
+    table = [o for o in nb.cells[-1].outputs if o.output_type == "display_data"][0].data["text/plain"]
     assert "True" in table  # the significance table: new beats ref by 0.015 nats with p ~ 0.002
+    assert re.search(r"\bref\b.*\bnew\b", table)  # configurations named (by their presets here), not hashed
+    assert "1 pair(s) of configurations tested on val_bpb." in last_text(nb)
 
 
 def check_gptq_precision_vs_bytes(tmp_path, request, monkeypatch):
@@ -172,6 +248,29 @@ def test_notebook_executes_headless(name, tmp_path, monkeypatch, request):
     HEADLESS[name](tmp_path, request, monkeypatch)
 
 
+def last_text(nb):
+    """What the notebook's last code cell printed."""
+    cell = [c for c in nb.cells if c.cell_type == "code"][-1]
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
+# notebook -> what it says with an empty runs/ (architecture_tweaks needs no runs: its check above runs without)
+EMPTY = {"train.ipynb": "Run `make run` first", "bpb_vs_artifact.ipynb": "No finished run under",
+         "gptq_precision_vs_bytes.ipynb": "No trained run under",
+         "ttt_convergence.ipynb": "then `pgolf eval RUN --ttt`"}
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY))
+def test_notebook_with_empty_runs_ends_with_what_to_run_first(name, tmp_path, monkeypatch):
+    """A fresh clone: no runs and no data folder. The notebook runs to its end and says what to run first
+    (papermill raises on any exception in a cell)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    nb = execute(name, tmp_path, runs_root="runs", figures_dir=str(tmp_path / "fig"))
+    assert EMPTY[name] in last_text(nb)
+    assert not (tmp_path / "fig").exists() and os.listdir(tmp_path / "runs") == []
+
+
 # ---- the helpers the notebooks call
 
 def test_widget_matches_headless_estimate():
@@ -190,23 +289,6 @@ def test_overrides_from_round_trip():
     sets = workbench.overrides_from(cfg)
     assert get_preset("pr1855", sets).to_dict() == cfg.to_dict()
     assert "model.attn_gate=\"dense\"" in sets and len(sets) == 3
-
-
-def test_compare_launches_each_config(tmp_path, monkeypatch):
-    calls = []
-
-    def fake_train(preset, data, **kw):
-        calls.append((preset, data, kw))
-        return {"run_dir": kw["out"], "params": 1, "steps": 2, "train_seconds": 3.0, "val_loss": 4.0, "val_bpb": 5.0}
-
-    monkeypatch.setattr(launch, "train", fake_train)
-    base = get_preset("cpu-smoke")
-    table = workbench.compare({"base": base, "gate": workbench.tweaked("cpu-smoke", attn_gate="sparse")}, 7.0,
-                              "DATA", runs_root=tmp_path)
-    assert table["label"].tolist() == ["base", "gate"] and table["val_bpb"].tolist() == [5.0, 5.0]
-    assert [c[2]["overrides"] for c in calls] == [[], ['model.attn_gate="sparse"']]
-    assert all(c[0] == "cpu-smoke" and c[1] == "DATA" and c[2]["max_seconds"] == 7.0 for c in calls)
-    assert all(Path(c[2]["out"]).parent == tmp_path for c in calls)
 
 
 def test_launch_command_and_failure(tmp_path):

@@ -4,10 +4,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pgolf.lab import plots
+from pgolf.lab import plots, registry
 from pgolf.errors import PgolfError
 from pgolf.lab.registry import load
-from pgolf.runs import RunDir
+from pgolf.runs import RunDir, stage
 
 
 def fake_run(root, name, preset, seed, key, bpb, total_bytes, steps=30):
@@ -97,3 +97,98 @@ def test_bpb_vs_artifact_precision_and_ttt(tmp_path):
     assert_written(plots.plot_size_breakdown(est, out_dir=out), "architecture_bytes", out)
     with pytest.raises(PgolfError):
         plots.plot_bpb_vs_artifact(pd.DataFrame(), out_dir=out)
+
+
+# ---- BPB vs artifact: stages, labels, token counts, axes
+
+def staged_run(root, name, seed, seconds, bpb, ttt_tokens=None, total_bytes=1_100_000):
+    """A run as `pgolf train` (+ `pgolf eval --ttt`) leaves it: stages, and flat keys only where the
+    commands set them (the trainer's export score is a stage, not `quant_val_bpb`)."""
+    run = RunDir.create(root / name)
+    run.write_json("config.json", {"model": {"num_layers": 4}, "train": {"seed": seed, "max_seconds": seconds},
+                                   "data": {"path": f"/data/{seed}"}})
+    score = lambda b, n: {"val_bpb": b, "val_loss": b * 1.6, "tokens": n, "bytes": 3 * n}  # noqa: E731
+    st = [stage("pre-quant", score(bpb, 36_864), by="train", weights="fp", setting="s"),
+          stage("quantised", score(bpb + 0.01, 36_864), by="train", weights="artifact", setting="s")]
+    flat = {}
+    if ttt_tokens:
+        st.append(stage("ttt", score(bpb - 0.03, ttt_tokens), by="eval", weights="artifact", setting="t"))
+        flat = {"ttt_val_bpb": bpb - 0.03, "ttt_val_tokens": ttt_tokens}
+    run.finish({"preset": "cpu-smoke", "seed": seed, "val_bpb": bpb, "val_loss": bpb * 1.6, "val_tokens": 36_864,
+                "total_bytes": total_bytes, "stages": st, **flat})
+
+
+def series(fig):
+    """{legend label: Line2D} of the figure's first axes."""
+    return {ln.get_label(): ln for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")}
+
+
+def test_bpb_vs_artifact_draws_every_stage_and_names_configs_by_their_difference(tmp_path):
+    root = tmp_path / "runs"
+    for s in (1, 2):
+        staged_run(root, f"short_s{s}", s, 20, 2.00 + 0.01 * s, total_bytes=1_120_000)
+        staged_run(root, f"long_s{s}", s, 40, 1.90 + 0.01 * s, total_bytes=1_140_000)
+    fig = plots.bpb_vs_artifact_figure(load(root))
+    lines = series(fig)
+    # one series per stage (the trainer's export is drawn although no flat quant_val_bpb exists) ...
+    assert {"pre-quant", "artifact"} <= set(lines) and "after TTT" not in lines
+    assert list(lines["artifact"].get_ydata()) == pytest.approx([2.025, 1.925])
+    # ... and the two configurations named by the one field they differ in (not a hash, not the seed or data)
+    assert {"train.max_seconds=20 (2 seeds)", "train.max_seconds=40 (2 seeds)"} <= set(lines)
+    lo, hi = fig.axes[0].get_xlim()  # fitted to 1.12..1.14 MB, the 16 MB limit marked at the edge
+    assert 1.10 < lo < 1.12 and 1.14 < hi < 1.16
+    assert any("limit 16,000,000 B →" in t.get_text() for t in fig.axes[0].texts)
+    assert fig.axes[0].get_legend().get_title().get_text() == ""  # no stage on fewer tokens here
+
+
+def test_a_ttt_stage_on_fewer_tokens_is_drawn_apart(tmp_path):
+    root = tmp_path / "runs"
+    for s in (1, 2):
+        staged_run(root, f"r_s{s}", s, 20, 2.0 + 0.01 * s, ttt_tokens=4096, total_bytes=15_950_000)
+    df = load(root)
+    pts = plots.config_points(df)
+    assert pts.loc[0, "ttt_val_bpb_tokens"] == 4096 and bool(pts.loc[0, "ttt_val_bpb_fewer"])
+    assert not pts.loc[0, "quant_val_bpb_fewer"] and pts.loc[0, "quant_val_bpb_tokens"] == 36_864
+    fig = plots.bpb_vs_artifact_figure(df)
+    lines = series(fig)
+    hollow = lines["after TTT (fewer tokens)"]
+    assert hollow.get_markerfacecolor() == "none" and "after TTT" not in lines
+    assert lines["pre-quant"].get_markerfacecolor() != "none"
+    assert fig.axes[0].get_legend().get_title().get_text() == plots.FEWER_NOTE
+    dashed = [ln for ln in fig.axes[0].get_lines() if ln.get_linestyle() == "--"]
+    assert [list(ln.get_ydata()) for ln in dashed] == [pytest.approx([2.025, 1.985])]  # joined apart
+    # the Pareto front ignores the fewer-token score: the best full-token stage is the pre-quant one
+    assert list(lines["Pareto front"].get_ydata()) == pytest.approx([2.015])
+    assert "limit 16,000,000 B" in lines  # in range (15.95 MB): drawn as a line
+
+
+def test_config_labels(tmp_path):
+    root = tmp_path / "runs"
+    staged_run(root, "a_s1", 1, 20, 2.0)
+    staged_run(root, "a_s2", 2, 20, 2.0)
+    labels = registry.config_labels(load(root))
+    assert list(labels.values()) == ["cpu-smoke"]  # one configuration: its preset
+    staged_run(root, "b_s1", 1, 40, 2.0)
+    assert sorted(registry.config_labels(load(root)).values()) == ["train.max_seconds=20", "train.max_seconds=40"]
+
+
+def test_short_runs_get_markers_and_overlay(tmp_path):
+    run = RunDir.create(tmp_path / "one")
+    run.append_jsonl("metrics.jsonl", {"step": 4, "time_s": 1.0, "train_loss": 6.5})
+    run.append_jsonl("metrics.jsonl", {"step": 4, "time_s": 1.2, "val_loss": 6.6, "val_bpb": 3.9})
+    ax = plots.loss_curves_figure(run.path).axes[0]
+    train = next(ln for ln in ax.get_lines() if ln.get_label() == "train")
+    assert train.get_marker() == "o" and list(train.get_xdata()) == [4]  # one point, visible
+    other = fake_run(tmp_path / "runs", "long", "cpu-smoke", 1, "k", 1.5, 10, steps=300)
+    out = tmp_path / "fig"
+    assert_written(plots.plot_loss_overlay({"one": run.path, "long": other.path}, out_dir=out), "compare_loss", out)
+
+
+def test_precision_labels_are_numbered_beside_the_axes():
+    prec = pd.DataFrame({"label": ["b8 k12.85 all", "b6 k12.85 all", "b5 k10 all"], "total_bytes": [20e6, 15.9e6, 13e6],
+                         "val_bpb": [1.20, 1.21, 1.24]})
+    ax = plots.precision_figure(prec).axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    # the front in byte order, numbered on the points; the settings listed once, beside the axes
+    assert texts[:3] == ["1", "2", "3"]
+    assert texts[3] == "Pareto front\n1: b5 k10 all\n2: b6 k12.85 all\n3: b8 k12.85 all"

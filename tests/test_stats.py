@@ -128,3 +128,66 @@ def test_by_config_and_pairwise():
     assert set(pw["b"]) == {"close", "far"} and (pw["a"] == "ref").all()
     sig = dict(zip(pw["b"], pw["significant"]))
     assert sig == {"close": False, "far": True}
+
+
+# ---- which tokens a score was measured on
+
+def staged(loss_bpb, ttt_tokens):
+    """A result as `pgolf train` + `pgolf eval --ttt` leave it (stages; the trainer's export is a stage only)."""
+    from pgolf.runs import stage
+
+    score = lambda b, n: {"val_bpb": b, "val_loss": b * 1.6, "tokens": n, "bytes": 3 * n}  # noqa: E731
+    return {"val_bpb": loss_bpb, "val_loss": loss_bpb * 1.6, "val_tokens": 36_864, "ttt_val_bpb": loss_bpb - 0.03,
+            "ttt_val_tokens": ttt_tokens, "ttt_val_loss": (loss_bpb - 0.03) * 1.6,
+            "stages": [stage("pre-quant", score(loss_bpb, 36_864), by="train", weights="fp", setting="s"),
+                       stage("quantised", score(loss_bpb + 0.01, 36_864), by="train", weights="artifact", setting="s"),
+                       stage("ttt", score(loss_bpb - 0.03, ttt_tokens), by="eval", weights="artifact", setting="t")]}
+
+
+def test_metric_tokens_and_the_trainers_export_stage():
+    r = staged(2.0, 4096)
+    assert stats.metric_tokens(r, "val_bpb") == 36_864
+    assert stats.metric_tokens(r, "ttt_val_bpb") == 4096
+    # no flat quant_val_bpb: the trainer's export stage is the run's artifact score, with its own loss
+    assert stats.metric_value(r, "quant_val_bpb") == 2.01 and stats.metric_tokens(r, "quant_val_bpb") == 36_864
+    assert stats.loss_nats(r, "quant_val_bpb") == pytest.approx(2.01 * 1.6)
+    assert stats.metric_tokens({"val_bpb": 1.0, "val_tokens": 100}, "val_bpb") == 100  # flat keys only
+    assert stats.metric_tokens({"val_bpb": 1.0}, "val_bpb") is None
+
+
+def write_staged(root, prefix, losses, ttt_tokens):
+    for i, loss in enumerate(losses):
+        run = RunDir.create(root / f"{prefix}_s{i}")
+        run.write_json("config.json", {"train": {"seed": i}, "model": {"tag": prefix}})
+        run.finish({"preset": "cpu-smoke", "seed": i, **staged(loss / 1.6, ttt_tokens)})
+
+
+def test_cli_stats_says_loudly_when_token_sets_differ(tmp_path, capsys):
+    write_staged(tmp_path, "old", A, 36_864)
+    write_staged(tmp_path, "short", B_FAR, 4096)
+    write_staged(tmp_path, "full", B_FAR, 36_864)
+    argv = ["stats", "old_*", "--metric", "ttt_val_bpb", "--runs-root", str(tmp_path)]
+    rc, out, err = run_cli([*argv, "--vs", "short_*"], capsys)
+    assert rc == 0 and out["equal_tokens"] is False
+    assert out["a"]["tokens"] == [36_864] and out["b"]["tokens"] == [4096]
+    assert "36,864" in out["warnings"][0] and "4,096" in out["warnings"][0]
+    assert "pgolf stats: WARNING: ttt_val_bpb was scored on different numbers of tokens" in err
+    rc, out, err = run_cli([*argv, "--vs", "full_*"], capsys)
+    assert rc == 0 and out["equal_tokens"] is True and out["warnings"] == [] and "WARNING" not in err
+
+
+def test_pairwise_flags_unequal_tokens_and_explains_too_few_seeds(tmp_path):
+    rows = [{"config_key": k, "preset": k, "seed": i, **staged(v / 1.6, n)}
+            for k, vals, n in (("ref", A, 36_864), ("far", B_FAR, 4096)) for i, v in enumerate(vals)]
+    df = pd.DataFrame(rows)
+    pw = stats.pairwise(df, "ttt_val_bpb")
+    assert pw["equal_tokens"].tolist() == [False]
+    assert stats.pairwise(df, "val_bpb")["equal_tokens"].tolist() == [True]
+    assert stats.seed_note(df) == ""
+    one = pd.concat([df, pd.DataFrame([{"config_key": "solo", "preset": "solo", "seed": 0, **staged(1.4, 4096)}])])
+    assert len(stats.pairwise(one)) == 1  # solo has one seed: no test for it
+    note = stats.seed_note(one, labels={"solo": "train.max_seconds=40"})
+    assert note.startswith("the significance test needs at least 2 seeds per configuration; too few: "
+                           "train.max_seconds=40 (1 seed)")
+    assert stats.seed_note(df.iloc[:3]) == "only one configuration: nothing to compare it with yet"
+    assert "nothing to compare yet" in stats.seed_note(pd.DataFrame())

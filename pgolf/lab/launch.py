@@ -153,10 +153,12 @@ def _last_metrics(path: Path, state: dict[str, Any]) -> dict[str, Any] | None:
 
 def stream(cmd: Sequence[str], *, echo: Callable[[str], None] | None = None, run_dir: str | Path | None = None,
            total_seconds: float | None = None, env: dict[str, str] | None = None, tail: int = 60,
-           file: Any = None) -> list[str]:
+           file: Any = None, watch: Callable[[str], None] | None = None) -> list[str]:
     """Run `cmd`, echoing its merged stdout/stderr line by line to `file` (stdout by default); with
     `run_dir`, a text progress bar follows the run's metrics.jsonl (`time_s` of `total_seconds`).
-    Returns all lines; raises PgolfError with the log tail on a non-zero exit."""
+    `watch` is called with every line after it is echoed (`pgolf.lab.live.Follow`: a live figure or a
+    progress line); it replaces the text bar. Returns all lines; raises PgolfError with the log tail on a
+    non-zero exit."""
     from tqdm import tqdm  # the text bar: the same in a terminal, a notebook and a papermill output
 
     file = file or sys.stdout
@@ -166,7 +168,7 @@ def stream(cmd: Sequence[str], *, echo: Callable[[str], None] | None = None, run
     fmt = ("{desc}: {percentage:3.0f}%|{bar:20}| {n:.0f}/{total:.0f} s of training [{elapsed}{postfix}]"
            if total_seconds else "{desc}: {n:.0f} s of training [{elapsed}{postfix}]")
     bar = tqdm(total=round(total_seconds) if total_seconds else None, desc="train", file=file, leave=True,
-               bar_format=fmt, dynamic_ncols=False) if run_dir else None
+               bar_format=fmt, dynamic_ncols=False) if run_dir and watch is None else None
     if echo is None:
         echo = (lambda s: bar.write(s, file=file)) if bar is not None else (lambda s: print(s, file=file, flush=True))
     mstate: dict[str, Any] = {}
@@ -177,7 +179,7 @@ def stream(cmd: Sequence[str], *, echo: Callable[[str], None] | None = None, run
     try:
         with sigterm_raises():
             try:
-                _follow(proc, lines, last, echo, bar, run_dir, mstate)
+                _follow(proc, lines, last, echo, bar, run_dir, mstate, watch)
                 rc = proc.wait()
             except BaseException:
                 _kill(proc)  # inside: a second SIGTERM is ignored until the children are gone
@@ -210,7 +212,7 @@ def error_line(lines: Sequence[str]) -> str:
 
 
 def _follow(proc: subprocess.Popen, lines: list[str], last: deque[str], echo: Callable[[str], None], bar: Any,
-            run_dir: str | Path | None, mstate: dict[str, Any]) -> None:
+            run_dir: str | Path | None, mstate: dict[str, Any], watch: Callable[[str], None] | None) -> None:
     """Echo the child's lines as they come; move the progress bar along its metrics.jsonl."""
     assert proc.stdout is not None
     for raw in proc.stdout:
@@ -218,6 +220,8 @@ def _follow(proc: subprocess.Popen, lines: list[str], last: deque[str], echo: Ca
         lines.append(line)
         last.append(line)
         echo(line)
+        if watch is not None:
+            watch(line)
         if bar is not None:
             m = _last_metrics(Path(run_dir) / "metrics.jsonl", mstate)
             if m and m.get("time_s") is not None:
@@ -258,17 +262,19 @@ def final_json(lines: Sequence[str]) -> dict[str, Any]:
 def train(preset: str | None = None, data: str | None = None, *, nproc: int = 1, config: str | None = None,
           tokenizer: str | None = None, out: str | None = None, seed: int | None = None,
           max_seconds: float | None = None, overrides: Sequence[str] = (),
-          echo: Callable[[str], None] | None = None, budget_seconds: float | None = None) -> dict[str, Any]:
+          echo: Callable[[str], None] | None = None, budget_seconds: float | None = None,
+          watch: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train under torchrun, streaming the log; returns the final JSON of rank 0.
 
-    `budget_seconds` only sizes the progress bar (default: `max_seconds`, else the config's budget)."""
+    `budget_seconds` only sizes the progress bar (default: `max_seconds`, else the config's budget);
+    `watch` sees every log line instead of the bar (see `stream`)."""
     argv = train_args(preset, data, config=config, tokenizer=tokenizer, out=out, seed=seed,
                       max_seconds=max_seconds, overrides=overrides)
     rdzv_id = _publish(argv, nproc) if _multinode() else None
     cmd = torchrun_cmd(argv, nproc, rdzv_id)
     if budget_seconds is None:
         budget_seconds = max_seconds or _config_budget(config)
-    lines = stream(cmd, echo=echo, run_dir=out, total_seconds=budget_seconds or None)
+    lines = stream(cmd, echo=echo, run_dir=out, total_seconds=budget_seconds or None, watch=watch)
     try:
         return final_json(lines)
     except PgolfError:

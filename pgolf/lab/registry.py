@@ -45,15 +45,63 @@ def _result(run: RunDir) -> dict[str, Any]:
 
 
 def load(root: str | Path = "runs") -> "pandas.DataFrame":  # noqa: F821
-    """Every finished run listed in `<root>/index.jsonl`, one row each, with its latest results."""
+    """Every finished run listed in `<root>/index.jsonl`, one row each, with its latest results (the
+    flat keys) and its `stages` (a list, as `pgolf.runs.stages` returns them)."""
     import pandas as pd
 
     rows = []
     for run, entry in _runs(root).values():
+        result = _result(run)
         row = dict(entry)
-        row.update({k: v for k, v in _result(run).items() if not isinstance(v, (dict, list))})
+        row.update({k: v for k, v in result.items() if not isinstance(v, (dict, list))})
+        row["stages"] = stages(result) if "result_error" not in result else []
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def latest_run(root: str | Path = "runs", needs: str = "final_model.pt") -> Path | None:
+    """The most recently finished run in `<root>/index.jsonl` whose directory holds `needs` (None if none)."""
+    for run, _ in reversed(list(_runs(root).values())):
+        if run.file(needs).exists() and run.is_finished():
+            return run.path
+    return None
+
+
+def config_labels(df: "pandas.DataFrame", key: str = "config_key", most: int = 3) -> dict[str, str]:  # noqa: F821
+    """{config key: how it differs from the others}: its preset when the presets differ, then the config
+    fields (`section.field=value`, seed and data paths left out) that differ between the configurations of
+    the same preset; at most `most` fields, then "+N more". A configuration alone is named by its preset."""
+    from pgolf.runs import _RUN_SPECIFIC
+
+    firsts = df.drop_duplicates(key) if len(df) and key in df.columns else df.iloc[0:0]
+    flat: dict[str, dict[str, Any]] = {}
+    presets: dict[str, str] = {}
+    for r in firsts.to_dict("records"):
+        k = str(r[key])
+        presets[k] = str(r.get("preset") or "?")
+        try:
+            cfg = RunDir(r["run_dir"]).config() if r.get("run_dir") else {}
+        except PgolfError:
+            cfg = {}
+        flat[k] = {f"{sec}.{f}": v for sec, fields in cfg.items() if isinstance(fields, dict)
+                   for f, v in fields.items() if (sec, f) not in _RUN_SPECIFIC}
+    several_presets = len(set(presets.values())) > 1
+    labels = {}
+    for k in flat:
+        peers = [flat[j] for j in flat if presets[j] == presets[k]]
+        differ = [n for n in sorted({n for p in peers for n in p}) if len({json.dumps(p.get(n)) for p in peers}) > 1]
+        diff = [f"{n}={json.dumps(flat[k].get(n))}" for n in differ]
+        shown = diff[:most] + ([f"+{len(diff) - most} more"] if len(diff) > most else [])
+        labels[k] = " ".join(([presets[k]] if several_presets or not shown else []) + shown)
+    return _distinct(labels)
+
+
+def _distinct(labels: dict[str, str]) -> dict[str, str]:
+    """Labels that are still equal (configurations read without their config.json) get their key."""
+    seen: dict[str, int] = {}
+    for v in labels.values():
+        seen[v] = seen.get(v, 0) + 1
+    return {k: (f"{v} [{k}]" if seen[v] > 1 else v) for k, v in labels.items()}
 
 
 def load_stages(root: str | Path = "runs") -> "pandas.DataFrame":  # noqa: F821

@@ -15,9 +15,18 @@ artifact's once `pgolf quantize` has evaluated it (which keeps the trainer's as 
 `quant_val_bpb` and `ttt_val_bpb` are the quantised and test-time-trained scores. `val_bpb_prequant`
 falls back to `val_bpb` for a run that was never quantised.
 
+A stage metric missing from the flat keys comes from the run's latest stage of that name
+(`pgolf.runs` stages: `pre-quant`, `quantised`, `ttt`), e.g. `quant_val_bpb` of a run only trained is
+the score of the trainer's own export.
+
 Losses (nats/token) come from the key with "bpb" replaced by "loss" (`val_loss`, `ttt_val_loss`,
-`val_loss_prequant`) when the run recorded it, otherwise the metric is converted with the run's own
-bytes-per-token ratio (`val_loss / val_bpb`: the same validation set, so the same tokens and bytes).
+`val_loss_prequant`) when the run recorded it, else from the stage the score came from, otherwise the
+metric is converted with the run's own bytes-per-token ratio (`val_loss / val_bpb`).
+
+Scores compare like with like only on the same tokens: `metric_tokens` is the number of tokens a run's
+score was measured on (from its stage, else the flat `*_tokens` key). `compare` and `pgolf stats` report
+the token counts of both groups and warn loudly (stderr, `warnings` in the JSON, `equal_tokens: false`)
+when they differ, e.g. a TTT score on 4,096 tokens against one on the whole validation set.
 
 `pgolf stats` reads every directory a pattern matches; the ones it cannot use (not finished, failed,
 interrupted, unreadable, without the metric) are listed with the reason under `skipped` in the result
@@ -50,12 +59,52 @@ def _quantised(result: dict[str, Any]) -> bool:
     return _present(result.get("quant_val_bpb")) or _present(result.get("val_bpb_prequant"))
 
 
-def metric_value(result: dict[str, Any], metric: str = "val_bpb") -> float | None:
-    """One run's `metric` (None when absent); see the module notes for `val_bpb_prequant`."""
+# The stage (pgolf.runs) each stage metric is the latest score of.
+STAGE_OF = {"val_bpb_prequant": "pre-quant", "quant_val_bpb": "quantised", "ttt_val_bpb": "ttt"}
+
+
+def _flat_value(result: dict[str, Any], metric: str) -> Any:
     v = result.get(metric)
     if not _present(v) and metric == "val_bpb_prequant" and not _quantised(result):
         v = result.get("val_bpb")
+    return v
+
+
+def _recorded_stages(result: dict[str, Any]) -> list[dict[str, Any]]:
+    st = result.get("stages")
+    return [s for s in st if isinstance(s, dict) and _present(s.get("val_bpb"))] if isinstance(st, list) else []
+
+
+def source_stage(result: dict[str, Any], metric: str = "val_bpb") -> dict[str, Any] | None:
+    """The stage a run's `metric` was scored in: the latest stage with that very score (of the metric's
+    stage name, for a stage metric), or for a stage metric missing from the flat keys the latest stage
+    of its name; None when the run recorded no such stage."""
+    name = STAGE_OF.get(metric)
+    candidates = [s for s in _recorded_stages(result) if name is None or s.get("name") == name]
+    v = _flat_value(result, metric)
+    if not _present(v):
+        return candidates[-1] if name and candidates else None
+    return next((s for s in reversed(candidates) if float(s["val_bpb"]) == float(v)), None)
+
+
+def metric_value(result: dict[str, Any], metric: str = "val_bpb") -> float | None:
+    """One run's `metric` (None when absent); see the module notes for `val_bpb_prequant` and stages."""
+    v = _flat_value(result, metric)
+    if not _present(v) and metric in STAGE_OF:
+        st = source_stage(result, metric)
+        v = st["val_bpb"] if st else None
     return float(v) if _present(v) else None
+
+
+def metric_tokens(result: dict[str, Any], metric: str = "val_bpb") -> int | None:
+    """How many tokens the run's `metric` was scored on (None when the run did not record it)."""
+    st = source_stage(result, metric)
+    n = st.get("tokens") if st else None
+    if not _present(n) and "bpb" in metric:
+        n = result.get(metric.replace("bpb", "tokens"))
+        if not _present(n) and metric == "val_bpb_prequant" and not _quantised(result):
+            n = result.get("val_tokens")
+    return int(n) if _present(n) else None
 
 
 def loss_nats(result: dict[str, Any], metric: str = "val_bpb") -> float:
@@ -67,6 +116,9 @@ def loss_nats(result: dict[str, Any], metric: str = "val_bpb") -> float:
     loss = result.get(metric.replace("bpb", "loss")) if "bpb" in metric else None
     if not _present(loss) and metric == "val_bpb_prequant" and not _quantised(result):
         loss = result.get("val_loss")
+    if not _present(loss):
+        st = source_stage(result, metric)
+        loss = st.get("val_loss") if st else None
     if _present(loss):
         return float(loss)
     if not _present(result.get("val_loss")) or not result.get("val_bpb"):
@@ -143,7 +195,25 @@ def summarize(results: list[dict[str, Any]], metric: str = "val_bpb", label: str
             "seeds": [r.get("seed") for r in results],
             "config_keys": sorted({str(r.get("config_key")) for r in results}),
             "metric": metric, "mean": m, "std": s, "loss_mean": ln, "loss_std": ls,
+            "tokens": token_counts(results, metric),
             "total_bytes_mean": _mean_or_none(r.get("total_bytes") for r in results)}
+
+
+def token_counts(results: list[dict[str, Any]], metric: str = "val_bpb") -> list[int | None]:
+    """The distinct token counts the runs' `metric` was scored on (None: a run that did not record it)."""
+    counts = {metric_tokens(r, metric) for r in results}
+    return sorted(c for c in counts if c is not None) + ([None] if None in counts else [])
+
+
+def token_warning(groups: dict[str, list[int | None]], metric: str) -> str | None:
+    """A loud sentence when the scores of `groups` ({label: token_counts}) were not all measured on the same
+    number of tokens (a known count against an unknown one is not a difference)."""
+    known = {n for counts in groups.values() for n in counts if n is not None}
+    if len(known) <= 1:
+        return None
+    shown = "; ".join(f"{label}: {', '.join(f'{n:,}' if n else '?' for n in c)}" for label, c in groups.items())
+    return (f"{metric} was scored on different numbers of tokens ({shown}): these scores do not compare like "
+            "with like (score them on the same tokens, e.g. the same data.val_max_tokens)")
 
 
 def _mean_or_none(values: Iterable[Any]) -> float | None:
@@ -157,8 +227,10 @@ def compare(a_results: list[dict[str, Any]], b_results: list[dict[str, Any]], me
     a = summarize(a_results, metric, a_label)
     b = summarize(b_results, metric, b_label)
     test = welch([loss_nats(r, metric) for r in a_results], [loss_nats(r, metric) for r in b_results])
+    warning = token_warning({a_label: a["tokens"], b_label: b["tokens"]}, metric)
     return {"a": a, "b": b, "metric": metric, "delta_metric": a["mean"] - b["mean"], **test,
-            "test": f"one-sided Welch: H0 mu_A - mu_B <= {MIN_DELTA_NATS} nats/token, reject at p < {ALPHA}"}
+            "test": f"one-sided Welch: H0 mu_A - mu_B <= {MIN_DELTA_NATS} nats/token, reject at p < {ALPHA}",
+            "equal_tokens": warning is None, "warnings": [warning] if warning else []}
 
 
 # ---- DataFrames (pgolf.lab.registry.load())
@@ -172,8 +244,10 @@ def by_config(df: "pandas.DataFrame", metric: str = "val_bpb", key: str = "confi
         s = summarize(g.to_dict("records"), metric, str(k))
         rows.append({key: k, "preset": _first(g, "preset"), "n": s["n"], "seeds": s["seeds"],
                      f"{metric}_mean": s["mean"], f"{metric}_std": s["std"],
-                     "loss_mean": s["loss_mean"], "loss_std": s["loss_std"], "total_bytes": s["total_bytes_mean"]})
-    cols = [key, "preset", "n", "seeds", f"{metric}_mean", f"{metric}_std", "loss_mean", "loss_std", "total_bytes"]
+                     "loss_mean": s["loss_mean"], "loss_std": s["loss_std"], "tokens": s["tokens"],
+                     "total_bytes": s["total_bytes_mean"]})
+    cols = [key, "preset", "n", "seeds", f"{metric}_mean", f"{metric}_std", "loss_mean", "loss_std", "tokens",
+            "total_bytes"]
     return pd.DataFrame(rows, columns=cols).sort_values(f"{metric}_mean", ignore_index=True)
 
 
@@ -215,9 +289,25 @@ def pairwise(df: "pandas.DataFrame", metric: str = "val_bpb", key: str = "config
                 continue
             rows.append({"a": ka2, "a_preset": pa2, "b": kb2, "b_preset": pb2, "n_a": c["a"]["n"],
                          "n_b": c["b"]["n"], "delta_nats": c["delta_nats"], f"delta_{metric}": c["delta_metric"],
-                         "p_value": c["p_value"], "significant": c["significant"]})
-    cols = ["a", "a_preset", "b", "b_preset", "n_a", "n_b", "delta_nats", f"delta_{metric}", "p_value", "significant"]
+                         "p_value": c["p_value"], "significant": c["significant"], "equal_tokens": c["equal_tokens"]})
+    cols = ["a", "a_preset", "b", "b_preset", "n_a", "n_b", "delta_nats", f"delta_{metric}", "p_value", "significant",
+            "equal_tokens"]
     return pd.DataFrame(rows, columns=cols)
+
+
+def seed_note(df: "pandas.DataFrame", metric: str = "val_bpb", key: str = "config_key",  # noqa: F821
+              labels: dict[str, str] | None = None) -> str:
+    """Why `pairwise` has fewer rows than pairs of configurations ("" when every one has >= 2 seeds): the
+    test needs at least 2 seeds on each side. `labels`: {config key: how to name it}."""
+    counts = {str(k): len(g) for k, g in _with_metric(df, metric, key).groupby(key, sort=False)}
+    few = {k: n for k, n in counts.items() if n < 2}
+    if not counts:
+        return f"no finished run has {metric!r}: nothing to compare yet"
+    if not few:
+        return "" if len(counts) > 1 else "only one configuration: nothing to compare it with yet"
+    named = ", ".join(f"{(labels or {}).get(k, k)} ({n} seed)" for k, n in few.items())
+    return (f"the significance test needs at least 2 seeds per configuration; too few: {named}. "
+            "More seeds: `pgolf sweep notebooks/train.ipynb --seeds 1 2 3 ...`")
 
 
 # ---- CLI
@@ -240,11 +330,19 @@ def cmd_stats(args: Any) -> dict[str, Any]:
         import pandas as pd
 
         table = by_config(pd.DataFrame(a_runs), args.metric)
-        return {"a": summarize(a_runs, args.metric, args.a_glob), "b": None, "delta_nats": None,
-                "p_value": None, "significant": False, "metric": args.metric,
-                "groups": table.to_dict("records"), "skipped": skipped}
+        a = summarize(a_runs, args.metric, args.a_glob)
+        warning = token_warning({args.a_glob: a["tokens"]}, args.metric)
+        return _warned({"a": a, "b": None, "delta_nats": None, "p_value": None, "significant": False,
+                        "metric": args.metric, "groups": table.to_dict("records"), "skipped": skipped,
+                        "equal_tokens": warning is None, "warnings": [warning] if warning else []})
     b_runs = groups["b"]
     overlap = {r["run_id"] for r in a_runs} & {r["run_id"] for r in b_runs}
     if overlap:
         raise PgolfError(f"run {sorted(overlap)[0]} matches both {args.a_glob!r} and {args.b_glob!r}")
-    return {**compare(a_runs, b_runs, args.metric, args.a_glob, args.b_glob), "skipped": skipped}
+    return _warned({**compare(a_runs, b_runs, args.metric, args.a_glob, args.b_glob), "skipped": skipped})
+
+
+def _warned(out: dict[str, Any]) -> dict[str, Any]:
+    for w in out["warnings"]:
+        print(f"pgolf stats: WARNING: {w}", file=sys.stderr)
+    return out

@@ -1,9 +1,9 @@
-"""Helpers the notebooks call: project paths, architecture tweaks, size estimates, short comparisons.
+"""Helpers the notebooks call: project paths, architecture tweaks, size estimates and their tables.
 
 The widgets of `architecture_tweaks.ipynb` are thin wrappers: `tweak_widget` calls exactly
 `estimate(tweaked(preset, overrides, **values))`, the function the notebook's headless path calls,
-so both show the same numbers. Training (`compare`) runs in torchrun child processes through
-`pgolf.lab.launch`; this module builds models only on the meta device.
+so both show the same numbers. Short training runs (train both, a grid of widths) are
+`pgolf.lab.trials`; this module builds models only on the meta device.
 
 `estimate` is a calibrated entropy estimate, not a measurement. `raw_bits` takes each quantised
 matrix as Gaussian, rounded per row with its bits and clip (SDClip k*std/R; the #688 family's per-row
@@ -15,14 +15,11 @@ blobs and pgolf's own quantised CPU runs), which also gives the error band `byte
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import html
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -225,47 +222,93 @@ def estimate(cfg: Config, code_bytes: int | None = None) -> dict[str, Any]:
             "bytes_by_kind": {k: int(v / 8 * cal.ratio) for k, v in sorted(parts.items())}}
 
 
+# ---- tables
+
+def verdict(est: dict[str, Any]) -> str:
+    """Against the limit, by the estimate's band: "over" only when the whole band is over."""
+    return "over" if est["over_limit"] else "maybe over" if est["maybe_over"] else "under"
+
+
+def deltas(base: dict[str, Any], tweak: dict[str, Any]) -> dict[str, tuple[int, int, int]]:
+    """{row: (preset, tweak, tweak - preset)} over the numbers of two `estimate` dicts: params, the
+    artifact estimate and its band, model and code bytes, and the bytes of each tensor group."""
+    rows = {"params": "params", "est. artifact bytes": "bytes", "  band low": "bytes_low",
+            "  band high": "bytes_high", "est. model bytes": "est_model_bytes", "code bytes": "code_bytes"}
+    out = {row: (int(base[k]), int(tweak[k])) for row, k in rows.items()}
+    for kind in sorted(set(base["bytes_by_kind"]) | set(tweak["bytes_by_kind"])):
+        out[f"  {kind} bytes"] = (int(base["bytes_by_kind"].get(kind, 0)), int(tweak["bytes_by_kind"].get(kind, 0)))
+    return {row: (a, b, b - a) for row, (a, b) in out.items()}
+
+
+def delta_table(base: dict[str, Any], tweak: dict[str, Any], base_label: str = "preset",
+                tweak_label: str = "tweak") -> "pandas.DataFrame":  # noqa: F821
+    """The preset -> tweak table: both columns, the change and the change in percent, then each one's
+    standing against the limit (by its band)."""
+    import pandas as pd
+
+    rows = {row: {base_label: f"{a:,}", tweak_label: f"{b:,}", "Δ": f"{d:+,}" if d else "0",
+                  "Δ %": f"{100 * d / a:+.1f}%" if a and d else ""}
+            for row, (a, b, d) in deltas(base, tweak).items()}
+    rows[f"vs {tweak['limit']:,}"] = {base_label: verdict(base), tweak_label: verdict(tweak), "Δ": "", "Δ %": ""}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def estimate_html(est: dict[str, Any], base: dict[str, Any] | None = None) -> str:
+    """The live estimate line. Its classes are the browser test's hooks (tests/browser): plain integers
+    in `pgolf-params` and `pgolf-bytes` (`est_artifact_bytes`), inside `pgolf-estimate`; then the band,
+    the verdict ("over" only when the whole band is over) and the change against `base`."""
+    if "error" in est:
+        return f'<div class="pgolf-estimate pgolf-invalid">invalid: {html.escape(est["error"])}</div>'
+    change = (f" · vs preset {est['params'] - base['params']:+,} params, {est['bytes'] - base['bytes']:+,} B"
+              if base else "")
+    return (f'<div class="pgolf-estimate"><b>params</b> <span class="pgolf-params">{est["params"]}</span> · '
+            f'<b>est. artifact bytes</b> <span class="pgolf-bytes">{est["est_artifact_bytes"]}</span> '
+            f'(band {est["bytes_low"]:,} – {est["bytes_high"]:,}) · '
+            f'<span class="pgolf-verdict">{verdict(est)} {est["limit"]:,}</span>{change}</div>')
+
+
 # ---- widgets
+
+SLIDER_WIDTH = "560px"  # description + track + readout: ~7 px per step for the widest range (1..64)
+DESCRIPTION = {"description_width": "150px"}
+
 
 def _control(name: str, value: Any):
     import ipywidgets as w
 
     _, spec = TWEAKS[name]
-    style = {"description_width": "150px"}
     if isinstance(spec[0], str):
-        return w.Dropdown(options=list(spec), value=value, description=name, style=style)
+        return w.Dropdown(options=list(spec), value=value, description=name, style=DESCRIPTION,
+                          layout=w.Layout(width="330px"))
     lo, hi, step = spec
+    kw = dict(description=name, continuous_update=False, style=DESCRIPTION, layout=w.Layout(width=SLIDER_WIDTH))
     if isinstance(step, float) or isinstance(value, float):
-        return w.FloatSlider(value=value, min=lo, max=max(hi, value), step=step, description=name,
-                             continuous_update=False, style=style)
-    return w.IntSlider(value=value, min=min(lo, value), max=max(hi, value), step=step, description=name,
-                       continuous_update=False, style=style)
+        return w.FloatSlider(value=value, min=lo, max=max(hi, value), step=step, **kw)
+    return w.IntSlider(value=value, min=min(lo, value), max=max(hi, value), step=step, **kw)
 
 
-def estimate_html(est: dict[str, Any]) -> str:
-    """The live estimate line. Its classes are the browser test's hooks (tests/browser): plain integers
-    in `pgolf-params` and `pgolf-bytes` (`est_artifact_bytes`), inside `pgolf-estimate`."""
-    if "error" in est:
-        return f'<div class="pgolf-estimate pgolf-invalid">invalid: {html.escape(est["error"])}</div>'
-    return (f'<div class="pgolf-estimate"><b>params</b> <span class="pgolf-params">{est["params"]}</span> · '
-            f'<b>est. artifact bytes</b> <span class="pgolf-bytes">{est["est_artifact_bytes"]}</span> '
-            f'({"under" if est["under_limit"] else "OVER"} 16,000,000)</div>')
+def tweak_widget(preset: str, overrides: Sequence[str] = (), names: Sequence[str] | None = None,
+                 figure: bool = True):
+    """A live `ipywidgets.interactive` over the tweaks; its `.result` is the tweak's `estimate` dict.
 
-
-def tweak_widget(preset: str, overrides: Sequence[str] = (), names: Sequence[str] | None = None):
-    """A live `ipywidgets.interactive` over the tweaks; its `.result` is the `estimate` dict.
-
-    Each control has `description` = the tweak name and the DOM class `pgolf-control-<name>`; the
-    estimate line (`estimate_html`, the last child) is refreshed by the same callback as the table."""
+    Every change shows the preset -> tweak table (`delta_table`) and redraws the size figure
+    (`plots.size_breakdown_figure`, preset and tweak per tensor group); `.view` holds the latest
+    {"table", "figure"}. The last child is the one-line estimate (`estimate_html`). Each control has
+    `description` = the tweak name and the DOM class `pgolf-control-<name>`: the browser test
+    (tests/browser) finds the widget by these hooks."""
     import ipywidgets as w
-    from IPython.display import display
+    from IPython.display import Image, display
 
-    base = get_preset(preset, list(overrides))
+    from pgolf.lab import plots
+
+    base_cfg = get_preset(preset, list(overrides))
+    base = estimate(base_cfg)
     names = list(names or TWEAKS)
-    controls = {n: _control(n, _get(base, TWEAKS[n][0])) for n in names}
+    controls = {n: _control(n, _get(base_cfg, TWEAKS[n][0])) for n in names}
     for n, c in controls.items():
         c.add_class(f"pgolf-control-{n}")
     line = w.HTML()
+    view: dict[str, Any] = {}
 
     def show(**values: Any) -> dict[str, Any]:
         try:
@@ -274,12 +317,18 @@ def tweak_widget(preset: str, overrides: Sequence[str] = (), names: Sequence[str
             print(f"invalid: {e}")
             line.value = estimate_html({"error": str(e)})
             return {"error": str(e)}
-        line.value = estimate_html(est)
-        display(estimate_table(est))
+        line.value = estimate_html(est, base)
+        view["table"] = delta_table(base, est, preset)
+        display(view["table"])
+        if figure:
+            view["figure"] = plots.size_breakdown_figure({preset: base, "tweak": est}, limit=est["limit"])
+            if plots.in_kernel():  # into the widget's output (the inline backend draws nothing in a callback)
+                display(Image(data=plots.png_bytes(view["figure"])))
         return est
 
     widget = w.interactive(show, **controls)
     widget.children = (*widget.children, line)
+    widget.view = view
     return widget
 
 
@@ -304,73 +353,3 @@ def set_widget_values(widget: Any, **values: Any) -> dict[str, Any]:
             c.observe(widget.update, names="value")
     widget.update()
     return widget.result
-
-
-def compare_widget(controls: Any, preset: str, overrides: Sequence[str], data: str, *, tokenizer: str = "",
-                   seed: int = 1337, runs_root: str | Path = "runs/compare", seconds: float = 30.0):
-    """`interact_manual`-style: on click, `compare` the preset with the tweak the controls show."""
-    import ipywidgets as w
-    from IPython.display import display
-
-    def train_both(seconds: float) -> "pandas.DataFrame":  # noqa: F821
-        configs = {preset: get_preset(preset, list(overrides)),
-                   "tweak": tweaked(preset, overrides, **widget_values(controls))}
-        table = compare(configs, seconds, data, tokenizer=tokenizer, seed=seed, runs_root=runs_root)
-        display(table)
-        return table
-
-    slider = w.FloatSlider(value=seconds, min=5, max=600, step=5, description="seconds each",
-                           continuous_update=False)
-    return w.interactive(train_both, {"manual": True, "manual_name": "train both"}, seconds=slider)
-
-
-def estimate_table(estimates: dict[str, Any]) -> "pandas.DataFrame":  # noqa: F821
-    """One `estimate` dict, or {label: estimate}, as a table with one column per configuration."""
-    import pandas as pd
-
-    if "params" in estimates:
-        estimates = {estimates["preset"]: estimates}
-    cols = {}
-    for label, est in estimates.items():
-        rows = {"params": est["params"], "est. model bytes": est["est_model_bytes"], "code bytes": est["code_bytes"],
-                "est. artifact bytes": est["bytes"], "  band low": est["bytes_low"], "  band high": est["bytes_high"]}
-        rows.update({f"  {k}": v for k, v in est["bytes_by_kind"].items()})
-        cols[label] = pd.Series(rows).map("{:,}".format)
-        cols[label][f"vs {est['limit']:,}"] = ("over" if est["over_limit"] else "maybe over" if est["maybe_over"]
-                                               else "under")
-    return pd.DataFrame(cols).fillna("")
-
-
-# ---- short comparison runs
-
-def compare(configs: dict[str, Config], seconds: float, data: str, *, tokenizer: str = "", seed: int = 1337,
-            nproc: int = 1, runs_root: str | Path = "runs/compare", echo: Any = None) -> "pandas.DataFrame":  # noqa: F821
-    """Train each configuration for `seconds` (same data, seed and budget) and tabulate the results.
-
-    The runs land under `runs_root` (default `runs/compare/`, kept out of `runs/index.jsonl` so a
-    quick look never mixes with the seed statistics).
-    """
-    import pandas as pd
-
-    from pgolf.lab import launch
-
-    if not configs:
-        raise PgolfError("compare: no configurations given")
-    rows = []
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for label, cfg in configs.items():
-        sets = overrides_from(cfg)
-        tag = hashlib.sha256(json.dumps(sets).encode()).hexdigest()[:6]
-        slug = "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in str(label))[:30]
-        out = Path(runs_root) / f"{stamp}_{slug}-{tag}_s{seed}"
-        res = launch.train(cfg.preset, data, nproc=nproc, tokenizer=tokenizer or None, out=str(out), seed=seed,
-                           max_seconds=seconds, overrides=sets, echo=echo)
-        rows.append({"label": label, **{k: res.get(k) for k in ("params", "steps", "train_seconds", "val_loss",
-                                                                  "val_bpb")}, "run_dir": res.get("run_dir", str(out))})
-    return pd.DataFrame(rows)
-
-
-def config_summary(cfg: Config) -> dict[str, Any]:
-    """The fields of `cfg.model` that differ from the default model (a compact description)."""
-    default = dataclasses.asdict(Config().model)
-    return {k: v for k, v in dataclasses.asdict(cfg.model).items() if default[k] != v}
