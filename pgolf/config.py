@@ -360,7 +360,7 @@ def _build(cls: type, d: Any, where: str, prefix: str = "") -> Any:
         if f.name not in d:
             continue
         tp, value, key = hints[f.name], d[f.name], prefix + f.name
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[f.name] = _build(tp, value, where, key + ".")
             continue
         ok, coerced = _type_ok(value, tp)

@@ -56,4 +56,5 @@ def welch(a: Iterable[float], b: Iterable[float], min_delta: float = MIN_DELTA_N
     if len(a) < 2 or len(b) < 2:
         raise PgolfError(f"the significance test needs at least 2 runs per group (got {len(a)} and {len(b)})")
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    assert sa is not None and sb is not None  # both groups have >= 2 values (checked above)
     return welch_from_stats(ma, sa, len(a), mb, sb, len(b), min_delta, alpha)

@@ -17,7 +17,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -146,7 +146,7 @@ class Trainer:
         self.model = build_model(cfg, ctx.device, attention_backend=self.backend)
         self.model.fused_ce = t.fused_ce and ctx.device.type == "cuda"
         self.params = count_params(self.model)
-        self.step_model = self.model
+        self.step_model: Callable[..., Any] = self.model  # or its torch.compile wrapper
         if t.compile and ctx.device.type == "cuda":
             self.step_model = torch.compile(self.model, dynamic=False)
         self.opt = build_optimizers(self.model, cfg.optim, cfg.model.tie_embeddings)
@@ -278,8 +278,9 @@ class Trainer:
             return out
         t0 = time.perf_counter()
         name = "final_model.int8.ptz"
-        blob = export_int8(_cpu_state(self.model)) if self.run is not None else None
+        blob = None
         if self.run is not None:  # rank 0 writes; every rank then scores the file's bytes alone
+            blob = export_int8(_cpu_state(self.model))
             self.run.write_bytes(name, blob)
         # Sent, not re-read: ranks on other nodes need not see rank 0's filesystem.
         blob = distributed.broadcast_object(blob)

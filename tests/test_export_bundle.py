@@ -18,6 +18,7 @@ from contextlib import redirect_stdout
 import pytest
 
 from pgolf.config import Config
+from pgolf.errors import PgolfError
 from pgolf.export import bundle, closure, codebytes
 from pgolf.export.submission import third_party_imports
 from pgolf.presets import get_preset
@@ -169,3 +170,13 @@ def test_params_prints_the_code_bytes(cli):
     rc, out, _ = cli("params", "--preset", "pr1855", "--code-bytes")
     assert rc == 0 and out["params"] == 35945671
     assert out["code_bytes"] == codebytes.code_bytes(get_preset("pr1855"))["code_bytes"] > 0
+
+
+def test_registry_table_with_a_key_that_is_not_a_literal_is_refused():
+    """A registry table trims by its literal keys; `**OTHER` (or a computed key) would hide entries, and
+    used to end the bundle with an AttributeError instead of naming the table."""
+    tree = ast.parse("CODECS = {'zlib': 1, 'brotli': 2}\n")
+    closure._trim(tree, "CODECS", {"brotli"}, "pgolf.m")
+    assert ast.unparse(tree) == "CODECS = {'brotli': 2}"
+    with pytest.raises(PgolfError, match=r"pgolf\.m\.CODECS has a key that is not a literal"):
+        closure._trim(ast.parse("CODECS = {'zlib': 1, **MORE}\n"), "CODECS", {"zlib"}, "pgolf.m")

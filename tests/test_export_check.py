@@ -8,6 +8,7 @@ which a token is trained on before it is scored.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 
 from pgolf import distributed
 from pgolf.config import Config
-from pgolf.export import bundle, codebytes, record
+from pgolf.export import bundle, check, codebytes, record
 from pgolf.presets import get_preset
 from pgolf.significance import welch
 
@@ -207,3 +208,14 @@ def test_significance_is_the_stats_rule(folder, runs, tmp_path, cli):
     logged = [float(f"{x:.8f}") for x in loss]
     expect = welch([x + 0.01 for x in logged], logged)["p_value"]
     assert f"p = {expect:.4g}" in line and ratio > 0
+
+
+def test_reference_folder_skips_a_log_not_named_by_its_seed(tmp_path):
+    """A stray train_seed_old.log (no seed line, no seed in its name) in a record folder given to --vs
+    is not one of its seeds: it used to end `pgolf check` with an AttributeError."""
+    for s, lo in ((1, 2.50), (2, 2.52)):
+        (tmp_path / f"train_seed{s}.log").write_text(f"quantized_ttt val_loss:{lo} val_bpb:1.0\n")
+    (tmp_path / "train_seed_old.log").write_text("quantized_ttt val_loss:9.0 val_bpb:3.0\n")
+    mean, std, n, label = check.reference(str(tmp_path), 1.0)
+    assert (n, label) == (2, f"{tmp_path.name} (2 seeds)")
+    assert mean == pytest.approx(2.51) and std == pytest.approx(math.sqrt(0.0002))  # ddof=1: 2 * 0.01^2 / 1

@@ -34,7 +34,7 @@ from pgolf.data.tokenizer import load_tokenizer
 from pgolf.errors import PgolfError, describe
 from pgolf.fileio import atomic_write_json, check_output, sha256_file
 
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "sp1024": {"repo_id": "willdepueoai/parameter-golf", "dataset": "fineweb10B_sp1024", "vocab_size": 1024},
     "sp8192": {"repo_id": "kevclark/parameter-golf", "dataset": "fineweb10B_sp8192", "vocab_size": 8192},
     "sp8192-caseops": {"repo_id": "romeerp/parameter-golf-caseops-v1",
@@ -168,7 +168,7 @@ def _fetch_into(out: Path, spec: dict, variant: str, repo_id: str, vocab: int, t
         # 1. the export's manifest says how many shards exist and where the tokenizer is
         remote_manifest = f"{REMOTE_ROOT}/manifest.json"
         info = _remote_info(repo_id, [remote_manifest])
-        downloaded = _fetch_file(repo_id, remote_manifest, out / HUB_MANIFEST, "json",
+        downloaded: int = _fetch_file(repo_id, remote_manifest, out / HUB_MANIFEST, "json",
                                  info.get(remote_manifest, (None, None)), vocab, staging, tries)
         hub = json.loads((out / HUB_MANIFEST).read_text())
         entry = next((d for d in hub.get("datasets", []) if d.get("name") == spec["dataset"]), None)
@@ -178,7 +178,8 @@ def _fetch_into(out: Path, spec: dict, variant: str, repo_id: str, vocab: int, t
         n_val, n_train = int(stats.get("files_val", 1)), int(stats.get("files_train", train_shards))
         if train_shards > n_train:
             raise PgolfError(f"--train-shards {train_shards}: {repo_id} publishes only {n_train} for {variant}")
-        tok = next((t for t in hub.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")), {})
+        tok: dict[str, Any] = next(
+            (t for t in hub.get("tokenizers", []) if t.get("name") == entry.get("tokenizer_name")), {})
         default_tok = spec.get("tokenizer", f"tokenizers/fineweb_{vocab}_bpe.model")
         tok_remote = f"{REMOTE_ROOT}/{tok.get('model_path') or default_tok}"
 

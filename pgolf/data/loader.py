@@ -111,21 +111,21 @@ def calibration_batches(data_dir: str | Path, n_batches: int, seqs: int, seq_len
     files = _train_files(data_dir)
     mine = files[rank::world_size] or files  # more ranks than shards: share them
     rng = np.random.default_rng([seed, rank])
-    file_idx, starts = [], []
+    file_parts, start_parts = [], []
     for i, f in enumerate(mine):
         n = shards.read_header(f)
         if n < seq_len:
             continue
         phase = int(rng.integers(0, min(seq_len, n - seq_len + 1)))
         s = np.arange(phase, n - seq_len + 1, seq_len)
-        file_idx.append(np.full(s.size, i))
-        starts.append(s)
+        file_parts.append(np.full(s.size, i))
+        start_parts.append(s)
     need = n_batches * seqs
-    total = sum(s.size for s in starts)
+    total = sum(s.size for s in start_parts)
     if total < need:
         raise PgolfError(f"{data_dir}: train shards hold {total} windows of {seq_len} tokens for rank {rank}, "
                          f"calibration needs {need} ({n_batches} x {seqs})")
-    file_idx, starts = np.concatenate(file_idx), np.concatenate(starts)
+    file_idx, starts = np.concatenate(file_parts), np.concatenate(start_parts)
     pick = rng.choice(total, size=need, replace=False)
     tokens = [shards.read_shard(f) for f in mine]
     windows = np.stack([tokens[file_idx[j]][starts[j]:starts[j] + seq_len] for j in pick]).astype(np.int64)

@@ -60,7 +60,7 @@ def read_header(path: str | Path) -> int:
     return count
 
 
-def read_shard(path: str | Path, vocab_size: int | None = None) -> np.memmap:
+def read_shard(path: str | Path, vocab_size: int | None = None) -> np.ndarray:
     """Memory-map a shard's tokens (uint16). With `vocab_size`, reject ids >= vocab_size (a full scan)."""
     count = read_header(path)
     if count == 0:

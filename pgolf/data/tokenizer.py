@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import sentencepiece as spm
 
@@ -12,7 +12,7 @@ from pgolf.errors import PgolfError
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
 # The trainer settings of the official SP1024 / SP8192 models (data/download_hf_docs_and_tokenize.py).
-CHALLENGE_SETTINGS = dict(
+CHALLENGE_SETTINGS: dict[str, Any] = dict(
     model_type="bpe",
     character_coverage=0.999,
     byte_fallback=True,

@@ -27,6 +27,7 @@ import hashlib
 import json
 import pprint
 from dataclasses import dataclass
+from typing import Any
 
 import pgolf
 from pgolf.config import Config
@@ -157,7 +158,7 @@ def _external_attrs(base: ast.expr) -> set[str] | None:
         parts = node.id[4:].split(".") + parts
         for i in range(len(parts), 0, -1):
             try:
-                obj = importlib.import_module(".".join(parts[:i]))
+                obj: Any = importlib.import_module(".".join(parts[:i]))
             except ImportError:
                 continue
             for attr in parts[i:]:
@@ -184,15 +185,16 @@ def _prune_methods(kept: list[Stmt]) -> bool:
         if not isinstance(s.node, ast.ClassDef):
             continue
         protect: set[str] = set()
+        opaque = False  # a base whose attributes cannot be listed: keep every method
         for b in s.node.bases:
             if isinstance(b, ast.Name) and b.id in {ph for k in kept for ph in k.binds}:
                 continue  # a class of the script: its methods are judged by the same rule
             attrs = _external_attrs(b)
             if attrs is None:
-                protect = None
+                opaque = True
                 break
             protect |= attrs
-        if protect is None:
+        if opaque:
             continue
         body = [m for m in s.node.body
                 if not (isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and not m.name.startswith("__")
@@ -408,13 +410,14 @@ def build(cfg: Config) -> Script:
 
 def _flatten(trims: dict[tuple[str, str], set[str]]) -> Body:
     closure = Closure(trims)
-    stmts, docs, shadows = [], {}, {}
+    stmts, docs = [], {}
+    shadows: dict[str, set[str]] = {}
     for name in sorted(closure.mods):
         s, doc, sh = _rewrite(closure, closure.mods[name])
         stmts += s
         docs[name] = doc
-        for ph, names in sh.items():
-            shadows.setdefault(ph, set()).update(names)
+        for ph, hidden in sh.items():
+            shadows.setdefault(ph, set()).update(hidden)
     root = placeholder(("sym", ENTRY, ENTRY_FUNCTION))
     kept = _reachable(stmts, {root})
     while _prune_methods(kept):

@@ -60,8 +60,9 @@ class SeedLog:
 
 def read_log(path: Path) -> SeedLog:
     text = path.read_text(errors="replace")
-    m = SEED_LINE.search(text)
-    log = SeedLog(int(m.group(1)) if m else int(LOG.search(path.name).group(1)), path, text)
+    m = SEED_LINE.search(text) or LOG.search(path.name)
+    assert m is not None, path  # callers pass only train_seed<S>.log files
+    log = SeedLog(int(m.group(1)), path, text)
     if (t := TRAIN_LINE.findall(text)):
         log.train_ms = float(t[-1][0])
     log.gptq_s = sum(float(x) for x in GPTQ_LINE.findall(text))
@@ -74,7 +75,7 @@ def read_log(path: Path) -> SeedLog:
 
 
 class Report:
-    def __init__(self):
+    def __init__(self) -> None:
         self.lines: list[tuple[str, bool, str]] = []
 
     def add(self, name: str, ok: bool, detail: str) -> None:
@@ -149,7 +150,7 @@ def _docstrings(tree: ast.Module) -> set[int]:
         body = getattr(node, "body", None)
         first = body[0] if isinstance(body, list) and body else None
         if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
-            out.add(id(body[0].value))
+            out.add(id(first.value))
     return out
 
 
@@ -157,13 +158,10 @@ def check_network(tree: ast.Module, rep: Report) -> None:
     bad = []
     docs = _docstrings(tree)
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names = [a.name.split(".")[0] for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [(node.module or "").split(".")[0]]
-        else:
-            names = []
-        bad += [f"line {node.lineno}: imports {n} (network)" for n in names if n in NETWORK]
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            tops = [x.split(".")[0] for x in names]
+            bad += [f"line {node.lineno}: imports {n} (network)" for n in tops if n in NETWORK]
         if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
             if URL.match(node.value) or ABS_PATH.match(node.value):
                 bad.append(f"line {node.lineno}: {node.value!r} (a fixed URL or absolute path; data paths come "
@@ -175,7 +173,9 @@ def check_network(tree: ast.Module, rep: Report) -> None:
 def check_seeds(logs: list[SeedLog], folder: Path, rep: Report) -> None:
     bad = []
     for log in logs:
-        named = int(LOG.search(log.path.name).group(1))
+        m = LOG.search(log.path.name)
+        assert m is not None  # check() reads only the logs named train_seed<S>.log
+        named = int(m.group(1))
         if named != log.seed:
             bad.append(f"{log.path.name} is the log of seed {log.seed}")
     seeds = sorted({log.seed for log in logs})
@@ -185,7 +185,7 @@ def check_seeds(logs: list[SeedLog], folder: Path, rep: Report) -> None:
         for b in logs[i + 1:]:
             if a.text == b.text or (a.curve and a.curve == b.curve):
                 bad.append(f"{a.path.name} and {b.path.name} are the same run (identical training curve)")
-    arts = {}
+    arts: dict[str, list[int]] = {}
     for log in logs:
         for p in (folder / "artifacts" / f"seed{log.seed}").glob("*.ptz"):
             arts.setdefault(hashlib.sha256(p.read_bytes()).hexdigest(), []).append(log.seed)
@@ -264,8 +264,8 @@ def reference(vs: str, ratio: float) -> tuple[float, float, int, str]:
     submission's own nats-per-bit ratio, the same validation bytes) or a record folder's logs."""
     path = Path(vs)
     if path.is_dir():
-        losses = [read_log(p).val_loss for p in sorted(path.glob("train_seed*.log"))]
-        losses = [x for x in losses if x is not None]
+        logged = [read_log(p).val_loss for p in sorted(path.glob("train_seed*.log")) if LOG.search(p.name)]
+        losses = [x for x in logged if x is not None]
         if len(losses) < 2:
             try:
                 sub = json.loads((path / "submission.json").read_text())
@@ -277,6 +277,7 @@ def reference(vs: str, ratio: float) -> tuple[float, float, int, str]:
         from pgolf.significance import mean_std
 
         m, s = mean_std(losses)
+        assert s is not None  # >= 2 values
         return m, s, len(losses), f"{path.name} ({len(losses)} seeds)"
     try:
         mean, std, n = (float(x) for x in vs.split(","))
@@ -288,13 +289,14 @@ def reference(vs: str, ratio: float) -> tuple[float, float, int, str]:
 def check_significance(logs: list[SeedLog], vs: str, rep: Report) -> None:
     from pgolf.significance import mean_std, welch_from_stats
 
-    ours = [(log.val_loss, log.val_bpb) for log in logs if log.val_loss is not None]
+    ours = [(log.val_loss, log.val_bpb) for log in logs if log.val_loss is not None and log.val_bpb is not None]
     if len(ours) < 2:
         rep.add("significance", False, "fewer than 2 seeds with a final val_loss in their logs")
         return
     ratio = sum(loss / bpb for loss, bpb in ours) / len(ours)  # nats per bit-per-byte: same validation set
     ref_m, ref_s, ref_n, label = reference(vs, ratio)
     m, s = mean_std([loss for loss, _ in ours])
+    assert s is not None  # >= 2 values
     res = welch_from_stats(ref_m, ref_s, ref_n, m, s, len(ours))
     rep.add("significance", res["significant"],
             f"{res['delta_nats']:.5f} nats better than {label} (need > {res['min_delta_nats']}), one-sided Welch "

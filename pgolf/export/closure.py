@@ -71,7 +71,7 @@ class Closure:
         self.mods: dict[str, Module] = {}
         self.trims = trims
         self.loads: dict[str, dict[str, set[str]]] = {}  # extern object -> module -> its `import a.b` lines
-        self.forms: dict[str, ast.stmt] = {}  # extern object -> the import statement (first seen)
+        self.forms: dict[str, ast.Import | ast.ImportFrom] = {}  # extern object -> the import statement (first seen)
         todo, scanned = [ENTRY], set()
         while todo:
             name = todo.pop()
@@ -174,10 +174,13 @@ def _trim(tree: ast.Module, table: str, keys: set[str], module: str) -> None:
     for stmt in tree.body:
         if (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
                 and stmt.targets[0].id == table and isinstance(stmt.value, ast.Dict)):
-            unknown = keys - {k.value for k in stmt.value.keys if isinstance(k, ast.Constant)}
+            literal = [k for k in stmt.value.keys if isinstance(k, ast.Constant)]
+            if len(literal) < len(stmt.value.keys):  # `**other` or a computed key: entries it cannot see
+                raise PgolfError(f"bundle: {module}.{table} has a key that is not a literal; it cannot be trimmed")
+            unknown = keys - {k.value for k in literal}
             if unknown:
                 raise PgolfError(f"bundle: {module}.{table} has no entry {sorted(unknown)[0]!r}")
-            pairs = [(k, v) for k, v in zip(stmt.value.keys, stmt.value.values) if k.value in keys]
+            pairs = [(k, v) for k, v in zip(literal, stmt.value.values) if k.value in keys]
             stmt.value.keys, stmt.value.values = [k for k, _ in pairs], [v for _, v in pairs]
             return
     raise PgolfError(f"bundle: {module} has no registry table {table} (a dict literal)")

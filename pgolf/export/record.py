@@ -114,7 +114,8 @@ def quantize(cfg: Config, model: torch.nn.Module, state: dict[str, torch.Tensor]
     from pgolf.quant import quantize as Q
 
     q, reserve = cfg.quant, cfg.train.gptq_reserve_seconds
-    hessians, calib = {}, {}
+    hessians: dict[str, torch.Tensor] = {}
+    calib: dict[str, Any] = {}
     if q.method == "gptq":
         from pgolf.quant.hessian import calibrate
 

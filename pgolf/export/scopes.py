@@ -46,7 +46,7 @@ class Binder(ast.NodeVisitor):
     """The names one scope binds (its own body only, not nested scopes), its `global` names and its
     import statements."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.names: set[str] = set()
         self.globals: set[str] = set()
         self.imports: list[ast.Import | ast.ImportFrom] = []
@@ -152,7 +152,7 @@ class Rewriter(ast.NodeTransformer):
             out |= scope.names
         return out
 
-    def _use(self, target: Target, node: ast.AST) -> ast.AST:
+    def _use(self, target: Target, node: ast.expr) -> str:
         if target[0] == "mod":
             raise ValueError(f"{self.module}, line {node.lineno}: module {target[1]} used as a value "
                              "(only its attributes can be flattened)")
@@ -169,7 +169,8 @@ class Rewriter(ast.NodeTransformer):
         return ast.copy_location(ast.Name(id=self._use(target, node), ctx=node.ctx), node)
 
     def visit_Attribute(self, node: ast.Attribute) -> ast.AST:
-        chain, base = [], node
+        chain: list[str] = []
+        base: ast.expr = node
         while isinstance(base, ast.Attribute):
             chain.append(base.attr)
             base = base.value
@@ -183,7 +184,7 @@ class Rewriter(ast.NodeTransformer):
             target = self.member(target, rest.pop(0))
         if target[0] == "mod":
             raise ValueError(f"{self.module}, line {node.lineno}: module {target[1]} used as a value")
-        out: ast.AST = ast.Name(id=self._use(target, node), ctx=ast.Load() if rest else node.ctx)
+        out: ast.Name | ast.Attribute = ast.Name(id=self._use(target, node), ctx=ast.Load() if rest else node.ctx)
         for attr in rest:
             out = ast.Attribute(value=out, attr=attr, ctx=ast.Load())
         if rest:

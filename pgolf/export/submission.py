@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from pgolf.config import Config
 from pgolf.errors import PgolfError
@@ -40,7 +40,7 @@ OPTIONAL = "# optional: "  # a requirements.txt comment naming a package the scr
 # --------------------------------------------------------------------------- the runs
 def load_runs(paths: list[str]) -> list[dict[str, Any]]:
     """Each run's result, config, script and files, checked: finished record runs of one configuration."""
-    runs = []
+    runs: list[dict[str, Any]] = []
     for p in paths:
         run = resolve(p)
         res = run.result()
@@ -92,12 +92,14 @@ def third_party_imports(script: str) -> dict[str, str]:
 
     def visit(node: ast.AST, how: str) -> None:
         names: list[str] = []
+        child: ast.AST
         if isinstance(node, ast.Import):
             names = [a.name.split(".")[0] for a in node.names]
         elif isinstance(node, ast.ImportFrom) and not node.level:
             names = [(node.module or "").split(".")[0]]
         for n in names:
-            if n and n not in sys.stdlib_module_names and n != "__future__" and rank[how] >= rank.get(out.get(n), -1):
+            if (n and n not in sys.stdlib_module_names and n != "__future__"
+                    and rank[how] >= rank.get(out.get(n, ""), -1)):
                 out[n] = how
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) and how == "module":
             how = "function"
@@ -126,7 +128,7 @@ def distribution_of(name: str) -> str | None:
 
 
 @functools.cache
-def _packages() -> dict[str, list[str]]:
+def _packages() -> Mapping[str, list[str]]:
     return importlib.metadata.packages_distributions()
 
 

@@ -10,6 +10,7 @@ trainer steps.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
@@ -110,7 +111,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, tied: bool) -> Optimize
         ("head", cfg.head_lr, 0.0),
         ("scalar", cfg.scalar_lr, cfg.adam_wd),
     ]
-    adam_groups = [{"params": [p for _, p in groups[g]], "name": g, "base_lr": lr, "lr": lr,
+    adam_groups: list[dict[str, Any]] = [{"params": [p for _, p in groups[g]], "name": g, "base_lr": lr, "lr": lr,
                     "weight_decay": wd} for g, lr, wd in adam_spec if groups[g]]
     if adam_groups:
         on_cuda = all(p.is_cuda for g in adam_groups for p in g["params"])
