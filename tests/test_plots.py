@@ -192,3 +192,17 @@ def test_precision_labels_are_numbered_beside_the_axes():
     # the front in byte order, numbered on the points; the settings listed once, beside the axes
     assert texts[:3] == ["1", "2", "3"]
     assert texts[3] == "Pareto front\n1: b5 k10 all\n2: b6 k12.85 all\n3: b8 k12.85 all"
+
+
+def test_figure_folder_is_checked_before_any_drawing(tmp_path, monkeypatch):
+    """A figures folder that cannot be one (a file in the way) fails in one line naming figures_dir, before
+    the figure is even built (issue: output paths validated before any work)."""
+    blocker = tmp_path / "figures"
+    blocker.write_text("not a folder")
+    drawn = []
+    monkeypatch.setattr(plots, "size_breakdown_figure", lambda *a, **k: drawn.append(1))
+    with pytest.raises(PgolfError, match=r"figures_dir .*figures: exists and is not a directory"):
+        plots.plot_size_breakdown({"a": {}}, out_dir=blocker)
+    with pytest.raises(PgolfError, match="figures_dir"):
+        plots.plot_size_breakdown({"a": {}}, out_dir=blocker / "sub")
+    assert drawn == []

@@ -10,18 +10,22 @@
 | `plot_size_breakdown(estimates)` | `architecture_bytes` (estimated artifact bytes by tensor group, per config) |
 | `plot_grid(df, x)` | `grid_<x>` (`trials.grid`: a tweak's values against val BPB and artifact bytes) |
 
-Each returns the list of paths it wrote. Figures are `matplotlib.figure.Figure` objects, never pyplot's:
+Each returns the list of paths it wrote, and checks its `out_dir` before drawing anything (a file in
+the way, or a folder that cannot be written, is one `pgolf: error:` line naming `figures_dir`). Figures are `matplotlib.figure.Figure` objects, never pyplot's:
 nothing is left open in a kernel, no backend is chosen, and a widget callback (where the inline backend
 draws nothing) shows the same picture as a cell: in a Jupyter kernel `save` displays the PNG it wrote.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from pgolf.errors import PgolfError
+from pgolf.fileio import check_output
 from pgolf.runs import RunDir
 
 if TYPE_CHECKING:
@@ -34,6 +38,19 @@ FEW_POINTS = 40  # curves with at most this many points are drawn with markers (
 STAGES = (("val_bpb_prequant", "pre-quant", "o"), ("quant_val_bpb", "artifact", "s"),
           ("ttt_val_bpb", "after TTT", "^"))
 FEWER_NOTE = "hollow, dashed: scored on fewer tokens\nthan the configuration's other stages"
+
+
+def checks_out_dir(plot: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    """A `plot_*` function whose `out_dir` is validated before any work (issue: nothing lost)."""
+    sig = inspect.signature(plot)
+
+    @functools.wraps(plot)
+    def wrapper(*args: Any, **kwargs: Any) -> list[str]:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        check_output(bound.arguments["out_dir"], "figures_dir", kind="dir")
+        return plot(*args, **kwargs)
+    return wrapper
 
 
 def in_kernel() -> bool:
@@ -115,6 +132,7 @@ def _losses(run_dir: str | Path) -> tuple[RunDir, list[tuple[int, float]], list[
     return run, train, val
 
 
+@checks_out_dir
 def plot_loss_curves(run_dir: str | Path, out_dir: str | Path = "figures") -> list[str]:
     """Train/val loss and val BPB of one run from its `metrics.jsonl` (`loss_curves_figure`)."""
     return save(loss_curves_figure(run_dir), f"loss_{RunDir(run_dir).run_id}", out_dir)
@@ -141,6 +159,7 @@ def loss_curves_figure(run_dir: str | Path) -> Any:
     return fig
 
 
+@checks_out_dir
 def plot_loss_overlay(runs: dict[str, str | Path], out_dir: str | Path = "figures",
                       name: str = "compare_loss") -> list[str]:
     """The train loss (lines) and val loss (squares) of several runs, one colour each, on one axes."""
@@ -261,6 +280,7 @@ def bpb_vs_artifact_figure(df: "pandas.DataFrame", limit: int = LIMIT_BYTES, key
     return fig
 
 
+@checks_out_dir
 def plot_bpb_vs_artifact(df: "pandas.DataFrame", out_dir: str | Path = "figures",  # noqa: F821
                          limit: int = LIMIT_BYTES, key: str = "config_key") -> list[str]:
     """Every configuration's BPB at each stage (pre-quant, artifact, after TTT) against its total artifact
@@ -270,6 +290,7 @@ def plot_bpb_vs_artifact(df: "pandas.DataFrame", out_dir: str | Path = "figures"
 
 # ---- quantisation and TTT
 
+@checks_out_dir
 def plot_precision_vs_bytes(df: "pandas.DataFrame", out_dir: str | Path = "figures",  # noqa: F821
                             name: str = "gptq_precision_vs_bytes", *, limit: int | None = None,
                             x: str = "total_bytes", y: str = "val_bpb", label: str = "label") -> list[str]:
@@ -308,6 +329,7 @@ def precision_figure(df: "pandas.DataFrame", *, limit: int | None = None, x: str
 TTT_COLUMNS = ("run", "eval_id", "method", "kind", "phase", "tokens", "bytes", "bpb")
 
 
+@checks_out_dir
 def plot_ttt_convergence(df: "pandas.DataFrame", out_dir: str | Path = "figures",  # noqa: F821
                          name: str = "ttt_convergence") -> list[str]:
     """Rows of `ttt.jsonl` (`pgolf.lab.registry.read_convergence`). Left: running BPB against tokens
@@ -406,12 +428,14 @@ def _bytes_text(v: float) -> str:
     return f"{v / 1e6:.2f} MB" if v >= 1e6 else f"{v / 1e3:.1f} kB" if v >= 1e3 else f"{v:.0f} B"
 
 
+@checks_out_dir
 def plot_size_breakdown(estimates: dict[str, dict[str, Any]], out_dir: str | Path = "figures",
                         limit: int = LIMIT_BYTES, name: str = "architecture_bytes") -> list[str]:
     """`size_breakdown_figure` for each labelled config, saved as `architecture_bytes`."""
     return save(size_breakdown_figure(estimates, limit), name, out_dir)
 
 
+@checks_out_dir
 def plot_grid(df: "pandas.DataFrame", x: str, out_dir: str | Path = "figures",  # noqa: F821
               limit: int = LIMIT_BYTES, name: str | None = None) -> list[str]:
     """`grid_figure`, saved as `grid_<x>`."""
