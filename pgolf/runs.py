@@ -227,8 +227,8 @@ def setting(seq_len: int, stride: int = 0, doc_mask: bool = False) -> str:
     return f"seq_len={seq_len} stride={stride} doc_mask={int(doc_mask)}"
 
 
-def stage(name: str, score: dict[str, Any] | None, *, by: str, weights: str, setting: str, artifact: str | None = None,
-          method: str | None = None, **extra: Any) -> dict[str, Any]:
+def stage(name: str, score: dict[str, Any] | None, *, by: str, weights: str, setting: str | None,
+          artifact: str | None = None, method: str | None = None, **extra: Any) -> dict[str, Any]:
     """One stage record. `score` is a scorer's result (val_bpb, val_loss, tokens, bytes) or None when
     the weights were written but not scored (`pgolf quantize --no-eval`)."""
     if name not in STAGE_NAMES:

@@ -7,6 +7,8 @@ low-rank correction A B that dequantisation adds back. The encoder is `pgolf.qua
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -30,7 +32,7 @@ def unpack_bits(p: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return torch.where(u >= (1 << (bits - 1)), u - (1 << bits), u).to(torch.int8)
 
 
-def unpack(p: dict[str, object]) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack(p: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantised factors (A, B) in fp32."""
     a_shape, b_shape = p["a_shape"], p["b_shape"]
     if p["mode"] == "asym":
@@ -44,6 +46,6 @@ def unpack(p: dict[str, object]) -> tuple[torch.Tensor, torch.Tensor]:
     return A, B
 
 
-def correction(p: dict[str, object]) -> torch.Tensor:
+def correction(p: dict[str, Any]) -> torch.Tensor:
     A, B = unpack(p)
     return A @ B

@@ -58,12 +58,12 @@ def nn_chain_order(q: torch.Tensor) -> torch.Tensor:
     if n > 65_535:
         raise PgolfError(f"row reordering stores uint16 permutations; {n} rows is too many")
     if q.is_cuda:
-        x = q.to(torch.int16)
+        qi = q.to(torch.int16)
         left = torch.ones(n, dtype=torch.bool, device=q.device)
         order = [0]
         left[0] = False
         for _ in range(n - 1):
-            d = (x - x[order[-1]]).abs().sum(dim=1, dtype=torch.int32)
+            d = (qi - qi[order[-1]]).abs().sum(dim=1, dtype=torch.int32)
             d = torch.where(left, d, torch.iinfo(torch.int32).max)
             nxt = int(torch.argmin(d))
             order.append(nxt)

@@ -8,13 +8,16 @@ realistic shapes. The scores mean nothing; the seconds do. The method runs exact
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from pgolf.config import Config
 from pgolf.errors import PgolfError
+
+if TYPE_CHECKING:
+    from pgolf.model.gpt import GPT
 
 MEAN_DOC_TOKENS = 810
 
@@ -38,7 +41,7 @@ def synthetic_val(n_tokens: int, vocab_size: int, *, mean_doc: int = MEAN_DOC_TO
     return ValSet(tokens=t, bytes=nbytes, doc_starts=torch.nonzero(t == bos_id).flatten(), byte_source="lut")
 
 
-def bench_model(cfg: Config, run_dir: str | None, device: torch.device) -> torch.nn.Module:
+def bench_model(cfg: Config, run_dir: str | None, device: torch.device) -> GPT:
     """The run's trained weights (as `pgolf eval` loads them), else the preset's initialisation;
     looping as evaluated, eval mode."""
     if run_dir is not None:

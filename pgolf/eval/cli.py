@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from pgolf.config import Config
 from pgolf.errors import PgolfError
 from pgolf.fileio import check_output, signals_deferred
 from pgolf.runs import RunDir, artifact_stage, check_overrides, open_run, setting, stage
+
+if TYPE_CHECKING:
+    from pgolf.model.gpt import GPT
 
 EVAL_SECTIONS = ("eval.", "ttt.", "data.val_max_tokens")  # what --set may change at evaluation time
 WEIGHTS = "final_model.pt"
@@ -44,7 +47,7 @@ def weights_path(run: RunDir, result: dict[str, Any], artifact: str | None, weig
     return run.file(Path(result["artifact"]).name)
 
 
-def load_model(run: RunDir, cfg: Config, artifact: str | None, device: torch.device) -> tuple[torch.nn.Module, Path]:
+def load_model(run: RunDir, cfg: Config, artifact: str | None, device: torch.device) -> tuple[GPT, Path]:
     """The run's model with the weights (`final_model.pt`, or the artifact) loaded, looping on as
     evaluated, in eval mode."""
     from pgolf.artifact.weights import load_weights
@@ -116,6 +119,7 @@ def cmd_eval(args: Any) -> dict[str, Any]:
                 warmup(model, cfg, lora=cfg.ttt.method == "lora",
                        base=cfg.ttt.method != "lora" or cfg.ttt.phases > 0)
             stream = EvalStream(n, docs=docs, keep_trace=want_trace, method=method)
+            assert base_stream.losses is not None  # kept for the TTT baseline (keep_losses=args.ttt)
             log = ConvergenceLog(run.file("ttt.jsonl") if ctx.is_main else None, stream, method=method,
                                  baseline=_gather_losses(base_stream.losses, ctx.device),
                                  eval_id=time.strftime("%Y%m%d-%H%M%S"), label=artifact.name,

@@ -111,6 +111,7 @@ class HedgeTTT(SGDTTT):
     def after_score_batch(self, pos: np.ndarray, y: torch.Tensor, nll: torch.Tensor, valid: np.ndarray) -> None:
         """Only now may the tables and the weights see the batch's tokens (condition 3); after the
         deadline's fallback the mixer stays as it is."""
+        assert self._experts is not None  # distribution() ran on this batch
         p = self._experts[:, torch.from_numpy(valid.reshape(-1)).to(self.device)]  # (4, M, V) scored rows
         self._experts = None
         if self.adapting():

@@ -26,6 +26,7 @@ from pgolf.eval.lora_ttt import LoRATTT
 from pgolf.eval.score import autocast_for, doc_len_cut, doc_masking
 from pgolf.eval.trace import EvalStream
 from pgolf.eval.ttt_base import all_reduce_grads, cosine_lr
+from pgolf.model.gpt import GPT
 
 
 def pack_docs(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -34,7 +35,7 @@ def pack_docs(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple
     return tokens[pos], tokens[pos + 1], pos
 
 
-def global_sgd(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, pos: np.ndarray, tc: Any,
+def global_sgd(model: GPT, x: np.ndarray, y: np.ndarray, pos: np.ndarray, tc: Any,
                stream: EvalStream, *, seq_len: int, rank: int = 0, world_size: int = 1) -> int:
     """SGD on every base weight over the packed pairs (x, y); returns the optimizer steps taken."""
     params = list(model.parameters())
@@ -88,8 +89,9 @@ def _global_sgd_loop(model, x, y, pos, tc, stream, opt, params, *, seq_len, rank
 
 class PhasedTTT(LoRATTT):
     name = "phased"
+    model: GPT  # (LoRATTT's model) the base weights global_sgd trains
 
-    def __init__(self, model: torch.nn.Module, val: Any, cfg: Any, stream: EvalStream, **kw):
+    def __init__(self, model: GPT, val: Any, cfg: Any, stream: EvalStream, **kw):
         super().__init__(copy.deepcopy(model), val, cfg, stream, **kw)  # global SGD trains a copy
         tc = self.tc
         self.queue = np.concatenate(self.batches)  # documents in queue order

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from pgolf.errors import PgolfError
 from pgolf.eval.trace import EvalStream, find_docs
+from pgolf.model.gpt import GPT
 
 
 def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
@@ -35,7 +36,7 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def doc_masking(model: torch.nn.Module, on: bool) -> Iterator[None]:
+def doc_masking(model: GPT, on: bool) -> Iterator[None]:
     """Switch the model's own BOS segmentation on for a while (attention never crosses a BOS)."""
     cfg = model.cfg
     before = cfg.doc_mask
@@ -47,7 +48,7 @@ def doc_masking(model: torch.nn.Module, on: bool) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def doc_len_cut(model: torch.nn.Module, max_doc_len: int) -> Iterator[None]:
+def doc_len_cut(model: GPT, max_doc_len: int) -> Iterator[None]:
     """Cut packed rows every `max_doc_len` tokens from a document's start for a while (the records cut
     at eval_seq_len when scoring and in global SGD, at train_seq_len in training)."""
     before = model.max_doc_len
@@ -102,7 +103,7 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=-1)
 
 
-def score_windows(model: torch.nn.Module, tokens: torch.Tensor, nbytes: torch.Tensor, windows, stream: EvalStream,
+def score_windows(model: GPT, tokens: torch.Tensor, nbytes: torch.Tensor, windows, stream: EvalStream,
                   *, batch_seqs: int, vocab_size: int, distribution=None, after_batch=None) -> None:
     """Score the targets [s, e) of the windows (a, e, s) in order, in batches of `batch_seqs`.
 
@@ -140,7 +141,7 @@ def score_windows(model: torch.nn.Module, tokens: torch.Tensor, nbytes: torch.Te
             after_batch(pos, yk[valid_t], nll[valid_t], valid)
 
 
-def score_stream(model: torch.nn.Module, val: Any, seq_len: int, stride: int = 0, batch_seqs: int = 32, *,
+def score_stream(model: GPT, val: Any, seq_len: int, stride: int = 0, batch_seqs: int = 32, *,
                  rank: int = 0, world_size: int = 1, doc_mask: bool = False,
                  stream: EvalStream | None = None, bos_id: int | None = None) -> dict[str, Any]:
     """Score the whole validation set (rank r takes a contiguous share of the windows)."""
@@ -152,13 +153,13 @@ def score_stream(model: torch.nn.Module, val: Any, seq_len: int, stride: int = 0
         stream = EvalStream(n, docs=find_docs(val.tokens, bos))
     packed = getattr(model, "max_doc_len", 0) > 0 and not 0 < stride < seq_len
     if packed:  # one packed row of batch_seqs sequences per forward
-        mine = packed_plan(n, seq_len, batch_seqs, rank, world_size)
+        mine: tuple[np.ndarray, ...] = packed_plan(n, seq_len, batch_seqs, rank, world_size)
         dropped = packed_dropped(n, seq_len, batch_seqs, world_size)
         if dropped.size == n:
             raise PgolfError(f"validation: {n // seq_len} sequences of {seq_len} over {world_size} rank(s) fill no "
                              f"packed row of {batch_seqs} sequences (lower eval.batch_seqs / train.val_batch_tokens)")
         stream.exclude(dropped)
-        cut = doc_len_cut(model, seq_len)
+        cut: contextlib.AbstractContextManager = doc_len_cut(model, seq_len)
     else:
         windows = window_plan(n, seq_len, stride)
         lo, hi = len(windows[0]) * rank // world_size, len(windows[0]) * (rank + 1) // world_size
@@ -175,7 +176,7 @@ def score_stream(model: torch.nn.Module, val: Any, seq_len: int, stride: int = 0
     return out
 
 
-def evaluate(model: torch.nn.Module, val: Any, seq_len: int, batch_seqs: int = 32, *,
+def evaluate(model: GPT, val: Any, seq_len: int, batch_seqs: int = 32, *,
              rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Non-overlapping windows of `seq_len` targets (or packed rows); rank r takes a contiguous share."""
     return score_stream(model, val, seq_len, 0, batch_seqs, rank=rank, world_size=world_size)

@@ -35,10 +35,11 @@ from pgolf.errors import PgolfError
 from pgolf.eval.score import autocast_for, doc_masking, log_probs, score_windows, window_plan
 from pgolf.eval.trace import EvalStream
 from pgolf.eval.ttt_base import ConvergenceLog, Deadline, TimeLedger, all_reduce_grads, cosine_lr
+from pgolf.model.gpt import GPT
 from pgolf.optim.ema import EMA
 
 
-def select_params(model: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
+def select_params(model: GPT, which: str) -> list[torch.nn.Parameter]:
     """all, or last2: the last two blocks plus every norm / scale / head parameter (hedge-stack §6.2)."""
     if which == "all":
         return list(model.parameters())
@@ -84,7 +85,7 @@ class SGDTTT:
     """score chunk -> train on chunk; HedgeTTT overrides `distribution` / `after_score_batch`."""
     name = "sgd"
 
-    def __init__(self, model: torch.nn.Module, val: Any, cfg: Any, stream: EvalStream, *,
+    def __init__(self, model: GPT, val: Any, cfg: Any, stream: EvalStream, *,
                  log: ConvergenceLog | None = None, ledger: TimeLedger | None = None,
                  rank: int = 0, world_size: int = 1):
         self.model = copy.deepcopy(model)  # the base weights train: never the caller's model
@@ -132,12 +133,13 @@ class SGDTTT:
 
     def check_deadline(self, c: int) -> None:
         """Before chunk c (every rank): fall back to scoring without adaptation on a predicted overrun."""
-        if c == 0 or self.deadline.fallback is not None:
+        if c == 0 or not self.adapting():
             return
         first, docs = c * self.C, self.stream.docs
         where = {"at_chunk": c, "at_position": first,
                  "at_document": int(docs.of(first)[0]) if docs is not None else -1}
         if self.deadline.overrun(c, 1, self.n_chunks - c, self.device, self.stream.count, **where):
+            assert self.deadline.fallback is not None  # overrun() recorded it
             if self.log is not None:
                 self.log.fallback(**self.deadline.fallback)
 

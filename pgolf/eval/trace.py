@@ -88,7 +88,7 @@ class Trace:
         from pgolf.fileio import atomic_path
 
         path = Path(path)
-        arrays = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
+        arrays: dict[str, Any] = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
         with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a reader never sees half a trace
             np.savez(f, num_targets=np.int64(self.num_targets), method=np.str_(self.method), **arrays)
         return path
@@ -140,7 +140,7 @@ class EvalStream:
     method: str = ""
     violations: list[str] = field(default_factory=list)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.order = np.full(self.num_targets, UNSCORED, np.int32)  # trace index of each position (< 2^31)
         self.count = 0  # tokens scored on this rank
         self.step = 0  # updates declared so far
@@ -224,13 +224,13 @@ class EvalStream:
     # ---- results
     def finish(self) -> None:
         """Condition 4 over all ranks: every target scored exactly once (or left out by the plan)."""
-        counts = torch.from_numpy((self.order >= 0).astype(np.int32))
+        scored = torch.from_numpy((self.order >= 0).astype(np.int32))
         if _distributed():
             dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            c = counts.to(dev)
+            c = scored.to(dev)
             dist.all_reduce(c)
-            counts = c.cpu()
-        counts = counts.numpy()
+            scored = c.cpu()
+        counts = scored.numpy()
         missing = int(((counts == 0) & (self.order != EXCLUDED)).sum())  # exclusions are the same on every rank
         twice = int((counts > 1).sum())
         if missing or twice:
@@ -246,11 +246,11 @@ class EvalStream:
 
     def trace(self) -> Trace:
         cols = list(zip(*self._chunks)) if self._chunks else [()] * 5
-        cat = [np.concatenate(c) if c else np.zeros(0, dt) for c, dt in
-               zip(cols, (np.int64, np.int64, np.float32, np.int16, np.int64))]
+        position, doc, loss, nbytes, step = (np.concatenate(c) if c else np.zeros(0, dt) for c, dt in
+                                             zip(cols, (np.int64, np.int64, np.float32, np.int16, np.int64)))
         ups = np.array(self._updates, np.int64).reshape(-1, 3)
-        t = Trace(*cat, update_at=ups[:, 0], update_max_order=ups[:, 1], update_size=ups[:, 2],
-                  num_targets=self.num_targets, method=self.method)
+        t = Trace(position, doc, loss, nbytes, step, update_at=ups[:, 0], update_max_order=ups[:, 1],
+                  update_size=ups[:, 2], num_targets=self.num_targets, method=self.method)
         if _distributed():
             t.rank = np.full(len(t), dist.get_rank(), np.int64)
             t.update_rank = np.full(ups.shape[0], dist.get_rank(), np.int64)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pgolf.eval.trace import Docs, EvalStream
+from pgolf.model.gpt import GPT
 
 
 def doc_batches(docs: Docs, batch_size: int) -> list[np.ndarray]:
@@ -40,10 +41,12 @@ def all_reduce_grads(params: Sequence[torch.nn.Parameter]) -> None:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return
+    grads = []
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    all_reduce_sum_([p.grad for p in params])  # one flat collective, not one per parameter
+        grads.append(p.grad)
+    all_reduce_sum_(grads)  # one flat collective, not one per parameter
 
 
 def _sync(device: torch.device | None = None) -> None:
@@ -94,7 +97,7 @@ class TimeLedger:
 
     def as_dict(self, timed: str | None = None) -> dict[str, Any]:
         """The ledger; `timed` names the entry counted against the budget (the records time the TTT loop)."""
-        out = {f"{k}_seconds": round(v, 3) for k, v in self.seconds.items()}
+        out: dict[str, Any] = {f"{k}_seconds": round(v, 3) for k, v in self.seconds.items()}
         out["total_seconds"] = round(sum(v for k, v in self.seconds.items() if not k.startswith("phase_")), 3)
         out["budget_seconds"] = self.budget
         if timed is not None:
@@ -197,6 +200,7 @@ class ConvergenceLog:
             stream.hooks.append(self._on_record)
 
     def _on_record(self, pos: np.ndarray, loss: np.ndarray, nbytes: np.ndarray) -> None:
+        assert self.baseline is not None  # the hook is registered only with a baseline
         base = self.baseline[pos]
         have = np.isfinite(base)
         self.base_sum += float(base[have].sum(dtype=np.float64))
@@ -244,7 +248,7 @@ class ConvergenceLog:
         return self._emit({"kind": "done", **self._running(), **extra})
 
 
-def warmup(model: torch.nn.Module, cfg: Any, *, lora: bool = True, base: bool = False, seed: int = 0) -> float:
+def warmup(model: GPT, cfg: Any, *, lora: bool = True, base: bool = False, seed: int = 0) -> float:
     """Forward + backward at the TTT shapes on `torch.randint` tokens, never validation data
     (record-stack §5.1, §7.8); the weights are left exactly as they were. Returns seconds."""
     from pgolf.model.lora import BatchedLoRA

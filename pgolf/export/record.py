@@ -34,6 +34,7 @@ from pgolf import distributed
 from pgolf.config import Config
 from pgolf.errors import PgolfError
 from pgolf.fileio import atomic_write_bytes, atomic_write_json
+from pgolf.model.gpt import GPT
 from pgolf.train import Trainer
 
 # The official script's environment overrides -> (section, field)
@@ -107,7 +108,7 @@ class RecordTrainer(Trainer):
             self.say(f"{row['step']}/{n} val_loss: {row['val_loss']:.4f} val_bpb: {row['val_bpb']:.4f}")
 
 
-def quantize(cfg: Config, model: torch.nn.Module, state: dict[str, torch.Tensor], device: torch.device,
+def quantize(cfg: Config, model: GPT, state: dict[str, torch.Tensor], device: torch.device,
              say: Log) -> tuple[bytes, dict[str, Any]]:
     """GPTQ calibration (training shards only) timed against the reserve, then quantise + compress."""
     from pgolf.artifact.qstate import serialize

@@ -266,7 +266,7 @@ class Rewriter(ast.NodeTransformer):
         self.stack.pop()
         return node
 
-    def _comprehension(self, node):
+    def _comprehension(self, node: ast.ListComp | ast.SetComp | ast.DictComp | ast.GeneratorExp) -> ast.AST:
         first = node.generators[0]
         first.iter = self.visit(first.iter)  # evaluated in the enclosing scope
         targets: set[str] = set()

@@ -14,11 +14,13 @@ import math
 import torch
 import torch.nn as nn
 
+from pgolf.model.gpt import GPT
+
 TARGETS = ("q", "k", "v", "o", "mlp", "head")
 
 
 class BatchedLoRA(nn.Module):
-    def __init__(self, model: nn.Module, batch_size: int, rank: int, alpha: float = 0.0,
+    def __init__(self, model: GPT, batch_size: int, rank: int, alpha: float = 0.0,
                  targets: tuple[str, ...] = TARGETS):
         super().__init__()
         unknown = set(targets) - set(TARGETS)

@@ -85,13 +85,14 @@ def sweep(run: str | Path, grid: dict[str, list], *, overrides: list[str] | None
     for pt, q in zip(points, configs):
         t0 = time.perf_counter()
         blob, qstate, info, streams = P.quantize_state(p, q)
-        row = {k: ("+".join(_groups(v)) if k == "groups" else v) for k, v in pt.items()}
+        row: dict[str, Any] = {k: ("+".join(_groups(v)) if k == "groups" else v) for k, v in pt.items()}
         rep = A.byte_report(qstate, blob, streams)
         row.update(model_bytes=len(blob), code_bytes=code, total_bytes=len(blob) + code,
                    bits_per_param=rep["bits_per_param"],
                    **{f"bytes_{g}": n for g, n in rep["bytes_by_group"].items()})
         row["under_limit"] = row["total_bytes"] <= q.limit_bytes
         if evaluate:
+            assert p.prequant is not None  # prepare(evaluate=True) scored the unquantised weights
             res = P.score(p.cfg, load_artifact(blob), p.val, p.device)
             row.update(val_bpb=res["val_bpb"], delta_bpb=res["val_bpb"] - p.prequant["val_bpb"])
         row["seconds"] = time.perf_counter() - t0

@@ -56,8 +56,10 @@ def quantile_clip_scale(w: torch.Tensor, bits: int, candidates=QUANTILE_CANDIDAT
         if best_s is None:
             best_s, best_err = sc, err
         else:
+            assert best_err is not None  # set with best_s
             better = err < best_err
             best_s, best_err = torch.where(better, sc, best_s), torch.where(better, err, best_err)
+    assert best_s is not None  # at least one candidate
     return best_s
 
 

@@ -20,9 +20,12 @@ import io
 import json
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from pgolf.model.gpt import GPT
 
 CACHE = "hessians.pt"
 
@@ -34,7 +37,7 @@ def _autocast(device: torch.device):
 
 
 @torch.no_grad()
-def collect_hessians(model: nn.Module, batches, *, min_numel: int = 65_536,
+def collect_hessians(model: GPT, batches, *, min_numel: int = 65_536,
                      doc_mask: bool = True) -> dict[str, torch.Tensor]:
     """{parameter name: H (in, in) fp32} for every Linear with weight.numel() > min_numel, and
     `tok_emb.weight` (from the head input) when the embedding is tied. `doc_mask` False switches the
@@ -55,7 +58,7 @@ def collect_hessians(model: nn.Module, batches, *, min_numel: int = 65_536,
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and mod.weight.numel() > min_numel:
             hooks.append(mod.register_forward_hook(lambda m, inp, out, key=f"{name}.weight": add(key, inp[0])))
-    mcfg = getattr(model, "cfg", None)
+    mcfg: Any = getattr(model, "cfg", None)  # None for a bare module with `hidden` (tests)
     tied = getattr(mcfg, "tie_embeddings", False)
     unmask = getattr(mcfg, "doc_mask", False) and not doc_mask  # the model's own switch, off for a while
     was_training = model.training
@@ -89,7 +92,7 @@ def calibration_key(cfg, weights: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def calibrate(model: nn.Module, cfg, *, rank: int = 0, world_size: int = 1) -> tuple[dict, dict]:
+def calibrate(model: GPT, cfg, *, rank: int = 0, world_size: int = 1) -> tuple[dict, dict]:
     """Draw calibration windows from the train shards and collect Hessians; timed."""
     from pgolf.data.loader import calibration_batches
 
@@ -107,7 +110,7 @@ def calibrate(model: nn.Module, cfg, *, rank: int = 0, world_size: int = 1) -> t
     return H, info
 
 
-def cached_hessians(run_dir: str | Path, model, cfg, weights: str = "final_model.pt",
+def cached_hessians(run_dir: str | Path, model: GPT | Callable[[], GPT], cfg, weights: str = "final_model.pt",
                     caller: str = "quantize", write: bool = True) -> tuple[dict, dict]:
     """Hessians from `<run>/hessians.pt` when the key matches, else computed and (with `write`) cached
     there. `model` is the model, or a function building it (only called on a cache miss).
@@ -128,7 +131,7 @@ def cached_hessians(run_dir: str | Path, model, cfg, weights: str = "final_model
                 return obj["hessians"], {**obj["info"], "cached": True}
         except (RuntimeError, EOFError, KeyError, AttributeError):
             pass  # a stale or broken cache is recomputed
-    H, info = calibrate(model if isinstance(model, nn.Module) else model(), cfg)
+    H, info = calibrate(model if isinstance(model, GPT) else model(), cfg)
     spent = info["calibration_data_seconds"] + info["hessian_seconds"]
     info.update(computed_by=caller, reserve_seconds=cfg.train.gptq_reserve_seconds,
                 within_reserve=caller == "train" and spent <= cfg.train.gptq_reserve_seconds)

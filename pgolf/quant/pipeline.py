@@ -168,7 +168,8 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
     check_overrides(overrides or [], SECTIONS, "quantize")
     run, prev = open_run(run_dir, "quantize", allow_unfinished)
     p = prepare(run.path, overrides, device=device, evaluate=evaluate, cache=False)
-    cfg, q, notes = p.cfg, p.cfg.quant, []
+    cfg, q = p.cfg, p.cfg.quant
+    notes: list[str] = []
     blob, qstate, info, streams = quantize_state(p)
     name = artifact_name(q.method)
     t0 = time.perf_counter()
@@ -202,6 +203,7 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
     out["val_bpb_prequant"] = out["val_bpb"] = out["quant_val_bpb"] = None
     res = None
     if evaluate:
+        assert p.prequant is not None  # prepare(evaluate=True) scored the unquantised weights
         t0 = time.perf_counter()
         state = load_artifact(blob, name)  # the artifact's bytes alone: decompress -> dequantise
         _timed(p.timings, "load_artifact_s", t0)
@@ -223,7 +225,7 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
     elif "val_bpb" in prev and "val_bpb_train" not in prev:
         updates["val_bpb_train"] = prev["val_bpb"]  # the trainer's (unquantised) score, kept once
     new = [stage("pre-quant", p.prequant, by="quantize", weights="fp", artifact=WEIGHTS, setting=scoring_setting(cfg))
-           ] if evaluate and not p.prequant.get("reused") else []
+           ] if evaluate and p.prequant is not None and not p.prequant.get("reused") else []
     new.append(stage("quantised", res, by="quantize", weights="artifact", artifact=name, method=q.method,
                      setting=scoring_setting(cfg) if evaluate else None,
                      artifact_sha256=hashlib.sha256(blob).hexdigest(), model_bytes=model_bytes, total_bytes=total,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -133,8 +134,9 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], q: QuantConfig,
     validate(q)
     hessians = hessians or {}
     device = torch.device(device or "cpu")
-    tensors, info = {}, {"tensors": {}, "lqer": []}
-    jobs = []
+    tensors: dict[str, dict[str, Any]] = {}
+    info: dict[str, Any] = {"tensors": {}, "lqer": []}
+    jobs: list[tuple[str, torch.Tensor, str]] = []
     t0 = time.perf_counter()
     for name, t in sd.items():
         t = t.detach()
@@ -149,7 +151,8 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], q: QuantConfig,
             jobs.append((name, t, kind))
     errors: dict[str, float] = {}
     with one_thread_on_cpu(device), ThreadPoolExecutor(cpu_workers(device)) as pool:
-        results = pool.map(lambda j: _quantize_matrix(*j, q, hessians.get(j[0]), device), jobs)
+        # (mypy types a lambda's argument as Any here, and *Any could fill every parameter)
+        results = pool.map(lambda j: _quantize_matrix(*j, q, hessians.get(j[0]), device), jobs)  # type: ignore[call-arg]
         for (name, _t, _kind), (fields, tinfo, err) in zip(jobs, results):
             tensors[name].update(fields)
             info["tensors"][name] = tinfo
@@ -159,7 +162,7 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], q: QuantConfig,
     if q.lqer and q.lqer_rank > 0 and q.lqer_top_k > 0 and errors:
         t0 = time.perf_counter()
         # LQER, PR #1797: correct the k matrices with the largest ||W - W_hat||_F
-        for name in sorted(errors, key=errors.get, reverse=True)[:q.lqer_top_k]:
+        for name in sorted(errors, key=errors.__getitem__, reverse=True)[:q.lqer_top_k]:
             e = tensors[name]
             w = sd[name].detach().to(device).float().reshape(e["shape"][0], -1)
             A, B = lqer.factors(w - dequantize(e["q"].to(device), e["s"].to(device)), q.lqer_rank)
