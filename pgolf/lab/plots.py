@@ -11,9 +11,10 @@
 | `plot_grid(df, x)` | `grid_<x>` (`trials.grid`: a tweak's values against val BPB and artifact bytes) |
 
 Each returns the list of paths it wrote, and checks its `out_dir` before drawing anything (a file in
-the way, or a folder that cannot be written, is one `pgolf: error:` line naming `figures_dir`). Figures are `matplotlib.figure.Figure` objects, never pyplot's:
-nothing is left open in a kernel, no backend is chosen, and a widget callback (where the inline backend
-draws nothing) shows the same picture as a cell: in a Jupyter kernel `save` displays the PNG it wrote.
+the way, or a folder that cannot be written, is one `pgolf: error:` line naming `figures_dir`).
+Figures are `matplotlib.figure.Figure` objects, never pyplot's: nothing is left open in a kernel, no
+backend is chosen, and a widget callback (where the inline backend draws nothing) shows the same
+picture as a cell: in a Jupyter kernel `save` displays the PNG it wrote.
 """
 from __future__ import annotations
 
