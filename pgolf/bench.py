@@ -46,6 +46,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from pgolf import distributed
     from pgolf.model import build_model, count_params
     from pgolf.model.attention import resolve_backend
+    from pgolf.model.compile import compile_train
     from pgolf.optim import EMA, build_optimizers
     from pgolf.presets import get_preset
     from pgolf.train import batch_shape, optimizer_step
@@ -67,7 +68,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     model.fused_ce = t.fused_ce and dev.type == "cuda"
     looping = {"on": True, "off": False}.get(args.looping, False)
     model.looping = looping and bool(cfg.model.num_loops)
-    step_model = torch.compile(model, dynamic=False) if t.compile and dev.type == "cuda" else model
+    step_model: Any = compile_train(model) if t.compile and dev.type == "cuda" else model
     opt = build_optimizers(model, cfg.optim, cfg.model.tie_embeddings)
     packed = cfg.data.segmentation == "varlen"  # one packed row per micro-step, as the loader yields
     rows, width = (1, micro) if packed else (micro // t.train_seq_len, t.train_seq_len)
