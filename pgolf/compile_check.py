@@ -79,7 +79,8 @@ def _trim_depth(m: ModelConfig) -> None:
             setattr(m, f.name, getattr(before, f.name))
 
 
-def compile_check(cfg: Config, *, backend: str = "eager", ttt: bool | None = None, cached: bool = True) -> dict[str, Any]:
+def compile_check(cfg: Config, *, backend: str = "eager", ttt: bool | None = None,
+                  cached: bool = True) -> dict[str, Any]:
     """{"graph_breaks", "recompiles", ...} of `cfg` at the check's size (see the module docstring).
 
     `ttt` None: the TTT step too when the preset's TTT method is LoRA. Results are cached per config

@@ -46,7 +46,6 @@ def curve(rank: int = 0, world: int = 1) -> tuple[list[float], int]:
     how many matrices this rank kept Muon momentum for."""
     from pgolf.distributed import all_reduce_mean_
     from pgolf.eval.phased import global_sgd
-    from pgolf.eval.trace import EvalStream
     from pgolf.model import build_model
     from pgolf.optim import EMA, build_optimizers
     from pgolf.train import optimizer_step

@@ -23,7 +23,7 @@ from pgolf.model.attention import FLASH_MODULES, DocMask
 class CompiledForward:
     """`fn` ("forward" or "forward_at") of `model` compiled whole, called like the model's own method."""
 
-    def __init__(self, model: torch.nn.Module, fn: str = "forward", *, dynamic_width: bool = False,
+    def __init__(self, model: Any, fn: str = "forward", *, dynamic_width: bool = False,
                  backend: str = "inductor"):
         self.model = model
         self.dynamic_width = dynamic_width

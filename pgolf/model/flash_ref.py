@@ -23,6 +23,8 @@ import types
 from typing import Iterator
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+from torch.utils.flop_counter import register_flop_formula
 
 
 def _check_cu(cu: torch.Tensor, total: int, max_seqlen: int) -> None:
@@ -71,7 +73,7 @@ def _(q, k, v, cu, max_seqlen, causal, scale):
 
 @torch.library.custom_op("pgolf_ref::varlen_attn_bwd", mutates_args=())
 def varlen_attn_bwd(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
-                    causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    max_seqlen: int, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of `varlen_attn`, written out (a custom op runs below autograd)."""
     N, H, D = q.shape
     group = H // k.shape[1]
@@ -87,19 +89,19 @@ def varlen_attn_bwd(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 
 @varlen_attn_bwd.register_fake
-def _(g, q, k, v, cu, causal, scale):
+def _(g, q, k, v, cu, max_seqlen, causal, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, cu, _, causal, scale = inputs
+    q, k, v, cu, max_seqlen, causal, scale = inputs
     ctx.save_for_backward(q, k, v, cu)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
 
 
 def _backward(ctx, g):
     q, k, v, cu = ctx.saved_tensors
-    dq, dk, dv = varlen_attn_bwd(g, q, k, v, cu, ctx.causal, ctx.scale)
+    dq, dk, dv = varlen_attn_bwd(g, q, k, v, cu, ctx.max_seqlen, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None, None, None
 
 
@@ -119,9 +121,17 @@ def _check_inputs(q, k, v, ndim: int) -> None:
         raise RuntimeError("input tensor must have contiguous last dimension")
 
 
+def _check_scalars(softmax_scale, causal, max_seqlen=1) -> None:
+    if not isinstance(causal, bool) or not isinstance(max_seqlen, int) or isinstance(max_seqlen, bool):
+        raise TypeError(f"causal must be a bool and max_seqlen an int (got {causal!r}, {max_seqlen!r})")
+    if softmax_scale is not None and not isinstance(softmax_scale, float):
+        raise TypeError(f"softmax_scale must be a float or None (got {softmax_scale!r})")
+
+
 def _dense(q, k, v, softmax_scale, causal):
     """(B, T, H, D) -> (B, T, H, D): every row one segment."""
     _check_inputs(q, k, v, 4)
+    _check_scalars(softmax_scale, causal)
     B, T, H, D = q.shape
     cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
     y = varlen_attn(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D), cu, T, causal,
@@ -131,11 +141,26 @@ def _dense(q, k, v, softmax_scale, causal):
 
 def _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
     _check_inputs(q, k, v, 3)
+    _check_scalars(softmax_scale, causal, max_seqlen_q)
     if cu_seqlens_q is not cu_seqlens_k or max_seqlen_q != max_seqlen_k:
         raise NotImplementedError("the stand-in covers self-attention only (one cu_seqlens for q and k)")
     if k.shape[0] != q.shape[0]:
         raise RuntimeError("q and k must hold the same tokens in self-attention")
     return varlen_attn(q, k, v, cu_seqlens_q, max_seqlen_q, causal, softmax_scale or q.shape[-1] ** -0.5)
+
+
+def _none(**given) -> None:
+    for name, value in given.items():
+        if value is not None:
+            raise TypeError(f"the stand-in does not take {name}={value!r} (pgolf never passes it)")
+
+
+def _defaults(**given) -> None:
+    """The stand-ins compute plain (varlen) causal or full attention: any other option is a slip."""
+    defaults = {"window_size": (-1, -1), "softcap": 0.0, "dropout_p": 0.0}
+    for name, value in given.items():
+        if value != defaults.get(name) or type(value) is not type(defaults.get(name)):
+            raise TypeError(f"the stand-in does not take {name}={value!r} (pgolf never passes it)")
 
 
 def _lse(q: torch.Tensor) -> torch.Tensor:
@@ -148,6 +173,8 @@ def _lse(q: torch.Tensor) -> torch.Tensor:
 def fa3_flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, q_descale=None, k_descale=None,
                         v_descale=None, window_size=(-1, -1), attention_chunk=0, softcap=0.0, num_splits=1,
                         pack_gqa=None, deterministic=False, sm_margin=0, return_attn_probs=False):
+    _none(qv=qv, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, pack_gqa=pack_gqa)
+    _defaults(window_size=window_size, softcap=softcap)
     out = _dense(q, k, v, softmax_scale, causal)
     return (out, _lse(q)) if return_attn_probs else out
 
@@ -157,6 +184,9 @@ def fa3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
                                k_descale=None, v_descale=None, window_size=(-1, -1), attention_chunk=0,
                                softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0,
                                return_attn_probs=False):
+    _none(seqused_q=seqused_q, seqused_k=seqused_k, qv=qv, q_descale=q_descale, k_descale=k_descale,
+          v_descale=v_descale, pack_gqa=pack_gqa)
+    _defaults(window_size=window_size, softcap=softcap)
     out = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
     return (out, _lse(q)) if return_attn_probs else out
 
@@ -165,6 +195,8 @@ def fa3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
 def fa3_beta_flash_attn_func(q, k, v, softmax_scale=None, causal=False, q_descale=None, k_descale=None,
                              v_descale=None, window_size=(-1, -1), sink_token_length=0, softcap=0.0, num_splits=1,
                              pack_gqa=None, deterministic=False):
+    _none(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, pack_gqa=pack_gqa)
+    _defaults(window_size=window_size, softcap=softcap)
     return _dense(q, k, v, softmax_scale, causal), _lse(q)
 
 
@@ -172,12 +204,16 @@ def fa3_beta_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seq
                                     softmax_scale=None, causal=False, q_descale=None, k_descale=None,
                                     v_descale=None, window_size=(-1, -1), softcap=0.0, num_splits=1, pack_gqa=None,
                                     deterministic=False):
+    _none(q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, pack_gqa=pack_gqa)
+    _defaults(window_size=window_size, softcap=softcap)
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal), _lse(q)
 
 
 # ---- flash-attn 2 (flash_attn/flash_attn_interface.py): dropout_p comes right after the shapes
 def fa2_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                         alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    _none(alibi_slopes=alibi_slopes)
+    _defaults(dropout_p=dropout_p, window_size=window_size, softcap=softcap)
     out = _dense(q, k, v, softmax_scale, causal)
     return (out, _lse(q), None) if return_attn_probs else out
 
@@ -185,8 +221,8 @@ def fa2_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False
 def fa2_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                                deterministic=False, return_attn_probs=False, block_table=None):
-    if not isinstance(dropout_p, float):
-        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    _none(alibi_slopes=alibi_slopes, block_table=block_table)
+    _defaults(dropout_p=dropout_p, window_size=window_size, softcap=softcap)
     out = _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal)
     return (out, _lse(q), None) if return_attn_probs else out
 
@@ -202,7 +238,7 @@ def module(version: str) -> types.ModuleType:
     name, func, varlen = VERSIONS[version]
     mod = types.ModuleType(name)
     mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
-    mod.flash_attn_func, mod.flash_attn_varlen_func = func, varlen
+    mod.__dict__.update(flash_attn_func=func, flash_attn_varlen_func=varlen)
     return mod
 
 
@@ -224,3 +260,26 @@ def installed(version: str) -> Iterator[str]:
         else:
             sys.modules[name] = before
         attention._installed.cache_clear()
+
+
+# ---- FLOPs (torch.utils.flop_counter): what a FlashAttention kernel computes, 2 matmuls over the
+# allowed (query, key) pairs forward and twice that backward (the convention of 6N per token)
+def _pairs(cu: torch.Tensor, n: int, max_seqlen: int, causal: bool) -> int:
+    """Allowed pairs; under FakeTensorMode (no values) every segment is taken max_seqlen long."""
+    if isinstance(cu, FakeTensor):
+        full, rest = divmod(n, max_seqlen)
+        lens = [max_seqlen] * full + [rest]
+    else:
+        with unset_fake_temporarily():  # a real cu_seqlens read inside a fake-mode trace
+            lens = torch.diff(cu.long()).tolist()
+    return sum(L * (L + 1) // 2 if causal else L * L for L in lens)
+
+
+@register_flop_formula(torch.ops.pgolf_ref.varlen_attn, get_raw=True)
+def _flops_fwd(q, k, v, cu, max_seqlen, causal, scale, *args, **kwargs) -> int:
+    return 4 * q.shape[1] * q.shape[2] * _pairs(cu, q.shape[0], max_seqlen, causal)
+
+
+@register_flop_formula(torch.ops.pgolf_ref.varlen_attn_bwd, get_raw=True)
+def _flops_bwd(g, q, k, v, cu, max_seqlen, causal, scale, *args, **kwargs) -> int:
+    return 8 * q.shape[1] * q.shape[2] * _pairs(cu, q.shape[0], max_seqlen, causal)
