@@ -97,3 +97,24 @@ def test_live_bytes_and_attention_flops_by_hand():
     with FlopCounterMode(display=False) as fc:
         varlen_attn(q, k, v, cu, 5, True, 0.5).sum().backward()
     assert fc.get_total_flops() == 4 * 2 * 4 * 21 * 3
+
+
+def test_plan_vs_bench_puts_prediction_beside_measurement(pr1855_plan, tmp_path):
+    """scripts/plan_vs_bench.py: the implied MFU is the plan's FLOPs over the measured time."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "plan-pr1855.json").write_text(json.dumps(pr1855_plan))
+    bench = {"device": "H100", "attention_backend": "fa3", "tokens_per_step": 98_304, "ms_per_step": 200.0,
+             "mfu": 0.2, "peak_mem_gib": 40.0}
+    (tmp_path / "bench-pr1855-on.json").write_text(json.dumps(bench))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "plan_vs_bench.py"
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    row = next(line for line in out.splitlines() if line.startswith("| bench-pr1855-on"))
+    implied = 98_304 * pr1855_plan["flops_per_token_by_mode"]["looping_on"] / 0.2 / 989e12
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[3] == f"{pr1855_plan['predicted_ms_per_step_by_mode']['looping_on']:.1f}" and cells[4] == "200.0"
+    assert cells[6] == f"{implied:.3f}" and cells[9] == "H100 (fa3)"
+    assert "| bench-baseline | - |" in out  # a step that did not run leaves dashes
