@@ -27,6 +27,14 @@ def test_every_preset_compiles_whole_and_never_recompiles(preset):
         assert "ttt_graphs" not in res  # pr430's TTT (Hedge) trains the base model eagerly
 
 
+@pytest.mark.slow
+def test_aot_eager_traces_the_backward_too():
+    """AOT autograd's joint forward + backward trace (functionalisation, the kernel's fake strides): the
+    cpu-smoke training step with backend aot_eager (the sweep above uses dynamo's eager backend)."""
+    res = compile_check(get_preset("cpu-smoke"), backend="aot_eager", ttt=False)
+    assert res["backend"] == "aot_eager" and res["graph_breaks"] == 0 and res["recompiles"] == 0
+
+
 def test_check_config_keeps_switches_and_looping_structure():
     """The reduced preset keeps every switch and the loop's span and passes; only plain layers go."""
     from pgolf.model.gpt import virtual_layer_order

@@ -6,7 +6,8 @@ warmed up at the chunk and the full context on random tokens). A graph break is 
 never a silent slowdown. The document mask is the one data-dependent piece (how many segments a row
 holds): `CompiledForward` prepares it outside the graph (`GPT.attention_mask`) and passes it in with
 the length of FlashAttention's cu_seqlens marked dynamic, so a new count of segments does not recompile
-(the records instead pre-compile four cu_seqlens buckets). Switching looping on adds one graph, which
+(the records instead pre-compile four cu_seqlens buckets; `maybe_mark_dynamic`: a kernel whose fake form
+needed the length fixed would recompile per bucket, as theirs, rather than fail). Switching looping on adds one graph, which
 the trainer's warm-up compiles before the clock starts.
 
 `backend` is Inductor on CUDA; the CPU compile check (pgolf.model.compile_check) passes "aot_eager".
@@ -37,10 +38,10 @@ class CompiledForward:
         if mask is None:
             mask = self.model.attention_mask(idx)
         if mask is not None and mask.backend in FLASH_MODULES and mask.plan is not None:
-            torch._dynamo.mark_dynamic(mask.plan[0], 0)  # cu_seqlens: any number of segments, one graph
+            torch._dynamo.maybe_mark_dynamic(mask.plan[0], 0)  # cu_seqlens: any number of segments, one graph
         if self.dynamic_width:  # the row width and, for forward_at, the number of positions vary
             for t in (idx, *args):
-                torch._dynamo.mark_dynamic(t, 1)
+                torch._dynamo.maybe_mark_dynamic(t, 1)
         return self.compiled(idx, *args, mask=mask, **kw)
 
 

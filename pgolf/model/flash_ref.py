@@ -56,7 +56,7 @@ def _segments(q, k, v, cu, causal: bool, scale: float) -> torch.Tensor:
     """Attention within each segment [cu[i], cu[i+1]) of the flattened tokens (q (N, H, D)), in fp32."""
     p, _ = _probs(q, k, cu, causal, scale)
     vh = v.float().repeat_interleave(q.shape[1] // v.shape[1], 1)
-    return torch.einsum("hqk,khd->qhd", p, vh).to(q.dtype)
+    return torch.einsum("hqk,khd->qhd", p, vh).to(q.dtype).contiguous()  # contiguous, as the kernel's
 
 
 @torch.library.custom_op("pgolf_ref::varlen_attn", mutates_args=())
@@ -85,7 +85,7 @@ def varlen_attn_bwd(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dq = torch.einsum("hqk,khd->qhd", ds, kh) * scale
     dk = (torch.einsum("hqk,qhd->khd", ds, q.float()) * scale).view(N, -1, group, D).sum(2)
     dv = torch.einsum("hqk,qhd->khd", p, gf).view(N, -1, group, D).sum(2)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 
 
 @varlen_attn_bwd.register_fake
