@@ -111,7 +111,8 @@ def test_plan_vs_bench_puts_prediction_beside_measurement(pr1855_plan, tmp_path)
              "mfu": 0.2, "peak_mem_gib": 40.0}
     (tmp_path / "bench-pr1855-on.json").write_text(json.dumps(bench))
     script = Path(__file__).resolve().parents[1] / "scripts" / "plan_vs_bench.py"
-    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                         check=True).stdout
     row = next(line for line in out.splitlines() if line.startswith("| bench-pr1855-on"))
     implied = 98_304 * pr1855_plan["flops_per_token_by_mode"]["looping_on"] / 0.2 / 989e12
     cells = [c.strip() for c in row.split("|")]

@@ -7,8 +7,8 @@ never a silent slowdown. The document mask is the one data-dependent piece (how 
 holds): `CompiledForward` prepares it outside the graph (`GPT.attention_mask`) and passes it in with
 the length of FlashAttention's cu_seqlens marked dynamic, so a new count of segments does not recompile
 (the records instead pre-compile four cu_seqlens buckets; `maybe_mark_dynamic`: a kernel whose fake form
-needed the length fixed would recompile per bucket, as theirs, rather than fail). Switching looping on adds one graph, which
-the trainer's warm-up compiles before the clock starts.
+needed the length fixed would recompile per bucket, as theirs, rather than fail). Switching looping on
+adds one graph, which the trainer's warm-up compiles before the clock starts.
 
 `backend` is Inductor on CUDA; the CPU compile check (pgolf.model.compile_check) passes "aot_eager".
 """
