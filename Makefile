@@ -60,12 +60,17 @@ test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
 
 # Wheels the device H100 image lacks (cp312), for scripts/gpu_checks.sh (carry .whl), at the lock's versions
-# (python-minifier's version changes the counted code bytes).
+# (python-minifier's version changes the counted code bytes). FlashAttention has no binary wheel on PyPI
+# (FA2 ships a source tarball, FA3 is built from hopper/): pass a prebuilt cp312 / CUDA 12 / torch-matched
+# one as FA_WHEELS=path.whl to carry it too; without one the device runs FlexAttention, and every result
+# names the kernel that ran (`attention_backend`).
 GPU_WHEELS = $(shell grep -E '^(zstandard|brotli|zpaq|python-minifier)==' $(LOCK))
+FA_WHEELS ?=
 gpu-wheels: $(STAMP)
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	$(if $(FA_WHEELS),cp $(FA_WHEELS) .whl/)
 
 lab: $(STAMP) git-filter
 	$(BIN)/jupyter lab --notebook-dir=notebooks

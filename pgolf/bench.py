@@ -1,8 +1,9 @@
 """`pgolf bench`: time training steps of a preset on the current device, on synthetic tokens
 (`--quant`: the artifact's phases, pgolf.quant.bench; `--ttt`: TTT throughput, pgolf.eval.bench).
 
-Reports ms/step, tokens/s and MFU (model FLOPs utilisation: 6 N + 12 L d T FLOPs per token, over
-the device's dense bf16 peak). Performance targets live here and in docs/perf.md, never in tests.
+Reports ms/step, tokens/s and MFU (model FLOPs utilisation: 6 N + 6 L d (T + 1) FLOPs per token, over
+the device's dense bf16 peak; `pgolf plan` predicts the same step from its FLOPs). Performance targets
+live here and in docs/perf.md, never in tests.
 """
 from __future__ import annotations
 
@@ -19,20 +20,26 @@ from pgolf.errors import PgolfError
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def flops_per_token(model, seq_len: int) -> float:
-    """6 N + 12 L d T: N counts every matmul weight as often as the forward applies it (looped blocks
-    once per visit; the head once; embedding tables are lookups, not matmuls), L the virtual depth."""
+def matmul_params(model) -> int:
+    """N of 6 N: every matmul weight as often as the forward applies it (looped blocks once per visit; the
+    head once; embedding tables are lookups, not matmuls)."""
     import torch.nn as nn
 
     cfg = model.cfg
-    order = model.layer_order()
     block = [sum(m.weight.numel() for m in b.modules() if isinstance(m, nn.Linear)) for b in model.blocks]
-    n = sum(block[i] for i in order)
+    n = sum(block[i] for i in model.layer_order())
     n += sum(m.weight.numel() for name, m in model.named_modules()
              if isinstance(m, nn.Linear) and not name.startswith("blocks."))
     if cfg.tie_embeddings:  # the tied head is the embedding table used as a matmul (lm_head is counted above)
         n += cfg.vocab_size * cfg.model_dim
-    return 6.0 * n + 12.0 * len(order) * cfg.model_dim * seq_len
+    return n
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """6 N + 6 L d (T + 1) (docs/perf.md): the matmuls forward and backward, and causal attention over
+    segments of T tokens (4 d FLOPs per (query, key) pair forward, twice that backward, (T + 1) / 2 pairs
+    per token) on the L virtual layers. `pgolf plan` counts the same with FlopCounterMode."""
+    return 6.0 * matmul_params(model) + 6.0 * len(model.layer_order()) * model.cfg.model_dim * (seq_len + 1)
 
 
 def peak_tflops(device: torch.device) -> float | None:
@@ -46,6 +53,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from pgolf import distributed
     from pgolf.model import build_model, count_params
     from pgolf.model.attention import resolve_backend
+    from pgolf.model.compile import compile_train
     from pgolf.optim import EMA, build_optimizers
     from pgolf.presets import get_preset
     from pgolf.train import batch_shape, optimizer_step
@@ -67,7 +75,7 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     model.fused_ce = t.fused_ce and dev.type == "cuda"
     looping = {"on": True, "off": False}.get(args.looping, False)
     model.looping = looping and bool(cfg.model.num_loops)
-    step_model = torch.compile(model, dynamic=False) if t.compile and dev.type == "cuda" else model
+    step_model: Any = compile_train(model) if t.compile and dev.type == "cuda" else model
     opt = build_optimizers(model, cfg.optim, cfg.model.tie_embeddings)
     packed = cfg.data.segmentation == "varlen"  # one packed row per micro-step, as the loader yields
     rows, width = (1, micro) if packed else (micro // t.train_seq_len, t.train_seq_len)

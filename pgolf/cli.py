@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(handler="pgolf.bench:cmd_bench")
 
+    p = sub.add_parser("plan", help="predict memory, FLOPs and step times on an H100 without a GPU")
+    p.add_argument("--preset", default="baseline")
+    p.add_argument("--nproc", type=int, default=8, help="GPUs (ranks) the run would use")
+    p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation assumed for the times")
+    _add_set(p)
+    p.set_defaults(handler="pgolf.plan:cmd_plan")
+
     p = sub.add_parser("sweep", help="execute a parameterised notebook once per seed x grid point")
     p.add_argument("notebook", nargs="?")
     p.add_argument("--seeds", nargs="+", type=int, default=[1337])

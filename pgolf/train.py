@@ -97,13 +97,13 @@ def val_batch_seqs(cfg: Config, world: int) -> int:
 # --------------------------------------------------------------------------- the loop
 def optimizer_step(step_model, model, opt, ema, batches, clip: float, lr_mult: float, step: int,
                    oc=None) -> torch.Tensor:
-    """Accumulate over `batches` [(x, y)], average grads across ranks, clip, step, update the EMA.
+    """Accumulate over `batches` [(x, y)], average grads across ranks and clip (`opt.reduce_and_clip`:
+    Muon's matrices are reduce-scattered, Parallel Muon), step, update the EMA.
     With `oc` (the OptimConfig), the CROWN-Q penalty is added once it is active (pgolf.optim.crownq).
 
     `step_model` is the (possibly compiled) module the forward runs through; `model` owns the weights.
     Returns the mean loss as a 0-d tensor (no host sync)."""
     from pgolf.eval.score import autocast_for
-    from pgolf.optim import clip_grad_norm
     from pgolf.optim.crownq import crown_q_active, crown_q_penalty
 
     device = next(model.parameters()).device
@@ -115,8 +115,7 @@ def optimizer_step(step_model, model, opt, ema, batches, clip: float, lr_mult: f
         total += loss.detach() / len(batches)
     if oc is not None and crown_q_active(oc, lr_mult):  # the same weights, so the same term, on every rank
         (oc.crown_q_lambda * crown_q_penalty(model, oc.crown_q_clip_range)).backward()
-    distributed.all_reduce_mean_([p.grad for p in model.parameters() if p.grad is not None])
-    clip_grad_norm(model, clip)
+    opt.reduce_and_clip(clip)
     opt.step(lr_mult, step)
     opt.zero_grad(set_to_none=True)
     if ema is not None:
@@ -147,8 +146,9 @@ class Trainer:
         self.model.fused_ce = t.fused_ce and ctx.device.type == "cuda"
         self.params = count_params(self.model)
         self.step_model: Callable[..., Any] = self.model  # or its torch.compile wrapper
-        if t.compile and ctx.device.type == "cuda":
-            self.step_model = torch.compile(self.model, dynamic=False)
+        if t.compile and ctx.device.type == "cuda":  # fullgraph: a graph break is an error (pgolf.model.compile)
+            from pgolf.model.compile import compile_train
+            self.step_model = compile_train(self.model)
         self.opt = build_optimizers(self.model, cfg.optim, cfg.model.tie_embeddings)
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.budget = max(t.max_seconds - t.gptq_reserve_seconds, 0.0) if t.max_seconds > 0 else 0.0

@@ -198,17 +198,16 @@ def test_xsa_output_is_orthogonal_to_own_value_per_kv_group():
 @pytest.mark.gpu
 @pytest.mark.parametrize("H,Hkv", [(8, 4), (8, 8)])
 @pytest.mark.parametrize("backend,dtype,tol", [("flex", torch.bfloat16, 2.5e-2), ("flex", torch.float32, 5e-3),
-                                               ("flash", torch.bfloat16, 2.5e-2), ("sdpa", torch.bfloat16, 2.5e-2)],
-                         ids=["flex-bf16", "flex-fp32", "flash-bf16", "sdpa-bf16"])
+                                               ("fa3", torch.bfloat16, 2.5e-2), ("fa2", torch.bfloat16, 2.5e-2),
+                                               ("sdpa", torch.bfloat16, 2.5e-2)],
+                         ids=["flex-bf16", "flex-fp32", "fa3-bf16", "fa2-bf16", "sdpa-bf16"])
 def test_cuda_backend_equals_float64_reference(backend, dtype, tol, H, Hkv):
-    """flex / flash / SDPA on CUDA, with and without document masks, match the float64 reference."""
-    from pgolf.model.attention import flash_attn_available, flex_attention_available
+    """FA3 / FA2 / flex / SDPA on CUDA, with and without document masks, match the float64 reference."""
+    from pgolf.model.attention import kernel_available
 
     assert torch.cuda.is_available(), "run the gpu tests on a CUDA machine"
-    if backend == "flash" and not flash_attn_available():
-        pytest.skip("flash_attn is not installed on this machine")
-    if backend == "flex" and not flex_attention_available():
-        pytest.skip("this torch has no FlexAttention")
+    if not kernel_available(backend):
+        pytest.skip(f"{backend} is not installed on this machine")
     assert resolve_backend(backend, "cuda") == backend
     B, T, D = 2, 256, 64
     q, k, v = _qkv(B, T, H, Hkv, D, seed=4, dtype=dtype, device="cuda")

@@ -34,7 +34,7 @@ def test_flops_count_looped_blocks_once_per_visit():
     model.looping = False
     flat = flops_per_token(model, 64)
     model.looping = True  # layers 1-2 run 3 times: 4 more block visits, 4 more layers of attention
-    assert flops_per_token(model, 64) - flat == 6.0 * 4 * block + 12.0 * 4 * 64 * 64
+    assert flops_per_token(model, 64) - flat == 6.0 * 4 * block + 6.0 * 4 * 64 * 65  # causal: 65/2 pairs a token
 
 
 QTINY = TINY + ["quant.method=\"gptq\"", "quant.passthrough_numel=1024", "quant.calibration_batches=2",

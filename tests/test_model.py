@@ -339,7 +339,7 @@ def test_sequential_layer_after_lanes_is_rejected():
 # ---------------------------------------------------------------- GPU
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["auto", "flex", "flash", "sdpa"])
+@pytest.mark.parametrize("backend", ["auto", "flex", "fa3", "fa2", "sdpa"])
 @pytest.mark.parametrize("preset", ["baseline", "pr430", "pr1855"])
 def test_bf16_autocast_forward_matches_fp32_on_cuda(preset, backend):
     """On CUDA, each backend under bf16 autocast (doc masks on) tracks the fp32 SDPA forward's loss and logits."""

@@ -1,7 +1,8 @@
 """Distributed Muon: two gloo CPU processes end with the same parameters as one process.
 
-Each rank orthogonalises a round-robin share of the matrices; the flat all-reduce of the updates
-must make both ranks bitwise identical, and equal to the single-process result.
+Each rank orthogonalises its shard of every bank of same-shape matrices (reduce-scatter of the
+gradients, Parallel Muon) and the updates are all-gathered: both ranks must end bitwise identical, and
+equal to the single-process result.
 """
 import os
 

@@ -99,16 +99,14 @@ def test_packed_sdpa_is_exact_attention_per_segment_with_gradients(H, Hkv):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["flash", "flex", "sdpa"])
+@pytest.mark.parametrize("backend", ["fa3", "fa2", "flex", "sdpa"])
 def test_cuda_packed_row_equals_reference(backend):
     """A 2,048-token packed row with segments cut every 256 tokens, on each CUDA backend, in bf16."""
-    from pgolf.model.attention import flash_attn_available, flex_attention_available
+    from pgolf.model.attention import kernel_available
 
     assert torch.cuda.is_available(), "run the gpu tests on a CUDA machine"
-    if backend == "flash" and not flash_attn_available():
-        pytest.skip("flash_attn is not installed on this machine")
-    if backend == "flex" and not flex_attention_available():
-        pytest.skip("this torch has no FlexAttention")
+    if not kernel_available(backend):
+        pytest.skip(f"{backend} is not installed on this machine")
     idx = torch.randint(2, V, (1, 2048), generator=torch.Generator().manual_seed(6))
     idx[0, [0, 3, 700, 701, 1500]] = BOS
     ids = segment_ids(idx.cuda(), BOS, 256)
@@ -134,7 +132,7 @@ def test_flash_cu_seqlens_are_the_boundaries_of_each_row():
     idx = torch.randint(2, V, (2, 20), generator=torch.Generator().manual_seed(4))
     idx[0, [3, 4]] = BOS
     idx[1, [0, 18]] = BOS
-    cu, max_len = prepare_doc_mask(segment_ids(idx, BOS, 6), "flash", 6).plan
+    cu, max_len = prepare_doc_mask(segment_ids(idx, BOS, 6), "fa3", 6).plan
     rows = torch.cat([boundaries(idx[r], BOS, 6)[:-1] + 20 * r for r in range(2)] + [torch.tensor([40])])
     assert cu.dtype == torch.int32 and cu[:rows.numel()].tolist() == rows.tolist() and max_len == 6
     assert cu.numel() == 64 and (cu[rows.numel():] == 40).all()  # padded with empty segments, as the records

@@ -25,7 +25,8 @@ import torch
 
 from pgolf.eval.score import autocast_for, log_probs
 from pgolf.eval.trace import EvalStream, find_docs
-from pgolf.eval.ttt_base import ConvergenceLog, Deadline, TimeLedger, doc_batches, lora_targets
+from pgolf.eval.ttt_base import ConvergenceLog, Deadline, TimeLedger, doc_batches, lora_targets, ttt_forward
+from pgolf.model.attention import CAUSAL
 from pgolf.model.lora import BatchedLoRA
 
 LOG_EVERY_CHUNKS = 16  # convergence rows inside a batch of long documents (besides one per batch)
@@ -65,6 +66,7 @@ class LoRATTT:
         self.batches = doc_batches(self.docs, self.tc.batch_size)
         self.phase = 0  # global phases completed (phased TTT)
         self.lora = self.new_lora()
+        self.forward_at = ttt_forward(model, cfg)  # compiled on CUDA (pgolf.model.compile)
         self.opt: torch.optim.Optimizer | None = None
 
     def new_lora(self) -> BatchedLoRA:
@@ -177,14 +179,14 @@ class LoRATTT:
         ce = np.where(active, np.minimum(cs + C, lens), 0)  # chunk end (doc-relative)
         a = np.where(active, np.maximum(ce - S, 0), 0)  # context start
         w = ce - a  # window width per row
-        W = max(int(w.max()), 1)
+        W = max(int(w.max()), 2)  # >= 2: a compiled graph specialises sizes 0 and 1 (padding is inert)
         cols = np.arange(W)
         inside = cols < w[:, None]  # (B, W)
         src = np.where(inside, (starts + a)[:, None] + cols, 0)
         x = np.where(inside, self.tokens[src], 0)
         y = np.where(inside, self.tokens[np.minimum(src + 1, N)], 0)
         clen = np.where(active, ce - cs, 0)
-        K = max(int(clen.max()), 1)
+        K = max(int(clen.max()), 2)
         kc = np.arange(K)
         valid = kc < clen[:, None]  # (B, K)
         gi = np.where(valid, (w - clen)[:, None] + kc, 0)
@@ -205,19 +207,26 @@ class LoRATTT:
         return log_probs(logits)
 
     def nll(self, ch: Chunk, adapted: bool = True) -> torch.Tensor:
-        """Per-token CE (B, K) of the chunk's targets: the model's one forward with the adapters."""
+        """Per-token CE (B, K) of the chunk's targets: the model's one forward with the adapters.
+
+        Every row is one document, so attention is plain causal (CAUSAL), as the records' TTT forward.
+        Scoring without adaptation (after a deadline fallback) runs the model eagerly: its graph would
+        otherwise be compiled for the first time at the moment time is short."""
+        fwd = self.forward_at if adapted else self.model.forward_at
         with autocast_for(self.device):
-            z = self.model.forward_at(ch.x, ch.gi, lora=self.lora if adapted else None)  # (B, K, V)
+            z = fwd(ch.x, ch.gi, lora=self.lora if adapted else None, mask=CAUSAL)  # (B, K, V)
         return self.stream.score(self.distribution(z), ch.y.gather(1, ch.gi), self.V)
 
     def score(self, ch: Chunk, adapted: bool = True) -> None:
-        with self.deadline.scoring(), torch.set_grad_enabled(adapted and bool(ch.trains.any())):
+        # with grad whenever adapted, also on a batch's last chunk (nothing trains): one compiled graph
+        # serves every chunk, as the records' TTT forward
+        with self.deadline.scoring(), torch.set_grad_enabled(adapted):
             nll = self.nll(ch, adapted)  # (B, K); the graph is kept for the update that follows
         v = torch.from_numpy(ch.valid).to(self.device)
         pos = ch.pos[ch.valid]
         rows = np.broadcast_to(ch.doc[:, None], ch.valid.shape)[ch.valid]
         self.stream.record(pos, rows, nll.detach()[v], self.nbytes[pos])
-        ch.nll = nll if nll.requires_grad else None
+        ch.nll = nll if nll.requires_grad and ch.trains.any() else None
 
     def update(self, ch: Chunk) -> None:
         if not ch.trains.any():

@@ -248,9 +248,27 @@ class ConvergenceLog:
         return self._emit({"kind": "done", **self._running(), **extra})
 
 
+def ttt_forward(model: GPT, cfg: Any):
+    """LoRA TTT's `forward_at`: compiled on CUDA with train.compile (pgolf.model.compile.compile_ttt), as
+    the records compile theirs; the model's own method elsewhere. Compiled copies share dynamo's code
+    cache, so the warm-up's graph serves every later runner."""
+    device = next(model.parameters()).device
+    if device.type == "cuda" and cfg.train.compile:
+        from pgolf.model.compile import compile_ttt
+        return compile_ttt(model)
+    return model.forward_at
+
+
 def warmup(model: GPT, cfg: Any, *, lora: bool = True, base: bool = False, seed: int = 0) -> float:
     """Forward + backward at the TTT shapes on `torch.randint` tokens, never validation data
-    (record-stack §5.1, §7.8); the weights are left exactly as they were. Returns seconds."""
+    (record-stack §5.1, §7.8); the weights are left exactly as they were. Returns seconds.
+
+    `lora`: LoRA TTT's step (adapters on a frozen base, `ttt_forward`) at the full context, then at one
+    chunk; `base`: a forward + backward into the base weights too (global SGD, SGD / Hedge TTT)."""
+    import torch.nn.functional as F
+
+    from pgolf.eval.score import autocast_for
+    from pgolf.model.attention import CAUSAL
     from pgolf.model.lora import BatchedLoRA
 
     t0 = time.perf_counter()
@@ -258,18 +276,26 @@ def warmup(model: GPT, cfg: Any, *, lora: bool = True, base: bool = False, seed:
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     req = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(base)
+    fwd = ttt_forward(model, cfg) if lora else None
     try:
-        for T in sorted({min(tc.chunk_size, tc.eval_seq_len), tc.eval_seq_len}):
+        # the full context first: the compiled graph it makes has the widths as symbols and serves every
+        # later window (pgolf.model.compile)
+        for T in sorted({min(tc.chunk_size, tc.eval_seq_len), tc.eval_seq_len}, reverse=True):
             x = torch.randint(0, V, (tc.batch_size, T + 1), generator=g).to(device)  # (B, T+1) synthetic
-            adapters = BatchedLoRA(model, tc.batch_size, tc.lora_rank, tc.lora_alpha, lora_targets(tc)) \
-                if lora else None
-            from pgolf.eval.score import autocast_for
-            with autocast_for(device):
-                loss = model(x[:, :-1], x[:, 1:], lora=adapters)
-            if loss.requires_grad:
-                loss.backward()
+            if fwd is not None:
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                adapters = BatchedLoRA(model, tc.batch_size, tc.lora_rank, tc.lora_alpha, lora_targets(tc))
+                K = min(tc.chunk_size, T)
+                gi = torch.arange(T - K, T, device=device).repeat(tc.batch_size, 1)  # (B, K) as a chunk's
+                with autocast_for(device):
+                    z = fwd(x[:, :-1], gi, lora=adapters, mask=CAUSAL)  # (B, K, V)
+                F.cross_entropy(z.flatten(0, 1), x[:, 1:].gather(1, gi).flatten()).backward()
+            if base:
+                for p in model.parameters():
+                    p.requires_grad_(True)
+                with autocast_for(device):
+                    model(x[:, :-1], x[:, 1:]).backward()
     finally:
         for p, r in zip(model.parameters(), req):
             p.grad = None

@@ -16,11 +16,16 @@ __all__ = ["GPT", "BatchedLoRA", "build_model", "build_with_state", "count_param
 
 
 def build_model(cfg: Config | ModelConfig, device: str | torch.device = "cpu", *,
-                attention_backend: str = "sdpa") -> GPT:
-    """A freshly initialised model on `device` ("meta" builds without allocating)."""
+                attention_backend: str | None = None) -> GPT:
+    """A freshly initialised model on `device` ("meta" builds without allocating); the attention kernel
+    is `attention_backend`, else the one train.attention_backend resolves to on `device` (SDPA on a CPU)."""
+    from pgolf.model.attention import resolve_backend
+
     mcfg = cfg.model if isinstance(cfg, Config) else cfg
     bos = cfg.data.bos_id if isinstance(cfg, Config) else 1
     max_doc_len = max_doc_len_of(cfg) if isinstance(cfg, Config) else 0
+    if attention_backend is None:
+        attention_backend = resolve_backend(cfg.train.attention_backend if isinstance(cfg, Config) else "auto", device)
     with torch.device(device):
         return GPT(mcfg, bos_id=bos, attention_backend=attention_backend, max_doc_len=max_doc_len)
 

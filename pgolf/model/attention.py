@@ -1,11 +1,19 @@
-"""Causal attention with optional document masking, through the fastest backend present.
+"""Causal attention with optional document masking, through the fastest kernel present.
 
-Backends, in order of preference on CUDA: flash-attn (varlen kernel for document masking),
-FlexAttention (block mask from segment ids), PyTorch SDPA. On the CPU: SDPA, exact, with an explicit
-boolean mask when documents are masked in fixed rows, or one causal call per group of equal-length
-segments for packed rows (`max_len` > 0: a (T, T) mask of a 98,304-token row would not fit). The
-backend that ran is recorded in the run (`env.json`, `result.json`) so a number can always be
-traced to its kernel. Segment ids come from `pgolf.data.segments`.
+Kernels, in order of preference on CUDA (record-stack.md §1.5, §3.7: the records call FA3 directly):
+  fa3   FlashAttention-3 (`flash_attn_interface`, the Hopper build the records run)
+  fa2   flash-attn 2 (`flash_attn`)
+  flex  FlexAttention (a block mask from segment ids)
+  sdpa  PyTorch SDPA
+Both FlashAttention versions take packed rows through their varlen kernel (cu_seqlens / max_seqlen,
+by keyword: FA2 and FA3 order the later positional arguments differently) and may return the output
+alone or an (out, softmax_lse) tuple depending on the release; `_flash` takes the output either way.
+tests/flash_standins.py holds stand-ins with the real signatures, so the call convention is tested on
+the CPU. On the CPU the kernel is always SDPA, exact: with an explicit boolean mask when documents are
+masked in fixed rows, or one causal call per group of equal-length segments for packed rows
+(`max_len` > 0: a (T, T) mask of a 98,304-token row would not fit). The kernel that ran is recorded in
+the run (`env.json`, `result.json`), so a number can always be traced to it. Segment ids come from
+`pgolf.data.segments`.
 
 Layout everywhere: q (B, T, H, D), k and v (B, T, Hkv, D) -> y (B, T, H, D).
 """
@@ -13,48 +21,56 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "flash", "flex", "sdpa")
+KERNELS = ("fa3", "fa2", "flex", "sdpa")
+# what train.attention_backend may ask for: a kernel, "flash" (FA3, else FA2) or "auto" (the first present)
+BACKENDS = ("auto", "flash", *KERNELS)
+_FALLBACKS = {"auto": KERNELS, "flash": KERNELS, "fa3": KERNELS, "fa2": KERNELS[1:], "flex": KERNELS[2:],
+              "sdpa": KERNELS[3:]}
+FLASH_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}
 
 
 @functools.cache
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+def _installed(module: str) -> bool:
+    return module in sys.modules or importlib.util.find_spec(module) is not None
 
 
-@functools.cache
-def flex_attention_available() -> bool:
-    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+def kernel_available(kernel: str) -> bool:
+    """Whether `kernel` can run on CUDA here (its package installed; SDPA always)."""
+    if kernel in FLASH_MODULES:
+        return _installed(FLASH_MODULES[kernel])
+    if kernel == "flex":
+        return _installed("torch.nn.attention.flex_attention")
+    return kernel == "sdpa"
 
 
 def resolve_backend(requested: str, device: torch.device | str) -> str:
-    """The backend that will run for `requested` on `device` (auto picks the fastest present)."""
+    """The kernel that will run for `requested` on `device`: the first available of its fallbacks."""
     device = torch.device(device)
     if requested not in BACKENDS:
         from pgolf.errors import PgolfError
         raise PgolfError(f"train.attention_backend: unknown backend {requested!r} (choose from {BACKENDS})")
     if device.type != "cuda":
-        return "sdpa"  # the exact CPU path; flash and flex kernels need a GPU
-    if requested == "auto":
-        if flash_attn_available():
-            return "flash"
-        return "flex" if flex_attention_available() else "sdpa"
-    if requested == "flash" and not flash_attn_available():
-        return "flex" if flex_attention_available() else "sdpa"
-    return requested
+        return "sdpa"  # the exact CPU path; the other kernels need a GPU
+    return next(k for k in _FALLBACKS[requested] if kernel_available(k))
 
 
 @dataclass
 class DocMask:
-    """Document segmentation prepared once per forward in the form its backend takes, so the layers
-    (17 of them with looping) share one mask instead of each rebuilding it."""
+    """Document segmentation prepared once per forward in the form its kernel takes, so the layers
+    (17 of them with looping) share one mask instead of each rebuilding it. `plan` None: plain causal
+    attention (each row one document, as in LoRA TTT)."""
     backend: str
-    plan: Any  # sdpa: (B, 1, T, T) bool mask or a SegmentPlan; flex: a BlockMask; flash: (cu_seqlens, max_seqlen)
+    plan: Any  # sdpa: (B, 1, T, T) bool mask or a SegmentPlan; flex: a BlockMask; fa3/fa2: (cu_seqlens, max_seqlen)
+
+
+CAUSAL = DocMask("any", None)  # rows that are single documents: no cut inside a row
 
 
 @dataclass
@@ -86,7 +102,7 @@ def _segment_plan(doc_ids: torch.Tensor) -> SegmentPlan:
 def prepare_doc_mask(doc_ids: torch.Tensor, backend: str, max_len: int = 0) -> DocMask:
     """`doc_ids` (B, T) segment ids; `max_len` > 0 bounds every segment (packed rows, `varlen`)."""
     B, T = doc_ids.shape
-    if backend == "flash":
+    if backend in FLASH_MODULES:
         cu = torch.cat([_flat_starts(doc_ids), doc_ids.new_tensor([B * T], dtype=torch.int64)]).to(torch.int32)
         if max_len > 0:  # packed rows: padded with empty segments to a multiple of 64 entries, as the records,
             cu = F.pad(cu, (0, -cu.numel() % 64), value=B * T)  # so a compiled graph sees few shapes
@@ -116,15 +132,21 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, doc_ids: torch.
            backend: str) -> torch.Tensor:
     """Causal attention; `doc_ids` (raw segment ids or a prepared DocMask) keeps it inside documents."""
     mask = prepare_doc_mask(doc_ids, backend) if isinstance(doc_ids, torch.Tensor) else doc_ids
-    if backend == "flash":
-        return _flash(*_autocast_inputs(q, k, v), mask)
+    if mask is not None and mask.plan is None:
+        mask = None  # CAUSAL: plain causal attention
+    if backend == "fa3":
+        import flash_attn_interface as fa3
+        return _flash(fa3, *_autocast_inputs(q, k, v), mask)
+    if backend == "fa2":
+        import flash_attn as fa2
+        return _flash(fa2, *_autocast_inputs(q, k, v), mask)
     if backend == "flex":
         return _flex(*_autocast_inputs(q, k, v), mask)
     return _sdpa(q, k, v, mask)
 
 
 def _autocast_inputs(q, k, v):
-    """q, k, v in one dtype for the kernels that autocast does not cover (flash-attn, FlexAttention).
+    """q, k, v in one dtype for the kernels that autocast does not cover (FlashAttention, FlexAttention).
 
     SDPA is an autocast op: under autocast it casts all three to the autocast dtype itself. The other
     kernels are not, and under autocast q and k can leave the QK RMSNorm in another dtype than v leaves
@@ -163,20 +185,30 @@ def _sdpa_segments(q, k, v, plan: SegmentPlan, gqa: dict):
 
 
 # ---- FlexAttention (CUDA): a block mask built from document ids, compiled once per shape.
-_compiled_flex = None
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def _flex(q, k, v, mask: DocMask | None):
     from torch.nn.attention.flex_attention import flex_attention
 
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
     B, T, H, D = q.shape
-    block_mask = _cached_causal_mask(T, q.device) if mask is None else mask.plan
-    y = _compiled_flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
-                       enable_gqa=k.shape[2] != H)
+    block_mask = _causal_block_mask(T, q.device) if mask is None else mask.plan
+    # inside a compiled model the kernel is traced with it; eager calls use its own compiled form
+    fn = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+    y = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+           enable_gqa=k.shape[2] != H)
     return y.transpose(1, 2)
+
+
+def _causal_block_mask(T: int, device: torch.device):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if torch.compiler.is_compiling():  # traced into the graph (a static shape: no per-call cost)
+        return create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device=device)
+    return _cached_causal_mask(T, device)
 
 
 @functools.lru_cache(maxsize=8)
@@ -185,14 +217,18 @@ def _cached_causal_mask(T: int, device: torch.device):
     return create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T, device=device)
 
 
-# ---- flash-attn (CUDA, when installed): varlen kernel over the segments of the flattened rows.
-def _flash(q, k, v, mask: DocMask | None):
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
-
+# ---- FlashAttention 3 or 2 (CUDA, when installed): the varlen kernel over the segments of the flattened
+# rows. Both take these keywords; FA3 returns (out, softmax_lse) in some releases, FA2 and later FA3 out.
+def _flash(fa, q, k, v, mask: DocMask | None):
     B, T, H, D = q.shape
     if mask is None:
-        return flash_attn_func(q, k, v, causal=True)
+        return _output(fa.flash_attn_func(q, k, v, causal=True))
     cu, max_len = mask.plan
-    y = flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
-                               cu, cu, max_len, max_len, causal=True)
-    return y.view(B, T, H, D)
+    y = fa.flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
+                                  cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+                                  causal=True)
+    return _output(y).view(B, T, H, D)
+
+
+def _output(y):
+    return y[0] if isinstance(y, tuple) else y

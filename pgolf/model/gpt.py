@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from pgolf.config import ModelConfig
 from pgolf.data.segments import segment_ids
 from pgolf.errors import PgolfError
-from pgolf.model.attention import attend, prepare_doc_mask
+from pgolf.model.attention import DocMask, attend, prepare_doc_mask
 from pgolf.model.loss import fused_softcap_cross_entropy, softcap_cross_entropy
 
 # Frozen recurrent carry of PR #1801 (leon2k2k2k): learned in a separate run, rounded, frozen.
@@ -411,23 +411,35 @@ class GPT(nn.Module):
 
     # ---- the one forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, lora=None,
-                reduction: str = "mean") -> torch.Tensor:
-        """idx (B, T) -> soft-capped fp32 logits (B, T, V), or the CE (mean, or (B, T) per token)."""
-        h = self.hidden(idx, lora=lora)
+                reduction: str = "mean", mask: DocMask | None = None) -> torch.Tensor:
+        """idx (B, T) -> soft-capped fp32 logits (B, T, V), or the CE (mean, or (B, T) per token).
+        `mask`: the attention mask prepared outside (see `attention_mask`); None derives it from idx."""
+        h = self.hidden(idx, lora=lora, mask=mask)
         logits = self.logits(h, lora=lora)
         if targets is None:
             return self._softcap(logits)
         ce = fused_softcap_cross_entropy if self.fused_ce and self.training else softcap_cross_entropy
         return ce(logits, targets, self.cfg.logit_softcap, reduction=reduction)
 
-    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, *, lora=None) -> torch.Tensor:
+    def forward_at(self, idx: torch.Tensor, positions: torch.Tensor, *, lora=None,
+                   mask: DocMask | None = None) -> torch.Tensor:
         """Soft-capped fp32 logits (B, K, V) at `positions` (B, K) of each row only.
 
         The same forward, with the head applied only where a score is needed (a TTT chunk, the
         stride of a sliding window): at B=64, T=2048, V=8192 the full logits would be 4 GiB."""
-        h = self.hidden(idx, lora=lora)  # (B, T, d)
+        h = self.hidden(idx, lora=lora, mask=mask)  # (B, T, d)
         h = h.gather(1, positions[..., None].expand(-1, -1, h.size(-1)))  # (B, K, d)
         return self._softcap(self.logits(h, lora=lora))
+
+    def attention_mask(self, idx: torch.Tensor) -> DocMask | None:
+        """The document mask of rows `idx` in its kernel's form (None when model.doc_mask is off).
+
+        Finding segment starts has a data-dependent size (cu_seqlens, segment groups), so a compiled
+        forward gets it from outside the graph (pgolf.model.compile) instead of building it inside."""
+        if not self.cfg.doc_mask:
+            return None
+        ids = segment_ids(idx, self.bos_id, self.max_doc_len)  # (B, T)
+        return prepare_doc_mask(ids, self.attention_backend, self.max_doc_len)
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = self.cfg.logit_softcap
@@ -468,14 +480,11 @@ class GPT(nn.Module):
             x = (1 - s) * x + s * prev
         return x
 
-    def hidden(self, idx: torch.Tensor, *, lora=None) -> torch.Tensor:
+    def hidden(self, idx: torch.Tensor, *, lora=None, mask: DocMask | None = None) -> torch.Tensor:
         """The final normalised hidden state (B, T, d): the input of the (tied) head."""
         cfg = self.cfg
         x = x0 = self.embed(idx)
-        doc_ids = None
-        if cfg.doc_mask:  # segments built once, shared by every layer
-            ids = segment_ids(idx, self.bos_id, self.max_doc_len)  # (B, T)
-            doc_ids = prepare_doc_mask(ids, self.attention_backend, self.max_doc_len)
+        doc_ids = mask if mask is not None else self.attention_mask(idx)  # built once, shared by every layer
         ve = self.ve(idx).to(x.dtype) if hasattr(self, "ve") else None
         order = self.layer_order()
         n_enc = len(order) // 2

@@ -35,6 +35,6 @@ def _compiled():
 
 def fused_softcap_cross_entropy(logits, targets, cap, reduction="mean"):
     """The compiled (fused) form for CUDA training; identical value to the eager function."""
-    if logits.device.type != "cuda":
+    if logits.device.type != "cuda" or torch.compiler.is_compiling():  # inside a compiled model: fused there
         return softcap_cross_entropy(logits, targets, cap, reduction)
     return _compiled()(logits, targets, cap, reduction)

@@ -64,6 +64,37 @@ class OptimizerSet:
         self.optimizers = optimizers
         self.cfg = cfg
 
+    def reduce_and_clip(self, max_norm: float) -> torch.Tensor:
+        """Average the gradients over ranks, then clip their global L2 norm (GRAD_CLIP_NORM; 0 = off).
+
+        Muon's matrices are reduce-scattered (each rank gets the averaged rows it updates: Parallel
+        Muon, pgolf.optim.muon); every other gradient is all-reduced. The norm is the norm of the whole
+        averaged gradient (the shards' squares summed over ranks), so the clip is the single-process
+        clip. Returns the pre-clip norm as a 0-d tensor (no host sync)."""
+        from pgolf import distributed
+
+        muon = self.optimizers.get("muon")
+        others = [p.grad for k, opt in self.optimizers.items() if k != "muon"
+                  for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if isinstance(muon, Muon):
+            muon.reduce_grads()
+        distributed.all_reduce_mean_(others)
+        if max_norm <= 0:
+            return torch.zeros(())
+        dev = next(p.device for ps in self.groups.values() for _, p in ps)
+        sq = sum((n.float() ** 2 for n in torch._foreach_norm(others)), torch.zeros((), device=dev))
+        if isinstance(muon, Muon):
+            shards = muon.shard_sq_norm()
+            distributed.all_reduce_sum_([shards])
+            sq = sq + shards
+        norm = sq.sqrt()
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        if others:
+            torch._foreach_mul_(others, coef)
+        if isinstance(muon, Muon):
+            muon.scale_grads_(coef)
+        return norm
+
     def step(self, lr_mult: float = 1.0, step: int = 0) -> None:
         mu = momentum_at(step, self.cfg)
         for opt in self.optimizers.values():

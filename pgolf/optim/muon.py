@@ -2,9 +2,15 @@
 
 Written from the description in record-stack.md §3.3 and hedge-stack.md §1.3 (Muon by Keller
 Jordan, modded-nanogpt). pgolf keeps projections as separate `nn.Linear`s, so instead of the records'
-3-D banks this optimizer stacks same-shape matrices itself and orthogonalises each stack in one
-batched call. Under torch.distributed each rank orthogonalises a round-robin share and the updates
-are exchanged, so every rank applies identical updates (the #688-family "classic Muon" layout).
+3-D banks this optimizer stacks same-shape matrices itself into banks (Q with O, K with V, MLP up,
+MLP down: the records' four) and orthogonalises each bank in one batched call.
+
+Under torch.distributed it is the records' Parallel Muon (record-stack.md §3.3): each bank's gradient
+is reduce-scattered along its stack, padded to a multiple of the world size, so every rank holds the
+averaged gradient of its own contiguous shard of matrices; it keeps momentum for that shard only,
+orthogonalises it, and the updates are all-gathered, so every rank applies the same update. The math is
+the single-process math: the gradient is averaged before momentum, and a global norm clip can scale the
+shards in between (`reduce_grads`, `shard_sq_norm`, `scale_grads_`; pgolf.optim.groups does it).
 """
 from __future__ import annotations
 
@@ -94,34 +100,58 @@ class Muon(torch.optim.Optimizer):
                         backend_steps=backend_steps, coeffs=coeffs, row_normalize=row_normalize,
                         ns_dtype=ns_dtype, momentum_dtype=momentum_dtype)
         super().__init__(params, defaults)
+        self._shards: dict[torch.Tensor, torch.Tensor] | None = None  # set by reduce_grads, used by step
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim < 2:
                     raise ValueError(f"Muon needs matrices; got a parameter of shape {tuple(p.shape)}")
 
-    def _plan(self, world: int, rank: int):
-        """All (param, group) with a gradient, and this rank's share as same-shape stacks.
-
-        Same-shape parameters of a group form a bucket; a running counter over the buckets deals
-        parameters round-robin to ranks, so the split is identical on every rank and balanced.
-        """
-        live, mine, k = [], [], 0
+    def _banks(self) -> list[tuple[dict, list[torch.Tensor]]]:
+        """(group, same-shape params with a gradient) in a fixed order: the same on every rank."""
+        banks = []
         for group in self.param_groups:
             buckets: dict[tuple, list[torch.Tensor]] = {}
             for p in group["params"]:
                 if p.grad is not None:
-                    live.append((p, group))
                     buckets.setdefault((tuple(p.shape), p.dtype), []).append(p)
-            for ps in buckets.values():
-                share = [p for j, p in enumerate(ps, start=k) if j % world == rank]
-                k += len(ps)
-                if share:
-                    mine.append((group, share))
-        return live, mine
+            banks += [(group, ps) for ps in buckets.values()]
+        return banks
 
-    def _orthogonalise(self, group: dict, ps: list[torch.Tensor]) -> torch.Tensor:
+    def reduce_grads(self) -> None:
+        """Reduce-scatter each bank's gradient (the mean over ranks): this rank keeps its shard's rows.
+        In a single process the shard is the whole gradient. `step` calls it when the caller has not."""
+        world, rank = _world()
+        self._shards = {}
+        for _, ps in self._banks():
+            if world == 1:
+                self._shards.update((p, p.grad) for p in ps)
+                continue
+            n = -(-len(ps) // world)  # matrices per rank; the stack is padded to n * world
+            stack = torch.stack([p.grad for p in ps])
+            stack = torch.cat([stack, stack.new_zeros(n * world - len(ps), *stack.shape[1:])])
+            shard = stack.new_empty(n, *stack.shape[1:])
+            dist.reduce_scatter_tensor(shard, stack)  # SUM: gloo has no AVG
+            shard.mul_(1.0 / world)
+            self._shards.update(zip(ps[rank * n:(rank + 1) * n], shard))
+
+    def shard_sq_norm(self) -> torch.Tensor:
+        """Sum of squares (fp32) of the averaged gradient rows this rank holds: summed over ranks, the
+        Muon part of the global gradient norm."""
+        if self._shards is None:
+            self.reduce_grads()
+        dev = self.param_groups[0]["params"][0].device
+        return sum((g.float().pow(2).sum() for g in self._shards.values()), torch.zeros((), device=dev))
+
+    def scale_grads_(self, coef: torch.Tensor) -> None:
+        """Multiply the gradient rows this rank holds by `coef` (a clip coefficient)."""
+        if self._shards is None:
+            self.reduce_grads()
+        if self._shards:
+            torch._foreach_mul_(list(self._shards.values()), coef)
+
+    def _orthogonalise(self, group: dict, ps: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
         dt = group.get("momentum_dtype")
-        grads = [p.grad if dt is None else p.grad.to(dt) for p in ps]
+        grads = [g if dt is None else g.to(dt) for g in grads]
         bufs = []
         for p, g in zip(ps, grads):
             st = self.state[p]
@@ -151,32 +181,24 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         world, rank = _world()
-        live, mine = self._plan(world, rank)
-        updates: dict[torch.Tensor, torch.Tensor] = {}
-        for group, ps in mine:
-            for p, x in zip(ps, self._orthogonalise(group, ps).unbind(0)):
-                updates[p] = x
-
-        if world > 1 and live:
-            # One flat all-reduce: each slot is non-zero on exactly one rank, so the sum is exact
-            # and every rank ends up with bitwise-identical updates.
-            offsets, total = [], 0
-            for p, _ in live:
-                offsets.append(total)
-                total += p.numel()
-            dtype = torch.bfloat16  # the same on every rank, whatever share it got
-            for p, g in live:
-                dtype = torch.promote_types(dtype, g["ns_dtype"] or ns_dtype_for(p.device))
-            flat = torch.zeros(total, dtype=dtype, device=live[0][0].device)
-            for (p, _), off in zip(live, offsets):
-                if p in updates:
-                    flat[off:off + p.numel()].copy_(updates[p].reshape(-1))
-            dist.all_reduce(flat)
-            updates = {p: flat[off:off + p.numel()].view(p.shape) for (p, _), off in zip(live, offsets)}
-
-        for p, group in live:
+        if self._shards is None:
+            self.reduce_grads()
+        for group, ps in self._banks():
+            if world == 1:
+                updates = self._orthogonalise(group, ps, [self._shards[p] for p in ps])
+            else:  # this rank's shard, then every rank's shard gathered (padding rows are zeros)
+                n = -(-len(ps) // world)
+                mine = ps[rank * n:(rank + 1) * n]
+                dtype = group["ns_dtype"] or ns_dtype_for(ps[0].device)
+                shard = ps[0].new_zeros(n, *ps[0].shape, dtype=dtype)
+                if mine:
+                    shard[:len(mine)] = self._orthogonalise(group, mine, [self._shards[p] for p in mine])
+                updates = shard.new_empty(n * world, *ps[0].shape)
+                dist.all_gather_into_tensor(updates, shard)
             lr, wd = group["lr"], group["weight_decay"]
-            if wd:
-                p.mul_(1.0 - lr * wd)
-            p.add_(updates[p].to(p.dtype), alpha=-lr * shape_scale(p))
+            for p, u in zip(ps, updates):
+                if wd:
+                    p.mul_(1.0 - lr * wd)
+                p.add_(u.to(p.dtype), alpha=-lr * shape_scale(p))
+        self._shards = None
         return loss

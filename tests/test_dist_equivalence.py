@@ -1,0 +1,109 @@
+"""Distributed equivalence (issue 12): a pr1855-shaped model at reduced width trains the same on 1, 2
+and 4 gloo processes at the same global batch.
+
+20 optimizer steps of the trainer's own step (pgolf.train.optimizer_step) with looping switched on half
+way, the EMA, the 0.3 global clip, and Muon sharded across ranks (Parallel Muon: reduce-scatter of the
+gradient, each rank orthogonalising its shard, all-gather of the updates); then the EMA weights loaded
+and one global-SGD phase of phased TTT, whose gradients are all-reduced across ranks. Micro-batch m of
+each step goes to rank m % W, as the loader deals them. fp32 throughout (bf16 storage switches off), so
+the only difference is the order of the sums: every point of the loss curve within 1e-5 relative.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from model_helpers import tiny_cfg
+
+STEPS, MICRO, SEQ = 20, 4, 32  # optimizer steps; micro-batches per step (the global batch); max segment
+ROW = 4 * SEQ  # one packed row of 128 tokens per micro-batch (data.segmentation = varlen, as pr1855)
+
+
+def _cfg():
+    return tiny_cfg("pr1855", "optim.muon_momentum_bf16=false", "model.tok_emb_bf16=false",
+                    f"train.train_seq_len={SEQ}", "ttt.global_chunk_tokens=256", "ttt.global_batch_seqs=2")
+
+
+def _rows(n: int, seed: int) -> torch.Tensor:
+    """n packed rows of ROW + 1 tokens, a learnable chain (t -> 37 t + 11 mod 254) from random starts, with
+    documents starting here and there."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.empty(n, ROW + 1, dtype=torch.int64)
+    x[:, 0] = torch.randint(0, 254, (n,), generator=g)
+    for t in range(1, ROW + 1):
+        x[:, t] = (37 * x[:, t - 1] + 11) % 254
+    x += 2
+    x.view(-1)[torch.randperm(x.numel(), generator=g)[:3 * n]] = 1
+    return x
+
+
+def curve(rank: int = 0, world: int = 1) -> tuple[list[float], int]:
+    """The loss of every step (mean over the global batch), of the EMA weights, and after global SGD; and
+    how many matrices this rank kept Muon momentum for."""
+    from pgolf.distributed import all_reduce_mean_
+    from pgolf.eval.phased import global_sgd
+    from pgolf.model import build_model
+    from pgolf.optim import EMA, build_optimizers
+    from pgolf.train import optimizer_step
+
+    cfg = _cfg()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    opt = build_optimizers(model, cfg.optim, tied=True)
+    ema = EMA(model, cfg.optim.ema_decay)
+    out = []
+    for step in range(STEPS):
+        model.looping = step >= STEPS // 2
+        rows = _rows(MICRO, seed=step)[rank::world]  # micro-batch m on rank m % world
+        loss = optimizer_step(model, model, opt, ema, [(r[None, :-1], r[None, 1:]) for r in rows],
+                              cfg.optim.grad_clip_norm, 1.0, step, cfg.optim)
+        all_reduce_mean_([loss])
+        out.append(loss.item())
+    ema.copy_to(model)
+    probe = _rows(1, seed=99)
+    with torch.no_grad():
+        out.append(model(probe[:, :-1], probe[:, 1:]).item())
+    stream = _scored_stream(4 * ROW)
+    x = _rows(1, seed=7).view(-1).numpy()[: 4 * ROW + 1]
+    global_sgd(model, x[:-1], x[1:], np.arange(4 * ROW), cfg.ttt, stream, seq_len=SEQ, rank=rank,
+               world_size=world)
+    with torch.no_grad():
+        out.append(model(probe[:, :-1], probe[:, 1:]).item())
+    return out, len(opt.optimizers["muon"].state)
+
+
+def _scored_stream(n: int):
+    """A ledger in which every target was scored (global SGD trains only on scored tokens)."""
+    from pgolf.eval.trace import EvalStream
+
+    stream = EvalStream(n)
+    pos = np.arange(n)
+    stream.record(pos, None, np.ones(n, np.float32), np.ones(n, np.int64))
+    return stream
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        losses, owned = curve(rank, world)
+        torch.save((losses, owned), os.path.join(out_dir, f"curve{world}-{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_and_four_ranks_give_the_single_process_loss_curve(tmp_path):
+    single, matrices = curve()
+    assert single[STEPS - 1] < 0.8 * single[0]  # it trains
+    for world in (2, 4):
+        mp.spawn(_worker, args=(world, str(tmp_path / f"init{world}"), str(tmp_path)), nprocs=world, join=True)
+        runs = [torch.load(tmp_path / f"curve{world}-{r}.pt") for r in range(world)]
+        for got, _ in runs:
+            rel = np.abs(np.array(got) - np.array(single)) / np.abs(np.array(single))
+            assert len(got) == STEPS + 2 and rel.max() <= 1e-5, (world, rel.max(), int(rel.argmax()))
+        owned = [n for _, n in runs]  # Muon's momentum is sharded: each rank holds a part, together all
+        assert sum(owned) == matrices and max(owned) < matrices, owned
