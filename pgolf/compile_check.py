@@ -11,7 +11,7 @@ here the stand-in of pgolf.model.flash_ref, under bf16 autocast.
 - training (pgolf.model.compile.compile_train): one warm-up step in each looping mode, as the
   trainer's warm-up; then steps in both modes again with other documents per row (the packed row's
   cu_seqlens crosses a 64-entry bucket). Any new graph there is a recompile.
-- TTT (compile_ttt): warmed up at the full context and at one chunk (record-stack.md §5.1); then
+- TTT (compile_ttt): warmed up at the full context and at one chunk (docs/records/record-stack.md §5.1); then
   windows and chunk lengths as LoRA TTT cuts them, and fresh adapters. Any new graph is a recompile.
 
 `graph_breaks` counts the breaks torch._dynamo.explain finds when the fullgraph trace failed (0 when

@@ -108,7 +108,7 @@ class OptimConfig:
     embed_wd: float = 0.0
     grad_clip_norm: float = 0.0  # 0 = off
     ema_decay: float = 0.0  # 0 = off; the EMA weights are the ones exported
-    # CROWN-Q (#700 and later; hedge-stack.md §1.2): lambda/12 * sum mean(w^2 Delta^2) in the warm-down
+    # CROWN-Q (#700 and later; docs/records/hedge-stack.md §1.2): lambda/12 * sum mean(w^2 Delta^2) in the warm-down
     crown_q_lambda: float = 0.0  # 0 = off; 0.01 in the records
     crown_q_clip_range: int = 15  # Delta = row max / clip_range (15: int5)
     crown_q_below_lr: float = 0.5  # on once the LR multiplier is below this (the records' late-QAT threshold)
@@ -232,7 +232,7 @@ class TTTConfig:
     sgd_params: str = "all"  # all | last2 (last two blocks + norm/scale/head, #688 family)
     sgd_grad_clip: float = 1.0
     sgd_optimizer: str = "sgd"  # sgd (#549, momentum) | adamw (#688 family: betas 0.9/0.999, no WD)
-    # the #688 family's extras (hedge-stack.md §6.2; all off = #549)
+    # the #688 family's extras (docs/records/hedge-stack.md §6.2; all off = #549)
     sgd_lr_ramp: float = 1.0  # adaptive LR: cosine x (1 + (ramp - 1) min(c / 0.3n, 1)); 3.0 in #688/#430
     sgd_byte_weighted: bool = False  # training CE weighted by each target's bytes
     sgd_polyak: float = 0.0  # EMA decay of the trained parameters, scored from chunk 1 on (0.998)

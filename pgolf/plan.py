@@ -37,9 +37,9 @@ H100_TF32_TFLOPS = 494.7  # dense TF32 peak: the fp32 Hessians and the GPTQ solv
 LIMIT_GB = 80.0  # GB = 1e9 bytes
 GB = 1e9
 
-# Measured on the hardware the records ran (record-stack.md): ms per GPU step and tokens of that step.
+# Measured on the hardware the records ran (docs/records/record-stack.md): ms per GPU step and tokens of that step.
 MEASURED: dict[str, dict[str, Any]] = {
-    "pr1855": {"source": "record-stack.md §2.6, §3.10, §6.1 (8xH100 SXM)", "nproc": 8,
+    "pr1855": {"source": "docs/records/record-stack.md §2.6, §3.10, §6.1 (8xH100 SXM)", "nproc": 8,
                "tokens_per_gpu_step": 98_304, "ms_per_step": {"looping_off": 96.0, "looping_on": 141.0},
                "peak_memory_gb": 41_717 * 2**20 / GB,  # 41,717 MiB allocated (seed 42)
                # 47,851,520 scored targets (CaseOps val) in the 455-509 s TTT timer (mean 478 s) on 8 GPUs

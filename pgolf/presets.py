@@ -1,8 +1,8 @@
 """Named presets: plain functions returning a `Config`.
 
-Each record preset carries the logged hyperparameters of that record (record-stack.md
-§6.8 and Appendix A; hedge-stack.md for `pr430` as it was actually run). Where a README and the
-logs disagree, the logs win (record-stack.md §7.15). `pgolf.presets_sources` lists every one of those
+Each record preset carries the logged hyperparameters of that record (docs/records/record-stack.md
+§6.8 and Appendix A; docs/records/hedge-stack.md for `pr430` as it was actually run). Where a README and the
+logs disagree, the logs win (docs/records/record-stack.md §7.15). `pgolf.presets_sources` lists every one of those
 numbers with the PR that states it; tests/test_preset_fidelity.py holds each preset to that table.
 """
 from __future__ import annotations
@@ -176,7 +176,7 @@ def pr1801() -> Config:
 
 
 def pr1855() -> Config:
-    """#1855 (codemath3000), 1.06108 BPB: Appendix A of record-stack.md, as logged for seed 42."""
+    """#1855 (codemath3000), 1.06108 BPB: Appendix A of docs/records/record-stack.md, as logged for seed 42."""
     c = _record_1787()
     c.preset = "pr1855"
     m = c.model
@@ -201,10 +201,10 @@ def pr1855() -> Config:
 def pr430() -> Config:
     """PR #430 (= #824) as actually run: XSA on all 11 layers, bigram 6144, MHA, MLP 3.5, int5 GPTQ.
 
-    The model is the #606 base of the Hedge line (hedge-stack.md §1.1-1.2, §4): per-channel SmearGate
+    The model is the #606 base of the Hedge line (docs/records/hedge-stack.md §1.1-1.2, §4): per-channel SmearGate
     without a BOS mask, BigramHash, VE128 on layers 9-10, per-head scalar gate, lambda_v * x0.
     CROWN-Q (lambda 0.01, int5 steps, from LR multiplier 0.5) is on. Not reproduced: the late int5 STE
-    QAT (dead under torch.compile in the original, hedge-stack §1.2); the Hedge mixer runs in its legal,
+    QAT (dead under torch.compile in the original, docs/records/hedge-stack.md §1.2); the Hedge mixer runs in its legal,
     normalised form, so its score is not comparable with the illegal 1.08965.
     """
     c = Config(preset="pr430")

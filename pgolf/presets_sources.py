@@ -4,7 +4,8 @@
 where it is stated. The records print their hyperparameters at the top of every log; those blocks
 (seed 42, read from each PR's record folder) are the first authority, then the run's extra
 environment arguments, then the script's defaults for switches the block does not print, then the
-reference docs (record-stack.md, hedge-stack.md). Logs win over READMEs (record-stack.md §7.15).
+reference docs (docs/records/record-stack.md, docs/records/hedge-stack.md). Logs win over READMEs
+(docs/records/record-stack.md §7.15).
 
 A preset inherits its base PR's facts: `pr1765` lists #1626's values under #1626 because #1765 runs
 #1626's pipeline and changes only its LoRA, so where a PR is silent the table names the ancestor whose
@@ -29,7 +30,7 @@ def _facts(pr: int | None, where: str, values: dict[str, Any]) -> dict[str, Fact
     return {k: Fact(v, pr, where) for k, v in values.items()}
 
 
-# ---- the official root train_gpt.py (record-stack.md Appendix B; run log 2026-03-17_NaiveBaseline)
+# ---- the official root train_gpt.py (docs/records/record-stack.md Appendix B; run log 2026-03-17_NaiveBaseline)
 BASELINE = _facts(None, "root train_gpt.py", {
     "model.vocab_size": 1024, "model.num_layers": 9, "model.model_dim": 512, "model.num_heads": 8,
     "model.num_kv_heads": 4, "model.mlp_mult": 2.0, "model.activation": "relu2", "model.tie_embeddings": True,
@@ -78,7 +79,7 @@ _PR1626 = {
         "ttt.global_lr": 0.001, "ttt.global_momentum": 0.9, "ttt.global_epochs": 1,
         "ttt.global_chunk_tokens": 32_768, "ttt.global_batch_seqs": 32, "ttt.global_grad_clip": 1.0,
     }),
-    # switches the hyperparameter block does not print: the script's behaviour (record-stack.md §)
+    # switches the hyperparameter block does not print: the script's behaviour (docs/records/record-stack.md §)
     **_facts(1626, "code", {
         "model.activation": "leaky_relu2", "model.leaky_slope": 0.5,  # §2.5
         "model.init": "orthogonal",  # §2.11
@@ -131,7 +132,7 @@ PR1790 = {
 _LORA_SETTINGS = ("ttt.lora_rank", "ttt.lora_alpha", "ttt.warm_start_a", "ttt.weight_decay")
 
 # #1787 (nprime06): #1736 + Polar Express + MIN_LR 0.1 + SparseAttnGate + fused CE; its TTT score used
-# #1767's settings (record-stack.md §6.3), which #1801 and #1855 restate below
+# #1767's settings (docs/records/record-stack.md §6.3), which #1801 and #1855 restate below
 _PR1787 = {
     **{k: f for k, f in _PR1626.items() if k not in _LORA_SETTINGS},
     **_facts(1787, "log", {
@@ -151,7 +152,7 @@ PR1801 = {
 }
 
 # #1855 (codemath3000): #1787 + BOS-masked SmearGate + LQER asym + per-group compression + 9 overrides
-# (record-stack.md Appendix A)
+# (docs/records/record-stack.md Appendix A)
 PR1855 = {
     **_PR1787,
     **_facts(1855, "log", {
@@ -164,15 +165,15 @@ PR1855 = {
     }),
     **_facts(1855, "code", {"model.smear_bos_mask": True,  # the leak fix, §2.2
                             "ttt.lora_alpha": 144.0, "ttt.warm_start_a": True}),  # Appendix A.5
-    **_facts(None, "pgolf: ZPAQ, the back end of the record's `lrzip -z -L 9` (record-stack.md §4.6)",
+    **_facts(None, "pgolf: ZPAQ, the back end of the record's `lrzip -z -L 9` (docs/records/record-stack.md §4.6)",
              {"quant.group_codec": "zpaq"}),
 }
 
-# ---- PR #430 (= #824) as its three runs were configured (hedge-stack.md §4.4: no environment
+# ---- PR #430 (= #824) as its three runs were configured (docs/records/hedge-stack.md §4.4: no environment
 # overrides, the script's defaults). The model is the #606 base of the Hedge line (§1.1-1.2), the
 # quantiser and the TTT extras are the #688 family's (§1.4, §6.2), CROWN-Q is #700's (§1.2).
 PR430 = {
-    **_facts(606, "hedge-stack §1.1-1.2", {
+    **_facts(606, "docs/records/hedge-stack.md §1.1-1.2", {
         "model.vocab_size": 1024, "model.num_layers": 11, "model.model_dim": 512, "model.num_heads": 8,
         "model.num_kv_heads": 8, "model.mlp_mult": 3.5, "model.activation": "leaky_relu2", "model.leaky_slope": 0.5,
         "model.init": "orthogonal", "model.rope_dims": 16,
@@ -190,25 +191,26 @@ PR430 = {
         "train.gptq_reserve_seconds": 18.0,  # a 582 s loop + 18 s for EMA, calibration and quantisation
         "train.warmup_steps": 20,
     }),
-    **_facts(430, "hedge-stack §3, §4", {
+    **_facts(430, "docs/records/hedge-stack.md §3, §4", {
         "model.xsa_last_n": 11, "model.bigram_buckets": 6144,  # never set: the script's defaults ran
         "model.attn_gate": "head_scalar", "model.value_residual": True, "eval.stride": 64,
     }),
-    **_facts(688, "hedge-stack §1.4", {
+    **_facts(688, "docs/records/hedge-stack.md §1.4", {
         "quant.method": "gptq", "quant.attn_bits": 5, "quant.mlp_bits": 5, "quant.other_bits": 5,
         "quant.embed_bits": 8, "quant.calibration_batches": 1, "quant.calibration_seqs": 128,
         "quant.clip_mode": "quantile", "quant.act_order_ascending": True, "quant.prune_quantile": 0.03,
         "quant.damp": 0.01, "quant.block_size": 128, "quant.compressor": "zstd", "quant.byte_shuffle": 0,
     }),
-    **_facts(688, "hedge-stack §6.2", {
+    **_facts(688, "docs/records/hedge-stack.md §6.2", {
         "ttt.sgd_chunk_tokens": 32_768, "ttt.sgd_epochs": 3, "ttt.sgd_lr": 5e-4, "ttt.sgd_params": "last2",
         "ttt.sgd_optimizer": "adamw", "ttt.sgd_lr_ramp": 3.0, "ttt.sgd_byte_weighted": True,
         "ttt.sgd_polyak": 0.998, "ttt.sgd_temperature": 0.98, "ttt.sgd_grad_clip": 1.0,
     }),
-    **_facts(688, "hedge-stack §5.1-5.4", {"ttt.method": "hedge", "ttt.hedge_eta": 0.1, "ttt.hedge_alpha": 0.1,
-                                          "ttt.hedge_trigram_buckets": 65_536, "ttt.hedge_neural_prior": 2.0}),
-    **_facts(700, "hedge-stack §1.2", {"optim.crown_q_lambda": 0.01, "optim.crown_q_clip_range": 15,
-                                      "optim.crown_q_below_lr": 0.5}),
+    **_facts(688, "docs/records/hedge-stack.md §5.1-5.4", {
+        "ttt.method": "hedge", "ttt.hedge_eta": 0.1, "ttt.hedge_alpha": 0.1, "ttt.hedge_trigram_buckets": 65_536,
+        "ttt.hedge_neural_prior": 2.0}),
+    **_facts(700, "docs/records/hedge-stack.md §1.2", {
+        "optim.crown_q_lambda": 0.01, "optim.crown_q_clip_range": 15, "optim.crown_q_below_lr": 0.5}),
     **_facts(None, "pgolf: the records export through GPTQ, i.e. `pgolf quantize`", {"train.export": "none"}),
 }
 

@@ -1,4 +1,4 @@
-"""The challenge's significance rule, as pure statistics (record-stack.md §0).
+"""The challenge's significance rule, as pure statistics (docs/records/record-stack.md §0).
 
 A new record must beat the previous one by at least 0.005 nats/token at p < 0.01. With A the
 reference and B the new runs, the *shifted* one-sided hypothesis on per-seed losses (nats/token)

@@ -175,7 +175,7 @@ class Trainer:
             torch.cuda.synchronize(self.ctx.device)
 
     def warmup(self) -> None:
-        """Compile warm-up on real training batches, then roll everything back (record-stack §3.8)."""
+        """Compile warm-up on real training batches, then roll everything back (docs/records/record-stack.md §3.8)."""
         n = self.cfg.train.warmup_steps
         if n <= 0:
             return
@@ -260,7 +260,7 @@ class Trainer:
         if step != logged:  # the last step is always logged: train_loss is the final loss
             last_loss = self.log_step(step, loss, mult, elapsed)
         if cfg.model.num_loops:
-            self.model.looping = True  # looping stays on for evaluation (record-stack §2.6)
+            self.model.looping = True  # looping stays on for evaluation (docs/records/record-stack.md §2.6)
         if self.ema is not None:
             self.ema.copy_to(self.model)  # the EMA weights are the ones evaluated and exported
         self.timings["train_s"] = elapsed
@@ -341,7 +341,7 @@ def train(cfg: Config, ctx: distributed.Dist, out: str | None = None, runs_root:
         export = trainer.export_int8()
         if run is not None and cfg.quant.method == "gptq" and cfg.train.gptq_reserve_seconds > 0:
             # GPTQ calibration reads training data: it runs here, inside the reserve the loop left
-            # free (record-stack.md §3.9), and `pgolf quantize` reuses the cached Hessians.
+            # free (docs/records/record-stack.md §3.9), and `pgolf quantize` reuses the cached Hessians.
             from pgolf.quant.hessian import cached_hessians
             t0 = time.perf_counter()
             _, calib = cached_hessians(run.path, trainer.model, cfg, caller="train")

@@ -29,7 +29,7 @@ OUT = ROOT / "tests" / "fixtures"
 DOCS = (("docs_selected_sample200.jsonl", 200), ("fineweb_default_sample300.jsonl", 300),
         ("fineweb_sample10bt_1000.jsonl", 1000))
 TOKENIZERS = ("fineweb_1024_bpe.model", "fineweb_8192_bpe.model")
-# Hub locations (the layout pgolf.data.fetch reads; record-stack.md §1.2).
+# Hub locations (the layout pgolf.data.fetch reads; docs/records/record-stack.md §1.2).
 HUB_TOKENIZERS = {"fineweb_1024_bpe.model": "willdepueoai/parameter-golf",
                   "fineweb_8192_bpe.model": "kevclark/parameter-golf"}
 HUB_DOCS = "datasets/willdepueoai/parameter-golf/datasets/docs_selected.jsonl"

@@ -1,6 +1,6 @@
 """Attention: every backend against a float64 reference with an explicit block-diagonal causal mask (GQA
 included), the backend resolution, and the full attention module (QK-norm, partial/NTK RoPE, q_gain,
-XSA, gates, VE) against record-stack.md §2.4 / hedge-stack.md §1.1, §3, §4 written out."""
+XSA, gates, VE) against docs/records/record-stack.md §2.4 / docs/records/hedge-stack.md §1.1, §3, §4 written out."""
 import math
 
 import pytest
@@ -124,7 +124,8 @@ def _rope64(x, dims, base, ntk):
 
 
 def reference_attention_module(attn, cfg, n, doc_ids, ve):
-    """record-stack §2.4 steps 1-8 (and the #430 VE / head gate) in float64 from the module's weights."""
+    """docs/records/record-stack.md §2.4 steps 1-8 (and the #430 VE / head gate) in float64 from the module's
+    weights."""
     B, T, _ = n.shape
     H, Hkv, D = attn.H, attn.Hkv, attn.D
     n = n.double()

@@ -1,4 +1,4 @@
-"""CaseOps (record-stack.md §5.9, §1.4): the transform, its inverse, original-byte sidecars, and
+"""CaseOps (docs/records/record-stack.md §5.9, §1.4): the transform, its inverse, original-byte sidecars, and
 `pgolf data build --caseops` on the shared FineWeb samples."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Every citation of the record notes ("record-stack.md §4.2", "hedge-stack §1.4", "Appendix B of
-record-stack.md", and the same with a docs/records/ prefix) names a section that exists in
+"""Every citation of the record notes ("docs/records/record-stack.md §4.2", "docs/records/hedge-stack.md
+§1.4", "Appendix B of record-stack.md", and the same without the docs/records/ prefix) names a section that exists in
 docs/records/, and nothing in the code, tests, notebooks or docs points at a document outside the
 repository. A section number without a document cites the one named last before it in the same
 file; inside the notes themselves a named document holds for its line only."""
@@ -96,7 +96,7 @@ def test_nothing_points_outside_the_repository():
 
 
 def test_the_parser_reads_ranges_prefixes_appendices_and_bare_sections():
-    text = ("see docs/records/record-stack.md §3.3-3.4 and §4.1-§4.6; hedge-stack §1-4, §5.6.\n"
+    text = ("see docs/records/record-stack.md §3.3-3.4 and §4.1-§4.6; docs/records/hedge-stack.md §1-4, §5.6.\n"
             "Appendix A of record-stack.md; (§7.9)")
     assert list(citations(text, None)) == [
         ("record-stack", "3.3", 1), ("record-stack", "3.4", 1), ("record-stack", "4.1", 1),
@@ -104,5 +104,5 @@ def test_the_parser_reads_ranges_prefixes_appendices_and_bare_sections():
         ("hedge-stack", "5.6", 1), ("record-stack", "A", 2), ("record-stack", "7.9", 2)]
     assert list(citations("a stray §2.1", None)) == [(None, "2.1", 1)]
     # inside a note, another note named on one line does not carry over to the next
-    assert list(citations("hedge-stack.md §6.2, §5\n§4.7", "record-stack")) == [
+    assert list(citations("docs/records/hedge-stack.md §6.2, §5\n§4.7", "record-stack")) == [
         ("hedge-stack", "6.2", 1), ("hedge-stack", "5", 1), ("record-stack", "4.7", 2)]

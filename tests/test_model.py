@@ -1,5 +1,5 @@
 """pgolf.model.GPT: the forward API, initialisation against the specs, transparent gates, and the
-#1855 structure (virtual layer order, U-Net skip pairs, parallel lanes) against record-stack.md §2.
+#1855 structure (virtual layer order, U-Net skip pairs, parallel lanes) against docs/records/record-stack.md §2.
 
 Tiny models only (d 64, V 256); see model_helpers.py.
 """
@@ -14,7 +14,7 @@ from model_helpers import BOS, copy_weights, max_diff, tiny_cfg, tiny_model, tok
 from pgolf.errors import PgolfError
 from pgolf.model import build_model
 
-LOOPED_ORDER = [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]  # record-stack.md §2.6
+LOOPED_ORDER = [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]  # docs/records/record-stack.md §2.6
 LOOPED_PAIRS = [(5, 4), (3, 3), (4, 5), (5, 4), (6, 3), (7, 2), (8, 1), (9, 0)]  # §2.7
 PLAIN_PAIRS = [(5, 4), (6, 3), (7, 2), (8, 1), (9, 0)]
 
@@ -59,7 +59,8 @@ def _orthonormal(w):
 
 
 def test_record_init_matches_spec():
-    """record-stack §2.11 + gate tables: orthogonal Q/K/V/up, zero O/down, N(0, .005) tok_emb, gate inits."""
+    """docs/records/record-stack.md §2.11 + gate tables: orthogonal Q/K/V/up, zero O/down, N(0, .005) tok_emb,
+    gate inits."""
     torch.manual_seed(0)
     m = build_model(tiny_cfg("pr1855"))
     for b in m.blocks:
@@ -77,7 +78,7 @@ def test_record_init_matches_spec():
 
 
 def test_hedge_line_init_matches_spec():
-    """hedge-stack §1.1, §2, §4: bigram table/proj zero, scale .05; VE proj zero; gate 1; lambda_v 0."""
+    """docs/records/hedge-stack.md §1.1, §2, §4: bigram table/proj zero, scale .05; VE proj zero; gate 1; lambda_v 0."""
     torch.manual_seed(0)
     m = build_model(tiny_cfg("pr430"))
     assert not m.bigram.embed.weight.any() and not m.bigram.proj.weight.any()
@@ -102,7 +103,8 @@ def test_dense_gate_init_std_and_attn_out_gate_zero():
 
 
 def test_baseline_init_is_nn_linear_default_with_zero_projections():
-    """record-stack.md Appendix B: Q/K/V/up keep nn.Linear's default U(±1/sqrt(in)); O and MLP-down start at zero."""
+    """docs/records/record-stack.md Appendix B: Q/K/V/up keep nn.Linear's default U(±1/sqrt(in)); O and MLP-down
+    start at zero."""
     torch.manual_seed(0)
     m = build_model(tiny_cfg("baseline"))
     b = m.blocks[0]
@@ -116,7 +118,8 @@ def test_baseline_init_is_nn_linear_default_with_zero_projections():
 
 @pytest.mark.parametrize("bos_mask", [False, True])
 def test_bigram_hash_buckets_match_spec(bos_mask):
-    """hedge-stack §2: bucket_t = (36313 id_t XOR 27191 id_{t-1}) mod (B-1); B-1 at t = 0 (and at a BOS if masked)."""
+    """docs/records/hedge-stack.md §2: bucket_t = (36313 id_t XOR 27191 id_{t-1}) mod (B-1); B-1 at t = 0 (and
+    at a BOS if masked)."""
     model = tiny_model("pr430", f"model.smear_bos_mask={str(bos_mask).lower()}")
     idx = tokens(T=20, bos_at=(7,))
     seen = []
@@ -131,7 +134,8 @@ def test_bigram_hash_buckets_match_spec(bos_mask):
 
 
 def test_hedge_embedding_path_matches_spec():
-    """hedge-stack §1.1: x0 = (1 - s) x_t + s x_{t-1}, x_{-1} = 0, x = RMSNorm(tok_emb + BigramHash), s = sigmoid(g)."""
+    """docs/records/hedge-stack.md §1.1: x0 = (1 - s) x_t + s x_{t-1}, x_{-1} = 0, x = RMSNorm(tok_emb +
+    BigramHash), s = sigmoid(g)."""
     model = tiny_model("pr430")
     idx = tokens(T=20, bos_at=(7,))
     with torch.no_grad():
@@ -226,12 +230,13 @@ def test_pr1855_virtual_order_and_skip_pairs_looped_and_not():
     assert model.num_slots == 17
 
 
-FROZEN_BETA = [1.56, 1.85, 2.13]  # record-stack.md §2.6 (#1801)
+FROZEN_BETA = [1.56, 1.85, 2.13]  # docs/records/record-stack.md §2.6 (#1801)
 FROZEN_ALPHA = [[0.23, 0.04, 0.03], [0.13, -0.34, 0.01], [0.06, 0.19, -0.02]]
 
 
 def reference_hidden(model, idx, looping):
-    """record-stack.md §2.2-2.8 written out for the #1855 / #1801 models, reusing only attention and MLP."""
+    """docs/records/record-stack.md §2.2-2.8 written out for the #1855 / #1801 models, reusing only attention
+    and MLP."""
     cfg = model.cfg
     order = LOOPED_ORDER if looping else list(range(11))
     n_enc = len(order) // 2

@@ -11,7 +11,7 @@ from pgolf.cli import main
 from pgolf.model import BatchedLoRA, build_model, count_params
 from pgolf.presets import get_preset
 
-RECORD_PARAMS = {  # record-stack.md §2.1, Appendix B; hedge-stack.md §4.3
+RECORD_PARAMS = {  # docs/records/record-stack.md §2.1, Appendix B; docs/records/hedge-stack.md §4.3
     "baseline": 17_059_912,
     "pr1855": 35_945_671,
     "pr1765": 35_944_602,

@@ -29,7 +29,7 @@ def pr1855_plan():
 
 def test_pr1855_plan_flops_agree_with_the_analytic_count(pr1855_plan):
     p = pr1855_plan
-    assert p["params"] == 35_945_671  # record-stack.md §2.1
+    assert p["params"] == 35_945_671  # docs/records/record-stack.md §2.1
     for mode in ("looping_off", "looping_on"):
         analytic = 6 * PR1855_N[mode] + PR1855_ATTN[mode]
         assert abs(p["flops_per_token_by_mode"][mode] / analytic - 1) < 0.05, mode

@@ -1,4 +1,4 @@
-"""RTN / GPTQ / LQER / gates on synthetic matrices (record-stack.md §4.3-§4.5)."""
+"""RTN / GPTQ / LQER / gates on synthetic matrices (docs/records/record-stack.md §4.3-§4.5)."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st

@@ -1,4 +1,4 @@
-"""Segmentation (issue 17): one rule for where segments start (record `_build_cu_seqlens`, record-stack.md
+"""Segmentation (issue 17): one rule for where segments start (record `_build_cu_seqlens`, docs/records/record-stack.md
 §1.5), the packed training rows, per-segment attention, and validation packed as the records' eval_val."""
 from __future__ import annotations
 

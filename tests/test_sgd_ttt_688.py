@@ -1,4 +1,4 @@
-"""The #688 family's extras of score-first SGD TTT (hedge-stack.md §6.2): LR ramp, byte-weighted CE,
+"""The #688 family's extras of score-first SGD TTT (docs/records/hedge-stack.md §6.2): LR ramp, byte-weighted CE,
 Polyak-averaged scoring, entropy-adaptive temperature. Legality of the combination is in
 test_legality.py (method "sgd688")."""
 from __future__ import annotations

@@ -41,7 +41,7 @@ def test_record_presets_land_under_the_cap(preset):
 
 
 def test_the_1855_record_lies_in_the_pr1855_band():
-    """#1855 seed 42 logged 15,865,260 B of model + 31,999 B of code = 15,897,259 B (record-stack.md §4.7).
+    """#1855 seed 42 logged 15,865,260 B of model + 31,999 B of code = 15,897,259 B (docs/records/record-stack.md §4.7).
     With the record's code bytes as the code input, that total is inside pr1855's band."""
     est = workbench.estimate(get_preset("pr1855"), code_bytes=31_999)
     assert est["bytes_low"] <= 15_897_259 <= est["bytes_high"]

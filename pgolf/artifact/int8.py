@@ -1,4 +1,4 @@
-"""The baseline export: per-row int8 + zlib (root `train_gpt.py`; record-stack.md Appendix B).
+"""The baseline export: per-row int8 + zlib (root `train_gpt.py`; docs/records/record-stack.md Appendix B).
 
 - float tensors with more than 65,536 elements: int8 per row (2-D and up; flattened to
   (rows, -1)), clipped at the 99.99984th percentile of |w| in the row, scale = clip / 127 stored fp16;

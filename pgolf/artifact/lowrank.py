@@ -1,4 +1,4 @@
-"""The stored form of LQER factors (PR #1797 "asym"; record-stack.md §4.5): bit unpacking and the
+"""The stored form of LQER factors (PR #1797 "asym"; docs/records/record-stack.md §4.5): bit unpacking and the
 low-rank correction A B that dequantisation adds back. The encoder is `pgolf.quant.lqer.pack`.
 
 - asym: A as INT2 (one fp16 scale, values {-2, -1, 0, 1}), B as INT4 in groups over flattened B

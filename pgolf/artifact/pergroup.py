@@ -1,4 +1,4 @@
-"""Per-group compression of the quantised integers (PR #1855 `COMPRESSOR=pergroup`; record-stack.md §4.6).
+"""Per-group compression of the quantised integers (PR #1855 `COMPRESSOR=pergroup`; docs/records/record-stack.md §4.6).
 
 1. The int8 values of the quantised matrices are routed into role groups (tok_emb, c_k, c_q, c_v,
    attn.proj, mlp.fc, mlp.proj, other), layers concatenated in order.

@@ -4,7 +4,7 @@ Used by `pgolf quantize` (which fills a qstate) and by everything that loads an 
 the workbench, the exported record script), so loading never reaches up into the quantisers.
 
 A *qstate* is `{"format", "tensors": {name: entry}}`; every entry records the original `dtype` and
-`shape` and one `kind` (record-stack.md §4.1-§4.6):
+`shape` and one `kind` (docs/records/record-stack.md §4.1-§4.6):
 - "quant": int8 values `q` (rows, cols), fp16 row scales `s`, `bits`, optionally `lqer` factors;
 - "gate": per-row absmax int8 of an attention-gate weight (same fields as "quant");
 - "pass": a float tensor stored fp16 (fp32 for the baseline's control tensors), restored to its dtype;

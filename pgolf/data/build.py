@@ -1,11 +1,11 @@
 """Documents -> challenge shards + `tokenizer.model` + `manifest.json` in one self-contained folder.
 
 Each document becomes `[BOS] + sp.encode(text)` (no EOS), concatenated back to back as in the
-official export (record-stack.md §1.2); the first `val_docs` documents are the validation split.
+official export (docs/records/record-stack.md §1.2); the first `val_docs` documents are the validation split.
 With `caseops=True` every document is CaseOps-transformed first (`pgolf.data.caseops`), the tokenizer
 must reserve the four operators (a trained one does), and the validation split gets per-token byte
 sidecars `fineweb_val_bytes_*.bin` holding the ORIGINAL bytes of each token (0 for BOS), which scoring
-uses instead of the LUTs (record-stack.md §1.4).
+uses instead of the LUTs (docs/records/record-stack.md §1.4).
 
 A build never touches an existing folder until it has succeeded: everything is written into a
 temporary sibling that replaces `out` as a whole in one rename at the end (`pgolf.fileio.staged_dir`);

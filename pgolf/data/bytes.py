@@ -1,4 +1,4 @@
-"""Bytes per token, the challenge's way (record-stack.md §1.4): the scoring lookup tables and the audit
+"""Bytes per token, the challenge's way (docs/records/record-stack.md §1.4): the scoring lookup tables and the audit
 that checks them against the decoded text.
 
 A target's bytes come from its SentencePiece piece: boundary tokens (control / unknown / unused, e.g.

@@ -1,4 +1,4 @@
-"""CaseOps (`lossless_caps_caseops_v1`, PR #1729, used by #1736-#1855; record-stack.md §5.9, §1.4).
+"""CaseOps (`lossless_caps_caseops_v1`, PR #1729, used by #1736-#1855; docs/records/record-stack.md §5.9, §1.4).
 
 A bijective text transform applied before tokenisation: capitals become lowercase letters plus
 operator characters, so "The", "the" and "THE" share pieces. Over each maximal run of ASCII letters:

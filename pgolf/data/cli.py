@@ -17,7 +17,7 @@ def cmd_build(args) -> dict[str, Any]:
     if not args.input:
         raise PgolfError("--input: give .jsonl/.txt files (or --sample for the embedded corpus)")
     if args.val_docs is None:
-        # no silent default: the leaderboard metric needs a deliberate split (record-stack.md §7)
+        # no silent default: the leaderboard metric needs a deliberate split (docs/records/record-stack.md §7)
         raise PgolfError("--val-docs: required with --input (the first N documents form validation)")
     return build_from_files(args.input, args.out, val_docs=args.val_docs, tokenizer=args.tokenizer,
                             vocab_size=args.vocab_size, shard_tokens=args.shard_tokens, caseops=args.caseops)

@@ -5,7 +5,7 @@ the dataset repository: `datasets/manifest.json` (per dataset: `stats.files_trai
 `tokenizer_name`; per tokenizer: `model_path`), shards under
 `datasets/datasets/fineweb10B_<variant>/fineweb_{val,train}_XXXXXX.bin`, and the tokenizer under
 `datasets/tokenizers/`. SP1024 lives in `willdepueoai/parameter-golf`, SP8192 in
-`kevclark/parameter-golf` (record-stack.md §1.2), and the CaseOps SP8192 export the #1736-#1855
+`kevclark/parameter-golf` (docs/records/record-stack.md §1.2), and the CaseOps SP8192 export the #1736-#1855
 records train on in `romeerp/parameter-golf-caseops-v1` (same layout, plus the validation byte
 sidecars `fineweb_val_bytes_XXXXXX.bin`, one per val shard, which scoring uses instead of the LUTs).
 

@@ -1,6 +1,6 @@
 """Training batches: a sequential stream over the train shards, and random calibration windows.
 
-The stream follows the records' loader (record-stack.md §1.2): shards in sorted order, no shuffling;
+The stream follows the records' loader (docs/records/record-stack.md §1.2): shards in sorted order, no shuffling;
 a span that would cross a shard's end drops that shard's remainder and starts at the next shard,
 wrapping around after the last. Each optimizer step takes ONE span of
 `accum_steps * world_size * (micro_tokens + 1)` tokens; micro-step m of rank r is chunk
@@ -106,7 +106,7 @@ class TrainLoader:
 def calibration_batches(data_dir: str | Path, n_batches: int, seqs: int, seq_len: int, seed: int = 0,
                         rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
     """`n_batches` int64 tensors (seqs, seq_len) of random non-overlapping windows from the TRAIN
-    shards only (GPTQ calibration, record-stack.md §4.2): rank r uses shards files[r::world_size],
+    shards only (GPTQ calibration, docs/records/record-stack.md §4.2): rank r uses shards files[r::world_size],
     each shard's windows start at a random phase, RNG seeded by (seed, rank)."""
     files = _train_files(data_dir)
     mine = files[rank::world_size] or files  # more ranks than shards: share them

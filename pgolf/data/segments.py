@@ -1,7 +1,7 @@
 """Where attention segments start: one rule for every place that cuts a token stream.
 
 From PR #1530 on, the records cut each packed row at its start, at every BOS, and every `max_doc_len`
-tokens counted from each document's start (record `_build_cu_seqlens`; record-stack.md §1.5); a
+tokens counted from each document's start (record `_build_cu_seqlens`; docs/records/record-stack.md §1.5); a
 row that starts inside a document counts that prefix from the row's start. Attention then runs per
 segment. The training loader's rows, validation scoring, GPTQ calibration, global-SGD batches and
 the attention masks all derive their segments from `segment_starts` here (the model turns it into

@@ -1,6 +1,6 @@
 """Challenge token shards: read, write, list, validate.
 
-Format (record-stack.md §1.1): a header of 256 little-endian int32 (magic 20240520, version 1,
+Format (docs/records/record-stack.md §1.1): a header of 256 little-endian int32 (magic 20240520, version 1,
 token count, the rest zero), then the tokens as little-endian uint16. Files are named
 `fineweb_{train,val}_XXXXXX.bin`; CaseOps byte sidecars `fineweb_val_bytes_XXXXXX.bin` share the
 format and are kept out of the token splits.

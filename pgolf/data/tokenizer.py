@@ -1,4 +1,5 @@
-"""SentencePiece tokenizers: load one, or train one with the challenge's settings (record-stack.md §1.3)."""
+"""SentencePiece tokenizers: load one, or train one with the challenge's settings
+(docs/records/record-stack.md §1.3)."""
 from __future__ import annotations
 
 import os

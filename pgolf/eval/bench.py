@@ -2,7 +2,7 @@
 
 The stream is random token ids (never validation data) cut into documents whose lengths follow a
 log-normal with the challenge's mean (~810 SP8192 tokens per document over the 50,000 validation
-documents; record-stack.md §1.2), so per-document LoRA batching, chunking and phases run at
+documents; docs/records/record-stack.md §1.2), so per-document LoRA batching, chunking and phases run at
 realistic shapes. The scores mean nothing; the seconds do. The method runs exactly as `pgolf eval
 --ttt` runs it (warm-up, then `run_ttt` through an EvalStream), under torchrun too.
 """

@@ -1,4 +1,4 @@
-"""Tokenizer-true bits per byte over the validation split (record-stack.md §1.4).
+"""Tokenizer-true bits per byte over the validation split (docs/records/record-stack.md §1.4).
 
 `val_bpb = Σ loss_i / (ln 2 · Σ bytes_i)` over every scored target. The bytes of each target come from
 `pgolf.data.bytes` (the challenge's lookup tables, or the CaseOps sidecars).

@@ -1,4 +1,4 @@
-"""The Hedge mixer of the #430 line, made legal (hedge-stack.md §5.6-5.7).
+"""The Hedge mixer of the #430 line, made legal (docs/records/hedge-stack.md §5.6-5.7).
 
 Experts, each a full distribution over the V token ids (V from the model / tokenizer, never from
 the data), built only from tokens already scored:

@@ -1,4 +1,5 @@
-"""The four conditions of Issue #1017 as checks (record-stack.md §5.8; hedge-stack.md §5.6-5.7).
+"""The four conditions of Issue #1017 as checks (docs/records/record-stack.md §5.8;
+docs/records/hedge-stack.md §5.6-5.7).
 
 1. Causal: p_t depends only on the artifact and x_<t (checked by perturbing a token: `causal_diff`).
 2. Normalised: the scored probability comes from a full distribution over the vocabulary

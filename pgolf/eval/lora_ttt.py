@@ -1,4 +1,4 @@
-"""Per-document LoRA test-time training through the model's one forward (record-stack.md §5.2-5.3).
+"""Per-document LoRA test-time training through the model's one forward (docs/records/record-stack.md §5.2-5.3).
 
 Documents (BOS to next BOS inclusive) are sorted by length and batched, one document per row,
 right-padded with 0 (causal attention keeps padding inert). Each document is cut into chunks of

@@ -1,4 +1,4 @@
-"""Phased TTT: per-document LoRA plus multi-phase global SGD on the base model (record-stack.md §5.5;
+"""Phased TTT: per-document LoRA plus multi-phase global SGD on the base model (docs/records/record-stack.md §5.5;
 PR #1610 -> #1626 -> #1700).
 
 The first `ttt.prefix_docs` documents of the queue are the prefix. When the count of fully scored

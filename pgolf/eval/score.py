@@ -4,7 +4,7 @@ Every target is scored once with the model's one forward (soft-capped fp32 logit
 over the full vocabulary), its bytes come from the scoring LUTs (or the CaseOps sidecar), and the
 float64 sums are all-reduced across ranks: val_bpb = sum(loss) / (ln 2 * sum(bytes)).
 
-Windows (record-stack.md §1.5): non-overlapping windows of `seq_len` targets, or sliding windows
+Windows (docs/records/record-stack.md §1.5): non-overlapping windows of `seq_len` targets, or sliding windows
 with `stride` (each window scores its last `stride` targets, the first window all of them). With
 `doc_mask` attention inside a window never crosses a BOS (the records' cu_seqlens at BOS). A model
 with packed rows (`data.segmentation = varlen`, `model.max_doc_len > 0`) is scored without stride

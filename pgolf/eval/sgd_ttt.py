@@ -1,4 +1,4 @@
-"""Score-first SGD test-time training of the #549 / #430 line (hedge-stack.md §6).
+"""Score-first SGD test-time training of the #549 / #430 line (docs/records/hedge-stack.md §6).
 
 The stream is cut into chunks of `ttt.sgd_chunk_tokens` targets; each scoring window (sliding with
 `eval.stride`, or non-overlapping) belongs to the chunk of its first scored target. For chunk c:
@@ -7,7 +7,7 @@ The stream is cut into chunks of `ttt.sgd_chunk_tokens` targets; each scoring wi
    epoch over all of the chunk's sequences, gradients summed over ranks, clipped), with the LR cosine
    across chunks. `sgd_params`: all (#549) or last2 (last two blocks + norm/scale/head, #688 family);
    `sgd_optimizer`: sgd (#549: momentum, persistent across chunks) or adamw (#688 family).
-The #688 family's extras (hedge-stack.md §6.2), each a switch and all off by default:
+The #688 family's extras (docs/records/hedge-stack.md §6.2), each a switch and all off by default:
 - `sgd_lr_ramp` R: the chunk LR is the cosine times (1 + (R - 1) min(c / 0.3n, 1)) (R = 3: up to 3x);
 - `sgd_byte_weighted`: the training CE of each target is weighted by its byte count (the scoring LUT);
 - `sgd_polyak` d: an EMA (decay d) of the trained parameters, updated after every step; chunks c >= 1
@@ -40,7 +40,8 @@ from pgolf.optim.ema import EMA
 
 
 def select_params(model: GPT, which: str) -> list[torch.nn.Parameter]:
-    """all, or last2: the last two blocks plus every norm / scale / head parameter (hedge-stack §6.2)."""
+    """all, or last2: the last two blocks plus every norm / scale / head parameter
+    (docs/records/hedge-stack.md §6.2)."""
     if which == "all":
         return list(model.parameters())
     if which != "last2":
@@ -58,7 +59,7 @@ def ramped_lr(lr: float, c: int, n: int, ramp: float) -> float:
 
 
 def adaptive_temperature(logits: torch.Tensor, target: float) -> torch.Tensor:
-    """tau per position (..., 1): clamp(1 - (1 - T)(1 - H / ln V), 0.9, 1.05) (hedge-stack §5.2)."""
+    """tau per position (..., 1): clamp(1 - (1 - T)(1 - H / ln V), 0.9, 1.05) (docs/records/hedge-stack.md §5.2)."""
     logp = F.log_softmax(logits.float(), dim=-1)
     H = -(logp.exp() * logp).sum(dim=-1, keepdim=True)
     return (1.0 - (1.0 - target) * (1.0 - H / math.log(logits.shape[-1]))).clamp(0.9, 1.05)

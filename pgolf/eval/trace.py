@@ -4,7 +4,7 @@
 Positions are target indices of the validation stream: position i is the prediction of
 `tokens[i + 1]` from `tokens[:i + 1]`, with `bytes[i]` bytes (pgolf.eval.bpb). Documents are found at
 BOS: document k holds the targets [start_k, end_k), i.e. tokens[BOS_k ... BOS_{k+1}] inclusive of
-the next BOS, so its end-of-document BOS prediction is scored (record-stack.md §5.2).
+the next BOS, so its end-of-document BOS prediction is scored (docs/records/record-stack.md §5.2).
 
 The trace (`pgolf eval --trace FILE.npz`, docs/cli-contract.md) has one entry per scored
 token in scoring order: position, doc, loss (nats), bytes, step (updates made before it was scored),

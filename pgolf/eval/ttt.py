@@ -1,6 +1,6 @@
 """Test-time training: which method runs (`runner_for`) and `run_ttt`, what `pgolf eval --ttt` runs.
 
-Methods (record-stack.md §5, hedge-stack.md §5-6):
+Methods (docs/records/record-stack.md §5, docs/records/hedge-stack.md §5-6):
 - lora    per-document LoRA, score then update per chunk (lora_ttt.py; PR #1530, #1765)
           with `ttt.phases > 0`: phased global SGD on already scored documents (phased.py; #1610/#1626/#1700)
 - sgd     score-first SGD on chunks of the stream (sgd_ttt.py; #549 / #430 line)

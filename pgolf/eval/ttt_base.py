@@ -1,7 +1,7 @@
-"""What every test-time-training method shares (record-stack.md §5, hedge-stack.md §5-6): document
-batches, the cosine schedule across chunks, the gradient all-reduce, the evaluation time ledger and
-its deadline (`eval.max_seconds` enforced), the convergence record (`ttt.jsonl`), the synthetic-token
-warm-up and the LoRA target list.
+"""What every test-time-training method shares (docs/records/record-stack.md §5,
+docs/records/hedge-stack.md §5-6): document batches, the cosine schedule across chunks, the gradient
+all-reduce, the evaluation time ledger and its deadline (`eval.max_seconds` enforced), the convergence
+record (`ttt.jsonl`), the synthetic-token warm-up and the LoRA target list.
 
 The methods (lora_ttt.py, phased.py, sgd_ttt.py, hedge.py) import from here; `pgolf.eval.ttt` sits
 above them all and picks one (`runner_for`).
@@ -23,7 +23,8 @@ from pgolf.model.gpt import GPT
 
 
 def doc_batches(docs: Docs, batch_size: int) -> list[np.ndarray]:
-    """Documents sorted by length, cut into batches; the queue runs longest first (record-stack §5.2)."""
+    """Documents sorted by length, cut into batches; the queue runs longest first
+    (docs/records/record-stack.md §5.2)."""
     order = np.argsort(docs.lengths, kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, order.size, batch_size)]
     return batches[::-1]
@@ -110,7 +111,7 @@ DEADLINE_MARGIN = 0.05  # aim at 95% of the budget: throughput drifts between tw
 
 
 class Deadline:
-    """`eval.max_seconds` enforced on the TTT loop (the records' TTT timer, record-stack.md §5.7).
+    """`eval.max_seconds` enforced on the TTT loop (the records' TTT timer, docs/records/record-stack.md §5.7).
 
     A runner counts its work in units of about constant cost (LoRA: forward/backward positions, since
     the queue runs the longest documents first and those cost more per token; SGD / Hedge: chunks),
@@ -261,7 +262,7 @@ def ttt_forward(model: GPT, cfg: Any):
 
 def warmup(model: GPT, cfg: Any, *, lora: bool = True, base: bool = False, seed: int = 0) -> float:
     """Forward + backward at the TTT shapes on `torch.randint` tokens, never validation data
-    (record-stack §5.1, §7.8); the weights are left exactly as they were. Returns seconds.
+    (docs/records/record-stack.md §5.1, §7.8); the weights are left exactly as they were. Returns seconds.
 
     `lora`: LoRA TTT's step (adapters on a frozen base, `ttt_forward`) at the full context, then at one
     chunk; `base`: a forward + backward into the base weights too (global SGD, SGD / Hedge TTT)."""

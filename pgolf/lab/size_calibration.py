@@ -93,13 +93,13 @@ RECORDS: list[Point] = [
             _REC + "2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611/" + _SEEDS),
     *_seeds("baseline", "baseline", (), [15_815_847, 15_819_554, 15_813_523, 15_814_036],
             _REC + "2026-03-17_NaiveBaseline/train.log, 2026-03-18_LongContextSeq2048/train{,_seed1338,_seed1339}.log"),
-    # #430's three runs fell back to zlib (hedge-stack.md §4.4); #700 is the same model without the two
+    # #430's three runs fell back to zlib (docs/records/hedge-stack.md §4.4); #700 is the same model without the two
     # gates, on zstd-22 (§7.3: artifact minus its 97,234 code bytes). #688 (no CROWN-Q, ~2% smaller) is
     # left out: the estimate has no CROWN-Q term and `pr430` trains with it.
     *_seeds("#430", "pr430", ("quant.compressor=zlib",), [16_876_063, 16_873_509, 16_878_341],
-            "hedge-stack.md §4.4 (run_seed{42,1337,2025}.log of #824)"),
+            "docs/records/hedge-stack.md §4.4 (run_seed{42,1337,2025}.log of #824)"),
     *_seeds("#700", "pr430", ("model.attn_gate=none", "model.value_residual=false"),
-            [15_794_806, 15_596_669, 15_567_239], "hedge-stack.md §7.3, §1.2"),
+            [15_794_806, 15_596_669, 15_567_239], "docs/records/hedge-stack.md §7.3, §1.2"),
 ]
 
 # pgolf's own: `pgolf train --preset cpu-smoke --data <shared SP1024 samples> --max-seconds S

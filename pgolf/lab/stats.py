@@ -1,7 +1,7 @@
 """Seed statistics and the challenge's significance rule.
 
 A new record must beat the previous one by at least 0.005 nats/token at p < 0.01
-(record-stack.md §0). With A the reference runs and B the new ones, we test the
+(docs/records/record-stack.md §0). With A the reference runs and B the new ones, we test the
 *shifted* one-sided hypothesis on per-seed validation losses (nats/token):
 
     H0: mu_A - mu_B <= 0.005      against      H1: mu_A - mu_B > 0.005

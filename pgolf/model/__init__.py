@@ -41,7 +41,7 @@ def max_doc_len_of(cfg: Config) -> int:
 def build_with_state(cfg: Config, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
                      name: str = "the run's weights") -> GPT:
     """A fresh model with `state` loaded (strict) and looping on, as evaluated and calibrated
-    (record-stack.md §2.6, §4.2); `name` says whose weights in the error when they do not fit."""
+    (docs/records/record-stack.md §2.6, §4.2); `name` says whose weights in the error when they do not fit."""
     model = build_model(cfg, device)
     try:
         model.load_state_dict({k: v.to(device) for k, v in state.items()})
@@ -61,7 +61,7 @@ def load_from_run(run_dir: str | Path, device: str | torch.device = "cpu",
     model = build_model(cfg, device)
     state = torch.load(run.file(weights), map_location=device, weights_only=True)
     model.load_state_dict(state)
-    model.looping = bool(cfg.model.num_loops)  # looping stays on for evaluation (record-stack §2.6)
+    model.looping = bool(cfg.model.num_loops)  # looping stays on for evaluation (docs/records/record-stack.md §2.6)
     return cfg, model
 
 

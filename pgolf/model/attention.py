@@ -1,6 +1,6 @@
 """Causal attention with optional document masking, through the fastest kernel present.
 
-Kernels, in order of preference on CUDA (record-stack.md §1.5, §3.7: the records call FA3 directly):
+Kernels, in order of preference on CUDA (docs/records/record-stack.md §1.5, §3.7: the records call FA3 directly):
   fa3   FlashAttention-3 (`flash_attn_interface`, the Hopper build the records run)
   fa2   flash-attn 2 (`flash_attn`)
   flex  FlexAttention (a block mask from segment ids)

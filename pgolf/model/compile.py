@@ -1,7 +1,7 @@
 """The compiled forwards: the training step (fixed shapes) and the LoRA TTT step (varying context).
 
 Both are `torch.compile(..., fullgraph=True)` of the model's one forward, as the records compile
-theirs (record-stack.md §3.7: the model with dynamic=False; §5.1: the TTT forward with dynamic shapes,
+theirs (docs/records/record-stack.md §3.7: the model with dynamic=False; §5.1: the TTT forward with dynamic shapes,
 warmed up at the chunk and the full context on random tokens). A graph break is therefore an error,
 never a silent slowdown. The document mask is the one data-dependent piece (how many segments a row
 holds): `CompiledForward` prepares it outside the graph (`GPT.attention_mask`) and passes it in with

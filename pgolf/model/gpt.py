@@ -5,8 +5,8 @@ There is exactly one forward. Training, scoring, GPTQ calibration and test-time 
 applied, so a feature of the model can never be missing at scoring time (the records lost 0.3-0.8 BPB
 to a hand-copied TTT forward that dropped a gate: PR #1784, #1787).
 
-Facts: record-stack.md §2 (the #1530 -> #1855 line), Appendix B (the baseline) and
-hedge-stack.md §1-4 (the #430 line).
+Facts: docs/records/record-stack.md §2 (the #1530 -> #1855 line), Appendix B (the baseline) and
+docs/records/hedge-stack.md §1-4 (the #430 line).
 """
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from pgolf.model.loss import fused_softcap_cross_entropy, softcap_cross_entropy
 FROZEN_CARRY_BETA = (1.56, 1.85, 2.13)
 FROZEN_CARRY_ALPHA = ((0.23, 0.04, 0.03), (0.13, -0.34, 0.01), (0.06, 0.19, -0.02))
 
-# Control tensors, by name (the records' CONTROL_TENSOR_NAME_PATTERNS, record-stack.md §3.2; lambda_v
-# and attn_gate from hedge-stack.md §4.3): AdamW at scalar_lr whatever their rank, and kept at full
+# Control tensors, by name (the records' CONTROL_TENSOR_NAME_PATTERNS, docs/records/record-stack.md §3.2; lambda_v
+# and attn_gate from docs/records/hedge-stack.md §4.3): AdamW at scalar_lr whatever their rank, and kept at full
 # precision by the baseline export. One list for the optimizer and the quantiser.
 CONTROL_PATTERNS = (
     "attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes", "q_gain",
@@ -274,7 +274,7 @@ class Block(nn.Module):
 
 
 class BigramHash(nn.Module):
-    """Hashed (previous, current) token embedding added before the embedding norm (hedge-stack §2)."""
+    """Hashed (previous, current) token embedding added before the embedding norm (docs/records/hedge-stack.md §2)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -293,7 +293,7 @@ class BigramHash(nn.Module):
 
 
 class ValueEmbedding(nn.Module):
-    """VE: a token table projected to the KV width, added to v on chosen layers (hedge-stack §1.1)."""
+    """VE: a token table projected to the KV width, added to v on chosen layers (docs/records/hedge-stack.md §1.1)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -377,7 +377,7 @@ class GPT(nn.Module):
         d, kv = cfg.model_dim, cfg.num_kv_heads * (cfg.model_dim // cfg.num_heads)
         return {"q": (d, d), "k": (d, kv), "v": (d, kv), "o": (d, d), "mlp": (d, d), "head": (d, cfg.vocab_size)}
 
-    # ---- initialisation (record-stack.md §2.11; baseline: nn.Linear defaults, zero O and MLP-down)
+    # ---- initialisation (docs/records/record-stack.md §2.11; baseline: nn.Linear defaults, zero O and MLP-down)
     @torch.no_grad()
     def reset_parameters(self) -> None:
         cfg = self.cfg

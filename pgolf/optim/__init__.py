@@ -1,5 +1,5 @@
 """Optimizers: Muon (classic + Polar Express, MuonEq-R) for matrices, AdamW groups for the rest,
-the wall-clock LR schedule and the weight EMA (record-stack.md §3)."""
+the wall-clock LR schedule and the weight EMA (docs/records/record-stack.md §3)."""
 from pgolf.optim.ema import EMA
 from pgolf.optim.groups import (CONTROL_PATTERNS, OptimizerSet, build_optimizers, classify_params,
                                 clip_grad_norm)

@@ -1,5 +1,5 @@
 """CROWN-Q: a quantisation-aware penalty in the warm-down (PR #700 and later in the Hedge line,
-#720 and #430 included; hedge-stack.md §1.2).
+#720 and #430 included; docs/records/hedge-stack.md §1.2).
 
 Once the LR multiplier drops below `optim.crown_q_below_lr` (the records' late-QAT threshold, 0.5),
 every step adds  lambda / 12 * sum over Linear weights of mean_ij(w_ij^2 * Delta_i^2),  Delta_i =

@@ -1,4 +1,4 @@
-"""Exponential moving average of the weights (record-stack.md §3.5; hedge-stack.md §1.3).
+"""Exponential moving average of the weights (docs/records/record-stack.md §3.5; docs/records/hedge-stack.md §1.3).
 
 An fp32 copy of the full state dict (parameters and float buffers), updated after every optimizer
 step: `ema <- d*ema + (1-d)*w`. The EMA weights are the ones exported. With MIN_LR 0.1 it is worth

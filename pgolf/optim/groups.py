@@ -1,4 +1,4 @@
-"""The optimizer split (record-stack.md §3.2; hedge-stack.md §1.3) and the `OptimizerSet` the
+"""The optimizer split (docs/records/record-stack.md §3.2; docs/records/hedge-stack.md §1.3) and the `OptimizerSet` the
 trainer steps.
 
   muon    2-D (or higher) weight matrices: the blocks' projections and, as in the #688 family,

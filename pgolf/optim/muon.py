@@ -1,11 +1,11 @@
 """Muon: momentum + Newton-Schulz orthogonalisation for the 2-D weight matrices.
 
-Written from the description in record-stack.md §3.3 and hedge-stack.md §1.3 (Muon by Keller
+Written from the description in docs/records/record-stack.md §3.3 and docs/records/hedge-stack.md §1.3 (Muon by Keller
 Jordan, modded-nanogpt). pgolf keeps projections as separate `nn.Linear`s, so instead of the records'
 3-D banks this optimizer stacks same-shape matrices itself into banks (Q with O, K with V, MLP up,
 MLP down: the records' four) and orthogonalises each bank in one batched call.
 
-Under torch.distributed it is the records' Parallel Muon (record-stack.md §3.3): each bank's gradient
+Under torch.distributed it is the records' Parallel Muon (docs/records/record-stack.md §3.3): each bank's gradient
 is reduce-scattered along its stack, padded to a multiple of the world size, so every rank holds the
 averaged gradient of its own contiguous shard of matrices; it keeps momentum for that shard only,
 orthogonalises it, and the updates are all-gathered, so every rank applies the same update. The math is
@@ -34,7 +34,7 @@ def ns_coefficients(steps: int, coeffs: str = "classic") -> list[tuple[float, fl
     """The (a, b, c) of each Newton-Schulz iteration.
 
     Polar Express has exactly five tuples: fewer steps use the first ones; more steps still run
-    each tuple once (record-stack.md §3.3), i.e. at most five iterations.
+    each tuple once (docs/records/record-stack.md §3.3), i.e. at most five iterations.
     """
     if coeffs == "classic":
         return [CLASSIC] * steps
@@ -88,7 +88,7 @@ class Muon(torch.optim.Optimizer):
     The momentum is a group value the caller sets each step (warm-up lives in `OptimizerSet`).
     Gradients must already be averaged across ranks. `ns_dtype` None = `ns_dtype_for(device)`.
     `momentum_dtype` None keeps the buffer in the gradient's dtype; bf16 casts the gradient and
-    keeps the buffer and the Nesterov update in bf16, as the records' banked Muon (record-stack §3.3).
+    keeps the buffer and the Nesterov update in bf16, as the records' banked Muon (docs/records/record-stack.md §3.3).
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,

@@ -1,4 +1,4 @@
-"""Learning-rate multiplier and Muon momentum warm-up (record-stack.md §3.3-3.4, Appendix B).
+"""Learning-rate multiplier and Muon momentum warm-up (docs/records/record-stack.md §3.3-3.4, Appendix B).
 
 There is no LR warm-up in any record: the multiplier is 1, then decays linearly during the
 warm-down, never below `min_lr` (MIN_LR, PR #1787).

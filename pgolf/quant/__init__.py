@@ -1,4 +1,4 @@
-"""Quantisation and the 16,000,000-byte artifact (record-stack.md §4).
+"""Quantisation and the 16,000,000-byte artifact (docs/records/record-stack.md §4).
 
 int8.py      the baseline export (per-row int8 + zlib) the trainer writes
 gptq.py      RTN and GPTQ with SDClip scales, per-row absmax int8 for gates

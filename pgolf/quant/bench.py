@@ -1,6 +1,6 @@
 """`pgolf bench --quant`: how long the artifact takes to make, and how big it is per compressor.
 
-Times the three phases the records budget at the end of training (record-stack.md §3.9, §4):
+Times the three phases the records budget at the end of training (docs/records/record-stack.md §3.9, §4):
 Hessian collection over `quant.calibration_batches x calibration_seqs x calibration_seq_len` tokens,
 GPTQ (+ LQER) of every matrix, then serialisation with each compressor and the load back. A speed
 benchmark: without `--run` the weights are the preset's initialisation and the calibration tokens

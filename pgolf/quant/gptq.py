@@ -3,8 +3,8 @@
 A matrix W is (rows = output channels, cols = input channels). For `bits` b the integers lie in
 [-R, R] with R = 2^(b-1) - 1, stored one per int8; a row's scale s_r = k * std(W_r) / R is stored
 fp16 (SDClip, PR #1394: no clip search, clipping is implicit in clamp(round(w / s), -R, R)).
-The #688 family's per-row quantile clip search (hedge-stack.md §1.4) is the alternative scale.
-GPTQ (Frantar et al. 2022; the records' form, PR #1019/#1394, record-stack.md §4.3) quantises columns
+The #688 family's per-row quantile clip search (docs/records/hedge-stack.md §1.4) is the alternative scale.
+GPTQ (Frantar et al. 2022; the records' form, PR #1019/#1394, docs/records/record-stack.md §4.3) quantises columns
 in order and feeds each column's error forward through the upper Cholesky factor of H^-1, so the
 Hessian-weighted error tr(E H E^T) is lower than rounding each weight on its own.
 Everything runs on the tensors' device (CUDA or CPU).
@@ -39,7 +39,7 @@ QUANTILE_CANDIDATES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 
 
 def quantile_clip_scale(w: torch.Tensor, bits: int, candidates=QUANTILE_CANDIDATES) -> torch.Tensor:
-    """The #688 family's clip (hedge-stack.md §1.4): per row, the |w| quantile among `candidates`
+    """The #688 family's clip (docs/records/hedge-stack.md §1.4): per row, the |w| quantile among `candidates`
     whose round-to-nearest MSE is lowest; scale = clip / R, fp16."""
     R = clip_range(bits)
     a = w.float()

@@ -1,7 +1,7 @@
 """GPTQ calibration: input Hessians H = sum(x x^T) / n of every quantised linear layer.
 
 Calibration windows come from the TRAINING shards only (`pgolf.data.loader.calibration_batches`,
-record-stack.md §4.2); validation is never read. The forward is the model's one forward
+docs/records/record-stack.md §4.2); validation is never read. The forward is the model's one forward
 (`model.hidden`, looping as configured), so looped layers accumulate every visit. With
 `quant.calibration_doc_mask` off, attention is dense causal over each window whatever
 `model.doc_mask` says: the #1530-line records' `collect_hessians` calls `forward_logits(x)` without
@@ -116,7 +116,7 @@ def cached_hessians(run_dir: str | Path, model: GPT | Callable[[], GPT], cfg, we
     there. `model` is the model, or a function building it (only called on a cache miss).
 
     The trainer calls this right after saving the weights (caller="train"), inside the
-    `train.gptq_reserve_seconds` its loop left free (record-stack.md §3.9); the info records how long
+    `train.gptq_reserve_seconds` its loop left free (docs/records/record-stack.md §3.9); the info records how long
     calibration took against that reserve. Computed later by `pgolf quantize`, it is outside the
     training budget and says so (`computed_by`); quantize passes write=False and stores the cache with
     `write_cache` only when it publishes its results, so a failed run leaves the run directory as it was.

@@ -1,4 +1,4 @@
-"""LQER: low-rank correction of the quantisation error (PR #1797 "asym"; record-stack.md §4.5).
+"""LQER: low-rank correction of the quantisation error (PR #1797 "asym"; docs/records/record-stack.md §4.5).
 
 For the top-k quantised matrices by ||E||_F, E = W - W_hat, a truncated SVD E ~ U_r S_r V_r^T gives
 A = U_r S_r (rows, r) and B = V_r^T (r, cols); dequantisation adds A B back

@@ -1,5 +1,5 @@
 """`pgolf quantize RUN`: weights -> Hessians -> GPTQ/RTN (+LQER) -> compressed artifact -> accounting
--> the artifact alone re-scored (record-stack.md §4.1). Every phase is timed into result.json.
+-> the artifact alone re-scored (docs/records/record-stack.md §4.1). Every phase is timed into result.json.
 
 The artifact counts as `model_bytes` (its size on disk) + `code_bytes` (pgolf.export.codebytes:
 the exported record script, minified and wrapped) = `total_bytes`

@@ -1,5 +1,5 @@
 """A state_dict -> a quantised state (pgolf.artifact.qstate's format), and byte accounting
-(record-stack.md §4.1-§4.6).
+(docs/records/record-stack.md §4.1-§4.6).
 
 Every entry of the qstate records the original `dtype` and `shape` and one `kind`:
 - "quant": a matrix (2-D or more, flattened to rows) with more than `passthrough_numel` elements:
