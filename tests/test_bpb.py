@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pgolf.distributed import teardown
 from pgolf.data import shards
 from pgolf.data.build import read_documents
 from pgolf.data.tokenizer import load_tokenizer
@@ -122,5 +123,5 @@ def test_bpb_from_sums_and_allreduce(tmp_path):
         big = 2.0 ** 53 + 2  # float64 keeps what float32 would round
         assert bpb.allreduce_sums(big, 7) == (big, 7.0)
     finally:
-        dist.destroy_process_group()
+        teardown()  # destroys the group, then collects (see its docstring)
     assert math.isclose(bpb.bpb_from_sums(*bpb.allreduce_sums(10.0, 4, 5)[:1], 4, 5)[1], 10 / (5 * math.log(2)))

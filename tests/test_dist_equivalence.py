@@ -93,7 +93,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         losses, owned = curve(rank, world)
         torch.save((losses, owned), os.path.join(out_dir, f"curve{world}-{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        from pgolf.distributed import teardown
+        teardown()  # destroys the group, then collects (see its docstring)
 
 
 def test_two_and_four_ranks_give_the_single_process_loss_curve(tmp_path):

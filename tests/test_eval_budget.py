@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from pgolf.distributed import teardown
 from pgolf.eval.ttt import run_ttt
 from pgolf.eval.ttt_base import ConvergenceLog, Deadline, TimeLedger
 from test_eval_common import one_thread, stream_for, tiny_cfg, tiny_model, tiny_val  # noqa: F401
@@ -145,7 +146,7 @@ def _worker(rank: int, world: int, port: int, q) -> None:
             out[method] = (res["val_loss"], res["tokens"], res["ttt_fallback"], val.num_targets)
         q.put((rank, out))
     finally:
-        torch.distributed.destroy_process_group()
+        teardown()  # destroys the group, then collects (see its docstring)
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from pgolf.distributed import teardown
 from pgolf.eval.lora_ttt import LoRATTT
 from pgolf.eval.phased import PhasedTTT
 from pgolf.eval.score import score_stream
@@ -108,7 +109,7 @@ def _worker(rank: int, world: int, port: int, q) -> None:
     try:
         q.put((rank, _results(rank, world)))
     finally:
-        torch.distributed.destroy_process_group()
+        teardown()  # destroys the group, then collects (see its docstring)
 
 
 def _results(rank: int = 0, world: int = 1) -> dict:

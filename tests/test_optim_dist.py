@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pgolf.distributed import teardown
 from pgolf.optim import Muon
 
 SHAPES = [(8, 16), (16, 8), (8, 16), (4, 4), (8, 16), (16, 8), (12, 4)]
@@ -45,7 +46,7 @@ def _worker(rank, world, init_file, out_dir):
         torch.save({"params": [p.detach() for p in params], "owned": owned},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        teardown()  # destroys the group, then collects (see its docstring)
 
 
 def test_two_ranks_match_one_process(tmp_path):
