@@ -52,7 +52,10 @@ def code(src: str) -> str:
     ("for k in ():\n    a()\nelse:\n    b()", "b()"),
     ("def g(x):\n    return x\n    dead()", "def g(x):\n    return x"),
     ("while 0:\n    a()", ""),
-    ("if (1, 2) is None:\n    a()", "if (1, 2) is None:\n    a()"),  # `is` only for None / booleans
+    ("if (1, 2) is None:\n    a()", ""),
+    ("y = (1, 2) is (1, 2)", "y = (1, 2) is (1, 2)"),  # identity of other literals: CPython's business
+    ("step = s if 0 < 0 < n else n", "step = n"),  # a false link ends the chain (n is never evaluated)
+    ("y = 'lora' + '+3phase'", "y = 'lora+3phase'"),
 ])
 def test_folding_is_python_at_build_time(src, expected):
     assert folded(src) == code(expected)

@@ -475,8 +475,13 @@ def _flatten(cfg: Config, specialised: bool) -> Body:
         # Methods are called by the attribute names in the code that can run, and by strings wherever a
         # getattr with a computed name may reach an object of the script: try without the strings, and
         # keep that when what is left has no such getattr (then no string names a method it can call).
-        trial = _kept([dataclasses.replace(s, node=copy.deepcopy(s.node)) for s in kept], root, strings=False)
-        kept = trial if not methods_by_name([s.node for s in trial], cfg, env, external) else _kept(kept, root)
+        saved = [(s, list(s.node.body), s.refs, s.eager) for s in kept if isinstance(s.node, ast.ClassDef)]
+        trial = _kept(kept, root, strings=False)  # (pruning only takes methods out of class bodies)
+        if methods_by_name([s.node for s in trial], cfg, env, external):
+            for s, body, refs, eager in saved:
+                s.node.body, s.refs, s.eager = body, refs, eager
+            trial = _kept(kept, root)
+        kept = trial
     used = set().union(*(s.refs for s in kept)) if kept else set()
     externs = {}  # placeholder -> the alias its import statement binds
     for ph in sorted(p for p in used if p.startswith("ext:")):

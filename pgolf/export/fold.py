@@ -110,8 +110,10 @@ class _Fold(ast.NodeTransformer):
     def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
         self.generic_visit(node)
         a, b = value_of(node.left), value_of(node.right)
-        if a is NO or b is NO or type(node.op) not in _BINARY or not all(isinstance(x, (int, float)) for x in (a, b)):
-            return node  # (numbers only: str % tuple is formatting, and str * int can grow)
+        strings = isinstance(a, str) and isinstance(b, str) and isinstance(node.op, ast.Add)
+        if a is NO or b is NO or type(node.op) not in _BINARY \
+                or not (strings or all(isinstance(x, (int, float)) for x in (a, b))):
+            return node  # (numbers, and str + str: str % tuple is formatting, and str * int can grow)
         if isinstance(node.op, ast.Pow) and abs(b) > 64:
             return node
         try:
@@ -123,23 +125,21 @@ class _Fold(ast.NodeTransformer):
     def visit_Compare(self, node: ast.Compare) -> ast.AST:
         self.generic_visit(node)
         vals = [value_of(node.left)] + [_container(c) for c in node.comparators]
-        if any(v is NO for v in vals):
-            return node
-        result = True
-        for op, a, b in zip(node.ops, vals, vals[1:]):
+        for op, a, b in zip(node.ops, vals, vals[1:]):  # left to right, as Python: a False link ends it
+            if a is NO or b is NO:
+                return node
             if isinstance(op, (ast.Is, ast.IsNot)):
-                if not all(x is None or isinstance(x, bool) for x in (a, b)):
-                    return node
+                if not (a is None or b is None or all(isinstance(x, bool) for x in (a, b))):
+                    return node  # (identity of other literals is CPython's business)
                 ok = (a is b) == isinstance(op, ast.Is)
             else:
                 try:
                     ok = bool(_COMPARE[type(op)](a, b))
                 except Exception:  # noqa: BLE001
                     return node
-            if not ok:
-                result = False
-                break
-        return self._new(ast.Constant(result), node)
+            if not ok:  # the operands after this one are never evaluated
+                return self._new(ast.Constant(False), node)
+        return self._new(ast.Constant(True), node)
 
     def visit_BoolOp(self, node: ast.BoolOp) -> ast.AST:
         self.generic_visit(node)

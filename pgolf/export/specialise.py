@@ -32,7 +32,6 @@ from pgolf.config import Config
 from pgolf.export import fold as F
 from pgolf.export.scopes import Binder, is_placeholder
 
-DEBUG = False
 ENV_WRITER = "pgolf.export.record:apply_env"  # its getattr / setattr reach the ENV fields, which stay reads
 CONFIG_MODULE = "pgolf.config"
 COPIES = {"ext:dataclasses.replace", "ext:copy.replace"}  # a copy with fields changed
@@ -132,6 +131,14 @@ class Store:
 
 
 @dataclasses.dataclass
+class Call:
+    callee: str  # a module-level function's placeholder
+    args: list[Kind | None]
+    keywords: dict[str, Kind | None]
+    starred: bool  # *args or **kwargs: which parameter gets what is not known
+
+
+@dataclasses.dataclass
 class Scope:
     kind: str  # function | class | comprehension
     facts: dict[str, Kind | None]  # names bound here -> what they are (None: not known)
@@ -143,9 +150,15 @@ class Walker(ast.NodeTransformer):
     specialisation); otherwise reads of constants are replaced by literals."""
 
     def __init__(self, baked: Baked, family: Family, attr_facts: dict[tuple[str, str], Kind],
-                 never_set: Callable[[str, str], bool], collect: bool, constants: dict[str, Any] | None = None):
+                 never_set: Callable[[str, str], bool], collect: bool, constants: dict[str, Any] | None = None,
+                 param_facts: dict[tuple[str, str], Kind] | None = None):
         self.baked, self.family, self.attr_facts = baked, family, attr_facts
         self.constants = constants or {}  # module-level names bound once to a literal
+        self.param_facts = param_facts or {}  # (function, parameter) -> what every call passes
+        self.returns: dict[str, tuple[ast.FunctionDef, Any]] = {}  # functions that return a literal
+        self.calls: list[Call] = []  # calls of module-level functions by name
+        self.site_cache: dict[int, tuple[ast.AST, dict[str, list]]] = {}
+        self.escaped: set[str] = set()  # module-level names used otherwise than called
         self.never_set, self.collect = never_set, collect
         self.stack: list[Scope] = []
         self.function: list[str] = []  # enclosing top-level function / class names
@@ -210,8 +223,12 @@ class Walker(ast.NodeTransformer):
             if i == 0 and cls and a in params:
                 sites.setdefault(a.arg, []).append(("kind", ("inst", cls)))
             else:
-                sites.setdefault(a.arg, []).append(("kind", self._annotation(a.annotation)))
-        _binding_sites(body, sites)
+                kind = self._annotation(a.annotation)
+                if kind is None and not self.stack and not isinstance(node, ast.Lambda):
+                    kind = self.param_facts.get((node.name, a.arg))  # what every call passes
+                sites.setdefault(a.arg, []).append(("kind", kind))
+        for name, found in self._sites(node, body).items():
+            sites.setdefault(name, []).extend(found)
         scope = Scope("function", {n: None for n in sites})
         self.stack.append(scope)
         for _ in range(len(sites) + 1):  # to a fixed point (a local may be defined through another)
@@ -221,6 +238,14 @@ class Walker(ast.NodeTransformer):
             scope.facts = new
         self.stack.pop()
         return scope
+
+    def _sites(self, node: ast.AST, body: list[ast.stmt]) -> dict[str, list]:
+        """The binding sites of a scope's own body (cached: a pass does not change the code it reads)."""
+        if id(node) not in self.site_cache:
+            found: dict[str, list] = {}
+            _binding_sites(body, found)
+            self.site_cache[id(node)] = (node, found)
+        return self.site_cache[id(node)][1]
 
     def _site_kind(self, sites: list) -> Kind | None:
         kinds = []
@@ -262,8 +287,7 @@ class Walker(ast.NodeTransformer):
     def visit_ClassDef(self, node: ast.ClassDef):
         node.decorator_list = [self.visit(d) for d in node.decorator_list]
         node.bases = [self.visit(b) for b in node.bases]
-        sites: dict[str, list] = {}
-        _binding_sites(node.body, sites)
+        sites = self._sites(node, node.body)
         self.function.append(node.name)
         self.stack.append(Scope("class", {n: None for n in sites}, node.name if is_placeholder(node.name) else None))
         node.body = [self.visit(s) for s in node.body]
@@ -308,6 +332,9 @@ class Walker(ast.NodeTransformer):
 
     def visit_Name(self, node: ast.Name):
         if isinstance(node.ctx, ast.Load):
+            if self.collect and is_placeholder(node.id) and not getattr(node, "_callee", False) \
+                    and not self.bound(node.id):
+                self.escaped.add(node.id)
             return self._literal(node) or node
         return node
 
@@ -397,6 +424,11 @@ class Walker(ast.NodeTransformer):
     def visit_Call(self, node: ast.Call):
         func = node.func
         name = func.id if isinstance(func, ast.Name) and not self.bound(func.id) else None
+        if self.collect and name and is_placeholder(name):
+            func._callee = True
+            starred = any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords)
+            self.calls.append(Call(name, [self.kind(a) for a in node.args],
+                                   {k.arg: self.kind(k.value) for k in node.keywords if k.arg}, starred))
         if self._config_getattr(func):
             self._block("a method of the Config is called by a computed name")
         if name in ("setattr", "delattr") and node.args:
@@ -436,7 +468,19 @@ class Walker(ast.NodeTransformer):
             node.args = [self._sequence(node.args[0])]
         else:
             self.generic_visit(node)
-        return self._pure_builtin(node) or node
+        return self._pure_builtin(node) or self._constant_call(node, name) or node
+
+    def _constant_call(self, node: ast.Call, name: str | None) -> ast.expr | None:
+        """A call of a module-level function whose whole body is `return <literal>`, with arguments
+        that have no effect and fit its parameters: the literal."""
+        if self.collect or name not in self.returns or not all(F.pure(a) for a in node.args) \
+                or not all(k.arg and F.pure(k.value) for k in node.keywords):
+            return None
+        fn, value = self.returns[name]
+        if not _fits(fn.args, node):
+            return None
+        self.changed = True
+        return ast.copy_location(F.literal(value), node)
 
     def _fields_only(self, node: ast.expr) -> bool:
         """An object whose attributes a computed name can only read, never call as a method of the
@@ -573,6 +617,7 @@ class Specialiser:
     def __init__(self, stmts: list[ast.stmt], baked: Baked, external: Callable[[ast.expr], set[str] | None]):
         self.stmts, self.baked, self.external = stmts, baked, external
         self.attr_facts: dict[tuple[str, str], Kind] = {}
+        self.param_facts: dict[tuple[str, str], Kind] = {}
         self.stores: list[Store] = []
         self.opaque: list[str] = []
         self.methods_by_name = True  # (known after _collect)
@@ -585,23 +630,23 @@ class Specialiser:
             if self.opaque:
                 return self.opaque
             w = Walker(self.baked, self.family, self.attr_facts, self._never_set, collect=False,
-                       constants=_module_constants(self.stmts))
+                       constants=_module_constants(self.stmts), param_facts=self.param_facts)
+            w.returns = _literal_functions(self.stmts)
             for s in self.stmts:
                 w.visit(s)
-            folded = self._fold()
-            if DEBUG:
-                print("round", w.changed, folded)
-            changed = w.changed | folded
-            if not changed:
+            if not (w.changed | self._fold()):
                 break
         return []
 
     def _collect(self) -> None:
-        """Stores and blocks, with the attribute facts to a fixed point."""
-        self.attr_facts = {}
+        """Stores and blocks, with the attribute and parameter facts to a fixed point."""
+        self.attr_facts, self.param_facts = {}, {}
+        sites: dict = {}  # binding sites per scope, for the walks over the same code
         for _ in range(16):
             dynamic = set(self.baked.dynamic)
-            w = Walker(self.baked, self.family, self.attr_facts, self._never_set, collect=True)
+            w = Walker(self.baked, self.family, self.attr_facts, self._never_set, collect=True,
+                       param_facts=self.param_facts)
+            w.site_cache = sites
             for s in self.stmts:
                 w.visit(s)
             self.opaque, self.stores, self.methods_by_name = w.opaque, w.stores, w.methods_by_name
@@ -610,10 +655,10 @@ class Specialiser:
                 return
             for st in self.stores:
                 self._dynamic(st)
-            facts = self._attr_facts()
-            if facts == self.attr_facts and dynamic == self.baked.dynamic:
+            facts, params = self._attr_facts(), self._param_facts(w.calls, w.escaped)
+            if facts == self.attr_facts and params == self.param_facts and dynamic == self.baked.dynamic:
                 return
-            self.attr_facts = facts
+            self.attr_facts, self.param_facts = facts, params
         self.opaque = ["the attribute facts do not settle"]
 
     def _dynamic(self, st: Store) -> None:
@@ -647,6 +692,39 @@ class Specialiser:
                     out[(k, attr)] = kinds[0]
         return out
 
+    def _param_facts(self, calls: list[Call], escaped: set[str]) -> dict[tuple[str, str], Kind]:
+        """A parameter of a module-level function is what every call of it passes (a config section,
+        a literal), when the function is only ever called by its name (never passed on, stored or
+        decorated by anything but a wrapper that passes the arguments through)."""
+        by_callee: dict[str, list[Call]] = {}
+        for c in calls:
+            by_callee.setdefault(c.callee, []).append(c)
+        out = {}
+        for s in self.stmts:
+            if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef)) or s.name in escaped \
+                    or s.name not in by_callee or not all(_passes_through(d) for d in s.decorator_list):
+                continue
+            a = s.args
+            positional = a.posonlyargs + a.args
+            defaults = dict(zip([p.arg for p in positional][len(positional) - len(a.defaults):], a.defaults))
+            defaults.update({p.arg: d for p, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None})
+            for i, p in enumerate(positional + a.kwonlyargs):
+                kinds = []
+                for c in by_callee[s.name]:
+                    if c.starred:
+                        kinds.append(None)
+                    elif i < len(positional) and i < len(c.args):
+                        kinds.append(c.args[i])
+                    elif p.arg in c.keywords:
+                        kinds.append(c.keywords[p.arg])
+                    elif p.arg in defaults and F.value_of(defaults[p.arg]) is not F.NO:
+                        kinds.append(const(F.value_of(defaults[p.arg])))
+                    else:
+                        kinds.append(None)
+                if kinds and kinds[0] is not None and all(k == kinds[0] for k in kinds):
+                    out[(s.name, p.arg)] = kinds[0]
+        return out
+
     def _own_attr(self, group: set[str], attr: str) -> bool:
         """An attribute only stores in the script set (`self.a = ...`, setattr, register_buffer): no
         class member, nothing an outside base defines or sets on its instances."""
@@ -673,6 +751,55 @@ class Specialiser:
                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     changed |= F.drop_dead_locals(n)
         return changed
+
+
+PASS_THROUGH = ("ext:torch.no_grad", "ext:torch.inference_mode", "ext:contextlib.contextmanager",
+                "ext:functools.lru_cache", "ext:functools.cache")
+
+
+def _passes_through(decorator: ast.expr) -> bool:
+    """A decorator whose wrapper calls the function with the arguments it was given."""
+    node = decorator.func if isinstance(decorator, ast.Call) else decorator
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.insert(0, node.attr)
+        node = node.value
+    return isinstance(node, ast.Name) and ".".join([node.id] + parts) in PASS_THROUGH
+
+
+def _literal_functions(stmts: list[ast.stmt]) -> dict[str, tuple[ast.FunctionDef, Any]]:
+    """Module-level functions, bound once and undecorated, whose body is `return <literal>`."""
+    count: dict[str, int] = {}
+    for s in stmts:
+        for name in Binder.of([s]).names:
+            count[name] = count.get(name, 0) + 1
+    declared = {n for s in stmts for x in ast.walk(s) if isinstance(x, ast.Global) for n in x.names}
+    out = {}
+    for s in stmts:
+        if not isinstance(s, ast.FunctionDef) or s.decorator_list or count.get(s.name) != 1 or s.name in declared:
+            continue
+        body = s.body[1:] if s.body and isinstance(s.body[0], ast.Expr) and F._docstring(s.body[0].value) else s.body
+        if len(body) == 1 and isinstance(body[0], ast.Return) and body[0].value is not None:
+            v = F.value_of(body[0].value)
+            if v is not F.NO:
+                out[s.name] = (s, v)
+    return out
+
+
+def _fits(args: ast.arguments, call: ast.Call) -> bool:
+    """Whether a call's arguments bind to these parameters without a TypeError."""
+    positional = [a.arg for a in args.posonlyargs + args.args]
+    if any(isinstance(a, ast.Starred) for a in call.args) or (len(call.args) > len(positional) and not args.vararg):
+        return False
+    given = set(positional[:len(call.args)])
+    names = positional[len(args.posonlyargs):] + [a.arg for a in args.kwonlyargs]
+    for k in call.keywords:
+        if k.arg in given or (k.arg not in names and not args.kwarg):
+            return False
+        given.add(k.arg)
+    required = positional[:len(positional) - len(args.defaults)] + \
+        [a.arg for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is None]
+    return all(r in given for r in required)
 
 
 def _module_constants(stmts: list[ast.stmt]) -> dict[str, Any]:
