@@ -201,8 +201,20 @@ class Walker(ast.NodeTransformer):
             if base[0] == "inst":
                 return self.attr_facts.get((base[1], node.attr))
             return None
+        if self._getattr_field(node):  # getattr(cfg.quant, "attn_bits")
+            return self.kind(ast.Attribute(value=node.args[0], attr=node.args[1].value, ctx=ast.Load()))
         v = F.value_of(node)
         return const(v) if v is not F.NO else None
+
+    def _getattr_field(self, node: ast.expr) -> bool:
+        """`getattr(<config or section>, "<a field>")`."""
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+                and not self.bound("getattr") and len(node.args) == 2 and not node.keywords
+                and isinstance(F.value_of(node.args[1]), str)):
+            return False
+        base = self.kind(node.args[0])
+        return base is not None and base[0] in ("config", "section") \
+            and node.args[1].value in self.baked.values["" if base[0] == "config" else base[1]]
 
     # ---- scopes
     def _method_class(self, node) -> str | None:
@@ -314,7 +326,7 @@ class Walker(ast.NodeTransformer):
 
     # ---- reads
     def _literal(self, node: ast.expr, sequences: bool = False) -> ast.expr | None:
-        if self.collect or not isinstance(node, (ast.Name, ast.Attribute)):
+        if self.collect or not (isinstance(node, (ast.Name, ast.Attribute)) or self._getattr_field(node)):
             return None  # (a literal is one already)
         k = self.kind(node)
         if k is None or k[0] != "const":
@@ -468,7 +480,21 @@ class Walker(ast.NodeTransformer):
             node.args = [self._sequence(node.args[0])]
         else:
             self.generic_visit(node)
-        return self._pure_builtin(node) or self._constant_call(node, name) or node
+        return self._literal(node) or self._isinstance(node, name) or self._pure_builtin(node) \
+            or self._constant_call(node, name) or node
+
+    def _isinstance(self, node: ast.Call, name: str | None) -> ast.expr | None:
+        """`isinstance(cfg, Config)`: the Config and its sections are the only instances of their
+        classes, so a value known to be one of them is an instance of its own class alone."""
+        if self.collect or name != "isinstance" or len(node.args) != 2 or node.keywords:
+            return None
+        k = self.kind(node.args[0])
+        classes = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+        if k is None or k[0] not in ("config", "section") or \
+                not all(isinstance(c, ast.Name) and c.id in self.baked.classes for c in classes):
+            return None
+        self.changed = True
+        return ast.copy_location(ast.Constant(any(self.baked.classes[c.id] == k for c in classes)), node)
 
     def _constant_call(self, node: ast.Call, name: str | None) -> ast.expr | None:
         """A call of a module-level function whose whole body is `return <literal>`, with arguments
