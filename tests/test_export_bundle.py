@@ -17,7 +17,6 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from pgolf.config import Config
 from pgolf.errors import PgolfError
 from pgolf.export import bundle, closure, codebytes
 from pgolf.export.submission import third_party_imports

@@ -88,14 +88,14 @@ def placeholders(src: str) -> list[ast.stmt]:
     """A module in the bundle's placeholder form: its own top-level names as `m:Name`, the config
     classes as `pgolf.config:Name`, torch as `ext:torch`."""
     tree = ast.parse(textwrap.dedent(src))
-    own = {getattr(s, "name", None) for s in tree.body} | {t.id for s in tree.body if isinstance(s, ast.Assign)
-                                                           for t in s.targets if isinstance(t, ast.Name)}
+    own = {s.name for s in tree.body if hasattr(s, "name")} | {
+        t.id for s in tree.body if isinstance(s, ast.Assign) for t in s.targets if isinstance(t, ast.Name)}
     for n in ast.walk(tree):
         if isinstance(n, ast.Name):
             n.id = (f"pgolf.config:{n.id}" if n.id in SECTIONS else f"m:{n.id}" if n.id in own
                     else EXTERN.get(n.id, n.id))
     for s in tree.body:
-        if getattr(s, "name", None) in own:
+        if hasattr(s, "name"):
             s.name = f"m:{s.name}"
     return tree.body
 
@@ -173,6 +173,55 @@ def steps(cfg: Config):
     t, q = (cfg.train, cfg.quant)
     return (t.iterations, 0.85, 'pergroup', 11, 2048)
 ''')  # ITERATIONS is an environment override: it stays a read
+
+
+def test_parameters_take_what_every_call_passes():
+    """`build(cfg)` is only ever called with the Config (and no device): its parameters are those,
+    and it returns a literal then, as `label` does, so their calls are that literal; `escaped` is also
+    put in a table, so nothing is known of its calls."""
+    out, why = special('''
+def build(cfg, device=None):
+    mcfg = cfg.model if isinstance(cfg, Config) else cfg
+    return mcfg.num_layers, device or "cpu", getattr(cfg.quant, "lqer_rank")
+
+
+def label(cfg: Config):
+    return "lora"
+
+
+def main(cfg: Config):
+    a = build(cfg)
+    b = build(cfg, None)
+    if label(cfg) == "lora":
+        return a, b
+
+
+def escaped(cfg, n):
+    return cfg.train.warmdown_frac, n
+
+
+TABLE = {"x": escaped}
+''')
+    assert why == []
+    assert out == code('''
+def build(cfg, device=None):
+    return (11, 'cpu', 4)
+
+
+def label(cfg: Config):
+    return 'lora'
+
+
+def main(cfg: Config):
+    return ((11, 'cpu', 4), (11, 'cpu', 4))
+
+
+def escaped(cfg, n):
+    return (cfg.train.warmdown_frac, n)
+
+
+TABLE = {'x': escaped}
+''')
 
 
 def test_a_field_switched_at_run_time_stays_a_read():

@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
 
 import pgolf
 from pgolf.config import Config
@@ -183,15 +182,15 @@ def _prune_methods(kept: list[Stmt], strings: bool = True) -> bool:
 
     for ph in classes:
         protect[ph] = outside(ph)
-    pending: list[tuple[str, ast.FunctionDef]] = []
+    pending: list[ast.FunctionDef | ast.AsyncFunctionDef] = []
     used: set[str] = set()
     for s in kept:
         if isinstance(s.node, ast.ClassDef):
-            ph = s.node.name
+            guarded = protect.get(s.node.name)
             for m in s.node.body:
                 if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and not m.name.startswith("__") \
-                        and protect.get(ph) is not None and m.name not in protect[ph]:
-                    pending.append((ph, m))
+                        and guarded is not None and m.name not in guarded:
+                    pending.append(m)
                 else:
                     used |= _names_used(m, strings)
             for part in s.node.bases + s.node.keywords + s.node.decorator_list:
@@ -200,12 +199,12 @@ def _prune_methods(kept: list[Stmt], strings: bool = True) -> bool:
             used |= _names_used(s.node, strings)
     grew = True
     while grew:
-        live = [(ph, m) for ph, m in pending if m.name in used]
+        live = [m for m in pending if m.name in used]
         grew = bool(live)
-        for ph, m in live:
+        for m in live:
             used |= _names_used(m, strings)
-        pending = [(ph, m) for ph, m in pending if (ph, m) not in live]
-    dead = {id(m) for _, m in pending}
+        pending = [m for m in pending if m not in live]
+    dead = {id(m) for m in pending}
     dropped = False
     for s in kept:
         if isinstance(s.node, ast.ClassDef) and any(id(m) in dead for m in s.node.body):
@@ -354,10 +353,11 @@ def config_source(cfg: Config, names: dict[str, str]) -> str:
     lines = [f"CONFIG = {names.get('Config', 'Config')}(preset={cfg.preset!r},"]
     for f in dataclasses.fields(Config):
         section = getattr(cfg, f.name)
-        if not dataclasses.is_dataclass(section):
+        if not dataclasses.is_dataclass(section) or isinstance(section, type):
             continue
+        default = dataclasses.asdict(getattr(defaults, f.name))
         diff = [f"{k}={v!r}" for k, v in dataclasses.asdict(section).items()
-                if getattr(getattr(defaults, f.name), k) != v or type(getattr(getattr(defaults, f.name), k)) is not type(v)]
+                if default[k] != v or type(default[k]) is not type(v)]
         if not diff:
             continue
         cls = type(section).__name__
@@ -452,15 +452,24 @@ def _kept(stmts: list[Stmt], root: str, strings: bool = True) -> list[Stmt]:
     return kept
 
 
-def _flatten(cfg: Config, specialised: bool) -> Body:
-    from pgolf.export.record import ENV
+def _env_fields(closure: Closure) -> set[tuple[str, str]]:
+    """The (section, field)s the entry's `ENV` table lets the environment set, read from its source
+    (the bundle never imports the entry: it imports the bundle); none when it has no table."""
+    for stmt in closure.mods[ENTRY].tree.body:
+        if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "ENV" for t in stmt.targets):
+            return {tuple(v) for v in ast.literal_eval(stmt.value).values()}
+    return set()  # an entry without the table lets the environment change nothing
 
+
+def _flatten(cfg: Config, specialised: bool) -> Body:
     closure = Closure(registries(cfg))
-    stmts, docs = [], {}
+    env = _env_fields(closure)  # read before the rewrite renames the entry's names
+    stmts: list[Stmt] = []
+    docs: dict[str, list[str]] = {}
     shadows: dict[str, set[str]] = {}
     for name in sorted(closure.mods):
-        s, doc, sh = _rewrite(closure, closure.mods[name])
-        stmts += s
+        found, doc, sh = _rewrite(closure, closure.mods[name])
+        stmts += found
         docs[name] = doc
         for ph, hidden in sh.items():
             shadows.setdefault(ph, set()).update(hidden)
@@ -468,18 +477,20 @@ def _flatten(cfg: Config, specialised: bool) -> Body:
     kept = _kept(stmts, root)  # what the script can run at all: the specialisation reasons over it
     blocked = ["not asked for"]
     if specialised:
-        env, external = set(ENV.values()), lambda b: external_attrs(b, instance=True)
+        def external(b):
+            return external_attrs(b, instance=True)
+
         blocked = specialise([s.node for s in kept], cfg, env, external)
         for s in kept:
             s.binds, s.refs, s.eager = _binds(s.node), _refs(s.node), _refs(s.node, eager_only=True)
         # Methods are called by the attribute names in the code that can run, and by strings wherever a
         # getattr with a computed name may reach an object of the script: try without the strings, and
         # keep that when what is left has no such getattr (then no string names a method it can call).
-        saved = [(s, list(s.node.body), s.refs, s.eager) for s in kept if isinstance(s.node, ast.ClassDef)]
+        saved = [(s, s.node, list(s.node.body), s.refs, s.eager) for s in kept if isinstance(s.node, ast.ClassDef)]
         trial = _kept(kept, root, strings=False)  # (pruning only takes methods out of class bodies)
         if methods_by_name([s.node for s in trial], cfg, env, external):
-            for s, body, refs, eager in saved:
-                s.node.body, s.refs, s.eager = body, refs, eager
+            for st, cls, class_body, refs, eager in saved:
+                cls.body, st.refs, st.eager = class_body, refs, eager
             trial = _kept(kept, root)
         kept = trial
     used = set().union(*(s.refs for s in kept)) if kept else set()
@@ -498,9 +509,9 @@ def _flatten(cfg: Config, specialised: bool) -> Body:
     parts = ["from __future__ import annotations", "\n".join(sorted(imports))]
     order = _order(kept, ENTRY)
     for module in order:
-        body = [ast.unparse(ast.fix_missing_locations(renamer.visit(s.node))) for s in kept if s.module == module]
+        code = [ast.unparse(ast.fix_missing_locations(renamer.visit(s.node))) for s in kept if s.module == module]
         path = closure.mods[module].path.relative_to(C.PACKAGE_DIR.parent)
-        parts.append(_banner(str(path), docs[module]) + "\n" + "\n\n".join(body))
+        parts.append(_banner(str(path), docs[module]) + "\n" + "\n\n".join(code))
     files = sorted(str(closure.mods[m].path.relative_to(C.PACKAGE_DIR.parent)) for m in order)
     config_names = {k.rpartition(":")[2]: v for k, v in names.items() if k.startswith("pgolf.config:")}
     return Body("\n\n\n".join(parts), files, names[root], config_names, blocked)

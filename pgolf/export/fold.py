@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import ast
 import operator
-from typing import Any
+from typing import Any, Callable
 
-NO = object()  # "not a constant"
-_UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_, ast.Invert: operator.invert}
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
-           ast.BitAnd: operator.and_, ast.BitOr: operator.or_, ast.BitXor: operator.xor,
-           ast.LShift: operator.lshift, ast.RShift: operator.rshift}
-_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
-            ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b,
-            ast.NotIn: lambda a, b: a not in b}
+NO: Any = object()  # "not a constant"
+Op = Callable[..., Any]
+_UNARY: dict[type, Op] = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_,
+                          ast.Invert: operator.invert}
+_BINARY: dict[type, Op] = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+                           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+                           ast.Pow: operator.pow, ast.BitAnd: operator.and_, ast.BitOr: operator.or_,
+                           ast.BitXor: operator.xor, ast.LShift: operator.lshift, ast.RShift: operator.rshift}
+_COMPARE: dict[type, Op] = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+                            ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b,
+                            ast.NotIn: lambda a, b: a not in b}
 SCALARS = (bool, int, float, str, type(None))
 _BLOCK_ENDS = (ast.Return, ast.Raise, ast.Break, ast.Continue)
 
@@ -53,10 +55,10 @@ def value_of(node: ast.AST) -> Any:
     return NO
 
 
-def _small(v: Any) -> bool:
+def small(v: Any) -> bool:
     """A value worth writing back as a literal (not a 10,000-digit power or a long string)."""
     if isinstance(v, tuple):
-        return len(v) <= 16 and all(_small(x) for x in v)
+        return len(v) <= 16 and all(small(x) for x in v)
     if isinstance(v, bool) or v is None:
         return True
     if isinstance(v, int):
@@ -91,7 +93,7 @@ class _Fold(ast.NodeTransformer):
     def __init__(self) -> None:
         self.changed = False
 
-    def _new(self, node: ast.AST, like: ast.AST) -> ast.AST:
+    def _new(self, node: ast.expr, like: ast.AST) -> ast.expr:
         self.changed = True
         return ast.copy_location(node, like)
 
@@ -105,7 +107,7 @@ class _Fold(ast.NodeTransformer):
             out = _UNARY[type(node.op)](v)
         except Exception:  # noqa: BLE001 - a fold that would raise is left to run time
             return node
-        return self._new(literal(out), node) if _small(out) else node
+        return self._new(literal(out), node) if small(out) else node
 
     def visit_BinOp(self, node: ast.BinOp) -> ast.AST:
         self.generic_visit(node)
@@ -120,11 +122,11 @@ class _Fold(ast.NodeTransformer):
             out = _BINARY[type(node.op)](a, b)
         except Exception:  # noqa: BLE001
             return node
-        return self._new(literal(out), node) if _small(out) else node
+        return self._new(literal(out), node) if small(out) else node
 
     def visit_Compare(self, node: ast.Compare) -> ast.AST:
         self.generic_visit(node)
-        vals = [value_of(node.left)] + [_container(c) for c in node.comparators]
+        vals = [value_of(node.left)] + [container(c) for c in node.comparators]
         for op, a, b in zip(node.ops, vals, vals[1:]):  # left to right, as Python: a False link ends it
             if a is NO or b is NO:
                 return node
@@ -170,26 +172,25 @@ class _Fold(ast.NodeTransformer):
     def visit_JoinedStr(self, node: ast.JoinedStr) -> ast.AST:
         """f-string parts whose value is a literal become text: f"{'lora'}_{n}" -> f"lora_{n}"."""
         self.generic_visit(node)
-        parts: list[ast.expr] = []
+        parts: list[ast.expr | str] = []  # (a str: literal text)
         for part in node.values:
             text = _formatted(part)
-            if text is not None and parts and isinstance(parts[-1], ast.Constant):
-                parts[-1] = ast.Constant(parts[-1].value + text)
-            elif text is not None:
-                parts.append(ast.Constant(text))
+            if text is not None and parts and isinstance(parts[-1], str):
+                parts[-1] += text
             else:
-                parts.append(part)
-        if [ast.dump(p) for p in parts] == [ast.dump(p) for p in node.values]:
+                parts.append(text if text is not None else part)
+        values = [ast.Constant(p) if isinstance(p, str) else p for p in parts]
+        if [ast.dump(p) for p in values] == [ast.dump(p) for p in node.values]:
             return node
         self.changed = True
-        if all(isinstance(p, ast.Constant) for p in parts):
-            return ast.copy_location(ast.Constant("".join(p.value for p in parts)), node)
-        node.values = parts
+        if all(isinstance(p, str) for p in parts):
+            return ast.copy_location(ast.Constant("".join(p for p in parts if isinstance(p, str))), node)
+        node.values = values
         return node
 
-    def truth(self, node: ast.expr) -> ast.expr:
+    def truth(self, test: ast.expr) -> ast.expr:
         """Fold a test, where only its truth value counts (`x and False` -> False for a pure x)."""
-        node = self.visit(node)
+        node = self.visit(test)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
             node.operand = self.truth(node.operand)
             v = value_of(node.operand)
@@ -209,7 +210,7 @@ class _Fold(ast.NodeTransformer):
         return node
 
 
-_CONVERSIONS = {-1: lambda v: v, ord("s"): str, ord("r"): repr, ord("a"): ascii}
+_CONVERSIONS: dict[int, Callable[[Any], Any]] = {-1: lambda v: v, ord("s"): str, ord("r"): repr, ord("a"): ascii}
 
 
 def _formatted(part: ast.expr) -> str | None:
@@ -229,12 +230,12 @@ def _formatted(part: ast.expr) -> str | None:
 
 
 def _formatted_spec(spec: ast.expr) -> str | None:
-    if isinstance(spec, ast.JoinedStr) and all(isinstance(p, ast.Constant) for p in spec.values):
-        return "".join(p.value for p in spec.values)
-    return None
+    texts = [p.value for p in spec.values if isinstance(p, ast.Constant) and isinstance(p.value, str)] \
+        if isinstance(spec, ast.JoinedStr) else []
+    return "".join(texts) if isinstance(spec, ast.JoinedStr) and len(texts) == len(spec.values) else None
 
 
-def _container(node: ast.expr) -> Any:
+def container(node: ast.expr) -> Any:
     """The value of a comparator: a literal, or a list / set of literals (`x in [...]`)."""
     if isinstance(node, (ast.List, ast.Set)):
         vals = [value_of(e) for e in node.elts]
@@ -267,7 +268,7 @@ class _Statements:
                 return self.block(node.body if v else node.orelse)
         elif isinstance(node, (ast.For, ast.AsyncFor)):
             node.iter = self.expr.visit(node.iter)
-            v = _container(node.iter)
+            v = container(node.iter)
             if v is not NO and not v:
                 self.expr.changed = True
                 return self.block(node.orelse)
@@ -277,7 +278,7 @@ class _Statements:
             if v is not NO and v:
                 self.expr.changed = True
                 return []
-        elif isinstance(node, ast.Expr) and value_of(node.value) is not NO and not _docstring(node.value):
+        elif isinstance(node, ast.Expr) and value_of(node.value) is not NO and not docstring(node.value):
             self.expr.changed = True
             return []
         self._fields(node)
@@ -303,7 +304,7 @@ class _Statements:
             self._fields(node)
 
 
-def _docstring(node: ast.expr) -> bool:
+def docstring(node: ast.expr) -> bool:
     return isinstance(node, ast.Constant) and isinstance(node.value, str)
 
 
