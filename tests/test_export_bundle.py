@@ -17,7 +17,6 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from pgolf.config import Config
 from pgolf.errors import PgolfError
 from pgolf.export import bundle, closure, codebytes
 from pgolf.export.submission import third_party_imports
@@ -87,6 +86,7 @@ def test_flattening_resolves_names_like_python(tmp_path, monkeypatch):
         (pkg / name).write_text(text)
     monkeypatch.setattr(closure, "PACKAGE_DIR", pkg)
     monkeypatch.setattr(bundle, "registries", lambda cfg: {})
+    monkeypatch.setattr(bundle, "config_source", lambda cfg, names: f"CONFIG = {{'preset': {cfg.preset!r}}}")
     script = bundle.build(get_preset("cpu-smoke"))
     text = script.text
     assert script.files == ["pgolf/a.py", "pgolf/b.py", "pgolf/export/record.py"]
@@ -122,16 +122,14 @@ def test_script_holds_only_what_the_configuration_reaches(preset, monkeypatch):
     assert {"torch", "numpy", "sentencepiece", "brotli"} <= {n for n, how in imports.items() if how == "module"}
     assert imports["python_minifier"] == "function"  # the script counts its own code bytes
     assert imports["zpaq"] == "guarded" and ("def _zpaq_c" in text) == (preset == "pr1855")
-    # CONFIG reads back to the configuration (run-specific fields at their fixed defaults)
-    literal = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "CONFIG")
-    assert Config.from_dict(ast.literal_eval(literal.value)).to_dict() == bundle.canonical(cfg).to_dict()
-    # the minified, wrapped form that code_bytes counts is a program that defines the same entry
+    # the minified, wrapped form that code_bytes counts is a program that defines the same entry, and
+    # its CONFIG is the configuration (run-specific fields at their fixed defaults)
     stub = codebytes.wrap(codebytes.minify(text))
     mod = types.ModuleType(f"exported_{preset.replace('-', '_')}")  # a module of its own, not __main__
     monkeypatch.setitem(sys.modules, mod.__name__, mod)
     exec(compile(codebytes.unwrap(stub), "<stub>", "exec"), mod.__dict__)
-    assert callable(mod.main) and mod.CONFIG["preset"] == preset
-    assert mod.Config.from_dict(mod.CONFIG).to_dict() == bundle.canonical(cfg).to_dict()
+    assert callable(mod.main) and mod.CONFIG.preset == preset
+    assert mod.CONFIG.to_dict() == bundle.canonical(cfg).to_dict()
 
 
 def test_every_seed_exports_the_same_script():

@@ -138,3 +138,36 @@ def test_bad_input_is_one_line_and_never_a_finished_run(sp1024_data, tmp_path, c
     rc = record.cli(["--preset", "cpu-smoke", "--data", str(sp1024_data), "--out", str(out),
                      "--set", "ttt.method=magic"])
     assert rc == 2 and "ttt.method" in capsys.readouterr().err
+
+
+# pr1855 as it is (36M parameters, GPTQ + LQER, pergroup / zpaq, phased LoRA TTT), run briefly: one step
+# of 256 tokens, one calibration sequence, the fast zpaq level, 512 validation tokens, TTT on 256-token
+# chunks of 4 documents with 2 prefix documents
+TINY_1855 = ["train.iterations=1", "train.train_seq_len=256", "train.eval_seq_len=256", "train.train_batch_tokens=256",
+             "train.micro_batch_tokens=256", "train.val_batch_tokens=512", "train.warmup_steps=0",
+             "data.val_max_tokens=512", "eval.batch_seqs=2", "quant.calibration_batches=1", "quant.calibration_seqs=1",
+             "quant.calibration_seq_len=256", "quant.level=1", "ttt.eval_seq_len=256", "ttt.chunk_size=256",
+             "ttt.batch_size=4", "ttt.prefix_docs=2", "ttt.global_batch_seqs=2", "ttt.global_chunk_tokens=256"]
+
+
+@pytest.mark.slow
+def test_pr1855_record_run_exports_and_quantize_counts_the_same_code_bytes(sp8192_data, tmp_path, cli):
+    """Issue 11: a pr1855 run (trained briefly) exports, its script's wrapped size is reported, and
+    `pgolf quantize` on that run reports the same code_bytes."""
+    from pgolf.export.codebytes import measure
+
+    out = tmp_path / "run"
+    rc = record.cli(["--preset", "pr1855", "--data", str(sp8192_data), "--max-seconds", "0", "--out", str(out),
+                     *sets(TINY_1855)])
+    assert rc == 0
+    res = json.loads((out / "result.json").read_text())
+    assert res["status"] == "finished" and res["quant_method"] == "gptq" and res["ttt_method"] == "lora+3phase"
+    assert res["lqer_tensors"] and res["compressor"] == "pergroup"
+    rc, ex, err = cli("export", out, "--out", tmp_path / "records" / "pr1855_tiny", "--name", "tiny", "--author", "A")
+    assert rc == 0, err
+    counted = measure((tmp_path / "records" / "pr1855_tiny" / "train_gpt.py").read_text())
+    assert ex["code_bytes"] == counted["code_bytes"] == res["code_bytes"] > 0
+    assert ex["code_bytes_raw"] == counted["code_bytes_raw"] > counted["code_bytes"]
+    rc, quant, err = cli("quantize", out, "--no-eval")
+    assert rc == 0, err
+    assert quant["code_bytes"] == res["code_bytes"] and quant["code_bytes_raw"] == res["code_bytes_raw"]

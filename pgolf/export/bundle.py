@@ -23,18 +23,18 @@ from __future__ import annotations
 import ast
 import builtins
 import copy
+import dataclasses
 import hashlib
 import json
-import pprint
 from dataclasses import dataclass
-from typing import Any
 
 import pgolf
 from pgolf.config import Config
 from pgolf.errors import PgolfError
 from pgolf.export import closure as C
 from pgolf.export.closure import ENTRY, ENTRY_FUNCTION, Closure, Module, extern_object
-from pgolf.export.scopes import Binder, Rewriter, import_aliases, is_placeholder, placeholder
+from pgolf.export.specialise import methods_by_name, specialise
+from pgolf.export.scopes import Binder, Rewriter, external_attrs, import_aliases, is_placeholder, placeholder
 
 RESERVED = {"CONFIG"}  # the names the script itself adds
 
@@ -142,66 +142,74 @@ def _reachable(stmts: list[Stmt], roots: set[str]) -> list[Stmt]:
     return [s for i, s in enumerate(stmts) if i in kept]
 
 
-def _external_attrs(base: ast.expr) -> set[str] | None:
-    """Attribute names of a base class from outside the script (torch.nn.Module, Exception, ...),
-    which the framework may call on a subclass; None when the base cannot be looked up."""
-    import importlib
-
-    parts: list[str] = []
-    node = base
-    while isinstance(node, ast.Attribute):
-        parts.insert(0, node.attr)
-        node = node.value
-    if not isinstance(node, ast.Name):
-        return None
-    if node.id.startswith("ext:"):
-        parts = node.id[4:].split(".") + parts
-        for i in range(len(parts), 0, -1):
-            try:
-                obj: Any = importlib.import_module(".".join(parts[:i]))
-            except ImportError:
-                continue
-            for attr in parts[i:]:
-                obj = getattr(obj, attr, None)
-            return set(dir(obj)) if obj is not None else None
-        return None
-    obj = getattr(builtins, node.id, None)
-    return set(dir(obj)) if isinstance(obj, type) else None
+_NAMED_ACCESS = ("getattr", "hasattr", "setattr", "delattr")
 
 
-def _prune_methods(kept: list[Stmt]) -> bool:
-    """Drop the methods of kept classes that nothing in the script can call: no attribute and no
-    string of that name anywhere, not a dunder, not a name the class's outside bases define (the
-    framework may call those: `forward`, `step`, ...). Returns whether anything was dropped."""
+def _names_used(node: ast.AST, strings: bool) -> set[str]:
+    """Attribute names `node` may use: its attribute reads (not of third-party modules: torch.load is
+    never a method here) and strings (with `strings` False, only the constant names of getattr & co)."""
+    out: set[str] = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Attribute) and not (isinstance(n.value, ast.Name) and n.value.id.startswith("ext:")):
+            out.add(n.attr)
+        elif strings and isinstance(n, ast.Constant) and isinstance(n.value, str):
+            out.add(n.value)
+        elif not strings and isinstance(n, ast.Call) and isinstance(n.func, ast.Name) \
+                and n.func.id in _NAMED_ACCESS and len(n.args) > 1 and isinstance(n.args[1], ast.Constant):
+            out.add(str(n.args[1].value))
+    return out
+
+
+def _prune_methods(kept: list[Stmt], strings: bool = True) -> bool:
+    """Drop the methods of kept classes that nothing in the script can call: no attribute (and, with
+    `strings`, no string) of that name in the code that can run, not a dunder, not a name the class's
+    outside bases define (the framework may call those: `forward`, `step`, ...). The code that can run
+    is everything but the methods, and the methods found callable so far (a least fixed point: a
+    method only another uncallable method calls goes too). Returns whether anything was dropped."""
+    classes = {ph: s.node for s in kept if isinstance(s.node, ast.ClassDef) for ph in s.binds}
+    protect: dict[str, set[str] | None] = {}  # None: a base whose attributes cannot be listed
+
+    def outside(ph: str, seen: frozenset = frozenset()) -> set[str] | None:
+        """What the outside bases of `ph` and of its script bases define."""
+        attrs: set[str] | None = set()
+        for b in classes[ph].bases:
+            if isinstance(b, ast.Name) and b.id in classes:
+                found = outside(b.id, seen | {ph}) if b.id not in seen else set()
+            else:
+                found = external_attrs(b)
+            attrs = None if found is None or attrs is None else attrs | found
+        return attrs
+
+    for ph in classes:
+        protect[ph] = outside(ph)
+    pending: list[ast.FunctionDef | ast.AsyncFunctionDef] = []
     used: set[str] = set()
     for s in kept:
-        for n in ast.walk(s.node):
-            if isinstance(n, ast.Attribute) and not (isinstance(n.value, ast.Name) and n.value.id.startswith("ext:")):
-                used.add(n.attr)  # (an attribute of a third-party module, torch.load, is never a method here)
-            elif isinstance(n, ast.Constant) and isinstance(n.value, str):
-                used.add(n.value)
+        if isinstance(s.node, ast.ClassDef):
+            guarded = protect.get(s.node.name)
+            for m in s.node.body:
+                if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and not m.name.startswith("__") \
+                        and guarded is not None and m.name not in guarded:
+                    pending.append(m)
+                else:
+                    used |= _names_used(m, strings)
+            for part in s.node.bases + s.node.keywords + s.node.decorator_list:
+                used |= _names_used(part, strings)
+        else:
+            used |= _names_used(s.node, strings)
+    grew = True
+    while grew:
+        live = [m for m in pending if m.name in used]
+        grew = bool(live)
+        for m in live:
+            used |= _names_used(m, strings)
+        pending = [m for m in pending if m not in live]
+    dead = {id(m) for m in pending}
     dropped = False
     for s in kept:
-        if not isinstance(s.node, ast.ClassDef):
-            continue
-        protect: set[str] = set()
-        opaque = False  # a base whose attributes cannot be listed: keep every method
-        for b in s.node.bases:
-            if isinstance(b, ast.Name) and b.id in {ph for k in kept for ph in k.binds}:
-                continue  # a class of the script: its methods are judged by the same rule
-            attrs = _external_attrs(b)
-            if attrs is None:
-                opaque = True
-                break
-            protect |= attrs
-        if opaque:
-            continue
-        body = [m for m in s.node.body
-                if not (isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and not m.name.startswith("__")
-                        and m.name not in used and m.name not in protect)]
-        if len(body) < len(s.node.body):
-            s.node.body, dropped = body, True
-            s.refs, s.eager = _refs(s.node), _refs(s.node, eager_only=True)
+        if isinstance(s.node, ast.ClassDef) and any(id(m) in dead for m in s.node.body):
+            s.node.body = [m for m in s.node.body if id(m) not in dead] or [ast.Pass()]
+            s.refs, s.eager, dropped = _refs(s.node), _refs(s.node, eager_only=True), True
     return dropped
 
 
@@ -330,17 +338,39 @@ def canonical(cfg: Config) -> Config:
     return c
 
 
-def baked_config(cfg: Config) -> dict:
-    """What the script bakes in: `cfg.to_dict()` without the fields at their dataclass defaults
-    (`Config.from_dict` fills those back in, so it reads back to `cfg`)."""
-    defaults = Config().to_dict()
-    out: dict = {"preset": cfg.preset}
-    for section, values in cfg.to_dict().items():
-        if isinstance(values, dict):
-            diff = {k: v for k, v in values.items() if defaults[section][k] != v}
-            if diff:
-                out[section] = diff
-    return out
+def baked_config(cfg: Config) -> Config:
+    """The configuration a script of `cfg` runs: `canonical(cfg)` read back through `Config.from_dict`
+    (which checks every field's type and domain and turns ints into floats where a field is a float),
+    as the script would read it."""
+    c = canonical(cfg)
+    return Config.from_dict(c.to_dict(), where=f"the configuration of {c.preset}")
+
+
+def config_source(cfg: Config, names: dict[str, str]) -> str:
+    """`CONFIG = Config(...)`: the baked configuration built from the dataclasses (`names`: their
+    names in the script), only the fields that differ from their defaults, a section a line."""
+    defaults = Config()
+    lines = [f"CONFIG = {names.get('Config', 'Config')}(preset={cfg.preset!r},"]
+    for f in dataclasses.fields(Config):
+        section = getattr(cfg, f.name)
+        if not dataclasses.is_dataclass(section) or isinstance(section, type):
+            continue
+        default = dataclasses.asdict(getattr(defaults, f.name))
+        diff = [f"{k}={v!r}" for k, v in dataclasses.asdict(section).items()
+                if default[k] != v or type(default[k]) is not type(v)]
+        if not diff:
+            continue
+        cls = type(section).__name__
+        row, rows = f"    {f.name}={names.get(cls, cls)}(", []
+        for item in diff:
+            if len(row) + len(item) + 2 > 110:
+                rows.append(row.rstrip())
+                row = " " * 8
+            row += item + ", "
+        rows.append(row.rstrip(", ") + "),")
+        lines += rows
+    lines.append(")")
+    return "\n".join(lines)
 
 
 def _header(cfg: Config) -> str:
@@ -367,6 +397,7 @@ TOKENIZER_PATH, SEED, RUN_ID (the output folder runs/RUN_ID), ITERATIONS, MAX_WA
 class Script:
     text: str  # the readable train_gpt.py
     files: list[str]  # the pgolf files it holds code of
+    unspecialised: list[str]  # why the code could not be specialised to the configuration ([]: it was)
 
 
 def _sources_key() -> str:
@@ -386,42 +417,82 @@ class Body:
     code: str  # the imports and the flattened modules
     files: list[str]
     entry: str  # the global name of record.main
+    config_names: dict[str, str]  # the config classes' names in the script
+    unspecialised: list[str]  # why the code could not be specialised to the configuration ([]: it was)
 
 
-_BODIES: dict[str, Body] = {}  # the flattening depends on the config only through its registry entries
+_BODIES: dict[str, Body] = {}  # per baked configuration and pgolf sources
 
 
-def build(cfg: Config) -> Script:
-    """The exported script for `cfg` (baked as `canonical(cfg)`): its header, the flattened code for
-    the config's registry entries (built once per entries and pgolf sources), CONFIG and the entry."""
-    cfg = canonical(cfg)
-    trims = registries(cfg)
-    key = json.dumps(sorted((f"{m}.{t}", sorted(k)) for (m, t), k in trims.items())) + _sources_key()
+def build(cfg: Config, specialised: bool = True) -> Script:
+    """The exported script for `cfg` (baked as `baked_config(cfg)`): its header, the flattened code
+    specialised to that configuration (built once per configuration and pgolf sources), CONFIG and
+    the entry. `specialised=False`: the flattened code as it is (what the specialisation is checked
+    against)."""
+    cfg = baked_config(cfg)
+    key = json.dumps([cfg.to_dict(), specialised], sort_keys=True) + _sources_key()
     if key not in _BODIES:
-        _BODIES[key] = _flatten(trims)
+        _BODIES[key] = _flatten(cfg, specialised)
     body = _BODIES[key]
-    literal = pprint.pformat(baked_config(cfg), width=110, sort_dicts=False)
+    config = config_source(cfg, body.config_names)
     parts = [_header(cfg), body.code,
-             "# The configuration: the fields that differ from the defaults of the dataclasses above.\n"
-             f"CONFIG = {literal}",
+             "# The configuration: the fields that differ from the defaults of the dataclasses above.\n" + config,
              f"if __name__ == \"__main__\":\n    {body.entry}(CONFIG)"]
-    return Script("\n\n\n".join(parts) + "\n", body.files)
+    return Script("\n\n\n".join(parts) + "\n", body.files, body.unspecialised)
 
 
-def _flatten(trims: dict[tuple[str, str], set[str]]) -> Body:
-    closure = Closure(trims)
-    stmts, docs = [], {}
+CONFIG_CLASS = placeholder(("sym", "pgolf.config", "Config"))  # CONFIG is built from it
+
+
+def _kept(stmts: list[Stmt], root: str, strings: bool = True) -> list[Stmt]:
+    roots = {root, CONFIG_CLASS} & {ph for s in stmts for ph in s.binds} | {root}
+    kept = _reachable(stmts, roots)
+    while _prune_methods(kept, strings):
+        kept = _reachable(stmts, roots)
+    return kept
+
+
+def _env_fields(closure: Closure) -> set[tuple[str, str]]:
+    """The (section, field)s the entry's `ENV` table lets the environment set, read from its source
+    (the bundle never imports the entry: it imports the bundle); none when it has no table."""
+    for stmt in closure.mods[ENTRY].tree.body:
+        if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "ENV" for t in stmt.targets):
+            return {tuple(v) for v in ast.literal_eval(stmt.value).values()}
+    return set()  # an entry without the table lets the environment change nothing
+
+
+def _flatten(cfg: Config, specialised: bool) -> Body:
+    closure = Closure(registries(cfg))
+    env = _env_fields(closure)  # read before the rewrite renames the entry's names
+    stmts: list[Stmt] = []
+    docs: dict[str, list[str]] = {}
     shadows: dict[str, set[str]] = {}
     for name in sorted(closure.mods):
-        s, doc, sh = _rewrite(closure, closure.mods[name])
-        stmts += s
+        found, doc, sh = _rewrite(closure, closure.mods[name])
+        stmts += found
         docs[name] = doc
         for ph, hidden in sh.items():
             shadows.setdefault(ph, set()).update(hidden)
     root = placeholder(("sym", ENTRY, ENTRY_FUNCTION))
-    kept = _reachable(stmts, {root})
-    while _prune_methods(kept):
-        kept = _reachable(stmts, {root})
+    kept = _kept(stmts, root)  # what the script can run at all: the specialisation reasons over it
+    blocked = ["not asked for"]
+    if specialised:
+        def external(b):
+            return external_attrs(b, instance=True)
+
+        blocked = specialise([s.node for s in kept], cfg, env, external)
+        for s in kept:
+            s.binds, s.refs, s.eager = _binds(s.node), _refs(s.node), _refs(s.node, eager_only=True)
+        # Methods are called by the attribute names in the code that can run, and by strings wherever a
+        # getattr with a computed name may reach an object of the script: try without the strings, and
+        # keep that when what is left has no such getattr (then no string names a method it can call).
+        saved = [(s, s.node, list(s.node.body), s.refs, s.eager) for s in kept if isinstance(s.node, ast.ClassDef)]
+        trial = _kept(kept, root, strings=False)  # (pruning only takes methods out of class bodies)
+        if methods_by_name([s.node for s in trial], cfg, env, external):
+            for st, cls, class_body, refs, eager in saved:
+                cls.body, st.refs, st.eager = class_body, refs, eager
+            trial = _kept(kept, root)
+        kept = trial
     used = set().union(*(s.refs for s in kept)) if kept else set()
     externs = {}  # placeholder -> the alias its import statement binds
     for ph in sorted(p for p in used if p.startswith("ext:")):
@@ -438,8 +509,9 @@ def _flatten(trims: dict[tuple[str, str], set[str]]) -> Body:
     parts = ["from __future__ import annotations", "\n".join(sorted(imports))]
     order = _order(kept, ENTRY)
     for module in order:
-        body = [ast.unparse(ast.fix_missing_locations(renamer.visit(s.node))) for s in kept if s.module == module]
+        code = [ast.unparse(ast.fix_missing_locations(renamer.visit(s.node))) for s in kept if s.module == module]
         path = closure.mods[module].path.relative_to(C.PACKAGE_DIR.parent)
-        parts.append(_banner(str(path), docs[module]) + "\n" + "\n\n".join(body))
+        parts.append(_banner(str(path), docs[module]) + "\n" + "\n\n".join(code))
     files = sorted(str(closure.mods[m].path.relative_to(C.PACKAGE_DIR.parent)) for m in order)
-    return Body("\n\n\n".join(parts), files, names[root])
+    config_names = {k.rpartition(":")[2]: v for k, v in names.items() if k.startswith("pgolf.config:")}
+    return Body("\n\n\n".join(parts), files, names[root], config_names, blocked)

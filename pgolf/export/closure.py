@@ -21,7 +21,8 @@ ENTRY_FUNCTION = "main"
 PACKAGE_DIR = Path(pgolf.__file__).resolve().parent
 # Never part of a record script: the notebooks' side, the command line, the exporter itself.
 NOT_EXPORTED = ("pgolf.lab", "pgolf.cli", "pgolf.envinfo", "pgolf.export.bundle", "pgolf.export.closure",
-                "pgolf.export.scopes", "pgolf.export.submission", "pgolf.export.check")
+                "pgolf.export.scopes", "pgolf.export.specialise", "pgolf.export.facts", "pgolf.export.walker",
+                "pgolf.export.fold", "pgolf.export.submission", "pgolf.export.check")
 
 
 @dataclass

@@ -276,11 +276,12 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
             "seed": result["seed"], "run_dir": result["run_dir"]}
 
 
-def main(config: dict[str, Any]) -> None:
-    """The exported script's entry: CONFIG + the environment -> a record run; exit status 2 on bad input."""
+def main(cfg: Config) -> None:
+    """The exported script's entry: CONFIG (the baked configuration) + the environment -> a record run;
+    exit status 2 on bad input."""
     ctx = None
     try:
-        cfg = apply_env(Config.from_dict(config, where="CONFIG"), os.environ)
+        apply_env(cfg, os.environ)
         check_config(cfg)
         ctx = distributed.setup()
         out = Path("runs") / distributed.broadcast_object(os.environ.get("RUN_ID") or default_run_id(cfg))

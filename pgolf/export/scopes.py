@@ -15,8 +15,13 @@ final names once it knows which ones the script keeps and which of those collide
 from __future__ import annotations
 
 import ast
+import builtins
+import functools
+import importlib
+import inspect
+import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 Target = tuple  # ("sym", module, name) | ("mod", module) | ("ext", object path) | ("cut", module)
 SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef, ast.ListComp, ast.SetComp,
@@ -295,6 +300,52 @@ class Rewriter(ast.NodeTransformer):
             elif isinstance(value, ast.AST):
                 setattr(node, name, self.visit(value))
         return node
+
+
+def external_attrs(base: ast.expr, instance: bool = False) -> set[str] | None:
+    """Attribute names of a base class from outside the script (torch.nn.Module, Exception, ...),
+    which the framework may call on a subclass; with `instance`, also the attributes the class and
+    its bases declare or set on `self` in their source (`training`, `param_groups`). None when the
+    base (or, with `instance`, its source) cannot be looked up."""
+    parts: list[str] = []
+    node = base
+    while isinstance(node, ast.Attribute):
+        parts.insert(0, node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    found = _class_attrs(".".join([node.id] + parts), instance)
+    return None if found is None else set(found)
+
+
+@functools.lru_cache(maxsize=None)
+def _class_attrs(dotted: str, instance: bool) -> frozenset[str] | None:
+    obj: Any = None
+    if dotted.startswith("ext:"):
+        parts = dotted[4:].split(".")
+        for i in range(len(parts), 0, -1):
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ImportError:
+                continue
+            for attr in parts[i:]:
+                obj = getattr(obj, attr, None)
+            break
+    elif "." not in dotted:
+        obj = getattr(builtins, dotted, None)
+    if not isinstance(obj, type):
+        return None
+    out = set(dir(obj))
+    if instance:
+        for k in obj.__mro__:
+            out |= set(k.__dict__.get("__annotations__", {}))
+            if k.__module__ == "builtins":
+                continue
+            try:
+                out |= set(re.findall(r"\bself\.(\w+)\s*(?::[^=\n]*)?=(?!=)", inspect.getsource(k)))
+            except (OSError, TypeError):
+                return None
+    return frozenset(out)
 
 
 def _raise_not_exported(module: str, at: ast.stmt) -> ast.stmt:

@@ -1,0 +1,191 @@
+"""The flattened code specialised to the configuration it bakes in (pgolf.export.bundle).
+
+An exported script runs one configuration: CONFIG, changed at run time only by the official
+environment overrides (record.ENV: data paths, seed, iterations, wall clock). So every read of any
+other config field is a constant, and `specialise` writes it as one, then folds what became constant
+(pgolf.export.fold): the branches of the switches the configuration leaves off go, and with them the
+classes and functions only those branches used (the bundle's reachability drops them afterwards).
+
+What counts as a read of the baked configuration (`Kind`s, inferred scope by scope as Python resolves
+names): a parameter annotated `Config` or a section class (`cfg: ModelConfig`; mypy holds the
+annotations to their callers), a local every assignment of which is such a value (`m = cfg.model`,
+`t, q = cfg.train, cfg.quant`), an attribute chain from those, and `self.<attr>` where every
+assignment of `<attr>` on an instance of the class's family (its bases and subclasses in the script)
+is one such value (`self.cfg = cfg`, `self.gate = cfg.attn_gate`). A constant local or attribute is
+substituted too. Anything else is left as it is.
+
+What keeps a field from being a constant: the environment overrides; any store to the field through
+a section or through an object of unknown type (`model.cfg.doc_mask = ...` switches a field for a
+while: it stays a read); `dataclasses.replace` of it. A construction of another Config, an attribute
+written by a computed name (`setattr(x, name, v)` outside `record.apply_env`, which writes only the
+ENV fields) or through `__dict__`: no field is a constant and nothing is specialised.
+Also folded: `hasattr(self, "a")` when nothing in the script can ever set `a` on that family.
+"""
+from __future__ import annotations
+
+import ast
+from typing import Callable
+
+from pgolf.config import Config
+from pgolf.export import fold as F
+from pgolf.export.facts import (Baked, Call, Family, Kind, Store, const, literal_functions, module_constants,
+                                passes_through)
+from pgolf.export.walker import Walker
+
+class Specialiser:
+    """The state of the passes over one script."""
+
+    def __init__(self, stmts: list[ast.stmt], baked: Baked, external: Callable[[ast.expr], set[str] | None]):
+        self.stmts, self.baked, self.external = stmts, baked, external
+        self.attr_facts: dict[tuple[str, str], Kind] = {}
+        self.param_facts: dict[tuple[str, str], Kind] = {}
+        self.stores: list[Store] = []
+        self.opaque: list[str] = []
+        self.methods_by_name = True  # (known after _collect)
+
+    def run(self, max_rounds: int = 12) -> list[str]:
+        """Specialise `stmts` in place; returns why nothing could be specialised ([] when it was)."""
+        for _ in range(max_rounds):
+            self.family = Family(self.stmts, self.external)
+            self._collect()
+            if self.opaque:
+                return self.opaque
+            w = Walker(self.baked, self.family, self.attr_facts, self._never_set, collect=False,
+                       constants=module_constants(self.stmts), param_facts=self.param_facts)
+            w.returns = literal_functions(self.stmts)
+            for s in self.stmts:
+                w.visit(s)
+            if not (w.changed | self._fold()):
+                break
+        return []
+
+    def _collect(self) -> None:
+        """Stores and blocks, with the attribute and parameter facts to a fixed point."""
+        self.attr_facts, self.param_facts = {}, {}
+        sites: dict = {}  # binding sites per scope, for the walks over the same code
+        for _ in range(16):
+            dynamic = set(self.baked.dynamic)
+            w = Walker(self.baked, self.family, self.attr_facts, self._never_set, collect=True,
+                       param_facts=self.param_facts)
+            w.site_cache = sites
+            for s in self.stmts:
+                w.visit(s)
+            self.opaque, self.stores, self.methods_by_name = w.opaque, w.stores, w.methods_by_name
+            if self.opaque:
+                self.baked.everything_dynamic()
+                return
+            for st in self.stores:
+                self._dynamic(st)
+            facts, params = self._attr_facts(), self._param_facts(w.calls, w.escaped)
+            if facts == self.attr_facts and params == self.param_facts and dynamic == self.baked.dynamic:
+                return
+            self.attr_facts, self.param_facts = facts, params
+        self.opaque = ["the attribute facts do not settle"]
+
+    def _dynamic(self, st: Store) -> None:
+        """The fields a store can change."""
+        b = self.baked
+        if st.base is None:  # an object of unknown type: any section's field of that name
+            b.dynamic |= {(s, st.attr) for s in b.sections_with(st.attr)}
+        elif st.base[0] == "section":
+            b.dynamic.add((st.base[1], st.attr))
+        elif st.base[0] == "config":
+            if st.attr in b.values and st.attr:
+                b.dynamic |= {(st.attr, f) for f in b.values[st.attr]}
+            else:
+                b.dynamic.add(("", st.attr))
+
+    def _attr_facts(self) -> dict[tuple[str, str], Kind]:
+        by_attr: dict[str, list[Store]] = {}
+        for st in self.stores:
+            by_attr.setdefault(st.attr, []).append(st)
+        out = {}
+        for k in self.family.nodes:
+            group = self.family.group(k)
+            for attr, stores in by_attr.items():
+                if not self._own_attr(group, attr):
+                    continue
+                mine = [st for st in stores if st.base is None or (st.base[0] == "inst" and st.base[1] in group)]
+                if any(st.base is None for st in mine) or not mine:
+                    continue
+                kinds = [st.value for st in mine]
+                if kinds[0] is not None and all(x == kinds[0] for x in kinds):
+                    out[(k, attr)] = kinds[0]
+        return out
+
+    def _param_facts(self, calls: list[Call], escaped: set[str]) -> dict[tuple[str, str], Kind]:
+        """A parameter of a module-level function is what every call of it passes (a config section,
+        a literal), when the function is only ever called by its name (never passed on, stored or
+        decorated by anything but a wrapper that passes the arguments through)."""
+        by_callee: dict[str, list[Call]] = {}
+        for c in calls:
+            by_callee.setdefault(c.callee, []).append(c)
+        out = {}
+        for s in self.stmts:
+            if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef)) or s.name in escaped \
+                    or s.name not in by_callee or not all(passes_through(d) for d in s.decorator_list):
+                continue
+            a = s.args
+            positional = a.posonlyargs + a.args
+            defaults = dict(zip([p.arg for p in positional][len(positional) - len(a.defaults):], a.defaults))
+            defaults.update({p.arg: d for p, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None})
+            for i, p in enumerate(positional + a.kwonlyargs):
+                kinds: list[Kind | None] = []
+                for c in by_callee[s.name]:
+                    if c.starred:
+                        kinds.append(None)
+                    elif i < len(positional) and i < len(c.args):
+                        kinds.append(c.args[i])
+                    elif p.arg in c.keywords:
+                        kinds.append(c.keywords[p.arg])
+                    elif p.arg in defaults and F.value_of(defaults[p.arg]) is not F.NO:
+                        kinds.append(const(F.value_of(defaults[p.arg])))
+                    else:
+                        kinds.append(None)
+                if kinds and kinds[0] is not None and all(k == kinds[0] for k in kinds):
+                    out[(s.name, p.arg)] = kinds[0]
+        return out
+
+    def _own_attr(self, group: set[str], attr: str) -> bool:
+        """An attribute only stores in the script set (`self.a = ...`, setattr, register_buffer): no
+        class member, nothing an outside base defines or sets on its instances."""
+        if attr.startswith("__"):
+            return False
+        for c in group:
+            outside = self.family.outside[c]
+            if outside is None or attr in outside or attr in self.family.members[c]:
+                return False
+        return True
+
+    def _never_set(self, k: str, attr: str) -> bool:
+        group = self.family.group(k)
+        if not self._own_attr(group, attr):
+            return False
+        return not any(st.attr == attr and (st.base is None or (st.base[0] == "inst" and st.base[1] in group))
+                       for st in self.stores)
+
+    def _fold(self) -> bool:
+        changed = False
+        for s in self.stmts:
+            changed |= F.fold_inside(s)
+            for n in ast.walk(s):
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    changed |= F.drop_dead_locals(n)
+        return changed
+
+
+def specialise(stmts: list[ast.stmt], cfg: Config, env_fields: set[tuple[str, str]],
+               external: Callable[[ast.expr], set[str] | None]) -> list[str]:
+    """Substitute and fold `stmts` (top-level statements on placeholders) for `cfg`, in place.
+    Returns why the code could not be specialised, if it could not ([] otherwise)."""
+    return Specialiser(stmts, Baked(cfg, env_fields), external).run()
+
+
+def methods_by_name(stmts: list[ast.stmt], cfg: Config, env_fields: set[tuple[str, str]],
+                    external: Callable[[ast.expr], set[str] | None]) -> bool:
+    """Whether a getattr / hasattr with a computed name in `stmts` may reach an object of the script
+    (one that has methods), not only a third-party module or a config section."""
+    sp = Specialiser(stmts, Baked(cfg, env_fields), external)
+    sp.family = Family(stmts, external)
+    sp._collect()
+    return sp.methods_by_name or bool(sp.opaque)
