@@ -1,4 +1,4 @@
-"""From runs to a submission folder the challenge accepts (record-stack.md §0, §4.7).
+"""From runs to a submission folder the challenge accepts (docs/records/record-stack.md §0, §4.7).
 
 record.py      the record pipeline: what an exported `train_gpt.py` runs (train, calibrate, quantise,
                score the artifact alone with TTT), as ordinary pgolf code

@@ -1,4 +1,4 @@
-"""Code bytes, counted the records' way on the script a configuration exports (record-stack.md §4.7).
+"""Code bytes, counted the records' way on the script a configuration exports (docs/records/record-stack.md §4.7).
 
 The records count their whole `train_gpt.py`, training included: minified with python-minifier
 (no local renaming, no literal hoisting, literal statements and asserts removed, single-line

@@ -161,7 +161,7 @@ def score_artifact(cfg: Config, ctx: distributed.Dist, path: Path, out: Path, sa
     say(f"diagnostic quantized val_loss:{base['val_loss']:.8f} val_bpb:{base['val_bpb']:.8f} "
         f"eval_time:{1000 * ledger.seconds['score']:.0f}ms")
     method = method_label(cfg)
-    with ledger.phase("warmup"):  # random tokens, never validation data (record-stack.md §5.1)
+    with ledger.phase("warmup"):  # random tokens, never validation data (docs/records/record-stack.md §5.1)
         warmup(model, cfg, lora=cfg.ttt.method == "lora", base=cfg.ttt.method != "lora" or cfg.ttt.phases > 0)
     say(f"ttt:warm-up on random tokens done ({ledger.seconds['warmup']:.1f}s)")
     stream = EvalStream(n, docs=docs, keep_trace=True, method=method)
