@@ -206,7 +206,17 @@ def test_interrupt_in_any_phase_leaves_the_run_byte_identical(run, cli, monkeypa
     assert snapshot(run) == before  # no artifact, no result.json change, no train.log line, no hessians.pt
 
 
-def test_an_interrupt_while_publishing_waits_for_the_last_output(run, cli, monkeypatch, code_bytes_once):
+@pytest.fixture
+def ctrl_c_interrupts():
+    """SIGINT raises KeyboardInterrupt, however the suite was started: a shell starts a background job
+    with SIGINT ignored, and ignoring it is then what signals_deferred rightly restores."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupt_while_publishing_waits_for_the_last_output(run, cli, monkeypatch, code_bytes_once,
+                                                                  ctrl_c_interrupts):
     real = RunDir.update_result
 
     def interrupted(self, *a, **k):  # Ctrl-C between writing the artifact and updating result.json
