@@ -222,7 +222,7 @@ def _follow(proc: subprocess.Popen, lines: list[str], last: deque[str], echo: Ca
         echo(line)
         if watch is not None:
             watch(line)
-        if bar is not None:
+        if bar is not None and run_dir is not None:  # (the bar exists only with a run_dir)
             m = _last_metrics(Path(run_dir) / "metrics.jsonl", mstate)
             if m and m.get("time_s") is not None:
                 bar.n = min(round(float(m["time_s"])), bar.total or float("inf"))

@@ -39,7 +39,7 @@ import fnmatch
 import glob
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, TypeGuard
 
 from pgolf.errors import PgolfError
 from pgolf.runs import RunDir
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 # ---- numbers: the pure statistics live in the core (pgolf.significance), `pgolf check` uses them too
 
 
-def _present(v: Any) -> bool:
+def _present(v: Any) -> TypeGuard[float | int | str]:
     return v is not None and v == v  # not None, not NaN (DataFrame rows)
 
 
@@ -189,7 +189,7 @@ def summarize(results: list[dict[str, Any]], metric: str = "val_bpb", label: str
         missing = [r.get("run_id") for r, v in zip(results, vals) if v is None]
         raise PgolfError(f"{missing[0]}: result.json has no {metric!r}")
     nats = [loss_nats(r, metric) for r in results]
-    m, s = mean_std(vals)
+    m, s = mean_std([v for v in vals if v is not None])
     ln, ls = mean_std(nats)
     return {"label": label, "n": len(results), "runs": [r.get("run_id") for r in results],
             "seeds": [r.get("seed") for r in results],
