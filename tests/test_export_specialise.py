@@ -25,7 +25,7 @@ from pgolf.presets import get_preset
 
 SECTIONS = ("Config", "DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "QuantConfig", "EvalConfig",
             "TTTConfig")
-EXTERN = {"torch": "ext:torch", "nn": "ext:torch.nn"}
+EXTERN = {"torch": "ext:torch", "nn": "ext:torch.nn", "enum": "ext:enum"}
 
 
 def folded(src: str) -> str:
@@ -102,7 +102,7 @@ def placeholders(src: str) -> list[ast.stmt]:
 
 def plain(stmts: list[ast.stmt]) -> str:
     return ast.unparse(ast.Module(body=stmts, type_ignores=[])).replace("pgolf.config:", "").replace(
-        "m:", "").replace("ext:torch.nn", "nn").replace("ext:torch", "torch")
+        "m:", "").replace("ext:torch.nn", "nn").replace("ext:torch", "torch").replace("ext:enum", "enum")
 
 
 def special(src: str, preset: str = "pr1855") -> tuple[str, list[str]]:
@@ -221,6 +221,77 @@ def escaped(cfg, n):
 
 
 TABLE = {'x': escaped}
+''')
+
+
+def test_constructor_parameters_take_what_every_construction_passes():
+    """`Rope(...)` and `Log(...)` are only ever constructed by name: their `__init__` parameters are
+    what every construction passes (a default included), so the branches on them fold. `type(x)(p,
+    2.0)` may construct any class its two arguments fit: Rope (three parameters) is not one, Log is,
+    so Log's `every` is unknown; `Kept` is also passed on (its constructions are not all seen), and
+    `Meta`'s metaclass is not `type`, so their parameters stay as they are."""
+    out, why = special('''
+class Rope(nn.Module):
+    def __init__(self, dims, base, ntk):
+        super().__init__()
+        if ntk != 1.0:
+            base = base * ntk
+        self.dims = dims or 64
+        self.base = base
+
+
+class Log:
+    def __init__(self, path, every=10.0, baseline=None):
+        self.every = every
+        if baseline is not None:
+            self.baseline = baseline
+
+
+class Kept:
+    def __init__(self, n):
+        self.n = n or 1
+
+
+class Meta(enum.Enum):
+    def __init__(self, n):
+        self.n = n or 1
+
+
+def main(cfg: Config, x, p):
+    r = Rope(16, 10000.0, 1.0)
+    log = Log(p)
+    again = type(x)(p, 2.0)
+    return r, log, again, Kept(3), Meta(3), [Kept]
+''')
+    assert why == []
+    assert out == code('''
+class Rope(nn.Module):
+    def __init__(self, dims, base, ntk):
+        super().__init__()
+        self.dims = 16
+        self.base = 10000.0
+
+
+class Log:
+    def __init__(self, path, every=10.0, baseline=None):
+        self.every = every
+
+
+class Kept:
+    def __init__(self, n):
+        self.n = n or 1
+
+
+class Meta(enum.Enum):
+    def __init__(self, n):
+        self.n = n or 1
+
+
+def main(cfg: Config, x, p):
+    r = Rope(16, 10000.0, 1.0)
+    log = Log(p)
+    again = type(x)(p, 2.0)
+    return (r, log, again, Kept(3), Meta(3), [Kept])
 ''')
 
 
