@@ -295,6 +295,38 @@ def main(cfg: Config, x, p):
 ''')
 
 
+def test_a_parameter_every_call_fills_alike_and_nothing_reads_goes_with_its_arguments():
+    """`plan`'s `seq_len` is 2048 in every call and folds away, so it leaves the signature and the
+    calls, as `tol` (its default in every call); `stride` is still read, `device` is not known in one
+    call (`pick()`) and stays; `kept`
+    is passed on as a value, so nothing is known of its calls."""
+    out, why = special('''
+def plan(n, seq_len, stride=0, *, device=None, tol=1e-05):
+    return n // seq_len, stride
+
+
+def kept(n, seq_len):
+    return n
+
+
+def main(cfg: Config, n):
+    return plan(n, cfg.train.train_seq_len, 1, device=pick()), plan(n, 2048), kept(n, 2048), [kept]
+''')
+    assert why == []
+    assert out == code('''
+def plan(n, stride=0, *, device=None):
+    return (n // 2048, stride)
+
+
+def kept(n, seq_len):
+    return n
+
+
+def main(cfg: Config, n):
+    return (plan(n, 1, device=pick()), plan(n), kept(n, 2048), [kept])
+''')
+
+
 def test_a_field_switched_at_run_time_stays_a_read():
     src = '''
 def masking(model, on):

@@ -58,6 +58,7 @@ class Specialiser:
                 w.visit(s)
             if not (w.changed | self._fold()):
                 break
+        drop_unread_parameters(self.stmts, self.param_facts)
         return []
 
     def _collect(self) -> None:
@@ -208,6 +209,59 @@ class Specialiser:
                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     changed |= F.drop_dead_locals(n)
         return changed
+
+
+def drop_unread_parameters(stmts: list[ast.stmt], param_facts: dict[tuple[str, str], Kind]) -> None:
+    """Take out of a module-level function a parameter that every call gives the same value (a
+    parameter fact) and that nothing in the function reads any more, and the argument out of every
+    call, where each call's argument has no effect (a literal, a name, an attribute read). The calls
+    are all by the function's name (a parameter fact says so), so they are the ones found here."""
+    fns = {s.name: s for s in stmts if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    calls: dict[str, list[ast.Call]] = {}
+    for s in stmts:
+        for n in ast.walk(s):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in fns:
+                calls.setdefault(n.func.id, []).append(n)
+    for name, fn in fns.items():
+        names = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
+        if {"locals", "vars", "eval", "exec"} & names:
+            continue
+        a = fn.args
+        for p in list(a.posonlyargs + a.args + a.kwonlyargs):
+            if (name, p.arg) not in param_facts or p.arg in names:
+                continue
+            positional = a.posonlyargs + a.args
+            i = positional.index(p) if p in positional else None
+            first_default = len(positional) - len(a.defaults)
+            if i is None:
+                default = a.kw_defaults[a.kwonlyargs.index(p)]
+            else:
+                default = a.defaults[i - first_default] if i >= first_default else None
+            if default is not None and not F.pure(default):
+                continue  # (a default is evaluated when the function is defined)
+            found = []  # (call, what to remove) for every call
+            for c in calls.get(name, []):
+                if any(isinstance(x, ast.Starred) for x in c.args) or any(k.arg is None for k in c.keywords):
+                    break
+                arg = c.args[i] if i is not None and i < len(c.args) else None
+                kw = next((k for k in c.keywords if k.arg == p.arg), None)
+                value = arg if arg is not None else kw.value if kw is not None else None
+                if value is not None and not F.pure(value):
+                    break
+                found.append((c, arg, kw))
+            else:
+                for c, arg, kw in found:
+                    if arg is not None:
+                        c.args.remove(arg)
+                    if kw is not None:
+                        c.keywords.remove(kw)
+                if i is not None:
+                    if i >= first_default:
+                        del a.defaults[i - first_default]
+                    (a.posonlyargs if p in a.posonlyargs else a.args).remove(p)
+                else:
+                    j = a.kwonlyargs.index(p)
+                    del a.kwonlyargs[j], a.kw_defaults[j]
 
 
 def _binds(args: ast.arguments, call: Call, skip: int) -> bool:
