@@ -297,9 +297,10 @@ def main(cfg: Config, x, p):
 
 def test_a_parameter_every_call_fills_alike_and_nothing_reads_goes_with_its_arguments():
     """`plan`'s `seq_len` is 2048 in every call and folds away, so it leaves the signature and the
-    calls, as `tol` (its default in every call); `stride` is still read, `device` is not known in one
-    call (`pick()`) and stays; `kept`
-    is passed on as a value, so nothing is known of its calls."""
+    calls, as `tol` does (its default in every call); `stride` is still read; `device` is not known in
+    one call (`pick()`) and stays; `kept` is passed on as a value, so nothing is known of its calls;
+    `flags` is always given the ttt section and never reads it: the local `t` only filled that
+    argument, so it goes too."""
     out, why = special('''
 def plan(n, seq_len, stride=0, *, device=None, tol=1e-05):
     return n // seq_len, stride
@@ -309,8 +310,13 @@ def kept(n, seq_len):
     return n
 
 
+def flags(tc, n):
+    return n + 1
+
+
 def main(cfg: Config, n):
-    return plan(n, cfg.train.train_seq_len, 1, device=pick()), plan(n, 2048), kept(n, 2048), [kept]
+    t = cfg.ttt
+    return plan(n, cfg.train.train_seq_len, 1, device=pick()), plan(n, 2048), kept(n, 2048), [kept], flags(t, n)
 ''')
     assert why == []
     assert out == code('''
@@ -322,8 +328,12 @@ def kept(n, seq_len):
     return n
 
 
+def flags(n):
+    return n + 1
+
+
 def main(cfg: Config, n):
-    return (plan(n, 1, device=pick()), plan(n), kept(n, 2048), [kept])
+    return (plan(n, 1, device=pick()), plan(n), kept(n, 2048), [kept], flags(n))
 ''')
 
 

@@ -58,7 +58,8 @@ class Specialiser:
                 w.visit(s)
             if not (w.changed | self._fold()):
                 break
-        drop_unread_parameters(self.stmts, self.param_facts)
+        while drop_unread_parameters(self.stmts, self.param_facts):
+            self._fold()  # (a local that only filled a dropped argument is unread now)
         return []
 
     def _collect(self) -> None:
@@ -211,11 +212,13 @@ class Specialiser:
         return changed
 
 
-def drop_unread_parameters(stmts: list[ast.stmt], param_facts: dict[tuple[str, str], Kind]) -> None:
+def drop_unread_parameters(stmts: list[ast.stmt], param_facts: dict[tuple[str, str], Kind]) -> bool:
     """Take out of a module-level function a parameter that every call gives the same value (a
     parameter fact) and that nothing in the function reads any more, and the argument out of every
     call, where each call's argument has no effect (a literal, a name, an attribute read). The calls
-    are all by the function's name (a parameter fact says so), so they are the ones found here."""
+    are all by the function's name (a parameter fact says so), so they are the ones found here.
+    Returns whether anything was dropped."""
+    dropped = False
     fns = {s.name: s for s in stmts if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))}
     calls: dict[str, list[ast.Call]] = {}
     for s in stmts:
@@ -262,6 +265,8 @@ def drop_unread_parameters(stmts: list[ast.stmt], param_facts: dict[tuple[str, s
                 else:
                     j = a.kwonlyargs.index(p)
                     del a.kwonlyargs[j], a.kw_defaults[j]
+                dropped = True
+    return dropped
 
 
 def _binds(args: ast.arguments, call: Call, skip: int) -> bool:
