@@ -12,7 +12,11 @@ annotations to their callers), a local every assignment of which is such a value
 `t, q = cfg.train, cfg.quant`), an attribute chain from those, and `self.<attr>` where every
 assignment of `<attr>` on an instance of the class's family (its bases and subclasses in the script)
 is one such value (`self.cfg = cfg`, `self.gate = cfg.attn_gate`). A constant local or attribute is
-substituted too. Anything else is left as it is.
+substituted too, and so is a parameter that every call gives the same value: of a module-level
+function called only by its name, or of a class's own `__init__` when the class is only constructed
+by its name (`Rotary(64, 16, 10000.0, 1.0)`; `type(x)(...)` counts for every class it fits). Such a
+parameter of a function that nothing reads after folding leaves the signature and the calls.
+Anything else is left as it is.
 
 What keeps a field from being a constant: the environment overrides; any store to the field through
 a section or through an object of unknown type (`model.cfg.doc_mask = ...` switches a field for a
