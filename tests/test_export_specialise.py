@@ -398,6 +398,11 @@ def test_switches_left_off_leave_no_trace():
     assert not {"bigram", "ve", "attn_gate_proj", "recur_alpha", "lambda_v", "lm_head"} & attrs
     for gone in ("'dense'", "'head_scalar'", "'channel'", "'frozen'", "carry_beta[", "def from_dict", "DOMAINS"):
         assert gone not in pr1855.text, gone  # (config validation of the baked values goes too)
+    # constructed alike every time: the TTT log's no-TTT baseline and RoPE's NTK scaling; a parameter
+    # that every call fills alike and nothing reads: warm-up's configuration and switches
+    for gone in ("_on_record", "ntk_factor **", "def warmup(model: GPT, cfg"):
+        assert gone not in pr1855.text, gone
+    assert "def warmup(model: GPT)" in pr1855.text
     # on: the sparse gate, the gated smear, skip gates, parallel lanes, phased TTT, GPTQ
     assert {"attn_gate_w", "smear_lambda", "skip_gates", "parallel_post_lambdas"} <= attrs
     assert {"PhasedTTT", "Muon"} <= classes and "def calibrate" in pr1855.text
