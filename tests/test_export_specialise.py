@@ -25,7 +25,7 @@ from pgolf.presets import get_preset
 
 SECTIONS = ("Config", "DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "QuantConfig", "EvalConfig",
             "TTTConfig")
-EXTERN = {"torch": "ext:torch", "nn": "ext:torch.nn"}
+EXTERN = {"torch": "ext:torch", "nn": "ext:torch.nn", "enum": "ext:enum"}
 
 
 def folded(src: str) -> str:
@@ -102,7 +102,7 @@ def placeholders(src: str) -> list[ast.stmt]:
 
 def plain(stmts: list[ast.stmt]) -> str:
     return ast.unparse(ast.Module(body=stmts, type_ignores=[])).replace("pgolf.config:", "").replace(
-        "m:", "").replace("ext:torch.nn", "nn").replace("ext:torch", "torch")
+        "m:", "").replace("ext:torch.nn", "nn").replace("ext:torch", "torch").replace("ext:enum", "enum")
 
 
 def special(src: str, preset: str = "pr1855") -> tuple[str, list[str]]:
@@ -224,6 +224,119 @@ TABLE = {'x': escaped}
 ''')
 
 
+def test_constructor_parameters_take_what_every_construction_passes():
+    """`Rope(...)` and `Log(...)` are only ever constructed by name: their `__init__` parameters are
+    what every construction passes (a default included), so the branches on them fold. `type(x)(p,
+    2.0)` may construct any class its two arguments fit: Rope (three parameters) is not one, Log is,
+    so Log's `every` is unknown; `Kept` is also passed on (its constructions are not all seen), and
+    `Meta`'s metaclass is not `type`, so their parameters stay as they are."""
+    out, why = special('''
+class Rope(nn.Module):
+    def __init__(self, dims, base, ntk):
+        super().__init__()
+        if ntk != 1.0:
+            base = base * ntk
+        self.dims = dims or 64
+        self.base = base
+
+
+class Log:
+    def __init__(self, path, every=10.0, baseline=None):
+        self.every = every
+        if baseline is not None:
+            self.baseline = baseline
+
+
+class Kept:
+    def __init__(self, n):
+        self.n = n or 1
+
+
+class Meta(enum.Enum):
+    def __init__(self, n):
+        self.n = n or 1
+
+
+def main(cfg: Config, x, p):
+    r = Rope(16, 10000.0, 1.0)
+    log = Log(p)
+    again = type(x)(p, 2.0)
+    return r, log, again, Kept(3), Meta(3), [Kept]
+''')
+    assert why == []
+    assert out == code('''
+class Rope(nn.Module):
+    def __init__(self, dims, base, ntk):
+        super().__init__()
+        self.dims = 16
+        self.base = 10000.0
+
+
+class Log:
+    def __init__(self, path, every=10.0, baseline=None):
+        self.every = every
+
+
+class Kept:
+    def __init__(self, n):
+        self.n = n or 1
+
+
+class Meta(enum.Enum):
+    def __init__(self, n):
+        self.n = n or 1
+
+
+def main(cfg: Config, x, p):
+    r = Rope(16, 10000.0, 1.0)
+    log = Log(p)
+    again = type(x)(p, 2.0)
+    return (r, log, again, Kept(3), Meta(3), [Kept])
+''')
+
+
+def test_a_parameter_every_call_fills_alike_and_nothing_reads_goes_with_its_arguments():
+    """`plan`'s `seq_len` is 2048 in every call and folds away, so it leaves the signature and the
+    calls, as `tol` does (its default in every call); `stride` is still read; `device` is not known in
+    one call (`pick()`) and stays; `kept` is passed on as a value, so nothing is known of its calls;
+    `flags` is always given the ttt section and never reads it: the local `t` only filled that
+    argument, so it goes too."""
+    out, why = special('''
+def plan(n, seq_len, stride=0, *, device=None, tol=1e-05):
+    return n // seq_len, stride
+
+
+def kept(n, seq_len):
+    return n
+
+
+def flags(tc, n):
+    return n + 1
+
+
+def main(cfg: Config, n):
+    t = cfg.ttt
+    return plan(n, cfg.train.train_seq_len, 1, device=pick()), plan(n, 2048), kept(n, 2048), [kept], flags(t, n)
+''')
+    assert why == []
+    assert out == code('''
+def plan(n, stride=0, *, device=None):
+    return (n // 2048, stride)
+
+
+def kept(n, seq_len):
+    return n
+
+
+def flags(n):
+    return n + 1
+
+
+def main(cfg: Config, n):
+    return (plan(n, 1, device=pick()), plan(n), kept(n, 2048), [kept], flags(n))
+''')
+
+
 def test_a_field_switched_at_run_time_stays_a_read():
     src = '''
 def masking(model, on):
@@ -285,6 +398,11 @@ def test_switches_left_off_leave_no_trace():
     assert not {"bigram", "ve", "attn_gate_proj", "recur_alpha", "lambda_v", "lm_head"} & attrs
     for gone in ("'dense'", "'head_scalar'", "'channel'", "'frozen'", "carry_beta[", "def from_dict", "DOMAINS"):
         assert gone not in pr1855.text, gone  # (config validation of the baked values goes too)
+    # constructed alike every time: the TTT log's no-TTT baseline and RoPE's NTK scaling; a parameter
+    # that every call fills alike and nothing reads: warm-up's configuration and switches
+    for gone in ("_on_record", "ntk_factor **", "def warmup(model: GPT, cfg"):
+        assert gone not in pr1855.text, gone
+    assert "def warmup(model: GPT)" in pr1855.text
     # on: the sparse gate, the gated smear, skip gates, parallel lanes, phased TTT, GPTQ
     assert {"attn_gate_w", "smear_lambda", "skip_gates", "parallel_post_lambdas"} <= attrs
     assert {"PhasedTTT", "Muon"} <= classes and "def calibrate" in pr1855.text

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pgolf.config import Config
 from pgolf.eval.score import autocast_for, log_probs
 from pgolf.eval.trace import EvalStream, find_docs
 from pgolf.eval.ttt_base import ConvergenceLog, Deadline, TimeLedger, doc_batches, lora_targets, ttt_forward
@@ -51,7 +52,7 @@ class LoRATTT:
     """score -> update per chunk; subclasses (phased) hook `after_batch`; tests swap `step`."""
     name = "lora"
 
-    def __init__(self, model: torch.nn.Module, val: Any, cfg: Any, stream: EvalStream, *,
+    def __init__(self, model: torch.nn.Module, val: Any, cfg: Config, stream: EvalStream, *,
                  log: ConvergenceLog | None = None, ledger: TimeLedger | None = None,
                  rank: int = 0, world_size: int = 1):
         self.model, self.cfg, self.tc = model, cfg, cfg.ttt

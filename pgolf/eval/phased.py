@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pgolf.config import Config, TTTConfig
 from pgolf.errors import PgolfError
 from pgolf.eval.lora_ttt import LoRATTT
 from pgolf.eval.score import autocast_for, doc_len_cut, doc_masking
@@ -35,7 +36,7 @@ def pack_docs(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple
     return tokens[pos], tokens[pos + 1], pos
 
 
-def global_sgd(model: GPT, x: np.ndarray, y: np.ndarray, pos: np.ndarray, tc: Any,
+def global_sgd(model: GPT, x: np.ndarray, y: np.ndarray, pos: np.ndarray, tc: TTTConfig,
                stream: EvalStream, *, seq_len: int, rank: int = 0, world_size: int = 1) -> int:
     """SGD on every base weight over the packed pairs (x, y); returns the optimizer steps taken."""
     params = list(model.parameters())
@@ -91,7 +92,7 @@ class PhasedTTT(LoRATTT):
     name = "phased"
     model: GPT  # (LoRATTT's model) the base weights global_sgd trains
 
-    def __init__(self, model: GPT, val: Any, cfg: Any, stream: EvalStream, **kw):
+    def __init__(self, model: GPT, val: Any, cfg: Config, stream: EvalStream, **kw):
         super().__init__(copy.deepcopy(model), val, cfg, stream, **kw)  # global SGD trains a copy
         tc = self.tc
         self.queue = np.concatenate(self.batches)  # documents in queue order

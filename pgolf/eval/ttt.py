@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from pgolf.config import Config
 from pgolf.errors import PgolfError
 from pgolf.eval.trace import EvalStream
 from pgolf.eval.ttt_base import ConvergenceLog, TimeLedger
@@ -47,13 +48,13 @@ def _hedge():
 RUNNERS = {"lora": _lora, "phased": _phased, "sgd": _sgd, "hedge": _hedge}  # runner_key -> its class, on demand
 
 
-def method_label(cfg: Any) -> str:
+def method_label(cfg: Config) -> str:
     """The TTT method as logs and results name it: "lora", "lora+3phase", "sgd", "hedge"."""
     tc = cfg.ttt
     return tc.method + (f"+{tc.phases}phase" if tc.method == "lora" and tc.phases else "")
 
 
-def runner_key(cfg: Any) -> str:
+def runner_key(cfg: Config) -> str:
     """The `RUNNERS` entry of `cfg.ttt.method` ("phased" for LoRA with `ttt.phases > 0`)."""
     method = cfg.ttt.method
     if method not in METHODS:
@@ -61,7 +62,7 @@ def runner_key(cfg: Any) -> str:
     return "phased" if method == "lora" and cfg.ttt.phases > 0 else method
 
 
-def runner_for(cfg: Any):
+def runner_for(cfg: Config):
     """The runner class of `cfg.ttt.method`."""
     key = runner_key(cfg)
     if key not in RUNNERS:  # only in an exported script, whose table holds its own method alone
@@ -69,7 +70,7 @@ def runner_for(cfg: Any):
     return RUNNERS[key]()
 
 
-def run_ttt(model: torch.nn.Module, val: Any, cfg: Any, stream: EvalStream, *, log: ConvergenceLog | None = None,
+def run_ttt(model: torch.nn.Module, val: Any, cfg: Config, stream: EvalStream, *, log: ConvergenceLog | None = None,
             ledger: TimeLedger | None = None, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
     """Score the validation set once with test-time training; returns val_loss/val_bpb (+ steps).
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from pgolf.config import Config, TTTConfig
 from pgolf.eval.trace import Docs, EvalStream
 from pgolf.model.gpt import GPT
 
@@ -249,7 +250,7 @@ class ConvergenceLog:
         return self._emit({"kind": "done", **self._running(), **extra})
 
 
-def ttt_forward(model: GPT, cfg: Any):
+def ttt_forward(model: GPT, cfg: Config):
     """LoRA TTT's `forward_at`: compiled on CUDA with train.compile (pgolf.model.compile.compile_ttt), as
     the records compile theirs; the model's own method elsewhere. Compiled copies share dynamo's code
     cache, so the warm-up's graph serves every later runner."""
@@ -260,7 +261,7 @@ def ttt_forward(model: GPT, cfg: Any):
     return model.forward_at
 
 
-def warmup(model: GPT, cfg: Any, *, lora: bool = True, base: bool = False, seed: int = 0) -> float:
+def warmup(model: GPT, cfg: Config, *, lora: bool = True, base: bool = False, seed: int = 0) -> float:
     """Forward + backward at the TTT shapes on `torch.randint` tokens, never validation data
     (docs/records/record-stack.md §5.1, §7.8); the weights are left exactly as they were. Returns seconds.
 
@@ -305,7 +306,7 @@ def warmup(model: GPT, cfg: Any, *, lora: bool = True, base: bool = False, seed:
     return time.perf_counter() - t0
 
 
-def lora_targets(tc: Any) -> tuple[str, ...]:
+def lora_targets(tc: TTTConfig) -> tuple[str, ...]:
     flags = {"q": tc.q_lora, "k": tc.k_lora, "v": tc.v_lora, "o": tc.o_lora, "mlp": tc.mlp_lora,
              "head": tc.head_lora}
     return tuple(k for k, on in flags.items() if on)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from pgolf.config import Config
 from pgolf.export import fold as F
-from pgolf.export.scopes import Binder, is_placeholder
+from pgolf.export.scopes import Binder, is_placeholder, outside_class
 
 CONFIG_MODULE = "pgolf.config"
 Kind = tuple  # ("config",) | ("section", name) | ("inst", class placeholder) | ("const", repr, value)
@@ -105,9 +105,12 @@ class Store:
     value: Kind | None
 
 
+ANY_CLASS = "*"  # the callee of `type(x)(...)`: the class of x, not known
+
+
 @dataclasses.dataclass
 class Call:
-    callee: str  # a module-level function's placeholder
+    callee: str  # a module-level function's or class's placeholder (or ANY_CLASS)
     args: list[Kind | None]
     keywords: dict[str, Kind | None]
     starred: bool  # *args or **kwargs: which parameter gets what is not known
@@ -246,3 +249,11 @@ def module_constants(stmts: list[ast.stmt]) -> dict[str, Any]:
                 values[targets[0].id] = v
     declared = {n for s in stmts for x in ast.walk(s) if isinstance(x, ast.Global) for n in x.names}
     return {k: v for k, v in values.items() if count.get(k) == 1 and k not in declared and is_placeholder(k)}
+
+
+def plain_class(base: ast.expr) -> bool:
+    """A base from outside the script whose metaclass is `type` itself (torch.nn.Module, Exception):
+    calling a subclass runs `__new__` and the subclass's `__init__` with the call's arguments, as a
+    plain class does (an Enum's or an ABC's metaclass may do otherwise)."""
+    cls = outside_class(base)
+    return cls is not None and type(cls) is type

@@ -318,8 +318,18 @@ def external_attrs(base: ast.expr, instance: bool = False) -> set[str] | None:
     return None if found is None else set(found)
 
 
+def outside_class(base: ast.expr) -> type | None:
+    """The class a base from outside the script names (`ext:torch.nn.Module`, a builtin), if any."""
+    parts: list[str] = []
+    node = base
+    while isinstance(node, ast.Attribute):
+        parts.insert(0, node.attr)
+        node = node.value
+    return _outside_class(".".join([node.id] + parts)) if isinstance(node, ast.Name) else None
+
+
 @functools.lru_cache(maxsize=None)
-def _class_attrs(dotted: str, instance: bool) -> frozenset[str] | None:
+def _outside_class(dotted: str) -> type | None:
     obj: Any = None
     if dotted.startswith("ext:"):
         parts = dotted[4:].split(".")
@@ -333,7 +343,13 @@ def _class_attrs(dotted: str, instance: bool) -> frozenset[str] | None:
             break
     elif "." not in dotted:
         obj = getattr(builtins, dotted, None)
-    if not isinstance(obj, type):
+    return obj if isinstance(obj, type) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _class_attrs(dotted: str, instance: bool) -> frozenset[str] | None:
+    obj = _outside_class(dotted)
+    if obj is None:
         return None
     out = set(dir(obj))
     if instance:

@@ -12,7 +12,11 @@ annotations to their callers), a local every assignment of which is such a value
 `t, q = cfg.train, cfg.quant`), an attribute chain from those, and `self.<attr>` where every
 assignment of `<attr>` on an instance of the class's family (its bases and subclasses in the script)
 is one such value (`self.cfg = cfg`, `self.gate = cfg.attn_gate`). A constant local or attribute is
-substituted too. Anything else is left as it is.
+substituted too, and so is a parameter that every call gives the same value: of a module-level
+function called only by its name, or of a class's own `__init__` when the class is only constructed
+by its name (`Rotary(64, 16, 10000.0, 1.0)`; `type(x)(...)` counts for every class it fits). Such a
+parameter of a function that nothing reads after folding leaves the signature and the calls.
+Anything else is left as it is.
 
 What keeps a field from being a constant: the environment overrides; any store to the field through
 a section or through an object of unknown type (`model.cfg.doc_mask = ...` switches a field for a
@@ -28,8 +32,9 @@ from typing import Callable
 
 from pgolf.config import Config
 from pgolf.export import fold as F
-from pgolf.export.facts import (Baked, Call, Family, Kind, Store, const, literal_functions, module_constants,
-                                passes_through)
+from pgolf.export.facts import (ANY_CLASS, Baked, Call, Family, Kind, Store, const, literal_functions, module_constants,
+                                fits, passes_through, plain_class)
+from pgolf.export.scopes import Binder
 from pgolf.export.walker import Walker
 
 class Specialiser:
@@ -57,6 +62,8 @@ class Specialiser:
                 w.visit(s)
             if not (w.changed | self._fold()):
                 break
+        while drop_unread_parameters(self.stmts, self.param_facts):
+            self._fold()  # (a local that only filled a dropped argument is unread now)
         return []
 
     def _collect(self) -> None:
@@ -116,17 +123,38 @@ class Specialiser:
     def _param_facts(self, calls: list[Call], escaped: set[str]) -> dict[tuple[str, str], Kind]:
         """A parameter of a module-level function is what every call of it passes (a config section,
         a literal), when the function is only ever called by its name (never passed on, stored or
-        decorated by anything but a wrapper that passes the arguments through)."""
+        decorated by anything but a wrapper that passes the arguments through). The same for a
+        parameter of a class's own `__init__` (keyed by the class) and the calls of the class, when
+        the class is only ever called by its name (no subclass, no decorator, a plain metaclass) and
+        nothing calls an `__init__` by attribute but `super().__init__` (which reaches a base)."""
         by_callee: dict[str, list[Call]] = {}
         for c in calls:
             by_callee.setdefault(c.callee, []).append(c)
         out = {}
+        ctor_calls_safe = self._constructed_by_name_only()
         for s in self.stmts:
-            if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef)) or s.name in escaped \
-                    or s.name not in by_callee or not all(passes_through(d) for d in s.decorator_list):
+            name = getattr(s, "name", None)
+            if name is None or name in escaped or name not in by_callee:
                 continue
-            a = s.args
-            positional = a.posonlyargs + a.args
+            if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if not all(passes_through(d) for d in s.decorator_list):
+                    continue
+                fn, skip = s, 0
+            elif isinstance(s, ast.ClassDef) and ctor_calls_safe and not s.decorator_list and not s.keywords \
+                    and all(plain_class(b) for b in s.bases):
+                init = [m for m in s.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))
+                        and m.name == "__init__"]
+                if len(init) != 1 or init[0].decorator_list or {"__new__", "__init__"} & Binder.of(
+                        [m for m in s.body if m is not init[0]]).names:
+                    continue
+                fn, skip = init[0], 1
+                # `type(x)(...)` may construct this class too, unless its arguments cannot bind here
+                extra = [c for c in by_callee.get(ANY_CLASS, []) if c.starred or _binds(fn.args, c, skip)]
+                by_callee[name] = by_callee[name] + extra
+            else:
+                continue
+            a = fn.args
+            positional = (a.posonlyargs + a.args)[skip:]
             defaults = dict(zip([p.arg for p in positional][len(positional) - len(a.defaults):], a.defaults))
             defaults.update({p.arg: d for p, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None})
             for i, p in enumerate(positional + a.kwonlyargs):
@@ -145,6 +173,20 @@ class Specialiser:
                 if kinds and kinds[0] is not None and all(k == kinds[0] for k in kinds):
                     out[(s.name, p.arg)] = kinds[0]
         return out
+
+    def _constructed_by_name_only(self) -> bool:
+        """Whether the only calls of an `__init__` by attribute are `super().__init__(...)`, and no
+        instance is made from `x.__class__` (a class constructed with arguments no call by its name
+        shows; `type(x)(...)` is collected as a call of any class, ANY_CLASS)."""
+        for s in self.stmts:
+            for n in ast.walk(s):
+                if isinstance(n, ast.Attribute) and n.attr == "__class__":
+                    return False
+                if isinstance(n, ast.Attribute) and n.attr == "__init__" and not (
+                        isinstance(n.value, ast.Call) and isinstance(n.value.func, ast.Name)
+                        and n.value.func.id == "super"):
+                    return False
+        return True
 
     def _own_attr(self, group: set[str], attr: str) -> bool:
         """An attribute only stores in the script set (`self.a = ...`, setattr, register_buffer): no
@@ -172,6 +214,75 @@ class Specialiser:
                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     changed |= F.drop_dead_locals(n)
         return changed
+
+
+def drop_unread_parameters(stmts: list[ast.stmt], param_facts: dict[tuple[str, str], Kind]) -> bool:
+    """Take out of a module-level function a parameter that every call gives the same value (a
+    parameter fact) and that nothing in the function reads any more, and the argument out of every
+    call, where each call's argument has no effect (a literal, a name, an attribute read). The calls
+    are all by the function's name (a parameter fact says so), so they are the ones found here.
+    Returns whether anything was dropped."""
+    dropped = False
+    fns = {s.name: s for s in stmts if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    calls: dict[str, list[ast.Call]] = {}
+    for s in stmts:
+        for n in ast.walk(s):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in fns:
+                calls.setdefault(n.func.id, []).append(n)
+    for name, fn in fns.items():
+        names = {n.id for n in ast.walk(fn) if isinstance(n, ast.Name)}
+        if {"locals", "vars", "eval", "exec"} & names:
+            continue
+        a = fn.args
+        for p in list(a.posonlyargs + a.args + a.kwonlyargs):
+            if (name, p.arg) not in param_facts or p.arg in names:
+                continue
+            positional = a.posonlyargs + a.args
+            i = positional.index(p) if p in positional else None
+            first_default = len(positional) - len(a.defaults)
+            if i is None:
+                default = a.kw_defaults[a.kwonlyargs.index(p)]
+            else:
+                default = a.defaults[i - first_default] if i >= first_default else None
+            if default is not None and not F.pure(default):
+                continue  # (a default is evaluated when the function is defined)
+            found = []  # (call, what to remove) for every call
+            for c in calls.get(name, []):
+                if any(isinstance(x, ast.Starred) for x in c.args) or any(k.arg is None for k in c.keywords):
+                    break
+                arg = c.args[i] if i is not None and i < len(c.args) else None
+                kw = next((k for k in c.keywords if k.arg == p.arg), None)
+                value = arg if arg is not None else kw.value if kw is not None else None
+                if value is not None and not F.pure(value):
+                    break
+                found.append((c, arg, kw))
+            else:
+                for c, arg, kw in found:
+                    if arg is not None:
+                        c.args.remove(arg)
+                    if kw is not None:
+                        c.keywords.remove(kw)
+                if i is not None:
+                    if i >= first_default:
+                        del a.defaults[i - first_default]
+                    (a.posonlyargs if p in a.posonlyargs else a.args).remove(p)
+                else:
+                    j = a.kwonlyargs.index(p)
+                    del a.kwonlyargs[j], a.kw_defaults[j]
+                dropped = True
+    return dropped
+
+
+def _binds(args: ast.arguments, call: Call, skip: int) -> bool:
+    """Whether a call's arguments (no starred ones) bind to these parameters, the first `skip` bound
+    already (`self`)."""
+    rest = (args.posonlyargs + args.args)[skip:]
+    trimmed = ast.arguments(posonlyargs=[], args=rest, vararg=args.vararg, kwonlyargs=args.kwonlyargs,
+                            kw_defaults=args.kw_defaults, kwarg=args.kwarg,
+                            defaults=args.defaults[max(0, len(args.defaults) - len(rest)):])
+    fake = ast.Call(func=ast.Constant(None), args=[ast.Constant(None) for _ in call.args],
+                    keywords=[ast.keyword(arg=k, value=ast.Constant(None)) for k in call.keywords])
+    return fits(trimmed, fake)
 
 
 def specialise(stmts: list[ast.stmt], cfg: Config, env_fields: set[tuple[str, str]],

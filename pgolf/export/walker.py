@@ -8,7 +8,7 @@ import ast
 from typing import Any, Callable
 
 from pgolf.export import fold as F
-from pgolf.export.facts import Baked, Call, Family, Kind, Scope, Store, binding_sites, const, fits, pairs
+from pgolf.export.facts import ANY_CLASS, Baked, Call, Family, Kind, Scope, Store, binding_sites, const, fits, pairs
 from pgolf.export.scopes import is_placeholder
 
 ENV_WRITER = "pgolf.export.record:apply_env"  # its getattr / setattr reach the ENV fields, which stay reads
@@ -117,6 +117,8 @@ class Walker(ast.NodeTransformer):
                 kind = self._annotation(a.annotation)
                 if kind is None and not self.stack and not isinstance(node, ast.Lambda):
                     kind = self.param_facts.get((node.name, a.arg))  # what every call passes
+                elif kind is None and cls and len(self.stack) == 1 and node.name == "__init__":
+                    kind = self.param_facts.get((cls, a.arg))  # what every construction passes
                 sites.setdefault(a.arg, []).append(("kind", kind))
         for name, found in self._sites(node, body).items():
             sites.setdefault(name, []).extend(found)
@@ -316,10 +318,14 @@ class Walker(ast.NodeTransformer):
     def visit_Call(self, node: ast.Call):
         func = node.func
         name = func.id if isinstance(func, ast.Name) and not self.bound(func.id) else None
-        if self.collect and name and is_placeholder(name):
-            self.callees.add(id(func))
+        made = isinstance(func, ast.Call) and isinstance(func.func, ast.Name) and func.func.id == "type" \
+            and not self.bound("type") and len(func.args) == 1 and not func.keywords
+        if self.collect and ((name and is_placeholder(name)) or made):
+            if name:
+                self.callees.add(id(func))
             starred = any(isinstance(a, ast.Starred) for a in node.args) or any(k.arg is None for k in node.keywords)
-            self.calls.append(Call(name, [self.kind(a) for a in node.args],
+            # `type(x)(...)`: a construction of x's class, whichever it is (ANY_CLASS)
+            self.calls.append(Call(name or ANY_CLASS, [self.kind(a) for a in node.args],
                                    {k.arg: self.kind(k.value) for k in node.keywords if k.arg}, starred))
         if self._config_getattr(func):
             self._block("a method of the Config is called by a computed name")

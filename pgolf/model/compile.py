@@ -22,13 +22,14 @@ from pgolf.model.attention import FLASH_MODULES, DocMask
 
 
 class CompiledForward:
-    """`fn` ("forward" or "forward_at") of `model` compiled whole, called like the model's own method."""
+    """`target` (`model` itself or its `forward_at`) compiled whole, called like the model's own method.
+    (The method is passed, not named: a getattr by a computed name would keep every method of the
+    script's classes in an exported script, pgolf.export.bundle.)"""
 
-    def __init__(self, model: Any, fn: str = "forward", *, dynamic_width: bool = False,
+    def __init__(self, model: Any, target: Any, *, dynamic_width: bool = False,
                  backend: str = "inductor"):
         self.model = model
         self.dynamic_width = dynamic_width
-        target = model if fn == "forward" else getattr(model, fn)
         self.compiled = torch.compile(target, dynamic=False, fullgraph=True, backend=backend)
 
     def __call__(self, idx: torch.Tensor, *args: Any, mask: DocMask | None = None, **kw: Any) -> torch.Tensor:
@@ -47,11 +48,11 @@ class CompiledForward:
 
 def compile_train(model: torch.nn.Module, backend: str = "inductor") -> CompiledForward:
     """`model(idx, targets)` compiled at fixed shapes (one graph per looping mode)."""
-    return CompiledForward(model, "forward", backend=backend)
+    return CompiledForward(model, model, backend=backend)
 
 
 def compile_ttt(model: torch.nn.Module, backend: str = "inductor") -> CompiledForward:
     """`model.forward_at(idx, positions, lora=..., mask=...)` compiled with two dynamic sizes, the window
     width and the number of scored positions, which change from chunk to chunk (the records compile
     with dynamic=True; the batch and the adapters' shapes stay fixed here, so they need no symbols)."""
-    return CompiledForward(model, "forward_at", dynamic_width=True, backend=backend)
+    return CompiledForward(model, model.forward_at, dynamic_width=True, backend=backend)
