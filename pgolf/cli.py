@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="baseline")
     p.add_argument("--code-bytes", action="store_true", help="also count the code bytes of its exported record script")
     _add_set(p)
-    p.set_defaults(handler="pgolf.model:cmd_params")
+    p.set_defaults(handler="pgolf.plan:cmd_params")
 
     data = sub.add_parser("data", help="build, fetch and audit challenge shards")
     dsub = data.add_subparsers(dest="data_command", required=True)

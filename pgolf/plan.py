@@ -302,3 +302,17 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
                          + (f"; TTT {p['ttt']['peak_memory_gb']:.1f} GB" if "ttt" in p else "")
                          + f"), over the {LIMIT_GB:.0f} GB of an H100")
     return p
+
+
+def cmd_params(args: Any) -> dict[str, Any]:
+    """`pgolf params`: a preset's trainable parameters and, with --code-bytes, what its record script costs."""
+    from pgolf.model import build_model, count_params
+    from pgolf.presets import get_preset
+    from pgolf.script.codebytes import code_bytes
+
+    cfg = get_preset(args.preset, args.overrides)
+    model = build_model(cfg, "meta")
+    out = {"preset": args.preset, "params": count_params(model)}
+    if getattr(args, "code_bytes", False):  # the exported record script, as `pgolf quantize` counts it
+        out.update({k: v for k, v in code_bytes(cfg).items() if k != "code_files"})
+    return out

@@ -302,7 +302,7 @@ class Trainer:
 
 def _code_bytes(cfg: Config) -> dict[str, int]:
     """Code bytes as the records count them: the exported record script, minified and wrapped."""
-    from pgolf.export.codebytes import code_bytes
+    from pgolf.script.codebytes import code_bytes
     info = code_bytes(cfg)
     return {"code_bytes": int(info["code_bytes"]), "code_bytes_raw": int(info["code_bytes_raw"])}
 

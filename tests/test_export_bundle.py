@@ -1,4 +1,4 @@
-"""pgolf.export.bundle: one readable script from pgolf's modules, for one configuration.
+"""pgolf.script.bundle: one readable script from pgolf's modules, for one configuration.
 
 The flattening is checked on a small made-up package (name collisions, aliases, locals that shadow a
 global, unreachable code, an import of a module that is never exported) and on the real pgolf for
@@ -18,7 +18,7 @@ from contextlib import redirect_stdout
 import pytest
 
 from pgolf.errors import PgolfError
-from pgolf.export import bundle, closure, codebytes
+from pgolf.script import bundle, closure, codebytes
 from pgolf.export.submission import third_party_imports
 from pgolf.presets import get_preset
 
@@ -141,8 +141,8 @@ def test_every_seed_exports_the_same_script():
 HASH = '''
 import hashlib, json
 from pgolf.presets import get_preset
-from pgolf.export.bundle import build
-from pgolf.export.codebytes import measure
+from pgolf.script.bundle import build
+from pgolf.script.codebytes import measure
 text = build(get_preset("pr1855")).text
 print(json.dumps({"sha": hashlib.sha256(text.encode()).hexdigest(), **measure(text)}))
 '''

@@ -18,7 +18,8 @@ import pytest
 
 from pgolf import distributed
 from pgolf.config import Config
-from pgolf.export import bundle, check, codebytes, record
+from pgolf.export import check, record
+from pgolf.script import bundle, codebytes
 from pgolf.presets import get_preset
 from pgolf.significance import welch
 

@@ -154,7 +154,7 @@ TINY_1855 = ["train.iterations=1", "train.train_seq_len=256", "train.eval_seq_le
 def test_pr1855_record_run_exports_and_quantize_counts_the_same_code_bytes(sp8192_data, tmp_path, cli):
     """Issue 11: a pr1855 run (trained briefly) exports, its script's wrapped size is reported, and
     `pgolf quantize` on that run reports the same code_bytes."""
-    from pgolf.export.codebytes import measure
+    from pgolf.script.codebytes import measure
 
     out = tmp_path / "run"
     rc = record.cli(["--preset", "pr1855", "--data", str(sp8192_data), "--max-seconds", "0", "--out", str(out),

@@ -1,4 +1,4 @@
-"""pgolf.export.specialise / fold: the exported script specialised to the configuration it bakes in.
+"""pgolf.script.specialise / fold: the exported script specialised to the configuration it bakes in.
 
 - folding: Python's own results, written back; nothing folded that could raise or has an effect;
 - specialisation on small modules (hand-worked expected code, pr1855's values): config reads through
@@ -18,9 +18,9 @@ import types
 import pytest
 import torch
 
-from pgolf.export import bundle, fold, specialise
+from pgolf.script import bundle, fold, specialise
 from pgolf.export.record import ENV
-from pgolf.export.scopes import external_attrs
+from pgolf.script.scopes import external_attrs
 from pgolf.presets import get_preset
 
 SECTIONS = ("Config", "DataConfig", "ModelConfig", "OptimConfig", "TrainConfig", "QuantConfig", "EvalConfig",

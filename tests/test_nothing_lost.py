@@ -62,7 +62,7 @@ def run(trained, tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def measured_code_bytes(trained):
     from pgolf.config import Config
-    from pgolf.export.codebytes import code_bytes
+    from pgolf.script.codebytes import code_bytes
 
     return code_bytes(Config.load(Path(trained) / "config.json"))
 
@@ -71,7 +71,7 @@ def measured_code_bytes(trained):
 def code_bytes_once(monkeypatch, measured_code_bytes):
     """Counting the code (exporting and minifying the record script) takes ~3 s per configuration here:
     the run's real count, measured once per module, stands in for every quantisation setting."""
-    monkeypatch.setattr("pgolf.export.codebytes.code_bytes", lambda *a, **k: measured_code_bytes)
+    monkeypatch.setattr("pgolf.script.codebytes.code_bytes", lambda *a, **k: measured_code_bytes)
 
 
 @pytest.fixture

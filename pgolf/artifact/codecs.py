@@ -116,7 +116,7 @@ class Codec:
 
 
 # The codec table. An exported record script keeps only the codecs its configuration names
-# (`codecs_for`; pgolf.export.bundle trims this table).
+# (`codecs_for`; pgolf.script.bundle trims this table).
 CODECS = {"zlib": Codec(0x01, _zlib_c, _zlib_d), "lzma": Codec(0x02, _lzma_c, _lzma_d),
           "brotli": Codec(0x03, _brotli_c, _brotli_d), "zstd": Codec(0x04, _zstd_c, _zstd_d),
           "zpaq": Codec(0x05, _zpaq_c, _zpaq_d)}

@@ -8,7 +8,7 @@ Methods (docs/records/record-stack.md §5, docs/records/hedge-stack.md §5-6):
 
 `RUNNERS` is the table of runners; each entry imports its module only when called, so code that
 imports this module does not carry every method, and an exported record script keeps only the entry
-its configuration reaches (`pgolf.export.bundle` trims the table by `runner_key`). The pieces the
+its configuration reaches (`pgolf.script.bundle` trims the table by `runner_key`). The pieces the
 methods share live in ttt_base.py, below them.
 """
 from __future__ import annotations

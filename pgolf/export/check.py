@@ -3,7 +3,7 @@
 One line per condition on stderr (PASS / FAIL and the facts), exit status 2 when any fails. Every
 figure is recomputed from the folder's files, never taken from submission.json:
 - bytes        per seed: the artifact's size on disk + the code bytes of train_gpt.py (minified,
-               brotli, base85 stub: pgolf.export.codebytes) <= 16,000,000;
+               brotli, base85 stub: pgolf.script.codebytes) <= 16,000,000;
 - imports      one script that imports only the standard library and the packages in
                requirements.txt (never pgolf, never a file beside it);
 - network      no network module, no URL and no absolute path in the code (as far as the AST tells);
@@ -89,7 +89,7 @@ class Report:
 
 # --------------------------------------------------------------------------- the conditions
 def check_bytes(folder: Path, logs: list[SeedLog], rep: Report) -> dict[int, int]:
-    from pgolf.export.codebytes import measure
+    from pgolf.script.codebytes import measure
 
     code = measure((folder / "train_gpt.py").read_text())["code_bytes"]
     totals, bad = {}, []

@@ -14,7 +14,7 @@ One process tree (`torchrun --nproc_per_node=N` shards it as pgolf.train does):
 
 `python -m pgolf.export.record (--preset P | --config C) [--seed S] [--out DIR] [--set k=v]` runs it
 from pgolf (the run joins runs/index.jsonl). The exported script is this module's `main` with the
-configuration baked in (pgolf.export.bundle), so both run the same code.
+configuration baked in (pgolf.script.bundle), so both run the same code.
 """
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ def _status(out: Path) -> str | None:
 
 
 def _run(cfg: Config, ctx: distributed.Dist, out: Path, script: str, say: Log) -> dict[str, Any]:
-    from pgolf.export.codebytes import measure
+    from pgolf.script.codebytes import measure
 
     t, q = cfg.train, cfg.quant
     if ctx.device.type == "cuda":
@@ -299,7 +299,7 @@ def main(cfg: Config) -> None:
 def cli(argv: list[str] | None = None) -> int:
     """`python -m pgolf.export.record ...`: the same pipeline from pgolf, for any preset or config."""
     from pgolf.envinfo import environment
-    from pgolf.export.bundle import build
+    from pgolf.script.bundle import build
     from pgolf.runs import RunDir
     from pgolf.train import resolve_config
 

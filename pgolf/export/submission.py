@@ -163,7 +163,7 @@ def _flat(d: dict[str, Any]) -> dict[str, Any]:
 
 def config_diff(cfg: Config) -> tuple[str, list[tuple[str, Any, Any]]]:
     """(base, [(field, value, base value)]): the configuration against its preset (or the defaults)."""
-    from pgolf.export.bundle import canonical
+    from pgolf.script.bundle import canonical
     from pgolf.presets import PRESETS, get_preset
 
     base_name = cfg.preset if cfg.preset in PRESETS else "defaults"

@@ -201,7 +201,7 @@ def estimate(cfg: Config, code_bytes: int | None = None) -> dict[str, Any]:
     the band straddles it, `under_limit` when all of it is under. `code_bytes` is one input (default:
     the exported record script's, as `pgolf quantize` counts it; cached per config), added to every figure.
     """
-    from pgolf.export.codebytes import code_bytes as counted
+    from pgolf.script.codebytes import code_bytes as counted
     from pgolf.lab.size_calibration import family
     from pgolf.model import build_model, count_params
 

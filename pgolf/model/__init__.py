@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -11,8 +10,7 @@ from pgolf.errors import PgolfError
 from pgolf.model.gpt import GPT, count_params, validate
 from pgolf.model.lora import BatchedLoRA
 
-__all__ = ["GPT", "BatchedLoRA", "build_model", "build_with_state", "count_params", "validate", "load_from_run",
-           "cmd_params"]
+__all__ = ["GPT", "BatchedLoRA", "build_model", "build_with_state", "count_params", "validate", "load_from_run"]
 
 
 def build_model(cfg: Config | ModelConfig, device: str | torch.device = "cpu", *,
@@ -63,15 +61,3 @@ def load_from_run(run_dir: str | Path, device: str | torch.device = "cpu",
     model.load_state_dict(state)
     model.looping = bool(cfg.model.num_loops)  # looping stays on for evaluation (docs/records/record-stack.md §2.6)
     return cfg, model
-
-
-def cmd_params(args: Any) -> dict[str, Any]:
-    from pgolf.presets import get_preset
-
-    cfg = get_preset(args.preset, args.overrides)
-    model = build_model(cfg, "meta")
-    out = {"preset": args.preset, "params": count_params(model)}
-    if getattr(args, "code_bytes", False):  # the exported record script, as `pgolf quantize` counts it
-        from pgolf.export.codebytes import code_bytes
-        out.update({k: v for k, v in code_bytes(cfg).items() if k != "code_files"})
-    return out

@@ -24,7 +24,7 @@ from pgolf.model.attention import FLASH_MODULES, DocMask
 class CompiledForward:
     """`target` (`model` itself or its `forward_at`) compiled whole, called like the model's own method.
     (The method is passed, not named: a getattr by a computed name would keep every method of the
-    script's classes in an exported script, pgolf.export.bundle.)"""
+    script's classes in an exported script, pgolf.script.bundle.)"""
 
     def __init__(self, model: Any, target: Any, *, dynamic_width: bool = False,
                  backend: str = "inductor"):

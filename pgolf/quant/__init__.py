@@ -10,7 +10,7 @@ hessian.py   calibration on training data, Hessians cached in the run directory
 pipeline.py  `pgolf quantize`; analysis.py: `sweep(run, grid)`, Pareto front and figure
 
 Imports stay lazy here. The code bytes of an artifact are the exported record script's
-(pgolf.export.codebytes).
+(pgolf.script.codebytes).
 """
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ def sweep(run: str | Path, grid: dict[str, list], *, overrides: list[str] | None
     model on the same tokens) and seconds."""
     import pandas as pd
 
-    from pgolf.export.codebytes import code_bytes
+    from pgolf.script.codebytes import code_bytes
 
     keys = list(grid)
     points = [dict(zip(keys, vals)) for vals in itertools.product(*(list(grid[k]) for k in keys))]

@@ -65,7 +65,7 @@ def _model_and_batches(cfg: Config, run_dir: str | None, device: torch.device):
 def bench_quant(cfg: Config, *, run_dir: str | None = None, codecs: str | None = None,
                 device: torch.device | None = None) -> dict[str, Any]:
     from pgolf.model import count_params
-    from pgolf.export.codebytes import code_bytes
+    from pgolf.script.codebytes import code_bytes
     from pgolf.quant.hessian import collect_hessians
 
     q = cfg.quant

@@ -1,7 +1,7 @@
 """`pgolf quantize RUN`: weights -> Hessians -> GPTQ/RTN (+LQER) -> compressed artifact -> accounting
 -> the artifact alone re-scored (docs/records/record-stack.md §4.1). Every phase is timed into result.json.
 
-The artifact counts as `model_bytes` (its size on disk) + `code_bytes` (pgolf.export.codebytes:
+The artifact counts as `model_bytes` (its size on disk) + `code_bytes` (pgolf.script.codebytes:
 the exported record script, minified and wrapped) = `total_bytes`
 against `quant.limit_bytes` (16,000,000). Over the limit is an error with `strict`, otherwise a loud
 warning on stderr and `under_limit: false` in the result, never a silent pass.
@@ -162,7 +162,7 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
                  evaluate: bool = True, device=None, allow_unfinished: bool = False) -> dict[str, Any]:
     """The whole `pgolf quantize` pipeline; publishes its results into the run (module notes) and
     returns them."""
-    from pgolf.export.codebytes import code_bytes
+    from pgolf.script.codebytes import code_bytes
 
     t_start = time.perf_counter()
     check_overrides(overrides or [], SECTIONS, "quantize")

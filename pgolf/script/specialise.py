@@ -1,9 +1,9 @@
-"""The flattened code specialised to the configuration it bakes in (pgolf.export.bundle).
+"""The flattened code specialised to the configuration it bakes in (pgolf.script.bundle).
 
 An exported script runs one configuration: CONFIG, changed at run time only by the official
 environment overrides (record.ENV: data paths, seed, iterations, wall clock). So every read of any
 other config field is a constant, and `specialise` writes it as one, then folds what became constant
-(pgolf.export.fold): the branches of the switches the configuration leaves off go, and with them the
+(pgolf.script.fold): the branches of the switches the configuration leaves off go, and with them the
 classes and functions only those branches used (the bundle's reachability drops them afterwards).
 
 What counts as a read of the baked configuration (`Kind`s, inferred scope by scope as Python resolves
@@ -31,11 +31,11 @@ import ast
 from typing import Callable
 
 from pgolf.config import Config
-from pgolf.export import fold as F
-from pgolf.export.facts import (ANY_CLASS, Baked, Call, Family, Kind, Store, const, literal_functions, module_constants,
+from pgolf.script import fold as F
+from pgolf.script.facts import (ANY_CLASS, Baked, Call, Family, Kind, Store, const, literal_functions, module_constants,
                                 fits, passes_through, plain_class)
-from pgolf.export.scopes import Binder
-from pgolf.export.walker import Walker
+from pgolf.script.scopes import Binder
+from pgolf.script.walker import Walker
 
 class Specialiser:
     """The state of the passes over one script."""

@@ -1,4 +1,4 @@
-"""Constant folding and dead code, on Python's AST (pgolf.export.specialise substitutes, this folds).
+"""Constant folding and dead code, on Python's AST (pgolf.script.specialise substitutes, this folds).
 
 Once the baked configuration's values stand as literals in the code, `fold_block` evaluates what is
 now constant, the way Python would at run time: unary and binary operators, comparisons (`in` over a

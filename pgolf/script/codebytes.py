@@ -4,7 +4,7 @@ The records count their whole `train_gpt.py`, training included: minified with p
 (no local renaming, no literal hoisting, literal statements and asserts removed, single-line
 preference: PR #1855's flags), compressed with brotli quality 11, base85-encoded inside the two-line
 `exec` stub. `measure(source)` counts one script (the record pipeline counts itself with it);
-`code_bytes(cfg)` builds the script `cfg` exports (pgolf.export.bundle) and counts it. That is the
+`code_bytes(cfg)` builds the script `cfg` exports (pgolf.script.bundle) and counts it. That is the
 `code_bytes` of `pgolf quantize`, the trainer's export, result.json, the registry and the estimates.
 It is cached per configuration, pgolf source and minifier/brotli version, in memory and in a small
 file cache (`$PGOLF_CACHE`, default ~/.cache/pgolf), so calling it is cheap after the first time.
@@ -57,7 +57,7 @@ _MEMO: dict[str, dict[str, Any]] = {}
 
 def code_bytes(cfg) -> dict[str, Any]:
     """measure() of the script `cfg` exports, plus the pgolf files it holds (`code_files`)."""
-    from pgolf.export.bundle import build, script_key
+    from pgolf.script.bundle import build, script_key
     from pgolf.fileio import atomic_write_json
 
     h = hashlib.sha256(script_key(cfg).encode())

@@ -1,4 +1,4 @@
-"""Python's name scopes, as far as the amalgamation needs them (pgolf.export.bundle).
+"""Python's name scopes, as far as the amalgamation needs them (pgolf.script.bundle).
 
 When modules are flattened into one file, every reference to another module's name (through an
 import, `from pgolf.x import y as z`, or an attribute of an imported module, `C.compress`) must

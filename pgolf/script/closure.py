@@ -1,4 +1,4 @@
-"""Reading pgolf's modules for the flattening (pgolf.export.bundle): the closure of the record entry.
+"""Reading pgolf's modules for the flattening (pgolf.script.bundle): the closure of the record entry.
 
 `Closure` parses `pgolf.export.record` and every pgolf module it can reach (imports at module level
 and inside functions; never the modules in NOT_EXPORTED), records each module's module-level names,
@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pgolf
 from pgolf.errors import PgolfError
-from pgolf.export.scopes import Binder, import_aliases
+from pgolf.script.scopes import Binder, import_aliases
 
 ENTRY = "pgolf.export.record"
 ENTRY_FUNCTION = "main"
 PACKAGE_DIR = Path(pgolf.__file__).resolve().parent
 # Never part of a record script: the notebooks' side, the command line, the exporter itself.
-NOT_EXPORTED = ("pgolf.lab", "pgolf.cli", "pgolf.envinfo", "pgolf.export.bundle", "pgolf.export.closure",
-                "pgolf.export.scopes", "pgolf.export.specialise", "pgolf.export.facts", "pgolf.export.walker",
-                "pgolf.export.fold", "pgolf.export.submission", "pgolf.export.check")
+NOT_EXPORTED = ("pgolf.lab", "pgolf.cli", "pgolf.envinfo", "pgolf.script.bundle", "pgolf.script.closure",
+                "pgolf.script.scopes", "pgolf.script.specialise", "pgolf.script.facts", "pgolf.script.walker",
+                "pgolf.script.fold", "pgolf.export.submission", "pgolf.export.check")
 
 
 @dataclass

@@ -5,7 +5,7 @@
 1. trims the registries by the configuration (`registries`): the TTT runner table keeps the one
    runner the config uses, the codec table the codecs it names, so the other methods' code is
    unreachable;
-2. rewrites each module onto one global namespace (pgolf.export.scopes): pgolf imports are removed,
+2. rewrites each module onto one global namespace (pgolf.script.scopes): pgolf imports are removed,
    `module.attr` and import aliases become the names they refer to, module-level names that collide
    between modules get the module's name as a prefix;
 3. keeps only the top-level statements the entry `main` reaches (functions and classes as a whole),
@@ -31,10 +31,10 @@ from dataclasses import dataclass
 import pgolf
 from pgolf.config import Config
 from pgolf.errors import PgolfError
-from pgolf.export import closure as C
-from pgolf.export.closure import ENTRY, ENTRY_FUNCTION, Closure, Module, extern_object
-from pgolf.export.specialise import methods_by_name, specialise
-from pgolf.export.scopes import Binder, Rewriter, external_attrs, import_aliases, is_placeholder, placeholder
+from pgolf.script import closure as C
+from pgolf.script.closure import ENTRY, ENTRY_FUNCTION, Closure, Module, extern_object
+from pgolf.script.specialise import methods_by_name, specialise
+from pgolf.script.scopes import Binder, Rewriter, external_attrs, import_aliases, is_placeholder, placeholder
 
 RESERVED = {"CONFIG"}  # the names the script itself adds
 

@@ -1,4 +1,4 @@
-"""What the specialisation knows (pgolf.export.specialise): the baked values, the script's classes,
+"""What the specialisation knows (pgolf.script.specialise): the baked values, the script's classes,
 what an expression is (`Kind`), and the facts read off the code without running it: the binding sites
 of each scope, module-level constants, functions that return a literal, how a call binds.
 """
@@ -10,8 +10,8 @@ import typing
 from typing import Any, Callable
 
 from pgolf.config import Config
-from pgolf.export import fold as F
-from pgolf.export.scopes import Binder, is_placeholder, outside_class
+from pgolf.script import fold as F
+from pgolf.script.scopes import Binder, is_placeholder, outside_class
 
 CONFIG_MODULE = "pgolf.config"
 Kind = tuple  # ("config",) | ("section", name) | ("inst", class placeholder) | ("const", repr, value)

@@ -1,4 +1,4 @@
-"""One pass over the flattened script (pgolf.export.specialise): names resolved scope by scope to what
+"""One pass over the flattened script (pgolf.script.specialise): names resolved scope by scope to what
 they are (`Kind`), and either the facts collected (every attribute store, every call of a module-level
 function, what blocks the specialisation) or the reads of constants written as literals.
 """
@@ -7,9 +7,9 @@ from __future__ import annotations
 import ast
 from typing import Any, Callable
 
-from pgolf.export import fold as F
-from pgolf.export.facts import ANY_CLASS, Baked, Call, Family, Kind, Scope, Store, binding_sites, const, fits, pairs
-from pgolf.export.scopes import is_placeholder
+from pgolf.script import fold as F
+from pgolf.script.facts import ANY_CLASS, Baked, Call, Family, Kind, Scope, Store, binding_sites, const, fits, pairs
+from pgolf.script.scopes import is_placeholder
 
 ENV_WRITER = "pgolf.export.record:apply_env"  # its getattr / setattr reach the ENV fields, which stay reads
 COPIES = {"ext:dataclasses.replace", "ext:copy.replace"}  # a copy with fields changed
