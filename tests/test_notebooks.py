@@ -126,12 +126,26 @@ def test_listed_notebooks_exist():
         assert (NB_DIR / name).is_file(), f"notebooks/{name} is listed but missing"
 
 
+# No cell of these tiny configurations takes a minute; a cell past this never got its reply back.
+CELL_TIMEOUT_S = 300
+
+
 def execute(name, out_dir, **params):
+    """Run a notebook headless. A cell that times out is a lost kernel message (the kernel sat idle with
+    the cell marked running: a known papermill / jupyter_client hang, once in a CI run), so the notebook
+    runs once more from the start; an error in a cell fails at once, and a second timeout fails."""
     import papermill as pm
+    from nbclient.exceptions import CellTimeoutError
 
     out = Path(out_dir) / name
-    pm.execute_notebook(str(NB_DIR / name), str(out), parameters=params, kernel_name="python3",
-                        progress_bar=False, cwd=str(out_dir))
+    for attempt in (1, 2):
+        try:
+            pm.execute_notebook(str(NB_DIR / name), str(out), parameters=params, kernel_name="python3",
+                                progress_bar=False, cwd=str(out_dir), execution_timeout=CELL_TIMEOUT_S)
+            break
+        except CellTimeoutError:
+            if attempt == 2:
+                raise
     return nbformat.read(out, as_version=4)
 
 
