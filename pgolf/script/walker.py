@@ -45,26 +45,24 @@ class Walker(ast.NodeTransformer):
         self.changed = False
 
     # ---- what an expression is
-    def lookup(self, name: str) -> Kind | None:
+    def _binding_scope(self, name: str) -> Scope | None:
+        """The innermost scope that binds `name` as Python resolves it (an enclosing class body is skipped)."""
         inner = True
         for scope in reversed(self.stack):
             if scope.kind == "class" and not inner:
                 continue
             inner = False
             if name in scope.facts:
-                return scope.facts[name]
+                return scope
         return None
+
+    def lookup(self, name: str) -> Kind | None:
+        scope = self._binding_scope(name)
+        return scope.facts[name] if scope is not None else None
 
     def bound(self, name: str) -> bool:
         """Whether a local scope binds `name` (else it is a global or a builtin)."""
-        inner = True
-        for scope in reversed(self.stack):
-            if scope.kind == "class" and not inner:
-                continue
-            inner = False
-            if name in scope.facts:
-                return True
-        return False
+        return self._binding_scope(name) is not None
 
     def kind(self, node: ast.expr) -> Kind | None:
         if isinstance(node, ast.Name):
