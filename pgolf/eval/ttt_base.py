@@ -56,6 +56,18 @@ def _sync(device: torch.device | None = None) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def _timed(clock: Callable[[], float], add: Callable[[float], None]) -> Iterator[None]:
+    """Hand `add` the seconds the body took on `clock`, with the device synchronised at both ends."""
+    _sync()
+    t = clock()
+    try:
+        yield
+    finally:
+        _sync()
+        add(clock() - t)
+
+
 def _reduce_max(values: list[float], device: torch.device) -> list[float]:
     """Each value maximised over ranks (the values themselves in a single process)."""
     dist = torch.distributed
@@ -84,15 +96,8 @@ class TimeLedger:
         self.clock = clock
         self.seconds: dict[str, float] = {}
 
-    @contextlib.contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        _sync()
-        t = self.clock()
-        try:
-            yield
-        finally:
-            _sync()
-            self.add(name, self.clock() - t)
+    def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return _timed(self.clock, lambda seconds: self.add(name, seconds))
 
     def add(self, name: str, seconds: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
@@ -138,15 +143,11 @@ class Deadline:
     def elapsed(self) -> float:
         return self.clock() - self.t0
 
-    @contextlib.contextmanager
-    def scoring(self) -> Iterator[None]:
-        _sync()
-        t = self.clock()
-        try:
-            yield
-        finally:
-            _sync()
-            self.scoring_seconds += self.clock() - t
+    def scoring(self) -> contextlib.AbstractContextManager[None]:
+        return _timed(self.clock, self._add_scoring)
+
+    def _add_scoring(self, seconds: float) -> None:
+        self.scoring_seconds += seconds
 
     def overrun(self, done: float, nxt: float, left: float, device: torch.device, scored: int,
                 **where: Any) -> bool:
