@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from notebook_helpers import parameterised_notebook
 
 from pgolf.errors import PgolfError
 from pgolf.lab import slurm
@@ -55,14 +56,7 @@ rc=0; for p in "${pids[@]}"; do wait "$p" || rc=$?; done; exit $rc
 
 @pytest.fixture
 def dummy_nb(tmp_path):
-    nb = nbformat.v4.new_notebook()
-    p = nbformat.v4.new_code_cell(PARAMS)
-    p.metadata["tags"] = ["parameters"]
-    nb.cells = [p, nbformat.v4.new_code_cell(BODY)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path = tmp_path / "dummy.ipynb"
-    nbformat.write(nb, path)
-    return path
+    return parameterised_notebook(tmp_path / "dummy.ipynb", PARAMS, BODY)
 
 
 def run_script(script: Path, tmp_path: Path, job_id: str, nodes: int = 1) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from notebook_helpers import parameterised_notebook
 
 from pgolf import cli
 from pgolf.lab import sweep
@@ -29,14 +30,7 @@ run.finish({"preset": "dummy", "seed": seed, "val_loss": 2.0 * scale, "val_bpb":
 
 @pytest.fixture
 def dummy_nb(tmp_path):
-    nb = nbformat.v4.new_notebook()
-    p = nbformat.v4.new_code_cell(PARAMS)
-    p.metadata["tags"] = ["parameters"]
-    nb.cells = [p, nbformat.v4.new_code_cell(BODY)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    path = tmp_path / "dummy.ipynb"
-    nbformat.write(nb, path)
-    return path
+    return parameterised_notebook(tmp_path / "dummy.ipynb", PARAMS, BODY)
 
 
 def test_plan_names_are_deterministic(tmp_path):

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import nbformat
 import pytest
+from notebook_helpers import parameterised_notebook
+from process_helpers import sigterm_when
 
 from pgolf.lab import launch, sweep
 from pgolf.runs import RunDir
@@ -37,13 +37,7 @@ run.finish({"preset": "dummy", "seed": seed, "val_loss": 2.0, "val_bpb": 1.0, "n
 
 
 def notebook(path: Path, params: str = PARAMS) -> Path:
-    nb = nbformat.v4.new_notebook()
-    cell = nbformat.v4.new_code_cell(params)
-    cell.metadata["tags"] = ["parameters"]
-    nb.cells = [cell, nbformat.v4.new_code_cell(BODY)]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, path)
-    return path
+    return parameterised_notebook(path, params, BODY)
 
 
 @pytest.fixture
@@ -131,16 +125,8 @@ def test_sigterm_stops_the_sweep_its_kernel_and_records_nothing(nb, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "pgolf.cli", "sweep", str(nb), "--seeds", "1", "2", "--nproc", "1",
                              "--runs-root", str(root), "-p", "mode", "sleep", "-p", "flag", str(flag)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-    try:
-        deadline = time.time() + 120
-        while not (flag.exists() and flag.read_text()) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        child, kernel = map(int, flag.read_text().split())  # the first point's kernel runs a long child
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    out, err = sigterm_when(proc, lambda: flag.exists() and bool(flag.read_text()))
+    child, kernel = map(int, flag.read_text().split())  # the first point's kernel runs a long child
     assert proc.returncode == 143, err[-2000:]
     assert "pgolf: terminated (SIGTERM)" in err and out.strip() == ""
     points = sorted(p for p in root.iterdir() if p.is_dir())

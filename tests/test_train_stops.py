@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from process_helpers import sigterm_when
 
 from pgolf.presets import get_preset
 
@@ -80,15 +81,8 @@ def test_sigterm_interrupts_training(sp1024_data, tmp_path):
                              "--out", str(runs / "t"), "--max-seconds", "0",
                              *sets(TINY + ["train.iterations=100000", "train.log_every=1"])],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    try:
-        metrics, deadline = runs / "t" / "metrics.jsonl", time.time() + 120
-        while not (metrics.exists() and metrics.read_text()) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    metrics = runs / "t" / "metrics.jsonl"
+    out, err = sigterm_when(proc, lambda: metrics.exists() and bool(metrics.read_text()))
     assert proc.returncode == 143, err[-2000:]
     assert "pgolf: terminated (SIGTERM)" in err and "Traceback" not in err and out.strip() == ""
     result = json.loads((runs / "t" / "result.json").read_text())
