@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.distributed import teardown
 from pgolf.eval.ttt import run_ttt
 from pgolf.eval.ttt_base import ConvergenceLog, Deadline, TimeLedger
-from test_eval_common import one_thread, stream_for, tiny_cfg, tiny_model, tiny_val  # noqa: F401
+from test_eval_common import one_thread, run_ranks, stream_for, tiny_cfg, tiny_model, tiny_val  # noqa: F401
 
 METHODS = [("lora", 0), ("lora", 2), ("sgd", 0), ("hedge", 0)]
 
@@ -130,40 +129,20 @@ def test_pgolf_eval_records_the_fallback(sp1024_data, tmp_path, cli):
 
 # ---- two ranks (gloo): every rank falls back at the same point, and no collective is left waiting
 
-def _worker(rank: int, world: int, port: int, q) -> None:
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        out = {}
-        for method, phases in [("lora", 2), ("sgd", 0)]:  # batches split by rank / chunks shared
-            cfg = tiny_cfg()
-            cfg.ttt.method, cfg.ttt.phases = method, phases
-            model, val = tiny_model(cfg), tiny_val(20)
-            res = run_ttt(model, val, cfg, stream_for(val), ledger=TimeLedger(1e-9), rank=rank, world_size=world)
-            out[method] = (res["val_loss"], res["tokens"], res["ttt_fallback"], val.num_targets)
-        q.put((rank, out))
-    finally:
-        teardown()  # destroys the group, then collects (see its docstring)
+def _fallbacks(rank: int, world: int) -> dict:
+    out = {}
+    for method, phases in [("lora", 2), ("sgd", 0)]:  # batches split by rank / chunks shared
+        cfg = tiny_cfg()
+        cfg.ttt.method, cfg.ttt.phases = method, phases
+        model, val = tiny_model(cfg), tiny_val(20)
+        res = run_ttt(model, val, cfg, stream_for(val), ledger=TimeLedger(1e-9), rank=rank, world_size=world)
+        out[method] = (res["val_loss"], res["tokens"], res["ttt_fallback"], val.num_targets)
+    return out
 
 
 @pytest.mark.slow
 def test_two_ranks_fall_back_together():
-    import socket
-
-    ctx = torch.multiprocessing.get_context("spawn")
-    q = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(q.get(timeout=180) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
+    got = run_ranks(_fallbacks, 2, wait_s=180)
     for method in ("lora", "sgd"):
         (loss0, tok0, fb0, n), (loss1, tok1, fb1, _) = got[0][method], got[1][method]
         assert loss0 == loss1 and tok0 == tok1 == n  # all-reduced sums over every target, once each

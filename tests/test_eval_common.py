@@ -3,12 +3,16 @@ tests of the pieces every TTT method shares: documents, batches, LR schedule, le
 from __future__ import annotations
 
 import math
+import os
+import socket
+from typing import Any, Callable
 
 import numpy as np
 import pytest
 import torch
 
 from pgolf.config import Config
+from pgolf.distributed import teardown
 from pgolf.eval.bpb import ValSet
 from pgolf.eval.trace import EvalStream, find_docs
 from pgolf.eval.ttt_base import ConvergenceLog, TimeLedger, cosine_lr, doc_batches, warmup
@@ -71,6 +75,33 @@ def stream_for(val: ValSet, **kw) -> EvalStream:
 
 
 # ---- tests of the shared pieces
+
+def _rank(fn: Callable[[int, int], Any], rank: int, world: int, port: int, q) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        q.put((rank, fn(rank, world)))
+    finally:
+        teardown()  # destroys the group, then collects (see its docstring)
+
+
+def run_ranks(fn: Callable[[int, int], Any], world: int = 2, wait_s: float = 120.0) -> dict[int, Any]:
+    """`fn(rank, world)` in `world` spawned gloo processes (a module-level function: it is pickled);
+    {rank: what it returned}."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_rank, args=(fn, r, world, port, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got = dict(q.get(timeout=wait_s) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    return got
+
 
 def test_docs_inclusive_of_next_bos_and_prefix():
     t = torch.tensor([5, 1, 7, 8, 1, 9, 1, 4])  # a prefix, then three documents

@@ -1,20 +1,17 @@
 """TTT mechanics: LoRA resets and chunk updates, phase boundaries, gains on a tiny model, 2 ranks = 1 rank."""
 from __future__ import annotations
 
-import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 
-from pgolf.distributed import teardown
 from pgolf.eval.lora_ttt import LoRATTT
 from pgolf.eval.phased import PhasedTTT
 from pgolf.eval.score import score_stream
 from pgolf.eval.ttt import run_ttt
 from pgolf.eval.ttt_base import ConvergenceLog
-from test_eval_common import one_thread, stream_for, tiny_cfg, tiny_model, tiny_val  # noqa: F401
+from test_eval_common import one_thread, run_ranks, stream_for, tiny_cfg, tiny_model, tiny_val  # noqa: F401
 
 
 class Spy(LoRATTT):
@@ -102,16 +99,6 @@ def test_ttt_improves_the_tiny_model():
 
 # ---- two ranks (gloo) give the one-rank result
 
-def _worker(rank: int, world: int, port: int, q) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        q.put((rank, _results(rank, world)))
-    finally:
-        teardown()  # destroys the group, then collects (see its docstring)
-
-
 def _results(rank: int = 0, world: int = 1) -> dict:
     cfg = tiny_cfg()
     model, val = tiny_model(cfg), tiny_val(14)
@@ -124,17 +111,7 @@ def _results(rank: int = 0, world: int = 1) -> dict:
 
 
 def test_two_ranks_match_one():
-    ctx = torch.multiprocessing.get_context("spawn")
-    q = ctx.Queue()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(q.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
+    got = run_ranks(_results, 2, wait_s=120)
     one = _results()
     for r in range(2):
         for k in ("slide", "lora0", "lora2", "sgd0"):
