@@ -130,6 +130,19 @@ def test_script_holds_only_what_the_configuration_reaches(preset, monkeypatch):
     exec(compile(codebytes.unwrap(stub), "<stub>", "exec"), mod.__dict__)
     assert callable(mod.main) and mod.CONFIG.preset == preset
     assert mod.CONFIG.to_dict() == bundle.canonical(cfg).to_dict()
+    # every field's value once, no dataclass defaults: nothing outside pgolf.config names its classes
+    assert not {"DataConfig", "ModelConfig", "QuantConfig", "TTTConfig"} & classes
+    assert list(mod.CONFIG.to_dict()) == list(cfg.to_dict()) and type(mod.CONFIG.train.max_seconds) is float
+
+
+def test_the_dataclasses_stay_when_code_names_them():
+    """The values form only replaces the config classes when no kept code outside pgolf.config refers
+    to one of them (an isinstance, a construction, from_dict...)."""
+    cls = bundle.Stmt("pgolf.config", ast.parse("class Config: pass").body[0], {"pgolf.config:Config"}, set(), set())
+    user = bundle.Stmt("pgolf.m", ast.parse("def f(x): pass").body[0], {"pgolf.m:f"}, set(), set())
+    assert bundle._values_config([cls, user]) == [user]
+    user.refs = {"pgolf.config:Config"}
+    assert bundle._values_config([cls, user]) == [cls, user]
 
 
 def test_every_seed_exports_the_same_script():

@@ -380,6 +380,41 @@ def test_hasattr_stays_when_something_may_set_the_attribute():
     assert why == [] and "hasattr(self, 'bigram')" in out
 
 
+def test_a_section_is_never_none():
+    """`q is None` where `q` is a section every call passes (the record reads back its own artifact
+    with its quantisation) is False, and `load` then returns a literal its call becomes; a parameter
+    some call leaves at None stays a test."""
+    out, why = special('''
+def load(blob, q=None):
+    if q is None and blob[:1] == b"x":
+        return "int8"
+    if (blob[:4] == b"PGRP") if q is None else q.compressor == "pergroup":
+        return "pergroup"
+    return "torch"
+
+
+def other(blob, q=None):
+    return q is not None
+
+
+def main(cfg: Config, blob):
+    return load(blob, cfg.quant), other(blob), other(blob, cfg.quant)
+''')
+    assert why == []
+    assert out == code('''
+def load(blob, q=None):
+    return 'pergroup'
+
+
+def other(blob, q=None):
+    return q is not None
+
+
+def main(cfg: Config, blob):
+    return ('pergroup', other(blob), other(blob, cfg.quant))
+''')
+
+
 # ----------------------------------------------------------------------------------- the real scripts
 def classes_and_attrs(text: str) -> tuple[set[str], set[str]]:
     """The classes a script defines and the attributes it sets (`x.a = ...`)."""

@@ -80,6 +80,11 @@ def test_artifact_round_trip_and_report_sums(compressor, group_codec):
     for n, t in sd.items():
         assert back[n].dtype == t.dtype and back[n].shape == t.shape
         assert torch.equal(back[n], ref[n]), n  # the file holds exactly the quantised state
+    told = load_artifact(blob, "a.ptz", q)  # read as the configuration that wrote it (the record's way)
+    assert all(torch.equal(told[n], ref[n]) for n in sd)
+    other = _q(compressor="brotli" if compressor == "pergroup" else "pergroup")
+    with pytest.raises(PgolfError, match=r"^a\.ptz: corrupt artifact"):  # another configuration's file
+        load_artifact(blob, "a.ptz", other)
     rep = byte_report(load_qstate(blob) if compressor != "pergroup" else qstate, blob, streams)
     assert sum(rep["bytes_by_group"].values()) == len(blob)
     assert rep["params"] == sum(t.numel() for t in sd.values() if t.is_floating_point())

@@ -84,8 +84,10 @@ def serialize(qstate: dict, q: QuantConfig) -> tuple[bytes, dict]:
     return blob, {"stream": len(blob), "codec": C.codec_of(blob)}
 
 
-def load_qstate(blob: bytes) -> dict:
-    if blob[:4] == pergroup.MAGIC:
+def load_qstate(blob: bytes, q: QuantConfig | None = None) -> dict:
+    """The quantised state in artifact bytes; `q`: the configuration that wrote them, when it is known
+    (then only its container is read; otherwise the per-group magic tells)."""
+    if (blob[:4] == pergroup.MAGIC) if q is None else q.compressor == "pergroup":
         return pergroup.unpack(blob)
     try:
         obj = torch.load(io.BytesIO(C.decompress(blob)), map_location="cpu", weights_only=True)
@@ -94,14 +96,16 @@ def load_qstate(blob: bytes) -> dict:
     return obj
 
 
-def load_artifact(blob: bytes, name: str = "artifact") -> dict[str, torch.Tensor]:
-    """Artifact bytes (any pgolf format, including the baseline's int8+zlib) -> state_dict.
+def load_artifact(blob: bytes, name: str = "artifact", q: QuantConfig | None = None) -> dict[str, torch.Tensor]:
+    """Artifact bytes (any pgolf format, including the baseline's int8+zlib) -> state_dict. `q`: the
+    quantisation that wrote them, when the caller knows it (the record pipeline reads back its own
+    artifact): then only that format is read.
 
     Whatever is wrong with the bytes, the caller gets one PgolfError naming `name`."""
     try:
-        if blob[:1] == b"\x78":  # a bare zlib stream: the baseline export (int8.py)
+        if q is None and blob[:1] == b"\x78":  # a bare zlib stream: the baseline export (int8.py)
             return load_int8(blob)
-        return dequantize_state(load_qstate(blob))
+        return dequantize_state(load_qstate(blob, q))
     except PgolfError as e:
         raise PgolfError(f"{name}: {e}") from None
     except Exception as e:  # noqa: BLE001 - truncated streams, bad pickles, bad headers

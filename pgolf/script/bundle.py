@@ -349,6 +349,8 @@ def baked_config(cfg: Config) -> Config:
 def config_source(cfg: Config, names: dict[str, str]) -> str:
     """`CONFIG = Config(...)`: the baked configuration built from the dataclasses (`names`: their
     names in the script), only the fields that differ from their defaults, a section a line."""
+    if not names:
+        return _values_source(cfg)
     defaults = Config()
     lines = [f"CONFIG = {names.get('Config', 'Config')}(preset={cfg.preset!r},"]
     for f in dataclasses.fields(Config):
@@ -370,6 +372,25 @@ def config_source(cfg: Config, names: dict[str, str]) -> str:
         rows.append(row.rstrip(", ") + "),")
         lines += rows
     lines.append(")")
+    return "\n".join(lines)
+
+
+def _values_source(cfg: Config) -> str:
+    """`CONFIG = Config({...})`: every field's value, a section a line (wrapped at 110 columns)."""
+    lines = [f"CONFIG = {VALUES_NAME}({{'preset': {cfg.preset!r},"]
+    for section, values in cfg.to_dict().items():
+        if not isinstance(values, dict):
+            continue
+        row, rows = f"    {section!r}: {{", []
+        items = [f"{k!r}: {v!r}" for k, v in values.items()]
+        for i, item in enumerate(items):
+            item += ", " if i < len(items) - 1 else "},"
+            if len(row) + len(item) > 110:
+                rows.append(row.rstrip())
+                row = " " * 8
+            row += item
+        lines += rows + [row]
+    lines[-1] = lines[-1].rstrip(",") + "})"
     return "\n".join(lines)
 
 
@@ -436,7 +457,8 @@ def build(cfg: Config, specialised: bool = True) -> Script:
     body = _BODIES[key]
     config = config_source(cfg, body.config_names)
     parts = [_header(cfg), body.code,
-             "# The configuration: the fields that differ from the defaults of the dataclasses above.\n" + config,
+             ("# The configuration: the fields that differ from the defaults of the dataclasses above.\n"
+              if body.config_names else "# The configuration: every field's value.\n") + config,
              f"if __name__ == \"__main__\":\n    {body.entry}(CONFIG)"]
     return Script("\n\n\n".join(parts) + "\n", body.files, body.unspecialised)
 
@@ -493,6 +515,7 @@ def _flatten(cfg: Config, specialised: bool) -> Body:
                 cls.body, st.refs, st.eager = class_body, refs, eager
             trial = _kept(kept, root)
         kept = trial
+        kept = _values_config(kept)
     used = set().union(*(s.refs for s in kept)) if kept else set()
     externs = {}  # placeholder -> the alias its import statement binds
     for ph in sorted(p for p in used if p.startswith("ext:")):
@@ -514,4 +537,34 @@ def _flatten(cfg: Config, specialised: bool) -> Body:
         parts.append(_banner(str(path), docs[module]) + "\n" + "\n\n".join(code))
     files = sorted(str(closure.mods[m].path.relative_to(C.PACKAGE_DIR.parent)) for m in order)
     config_names = {k.rpartition(":")[2]: v for k, v in names.items() if k.startswith("pgolf.config:")}
+    if not any(s.module == CONFIG_MODULE for s in kept):  # CONFIG holds the values (_values_config)
+        parts.append(VALUES_CONFIG)
+        config_names = {}
     return Body("\n\n\n".join(parts), files, names[root], config_names, blocked)
+
+
+CONFIG_MODULE = "pgolf.config"
+VALUES_NAME = "Config"  # the class CONFIG is made of when the script holds the values alone
+VALUES_CONFIG = f'''# {'-' * 10} the configuration {'-' * 72}
+class {VALUES_NAME}:
+    """A configuration section: its fields as attributes, read from the nested dict CONFIG holds."""
+
+    def __init__(self, fields):
+        for key, value in fields.items():
+            setattr(self, key, {VALUES_NAME}(value) if isinstance(value, dict) else value)
+
+    def to_dict(self):
+        return {{k: v.to_dict() if isinstance(v, {VALUES_NAME}) else v for k, v in vars(self).items()}}'''
+
+
+def _values_config(kept: list[Stmt]) -> list[Stmt]:
+    """When, after specialisation, no code outside pgolf.config names a config class (only CONFIG is
+    built from them), the script holds the configuration as values: every field once, as a nested
+    dict read into attribute sections (VALUES_CONFIG), instead of the dataclasses' defaults and a
+    diff against them. What the code does with it is the same: attribute reads and writes, `type()` of
+    a value (record.apply_env), `to_dict()` in the dataclasses' field order (the log, config.json)."""
+    if any(ph.startswith(CONFIG_MODULE + ":") for s in kept if s.module != CONFIG_MODULE for ph in s.refs):
+        return kept
+    if any(ph.rpartition(":")[2] == VALUES_NAME for s in kept if s.module != CONFIG_MODULE for ph in s.binds):
+        return kept  # (the name is someone else's)
+    return [s for s in kept if s.module != CONFIG_MODULE]

@@ -246,6 +246,12 @@ class Walker(ast.NodeTransformer):
         node.comparators = [self._sequence(c) if isinstance(op, (ast.In, ast.NotIn)) else self.visit(c)
                             for op, c in zip(node.ops, node.comparators)]
         operands = [node.left] + node.comparators
+        if not self.collect and len(node.ops) == 1 and isinstance(node.ops[0], (ast.Is, ast.IsNot)):
+            for x, other in ((node.left, node.comparators[0]), (node.comparators[0], node.left)):
+                k = self.kind(x)
+                if F.value_of(other) is None and k is not None and k[0] in ("config", "section"):
+                    self.changed = True  # the configuration and its sections are never None
+                    return F.literal(isinstance(node.ops[0], ast.IsNot))
         named = [i for i, x in enumerate(operands) if self._constant_name(x)]
         if named and not self.collect and all(i in named or F.value_of(x) is not F.NO or F.container(x) is not F.NO
                                               for i, x in enumerate(operands)):
