@@ -13,8 +13,10 @@
    the CLI, this exporter) inside a kept function becomes `raise RuntimeError(...)`;
 4. orders the modules so every name a module's top level uses is defined above it, and writes them
    out with a banner each (`ast.unparse`: comments are gone, docstrings stay; code bytes are counted on
-   the minified form anyway), the configuration as the literal `CONFIG` that `Config.from_dict`
-   reads, and `main(CONFIG)` under `if __name__ == "__main__"`.
+   the minified form anyway), the configuration as the literal `CONFIG`, and `main(CONFIG)` under
+   `if __name__ == "__main__"`. CONFIG holds every field's value, read into attribute sections
+   (`_values_config`), when no kept code names a config class; otherwise it is built from the
+   dataclasses, with the fields that differ from their defaults.
 The result imports only the standard library and third-party packages, and is deterministic: the
 same pgolf sources and config give the same bytes in every process.
 """
