@@ -191,3 +191,28 @@ def test_registry_table_with_a_key_that_is_not_a_literal_is_refused():
     assert ast.unparse(tree) == "CODECS = {'brotli': 2}"
     with pytest.raises(PgolfError, match=r"pgolf\.m\.CODECS has a key that is not a literal"):
         closure._trim(ast.parse("CODECS = {'zlib': 1, **MORE}\n"), "CODECS", {"zlib"}, "pgolf.m")
+
+
+def test_bare_annotations_of_plain_classes_leave_the_script():
+    """`buf: torch.Tensor` in an nn.Module body documents a buffer for the type checker and does
+    nothing at run time; a dataclass's or a NamedTuple's annotations are its fields and stay."""
+    src = '''
+class Rope(nn.Module):
+    inv_freq: torch.Tensor
+    scale: float = 1.0
+
+@dataclass
+class Chunk:
+    c: int
+
+class Pair(NamedTuple):
+    a: int
+'''
+    stmts = [bundle.Stmt("pgolf.m", n, set(), set(), set()) for n in ast.parse(src).body]
+    bundle._drop_bare_annotations(stmts)
+    out = ast.unparse(ast.Module(body=[s.node for s in stmts], type_ignores=[]))
+    assert "inv_freq" not in out and "scale: float = 1.0" in out  # (an assignment stays)
+    assert "c: int" in out and "a: int" in out
+    rope = types.SimpleNamespace()
+    exec(compile("import torch\nimport torch.nn as nn\n" + out.split("@dataclass")[0], "<t>", "exec"), vars(rope))
+    assert rope.Rope().scale == 1.0

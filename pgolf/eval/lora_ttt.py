@@ -18,7 +18,7 @@ the result says where (`ttt_fallback`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from pgolf.eval.trace import EvalStream, find_docs
 from pgolf.eval.ttt_base import ConvergenceLog, Deadline, TimeLedger, doc_batches, lora_targets, ttt_forward
 from pgolf.model.attention import CAUSAL
 from pgolf.model.lora import BatchedLoRA
+
+if TYPE_CHECKING:
+    from pgolf.model.gpt import GPT
 
 LOG_EVERY_CHUNKS = 16  # convergence rows inside a batch of long documents (besides one per batch)
 
@@ -52,7 +55,7 @@ class LoRATTT:
     """score -> update per chunk; subclasses (phased) hook `after_batch`; tests swap `step`."""
     name = "lora"
 
-    def __init__(self, model: torch.nn.Module, val: Any, cfg: Config, stream: EvalStream, *,
+    def __init__(self, model: GPT, val: Any, cfg: Config, stream: EvalStream, *,
                  log: ConvergenceLog | None = None, ledger: TimeLedger | None = None,
                  rank: int = 0, world_size: int = 1):
         self.model, self.cfg, self.tc = model, cfg, cfg.ttt
@@ -127,7 +130,7 @@ class LoRATTT:
                                  at_document=int(self.batches[b][0]),
                                  documents_left=int(sum(len(d) for d in self.batches[b:]))):
             if self.log is not None:
-                self.log.fallback(phase=self.phase, **self.deadline.fallback)
+                self.log.fallback(phase=self.phase, **(self.deadline.fallback or {}))
 
     def run_batch(self, b: int, docs: np.ndarray) -> None:
         if self.deadline.fallback is not None:
@@ -238,6 +241,7 @@ class LoRATTT:
                 nll = ch.nll if g == 0 and ch.nll is not None else self.nll(ch)
                 loss = ((nll * m).sum(1) / m.sum(1).clamp_min(1)).sum()  # Σ_docs mean chunk CE
             self.stream.declare_update(ch.train_positions)
+            assert self.opt is not None  # run_batch made it
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

@@ -147,7 +147,8 @@ def score_artifact(cfg: Config, ctx: distributed.Dist, path: Path, out: Path, sa
 
     ledger = TimeLedger(cfg.eval.max_seconds)
     with ledger.phase("load"):
-        model = build_with_state(cfg, load_artifact(path.read_bytes(), path.name, cfg.quant), ctx.device, path.name).eval()
+        state = load_artifact(path.read_bytes(), path.name, cfg.quant)  # the format this configuration writes
+        model = build_with_state(cfg, state, ctx.device, path.name).eval()
         seq_len = eval_seq_len(cfg)
         val = load_val(cfg.data.path, cfg.data.tokenizer or None, cfg.model.vocab_size, seq_len,
                        cfg.data.val_max_tokens, bos_id=cfg.data.bos_id)

@@ -145,7 +145,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, doc_ids: torch.
     return _sdpa(q, k, v, mask)
 
 
-def _autocast_inputs(q, k, v):
+def _autocast_inputs(q: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v in one dtype for the kernels that autocast does not cover (FlashAttention, FlexAttention).
 
     SDPA is an autocast op: under autocast it casts all three to the autocast dtype itself. The other
@@ -161,7 +162,7 @@ def _autocast_inputs(q, k, v):
 
 def _sdpa(q, k, v, mask: DocMask | None):
     B, T, H, D = q.shape
-    gqa = {"enable_gqa": True} if k.shape[2] != H else {}
+    gqa: dict[str, Any] = {"enable_gqa": True} if k.shape[2] != H else {}
     if mask is not None and isinstance(mask.plan, SegmentPlan):
         return _sdpa_segments(q, k, v, mask.plan, gqa)
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)

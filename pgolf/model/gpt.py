@@ -114,6 +114,7 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 class Rotary(nn.Module):
     """(Partial) RoPE: the first `dims` of each head rotate in half-split pairs (i, i + dims/2)."""
+    inv_freq: torch.Tensor  # a buffer
 
     def __init__(self, head_dim: int, dims: int, base: float, ntk_factor: float):
         super().__init__()
@@ -308,6 +309,9 @@ class ValueEmbedding(nn.Module):
 
 
 class GPT(nn.Module):
+    carry_alpha: torch.Tensor  # buffers of the frozen recurrence carry (recur_carry="frozen")
+    carry_beta: torch.Tensor
+
     def __init__(self, cfg: ModelConfig, *, bos_id: int = 1, attention_backend: str = "sdpa", max_doc_len: int = 0):
         super().__init__()
         validate(cfg)
@@ -329,7 +333,7 @@ class GPT(nn.Module):
             self.smear_gate = nn.Linear(cfg.smear_gate_width, 1, bias=False)
             self.smear_lambda = nn.Parameter(torch.zeros(()))
         elif cfg.smear_gate == "channel":  # (1 - s) x_t + s x_{t-1}, s = sigmoid(g) per channel (#430)
-            self.smear_gate = nn.Parameter(torch.zeros(d))
+            self.smear_gate = nn.Parameter(torch.zeros(d))  # type: ignore[assignment]  # the same state-dict name
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(L)])
         n_skip = max(self._num_skips(self.layer_order(False)), self._num_skips(self.layer_order(True)))
         if cfg.unet_skips and n_skip:
@@ -353,6 +357,10 @@ class GPT(nn.Module):
             self.tok_emb.to(torch.bfloat16)
 
     # ---- structure
+    def physical_blocks(self) -> list[Block]:
+        """The blocks in layer order, typed (iterating an nn.ModuleList yields plain Modules)."""
+        return list(self.blocks)  # type: ignore[arg-type]
+
     def layer_order(self, looping: bool | None = None) -> list[int]:
         """Physical layer index of every virtual layer, e.g. [0,1,2,3,4,5,3,4,5,3,4,5,6,...] looped."""
         return virtual_layer_order(self.cfg, self.looping if looping is None else looping)
@@ -381,7 +389,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         cfg = self.cfg
-        for block in self.blocks:
+        for block in self.physical_blocks():
             lins = [block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc]
             for lin in lins:
                 if cfg.init == "orthogonal":
@@ -473,7 +481,7 @@ class GPT(nn.Module):
             e = torch.cat([e[:, :1], e[:, 1:] + g.to(e.dtype) * prev], dim=1)
         x = rms_norm(e)
         if cfg.smear_gate == "channel":
-            s = torch.sigmoid(self.smear_gate).to(x.dtype)
+            s = torch.sigmoid(self.smear_gate).to(x.dtype)  # type: ignore[arg-type]  # the channel gate's Parameter
             prev = F.pad(x[:, :-1], (0, 0, 1, 0))  # the previous token at t = 0 is zero
             if cfg.smear_bos_mask:  # a BOS sees no previous token, like position 0
                 prev = prev.masked_fill(bos[..., None], 0.0)
@@ -493,7 +501,7 @@ class GPT(nn.Module):
         lanes: tuple[torch.Tensor, torch.Tensor] | None = None
         first_visit: dict[int, torch.Tensor] = {}
         for slot, phys in enumerate(order):
-            block = self.blocks[phys]
+            block: Block = self.blocks[phys]  # type: ignore[assignment]  # (nn.ModuleList yields Modules)
             layer_ve = None
             if ve is not None and phys in cfg.ve_layers:
                 layer_ve = self.ve.ve_layer_scales[cfg.ve_layers.index(phys)].to(x.dtype) * ve
@@ -515,6 +523,7 @@ class GPT(nn.Module):
                 else:
                     x = cur
             if parallel:
+                assert lanes is not None  # set above on the first parallel slot
                 lanes = block.forward_parallel(*lanes, x0, self.parallel_post_lambdas[phys],
                                                self.parallel_resid_lambdas[phys], **kw)
             else:

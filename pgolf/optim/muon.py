@@ -68,6 +68,11 @@ def zeropower(G: torch.Tensor, steps: int = 5, coeffs: str = "classic",
     return X.mT if tall else X
 
 
+def _grads(ps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients of a bank's parameters (a bank holds only parameters that have one)."""
+    return [g for p in ps if (g := p.grad) is not None]
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
@@ -117,37 +122,42 @@ class Muon(torch.optim.Optimizer):
             banks += [(group, ps) for ps in buckets.values()]
         return banks
 
-    def reduce_grads(self) -> None:
+    def reduce_grads(self) -> dict[torch.Tensor, torch.Tensor]:
         """Reduce-scatter each bank's gradient (the mean over ranks): this rank keeps its shard's rows.
-        In a single process the shard is the whole gradient. `step` calls it when the caller has not."""
+        In a single process the shard is the whole gradient. `step` calls it when the caller has not.
+        Returns the rows this rank holds, per parameter."""
         world, rank = _world()
-        self._shards = {}
+        shards: dict[torch.Tensor, torch.Tensor] = {}
+        self._shards = shards
         for _, ps in self._banks():
+            grads = _grads(ps)
             if world == 1:
-                self._shards.update((p, p.grad) for p in ps)
+                shards.update(zip(ps, grads))
                 continue
             n = -(-len(ps) // world)  # matrices per rank; the stack is padded to n * world
-            stack = torch.stack([p.grad for p in ps])
+            stack = torch.stack(grads)
             stack = torch.cat([stack, stack.new_zeros(n * world - len(ps), *stack.shape[1:])])
             shard = stack.new_empty(n, *stack.shape[1:])
             dist.reduce_scatter_tensor(shard, stack)  # SUM: gloo has no AVG
             shard.mul_(1.0 / world)
-            self._shards.update(zip(ps[rank * n:(rank + 1) * n], shard))
+            shards.update(zip(ps[rank * n:(rank + 1) * n], shard))
+        return shards
+
+    def _held(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The gradient rows this rank holds: reduce_grads' (run now when the caller has not)."""
+        return self.reduce_grads() if self._shards is None else self._shards
 
     def shard_sq_norm(self) -> torch.Tensor:
         """Sum of squares (fp32) of the averaged gradient rows this rank holds: summed over ranks, the
         Muon part of the global gradient norm."""
-        if self._shards is None:
-            self.reduce_grads()
         dev = self.param_groups[0]["params"][0].device
-        return sum((g.float().pow(2).sum() for g in self._shards.values()), torch.zeros((), device=dev))
+        return sum((g.float().pow(2).sum() for g in self._held().values()), torch.zeros((), device=dev))
 
     def scale_grads_(self, coef: torch.Tensor) -> None:
         """Multiply the gradient rows this rank holds by `coef` (a clip coefficient)."""
-        if self._shards is None:
-            self.reduce_grads()
-        if self._shards:
-            torch._foreach_mul_(list(self._shards.values()), coef)
+        held = self._held()
+        if held:
+            torch._foreach_mul_(list(held.values()), coef)
 
     def _orthogonalise(self, group: dict, ps: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
         dt = group.get("momentum_dtype")
@@ -181,18 +191,17 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         world, rank = _world()
-        if self._shards is None:
-            self.reduce_grads()
+        held = self._held()
         for group, ps in self._banks():
             if world == 1:
-                updates = self._orthogonalise(group, ps, [self._shards[p] for p in ps])
+                updates = self._orthogonalise(group, ps, [held[p] for p in ps])
             else:  # this rank's shard, then every rank's shard gathered (padding rows are zeros)
                 n = -(-len(ps) // world)
                 mine = ps[rank * n:(rank + 1) * n]
                 dtype = group["ns_dtype"] or ns_dtype_for(ps[0].device)
                 shard = ps[0].new_zeros(n, *ps[0].shape, dtype=dtype)
                 if mine:
-                    shard[:len(mine)] = self._orthogonalise(group, mine, [self._shards[p] for p in mine])
+                    shard[:len(mine)] = self._orthogonalise(group, mine, [held[p] for p in mine])
                 updates = shard.new_empty(n * world, *ps[0].shape)
                 dist.all_gather_into_tensor(updates, shard)
             lr, wd = group["lr"], group["weight_decay"]

@@ -518,6 +518,7 @@ def _flatten(cfg: Config, specialised: bool) -> Body:
             trial = _kept(kept, root)
         kept = trial
         kept = _values_config(kept)
+    _drop_bare_annotations(kept)
     used = set().union(*(s.refs for s in kept)) if kept else set()
     externs = {}  # placeholder -> the alias its import statement binds
     for ph in sorted(p for p in used if p.startswith("ext:")):
@@ -557,6 +558,24 @@ class {VALUES_NAME}:
 
     def to_dict(self):
         return {{k: v.to_dict() if isinstance(v, {VALUES_NAME}) else v for k, v in vars(self).items()}}'''
+
+
+_ANNOTATED_BASES = ("NamedTuple", "TypedDict", "Protocol")  # bases that read a class's annotations
+
+
+def _drop_bare_annotations(kept: list[Stmt]) -> None:
+    """`name: T` without a value in a plain class body (no decorator such as @dataclass, no base that
+    reads annotations) only documents an attribute, such as a torch buffer for the type checker: it does
+    nothing when the script runs, so the script leaves it out."""
+    for s in kept:
+        cls = s.node
+        if not isinstance(cls, ast.ClassDef) or cls.decorator_list \
+                or any(ast.unparse(b).endswith(_ANNOTATED_BASES) for b in cls.bases):
+            continue
+        body = [b for b in cls.body if not (isinstance(b, ast.AnnAssign) and b.value is None and b.simple)]
+        if len(body) < len(cls.body):
+            cls.body = body or [ast.Pass()]
+            s.refs, s.eager = _refs(cls), _refs(cls, eager_only=True)
 
 
 def _values_config(kept: list[Stmt]) -> list[Stmt]:
