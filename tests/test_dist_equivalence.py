@@ -11,8 +11,11 @@ the only difference is the order of the sums: every point of the loss curve with
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -108,3 +111,23 @@ def test_two_and_four_ranks_give_the_single_process_loss_curve(tmp_path):
             assert len(got) == STEPS + 2 and rel.max() <= 1e-5, (world, rel.max(), int(rel.argmax()))
         owned = [n for _, n in runs]  # Muon's momentum is sharded: each rank holds a part, together all
         assert sum(owned) == matrices and max(owned) < matrices, owned
+
+
+LEAVE = '''
+import atexit, sys
+from pgolf.distributed import leave
+atexit.register(lambda: print("shutdown ran", file=sys.stderr))
+print("result line", end="")  # unflushed when leave() is called
+leave(3)
+'''
+
+
+@pytest.mark.parametrize("world, shutdown", [("2", False), ("1", True)])
+def test_a_torchrun_worker_leaves_without_the_interpreter_shutdown(world, shutdown):
+    """`distributed.leave`: a worker of a multi-process job flushes its output and exits with its code
+    without running the interpreter's shutdown (where gloo threads abort finished workers now and then);
+    a single process exits the ordinary way."""
+    env = {**os.environ, "WORLD_SIZE": world}
+    p = subprocess.run([sys.executable, "-c", LEAVE], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 3 and p.stdout == "result line"
+    assert ("shutdown ran" in p.stderr) == shutdown

@@ -295,6 +295,7 @@ def main(cfg: Config) -> None:
             distributed.teardown()
     if ctx.is_main:
         print(json.dumps(summary(result)))
+    distributed.leave(0)
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -346,4 +347,4 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    distributed.leave(cli())
