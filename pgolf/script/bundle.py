@@ -35,6 +35,7 @@ from pgolf.config import Config
 from pgolf.errors import PgolfError
 from pgolf.script import closure as C
 from pgolf.script.closure import ENTRY, ENTRY_FUNCTION, Closure, Module, extern_object
+from pgolf.script.facts import CONFIG_MODULE
 from pgolf.script.specialise import methods_by_name, specialise
 from pgolf.script.scopes import Binder, Rewriter, external_attrs, import_aliases, is_placeholder, placeholder
 
@@ -350,7 +351,8 @@ def baked_config(cfg: Config) -> Config:
 
 def config_source(cfg: Config, names: dict[str, str]) -> str:
     """`CONFIG = Config(...)`: the baked configuration built from the dataclasses (`names`: their
-    names in the script), only the fields that differ from their defaults, a section a line."""
+    names in the script), only the fields that differ from their defaults, a section a line. No
+    names: no config class is in the script, and CONFIG holds the values (`_values_source`)."""
     if not names:
         return _values_source(cfg)
     defaults = Config()
@@ -362,38 +364,35 @@ def config_source(cfg: Config, names: dict[str, str]) -> str:
         default = dataclasses.asdict(getattr(defaults, f.name))
         diff = [f"{k}={v!r}" for k, v in dataclasses.asdict(section).items()
                 if default[k] != v or type(default[k]) is not type(v)]
-        if not diff:
-            continue
-        cls = type(section).__name__
-        row, rows = f"    {f.name}={names.get(cls, cls)}(", []
-        for item in diff:
-            if len(row) + len(item) + 2 > 110:
-                rows.append(row.rstrip())
-                row = " " * 8
-            row += item + ", "
-        rows.append(row.rstrip(", ") + "),")
-        lines += rows
+        if diff:
+            cls = type(section).__name__
+            lines += _wrapped(f"    {f.name}={names.get(cls, cls)}(", diff, "),")
     lines.append(")")
     return "\n".join(lines)
 
 
 def _values_source(cfg: Config) -> str:
-    """`CONFIG = Config({...})`: every field's value, a section a line (wrapped at 110 columns)."""
-    lines = [f"CONFIG = {VALUES_NAME}({{'preset': {cfg.preset!r},"]
-    for section, values in cfg.to_dict().items():
-        if not isinstance(values, dict):
-            continue
-        row, rows = f"    {section!r}: {{", []
-        items = [f"{k!r}: {v!r}" for k, v in values.items()]
-        for i, item in enumerate(items):
-            item += ", " if i < len(items) - 1 else "},"
-            if len(row) + len(item) > 110:
-                rows.append(row.rstrip())
-                row = " " * 8
-            row += item
-        lines += rows + [row]
-    lines[-1] = lines[-1].rstrip(",") + "})"
+    """`CONFIG = Config({...})`: every field's value, a section a line."""
+    lines = [f"CONFIG = {VALUES_NAME}({{"]
+    for key, value in cfg.to_dict().items():
+        if isinstance(value, dict):
+            lines += _wrapped(f"    {key!r}: {{", [f"{k!r}: {v!r}" for k, v in value.items()], "},")
+        else:
+            lines.append(f"    {key!r}: {value!r},")
+    lines.append("})")
     return "\n".join(lines)
+
+
+def _wrapped(head: str, items: list[str], close: str) -> list[str]:
+    """`head`, the items joined by ", ", then `close`, as lines of about 110 columns at most (the
+    continuation lines indented by 8)."""
+    row, rows = head, []
+    for item in items:
+        if len(row) + len(item) + 2 > 110:
+            rows.append(row.rstrip())
+            row = " " * 8
+        row += item + ", "
+    return rows + [row.rstrip(", ") + close]
 
 
 def _header(cfg: Config) -> str:
@@ -546,7 +545,6 @@ def _flatten(cfg: Config, specialised: bool) -> Body:
     return Body("\n\n\n".join(parts), files, names[root], config_names, blocked)
 
 
-CONFIG_MODULE = "pgolf.config"
 VALUES_NAME = "Config"  # the class CONFIG is made of when the script holds the values alone
 VALUES_CONFIG = f'''# {'-' * 10} the configuration {'-' * 72}
 class {VALUES_NAME}:
