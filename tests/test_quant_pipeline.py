@@ -36,7 +36,7 @@ def smoke_run(sp1024_data, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("quant") / "smoke"
     rc = main(["train", "--preset", "cpu-smoke", "--data", str(sp1024_data), "--out", str(out),
-               "--max-seconds", "15", "--set", "data.val_max_tokens=8192"])
+               "--max-seconds", "0", "--set", "train.iterations=15", "--set", "data.val_max_tokens=8192"])
     assert rc == 0
     return out
 
