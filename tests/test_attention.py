@@ -11,7 +11,7 @@ from model_helpers import one_thread  # noqa: F401  (autouse)
 from model_helpers import BOS, max_diff, tiny_model, tokens
 from pgolf.errors import PgolfError
 from pgolf.data.segments import segment_ids
-from pgolf.model.attention import BACKENDS, attend, resolve_backend
+from pgolf.model.attention import BACKENDS, attend, prepare_doc_mask, resolve_backend
 
 GQA_SHAPES = [(4, 2), (6, 2), (4, 4)]  # (H, Hkv): 2:1, 3:1, MHA
 
@@ -192,6 +192,34 @@ def test_xsa_output_is_orthogonal_to_own_value_per_kv_group():
         assert (y * F.normalize(v, dim=-1)).sum(-1).abs().max() < 1e-5 * scale
         wrong = v.view(2, 20, 2, 2, 16).transpose(2, 3).reshape(2, 20, 4, 16)  # h <- h % 2: not orthogonal
         assert (y * F.normalize(wrong, dim=-1)).sum(-1).abs().max() > 1e-2 * scale
+
+
+# ---------------------------------------------------------------- FlexAttention on CPU
+
+@pytest.mark.slow
+def test_flex_kernel_on_cpu_equals_float64_reference():
+    """FlexAttention is the CUDA kernel where no FlashAttention is installed. PyTorch compiles its forward
+    for the CPU too (no backward there), so its mask is held here without a device: causal inside each
+    document, grouped-query heads, and plain causal without document ids (about 20 s of compiling)."""
+    q, k, v = _qkv(2, 128, 4, 2, 16, seed=4)
+    doc_ids = _packed_doc_ids(2, 128)
+    for ids in (doc_ids, None):
+        y = attend(q, k, v, doc_ids=None if ids is None else prepare_doc_mask(ids, "flex"), backend="flex")
+        assert y.shape == q.shape and max_diff(y, reference_attention(q, k, v, ids)) < 1e-5, ids is None
+
+
+@pytest.mark.slow
+def test_flex_model_on_cpu_equals_the_sdpa_model_with_packed_rows():
+    """The whole pr1855 forward with `attention_backend = "flex"` gives the SDPA forward's logits and loss,
+    with document masks on and packed rows cut every 32 tokens (`varlen`: the block mask is built by the
+    compiled builder), so the mask the model prepares once per forward is the one each kernel needs."""
+    idx, tgt = tokens(2, 128, seed=1, bos_at=(0, 40, 41, 100)), tokens(2, 128, seed=2)
+    models = [tiny_model("pr1855", "model.doc_mask=true") for _ in range(2)]
+    for m, backend in zip(models, ("flex", "sdpa")):
+        m.attention_backend, m.max_doc_len = backend, 32
+    with torch.no_grad():
+        (flex_logits, flex_loss), (ref_logits, ref_loss) = ((m(idx), m(idx, tgt)) for m in models)
+    assert max_diff(flex_logits, ref_logits) < 1e-4 and abs(flex_loss.item() - ref_loss.item()) < 1e-5
 
 
 # ---------------------------------------------------------------- GPU backends
