@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="baseline")
     p.add_argument("--nproc", type=int, default=8, help="GPUs (ranks) the run would use")
     p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation assumed for the times")
+    p.add_argument("--compile-backend", default="eager", choices=("eager", "aot_eager", "inductor"),
+                   help="the compile check's torch.compile backend: eager (dynamo's trace, seconds), aot_eager "
+                        "(+ the backward), inductor (the real lowering and C++ code, minutes on a CPU)")
     _add_set(p)
     p.set_defaults(handler="pgolf.plan:cmd_plan")
 

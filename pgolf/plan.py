@@ -13,7 +13,9 @@ Per rank and per optimizer step, at the configuration's real micro-batch and seq
 - the step time those FLOPs imply at `--mfu` of an H100's dense bf16 peak, side by side with the
   records' measured step times; the same for the LoRA TTT step and for GPTQ (calibration forward,
   Hessians, the solve).
-- the compile check (pgolf.compile_check): graph breaks and recompiles of this configuration.
+- the compile check (pgolf.compile_check): graph breaks and recompiles of this configuration, with
+  dynamo's trace by default; `--compile-backend inductor` lowers and builds the whole step with
+  Inductor's CPU code generator (the step a GPU run would lower to Triton instead; minutes here).
 Every number is a prediction; docs/perf.md keeps them apart from measurements. Exit 2 when a rank's
 predicted peak is over 80 GB.
 """
@@ -208,7 +210,7 @@ def plan_gptq(cfg: Config, model_flops_per_token: float, model) -> dict[str, Any
             "hessian_flops": 2.0 * per_token * tokens, "solve_flops": float(solve)}
 
 
-def make_plan(cfg: Config, nproc: int, mfu: float) -> dict[str, Any]:
+def make_plan(cfg: Config, nproc: int, mfu: float, compile_backend: str = "eager") -> dict[str, Any]:
     from pgolf.compile_check import compile_check
     from pgolf.model import build_model, validate
     from pgolf.model.flash_ref import installed
@@ -260,7 +262,7 @@ def make_plan(cfg: Config, nproc: int, mfu: float) -> dict[str, Any]:
         tf32 = H100_TF32_TFLOPS * 1e12 * mfu
         g["predicted_s"] = round(g["forward_flops"] / rate + (g["hessian_flops"] + g["solve_flops"]) / tf32, 2)
         out["gptq"] = g
-    check = compile_check(cfg)
+    check = compile_check(cfg, backend=compile_backend)
     out["graph_breaks"], out["recompiles"] = check["graph_breaks"], check["recompiles"]
     out["compile_check"] = check
     return out
@@ -285,7 +287,8 @@ def table(p: dict[str, Any]) -> str:
     if "gptq" in p:
         g = p["gptq"]
         lines.append(f"  GPTQ: {g['calibration_tokens']:,} calibration tokens, {g['predicted_s']:.1f} s")
-    lines.append(f"  compile check: {p['graph_breaks']} graph breaks, {p['recompiles']} recompiles")
+    lines.append(f"  compile check ({p['compile_check']['backend']}): {p['graph_breaks']} graph breaks, "
+                 f"{p['recompiles']} recompiles")
     return "\n".join(lines)
 
 
@@ -293,7 +296,7 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
     from pgolf.presets import get_preset
 
     cfg = get_preset(args.preset, args.overrides)
-    p = make_plan(cfg, args.nproc, args.mfu)
+    p = make_plan(cfg, args.nproc, args.mfu, args.compile_backend)
     print(table(p), file=sys.stderr)
     worst = max([p["peak_memory_gb_per_rank"]] + ([p["ttt"]["peak_memory_gb"]] if "ttt" in p else []))
     if worst > LIMIT_GB:

@@ -35,6 +35,17 @@ def test_aot_eager_traces_the_backward_too():
     assert res["backend"] == "aot_eager" and res["graph_breaks"] == 0 and res["recompiles"] == 0
 
 
+@pytest.mark.slow
+def test_inductor_lowers_and_builds_the_training_step_on_cpu():
+    """The backend a GPU run uses: Inductor lowers the cpu-smoke training step, forward and backward
+    through FlashAttention-3's call, and builds it (C++ here, where a GPU gets Triton), whole and without
+    recompiling (`pgolf plan --compile-backend inductor`; about 40 s). pr1855's step and TTT step take
+    about 5 minutes this way: docs/perf.md."""
+    res = compile_check(get_preset("cpu-smoke"), backend="inductor", ttt=False)
+    assert res["backend"] == "inductor" and res["kernel"] == "fa3"
+    assert res["graph_breaks"] == 0 and res["recompiles"] == 0 and res["train_graphs"] == 1, res
+
+
 def test_check_config_keeps_switches_and_looping_structure():
     """The reduced preset keeps every switch and the loop's span and passes; only plain layers go."""
     from pgolf.model.gpt import virtual_layer_order

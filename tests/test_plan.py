@@ -65,6 +65,7 @@ def test_baseline_plan_on_one_gpu(cli):
     assert abs(p["flops_per_token"] / BASELINE_FLOPS - 1) < 0.05
     assert p["measured"]["ms_per_step"] == {"looping_off": 360.7} and "gptq" not in p  # int8 export
     assert "memory per rank (GB)" in err and "measured 360.7 ms" in err  # the table, on stderr
+    assert p["compile_check"]["backend"] == "eager" and "compile check (eager): 0 graph breaks" in err
 
 
 def test_a_rank_over_80_gb_is_an_error(cli):
