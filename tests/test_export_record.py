@@ -17,6 +17,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 from pgolf.export import record
 
@@ -151,11 +152,16 @@ TINY_1855 = ["train.iterations=1", "train.train_seq_len=256", "train.eval_seq_le
 
 
 @pytest.mark.slow
-def test_pr1855_record_run_exports_and_quantize_counts_the_same_code_bytes(sp8192_data, tmp_path, cli):
+def test_pr1855_record_run_exports_and_quantize_counts_the_same_code_bytes(sp8192_data, fresh_python, tmp_path,
+                                                                          cli):
     """Issue 11: a pr1855 run (trained briefly) exports, its script's wrapped size is reported, and
-    `pgolf quantize` on that run reports the same code_bytes."""
+    `pgolf quantize` on that run reports the same code_bytes. The exported script, alone in a folder
+    and without pgolf, trains, quantises (GPTQ + LQER, pergroup / zpaq) and scores (phased LoRA TTT) to
+    the run's artifact, byte for byte, and its val_bpb, at the same thread count (another count sums
+    in another order: the artifact then differs in its last bits)."""
     from pgolf.script.codebytes import measure
 
+    threads = torch.get_num_threads()
     out = tmp_path / "run"
     rc = record.cli(["--preset", "pr1855", "--data", str(sp8192_data), "--max-seconds", "0", "--out", str(out),
                      *sets(TINY_1855)])
@@ -168,6 +174,17 @@ def test_pr1855_record_run_exports_and_quantize_counts_the_same_code_bytes(sp819
     counted = measure((tmp_path / "records" / "pr1855_tiny" / "train_gpt.py").read_text())
     assert ex["code_bytes"] == counted["code_bytes"] == res["code_bytes"] > 0
     assert ex["code_bytes_raw"] == counted["code_bytes_raw"] > counted["code_bytes"]
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "train_gpt.py").write_text((tmp_path / "records" / "pr1855_tiny" / "train_gpt.py").read_text())
+    r = subprocess.run([str(fresh_python), "train_gpt.py"], cwd=alone, capture_output=True, text=True, timeout=600,
+                       env=fresh_env(DATA_PATH=str(sp8192_data), RUN_ID="again", OMP_NUM_THREADS=str(threads)))
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert last["val_bpb"] == pytest.approx(res["ttt_val_bpb"], abs=1e-6) and last["bytes_code"] == res["code_bytes"]
+    again = alone / "runs" / "again"
+    assert (again / "final_model.gptq.ptz").read_bytes() == Path(res["artifact"]).read_bytes()
+    assert last["bytes_total"] == res["total_bytes"]
     rc, quant, err = cli("quantize", out, "--no-eval")
     assert rc == 0, err
     assert quant["code_bytes"] == res["code_bytes"] and quant["code_bytes_raw"] == res["code_bytes_raw"]
