@@ -16,7 +16,9 @@ here the stand-in of pgolf.model.flash_ref, under bf16 autocast.
 
 `graph_breaks` counts the breaks torch._dynamo.explain finds when the fullgraph trace failed (0 when
 it succeeded). The backend is dynamo's "eager" by default: breaks and recompiles are decided by the
-dynamo trace; "aot_eager" also traces the backward with fake tensors at about 3x the time.
+dynamo trace; "aot_eager" also traces the backward with fake tensors at about 3x the time; "inductor"
+(`pgolf plan --compile-backend inductor`) lowers and builds the steps as a GPU run would, with C++
+kernels in place of Triton (minutes for pr1855: docs/perf.md).
 """
 from __future__ import annotations
 

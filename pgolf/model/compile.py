@@ -10,7 +10,8 @@ the length of FlashAttention's cu_seqlens marked dynamic, so a new count of segm
 needed the length fixed would recompile per bucket, as theirs, rather than fail). Switching looping on
 adds one graph, which the trainer's warm-up compiles before the clock starts.
 
-`backend` is Inductor on CUDA; the CPU compile check (pgolf.model.compile_check) passes "aot_eager".
+`backend` is Inductor on CUDA; the CPU compile check (pgolf.compile_check) passes "eager", "aot_eager"
+or "inductor".
 """
 from __future__ import annotations
 
