@@ -26,13 +26,26 @@ from pgolf.errors import PgolfError, Terminated, sigterm_raises
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
 
 
+class UsageError(PgolfError):
+    """A command line argparse rejects (a missing argument, an unknown flag or command)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the contract's error form: one `pgolf: error:` line and exit 2 (no usage block).
+    Subcommand parsers are made by the same class, so theirs name the subcommand."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sub = self.prog[len("pgolf "):] + ": " if self.prog.startswith("pgolf ") else ""
+        raise UsageError(f"{sub}{message} (see `{self.prog} --help`)")
+
+
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field by dotted path (repeatable), e.g. model.num_layers=4")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="pgolf", description="Parameter Golf research workbench")
+    ap = Parser(prog="pgolf", description="Parameter Golf research workbench")
     ap.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -181,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except UsageError as e:
+        print(f"pgolf: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     module, func = args.handler.split(":")
     try:
         with sigterm_raises():  # SIGTERM stops a command as Ctrl-C does

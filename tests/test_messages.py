@@ -1,4 +1,5 @@
-"""Messages name the real cause: a missing data directory (not the tokenizer inside it), an empty input file."""
+"""Messages name the real cause: a missing data directory (not the tokenizer inside it), an empty input file,
+a command line argparse rejects."""
 import pytest
 
 SHARED_TOKENIZER = "fineweb_1024_bpe.model"
@@ -29,3 +30,26 @@ def test_an_empty_build_input_is_named(name, text, tmp_path, shared_dir, cli):
     assert rc == 2 and res is None
     assert err.strip().splitlines() == [f"pgolf: error: {empty}: empty input file (no documents)"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["stats"], "pgolf: error: stats: the following arguments are required: a_glob (see `pgolf stats --help`)"),
+    (["data"], "pgolf: error: data: the following arguments are required: data_command (see `pgolf data --help`)"),
+    (["train", "--preset"], "pgolf: error: train: argument --preset: expected one argument (see `pgolf train --help`)"),
+    (["registry"], "pgolf: error: argument command: invalid choice: 'registry' (choose from 'params', 'data', "
+                   "'train', 'quantize', 'eval', 'bench', 'plan', 'sweep', 'stats', 'export', 'check') "
+                   "(see `pgolf --help`)"),
+], ids=["missing-argument", "missing-subcommand", "missing-value", "unknown-command"])
+def test_a_command_line_argparse_rejects_is_one_error_line(argv, line, cli):
+    """The contract's form for usage errors too: one `pgolf: error:` line naming the subcommand, exit 2,
+    no usage block (argparse's own error prints the usage and exits from inside the parser)."""
+    rc, res, err = cli(*argv)
+    assert rc == 2 and res is None and err.strip().splitlines() == [line]
+
+
+def test_the_record_pipeline_rejects_a_bad_flag_in_one_line(capsys):
+    from pgolf.export import record
+
+    assert record.cli(["--bogus"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "pgolf: error: unrecognized arguments: --bogus (see `python -m pgolf.export.record --help`)"]

@@ -18,7 +18,6 @@ configuration baked in (pgolf.script.bundle), so both run the same code.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -305,7 +304,9 @@ def cli(argv: list[str] | None = None) -> int:
     from pgolf.runs import RunDir
     from pgolf.train import resolve_config
 
-    ap = argparse.ArgumentParser(prog="python -m pgolf.export.record", description=__doc__.split("\n")[0])
+    from pgolf.cli import Parser, UsageError
+
+    ap = Parser(prog="python -m pgolf.export.record", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="baseline")
     ap.add_argument("--config", default=None, help="a config.json to start from instead of a preset")
     ap.add_argument("--data", default=None)
@@ -316,7 +317,11 @@ def cli(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-root", default="runs")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--debug", action="store_true")
-    args = ap.parse_args(argv)
+    try:
+        args = ap.parse_args(argv)
+    except UsageError as e:
+        print(f"pgolf: error: {e}", file=sys.stderr)
+        return 2
     ctx = None
     try:
         cfg = apply_env(resolve_config(args), os.environ)
