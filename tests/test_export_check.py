@@ -190,6 +190,21 @@ def test_check_fails_with_one_clear_line(folder, tmp_path, cli, fault, condition
     assert err.strip().splitlines()[-1].startswith("pgolf: error:")
 
 
+def test_no_seed_condition_passes_on_a_folder_without_logs(folder, tmp_path, cli):
+    """A folder with its files but no seed logs and artifacts: every per-seed condition fails (none
+    passes because there was nothing to look at)."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("train_gpt.py", "submission.json", "README.md", "requirements.txt"):
+        shutil.copyfile(folder / name, bare / name)
+    rc, _, err = cli("check", bare)
+    assert rc == 2
+    lines = {ln.split(":")[0][5:]: ln for ln in err.splitlines() if ln.startswith(("PASS", "FAIL"))}
+    assert [n for n, ln in lines.items() if ln.startswith("PASS")] == ["imports", "network"]
+    for name in ("bytes", "train_time", "eval_time", "legality", "claims"):
+        assert "no seed logs to check" in lines[name], err
+
+
 def test_significance_is_the_stats_rule(folder, runs, tmp_path, cli):
     results = [json.loads((r / "result.json").read_text()) for r in runs]
     bpb, loss = [r["ttt_val_bpb"] for r in results], [r["ttt_val_loss"] for r in results]

@@ -15,6 +15,7 @@ figure is recomputed from the folder's files, never taken from submission.json:
 - claims       submission.json's per-seed val_bpb and bytes agree with the logs and files;
 - significance with --vs: the challenge's rule against the current record (>= 0.005 nats better,
                one-sided Welch p < 0.01, pgolf.significance, the code of `pgolf stats`).
+A per-seed condition fails, never passes, on a folder without seed logs: no seeds, nothing shown.
 """
 from __future__ import annotations
 
@@ -74,6 +75,9 @@ def read_log(path: Path) -> SeedLog:
     return log
 
 
+NO_LOGS = "no seed logs to check (train_seed<S>.log)"  # a per-seed condition never passes on no seeds
+
+
 class Report:
     def __init__(self) -> None:
         self.lines: list[tuple[str, bool, str]] = []
@@ -102,9 +106,14 @@ def check_bytes(folder: Path, logs: list[SeedLog], rep: Report) -> dict[int, int
         if totals[log.seed] > LIMIT_BYTES:
             bad.append(f"seed {log.seed}: {totals[log.seed]:,} B = {arts[0].name} {arts[0].stat().st_size:,} + code "
                        f"{code:,} > {LIMIT_BYTES:,} by {totals[log.seed] - LIMIT_BYTES:,}")
-    rep.add("bytes", not bad and bool(totals), "; ".join(bad) if bad else
-            f"code {code:,} B; totals " + ", ".join(f"seed {s}: {t:,}" for s, t in totals.items()) +
-            f" <= {LIMIT_BYTES:,}")
+    if bad:
+        detail = "; ".join(bad)
+    elif not totals:
+        detail = f"code {code:,} B; {NO_LOGS}"
+    else:
+        detail = f"code {code:,} B; totals " + ", ".join(f"seed {s}: {t:,}" for s, t in totals.items()) + \
+            f" <= {LIMIT_BYTES:,}"
+    rep.add("bytes", not bad and bool(totals), detail)
     return totals
 
 
@@ -195,6 +204,10 @@ def check_seeds(logs: list[SeedLog], folder: Path, rep: Report) -> None:
 
 
 def check_times(logs: list[SeedLog], rep: Report) -> None:
+    if not logs:
+        rep.add("train_time", False, NO_LOGS)
+        rep.add("eval_time", False, NO_LOGS)
+        return
     bad, facts = [], []
     for log in logs:
         if log.train_ms is None:
@@ -221,6 +234,9 @@ def check_legality(folder: Path, logs: list[SeedLog], rep: Report) -> None:
     from pgolf.eval.legality import audit_trace
     from pgolf.eval.trace import load_trace
 
+    if not logs:
+        rep.add("legality", False, NO_LOGS)
+        return
     bad, facts = [], []
     for log in logs:
         d = folder / "artifacts" / f"seed{log.seed}"
@@ -243,6 +259,9 @@ def check_claims(folder: Path, logs: list[SeedLog], totals: dict[int, int], rep:
         claimed = sub["seed_results"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         rep.add("claims", False, f"submission.json unreadable or without seed_results ({type(e).__name__})")
+        return
+    if not logs:
+        rep.add("claims", False, NO_LOGS)
         return
     bad = []
     for log in logs:
