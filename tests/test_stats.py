@@ -115,6 +115,9 @@ def test_cli_stats_single_group_and_errors(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "matches no finished run" in err
     rc, _, err = run_cli(["stats", "old_s0", "--vs", "old_s1", "--runs-root", str(tmp_path)], capsys)
     assert rc == 2 and "at least 2 runs" in err
+    rc, _, err = run_cli(["stats", "old_*", "--runs-root", str(tmp_path / "nowhere")], capsys)
+    assert rc == 2 and err.strip() == (f"pgolf: error: {tmp_path / 'nowhere'}: runs root not found "
+                                       "(pass --runs-root DIR, or a path glob such as DIR/old_*)")
 
 
 def test_by_config_and_pairwise():

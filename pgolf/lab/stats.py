@@ -139,7 +139,8 @@ def select_runs(pattern: str, runs_root: str | Path = "runs",
         candidates, where = sorted(Path(p) for p in glob.glob(pattern)), pattern
     else:
         if not root.is_dir():
-            raise PgolfError(f"{root}: runs root not found")
+            raise PgolfError(f"{root}: runs root not found "
+                             f"(pass --runs-root DIR, or a path glob such as DIR/{pattern})")
         candidates = sorted(p for p in root.iterdir() if fnmatch.fnmatchcase(p.name, pattern))
         where = f"{root}/{pattern}"
     runs, skipped = [], []
