@@ -190,6 +190,46 @@ def test_check_fails_with_one_clear_line(folder, tmp_path, cli, fault, condition
     assert err.strip().splitlines()[-1].startswith("pgolf: error:")
 
 
+def _edit_claim(key, value):
+    def edit(d: Path) -> None:
+        sub = json.loads((d / "submission.json").read_text())
+        sub["seed_results"]["1"][key] = value
+        (d / "submission.json").write_text(json.dumps(sub))
+    return edit
+
+
+@pytest.mark.parametrize("fault, words", [
+    (lambda d: (d / "submission.json").write_text("[]"), "submission.json has no seed_results object"),
+    (lambda d: (d / "submission.json").write_text('{"seed_results": []}'), "has no seed_results object"),
+    (lambda d: (d / "submission.json").write_bytes(b"\xff\xfe"), "submission.json unreadable (UnicodeDecodeError)"),
+    (lambda d: (d / "submission.json").write_text('{"seed_results": {"1": 5, "2": {}, "3": {}}}'),
+     "seed 1: its seed_results entry is a JSON int, not an object"),
+    (_edit_claim("val_bpb", "abc"), "seed 1: val_bpb 'abc' claimed"),
+    (_edit_claim("bytes_total", None), "seed 1: None bytes claimed"),
+], ids=["a-list", "results-a-list", "not-utf8", "entry-a-number", "bpb-a-string", "bytes-null"])
+def test_a_malformed_submission_json_is_one_failed_claims_line(folder, tmp_path, cli, fault, words):
+    """The claims are read defensively: whatever shape submission.json has, `claims` fails with its
+    reason and the other conditions still run (no traceback)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    fault(bad)
+    rc, _, err = cli("check", bad)
+    fails = [ln for ln in err.splitlines() if ln.startswith("FAIL")]
+    assert rc == 2 and len(fails) == 1 and fails[0].startswith("FAIL claims:") and words in fails[0], err
+
+
+def test_odd_files_in_the_folder_are_named_not_tracebacks(folder, tmp_path, cli):
+    """A folder named like an artifact is not one; a script that is not UTF-8 text is one error line."""
+    odd = tmp_path / "odd"
+    shutil.copytree(folder, odd)
+    (odd / "artifacts" / "seed1" / "extra.ptz").mkdir()
+    rc, _, err = cli("check", odd)
+    assert rc == 0, err
+    (odd / "train_gpt.py").write_bytes(b"\xff\xfe")
+    rc, _, err = cli("check", odd)
+    assert rc == 2 and err.strip().splitlines()[-1] == f"pgolf: error: {odd / 'train_gpt.py'}: not UTF-8 text"
+
+
 def test_no_seed_condition_passes_on_a_folder_without_logs(folder, tmp_path, cli):
     """A folder with its files but no seed logs and artifacts: every per-seed condition fails (none
     passes because there was nothing to look at)."""

@@ -92,13 +92,18 @@ class Report:
 
 
 # --------------------------------------------------------------------------- the conditions
+def artifacts(folder: Path, seed: int) -> list[Path]:
+    """The artifact files of a seed (a folder named *.ptz is not one)."""
+    return sorted(p for p in (folder / "artifacts" / f"seed{seed}").glob("*.ptz") if p.is_file())
+
+
 def check_bytes(folder: Path, logs: list[SeedLog], rep: Report) -> dict[int, int]:
     from pgolf.script.codebytes import measure
 
     code = measure((folder / "train_gpt.py").read_text())["code_bytes"]
     totals, bad = {}, []
     for log in logs:
-        arts = sorted((folder / "artifacts" / f"seed{log.seed}").glob("*.ptz"))
+        arts = artifacts(folder, log.seed)
         if len(arts) != 1:
             bad.append(f"seed {log.seed}: {len(arts)} artifacts in artifacts/seed{log.seed}/ (need exactly one .ptz)")
             continue
@@ -120,7 +125,7 @@ def check_bytes(folder: Path, logs: list[SeedLog], rep: Report) -> dict[int, int
 def requirement_names(folder: Path) -> set[str]:
     names = set()
     path = folder / "requirements.txt"
-    for line in path.read_text().splitlines() if path.is_file() else []:
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
         line = line.strip()
         if line.startswith("# optional:"):
             line = line.split(":", 1)[1]
@@ -196,7 +201,7 @@ def check_seeds(logs: list[SeedLog], folder: Path, rep: Report) -> None:
                 bad.append(f"{a.path.name} and {b.path.name} are the same run (identical training curve)")
     arts: dict[str, list[int]] = {}
     for log in logs:
-        for p in (folder / "artifacts" / f"seed{log.seed}").glob("*.ptz"):
+        for p in artifacts(folder, log.seed):
             arts.setdefault(hashlib.sha256(p.read_bytes()).hexdigest(), []).append(log.seed)
     bad += [f"seeds {', '.join(map(str, s))} have the same artifact" for s in arts.values() if len(s) > 1]
     rep.add("seeds", not bad, "; ".join(bad) if bad else
@@ -256,9 +261,12 @@ def check_legality(folder: Path, logs: list[SeedLog], rep: Report) -> None:
 def check_claims(folder: Path, logs: list[SeedLog], totals: dict[int, int], rep: Report) -> None:
     try:
         sub = json.loads((folder / "submission.json").read_text())
-        claimed = sub["seed_results"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        rep.add("claims", False, f"submission.json unreadable or without seed_results ({type(e).__name__})")
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        rep.add("claims", False, f"submission.json unreadable ({type(e).__name__})")
+        return
+    claimed = sub.get("seed_results") if isinstance(sub, dict) else None
+    if not isinstance(claimed, dict):
+        rep.add("claims", False, "submission.json has no seed_results object (seed -> its results)")
         return
     if not logs:
         rep.add("claims", False, NO_LOGS)
@@ -269,13 +277,22 @@ def check_claims(folder: Path, logs: list[SeedLog], totals: dict[int, int], rep:
         if c is None:
             bad.append(f"seed {log.seed} missing from submission.json")
             continue
-        if log.val_bpb is None or abs(float(c.get("val_bpb", -1)) - log.val_bpb) > 1e-6:
-            bad.append(f"seed {log.seed}: val_bpb {c.get('val_bpb')} claimed, {log.val_bpb} in the log")
-        if log.seed in totals and int(c.get("bytes_total", -1)) != totals[log.seed]:
+        if not isinstance(c, dict):
+            bad.append(f"seed {log.seed}: its seed_results entry is a JSON {type(c).__name__}, not an object")
+            continue
+        bpb = _number(c.get("val_bpb"))
+        if log.val_bpb is None or bpb is None or abs(bpb - log.val_bpb) > 1e-6:
+            bad.append(f"seed {log.seed}: val_bpb {c.get('val_bpb')!r} claimed, {log.val_bpb} in the log")
+        if log.seed in totals and _number(c.get("bytes_total")) != totals[log.seed]:
             bad.append(f"seed {log.seed}: {c.get('bytes_total')} bytes claimed, {totals[log.seed]:,} from the files")
     extra = sorted(set(claimed) - {str(log.seed) for log in logs})
     bad += [f"seed {s} in submission.json has no log" for s in extra]
     rep.add("claims", not bad, "; ".join(bad) if bad else "submission.json agrees with the logs and the files")
+
+
+def _number(x: Any) -> float | None:
+    """A JSON number (not a bool, a string or null) as a float."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
 def reference(vs: str, ratio: float) -> tuple[float, float, int, str]:
@@ -283,7 +300,8 @@ def reference(vs: str, ratio: float) -> tuple[float, float, int, str]:
     submission's own nats-per-bit ratio, the same validation bytes) or a record folder's logs."""
     path = Path(vs)
     if path.is_dir():
-        logged = [read_log(p).val_loss for p in sorted(path.glob("train_seed*.log")) if LOG.search(p.name)]
+        logged = [read_log(p).val_loss for p in sorted(path.glob("train_seed*.log"))
+                  if LOG.search(p.name) and p.is_file()]
         losses = [x for x in logged if x is not None]
         if len(losses) < 2:
             try:
@@ -331,13 +349,15 @@ def check(folder: str | Path, vs: str | None = None) -> dict[str, Any]:
     script = folder / "train_gpt.py"
     missing = [n for n in ("train_gpt.py", "submission.json", "README.md", "requirements.txt")
                if not (folder / n).is_file()]
-    logs = [read_log(p) for p in sorted(folder.iterdir()) if LOG.search(p.name)]
+    logs = [read_log(p) for p in sorted(folder.iterdir()) if LOG.search(p.name) and p.is_file()]
     rep.add("files", not missing and bool(logs), f"missing {', '.join(missing)}" if missing else
             (f"{len(logs)} seed logs" if logs else "no train_seed<S>.log"))
     if not script.is_file():
         raise PgolfError(f"{script}: not found; nothing more to check")
     try:
         tree = ast.parse(script.read_text(), filename=str(script))
+    except UnicodeDecodeError:
+        raise PgolfError(f"{script}: not UTF-8 text") from None
     except SyntaxError as e:
         raise PgolfError(f"{script}: not valid Python (line {e.lineno}: {e.msg})") from None
     totals = check_bytes(folder, logs, rep)
