@@ -101,6 +101,25 @@ def test_export_refuses_mixed_configurations_and_plain_runs(runs, tmp_path, cli)
     assert rc == 2 and "both have seed 1" in err
 
 
+@pytest.mark.parametrize("edit, words", [
+    (lambda r: r.update(seed="x"), "seed is 'x', expected an integer"),
+    (lambda r: r.pop("ttt_val_bpb"), "no 'ttt_val_bpb' (not a complete record result)"),
+    (lambda r: r.update(steps=2.5), "steps is 2.5, expected an integer"),
+    (lambda r: r.update(eval_time={}), "eval_time.total_seconds is None, expected a number"),
+], ids=["seed-a-string", "no-score", "steps-a-float", "no-eval-time"])
+def test_export_names_a_result_field_it_cannot_write_from(runs, tmp_path, cli, edit, words):
+    """A record run's result.json edited by hand or cut short: one error line naming the file and the
+    field, and no folder (the README and submission.json are written from those fields)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(runs[0], bad)
+    res = json.loads((bad / "result.json").read_text())
+    edit(res)
+    (bad / "result.json").write_text(json.dumps(res))
+    rc, _, err = cli("export", str(bad), str(runs[1]), "--out", tmp_path / "x")
+    assert rc == 2 and err.strip().splitlines() == [f"pgolf: error: {bad / 'result.json'}: {words}"]
+    assert not (tmp_path / "x").exists()
+
+
 def test_check_passes_on_a_valid_export(folder, cli):
     rc, out, err = cli("check", folder)
     assert rc == 0, err

@@ -49,6 +49,7 @@ def load_runs(paths: list[str]) -> list[dict[str, Any]]:
         if res.get("pipeline") != "record":
             raise PgolfError(f"{run.path}: not a record run (a submission's logs come from the one-process record "
                              f"pipeline: python -m pgolf.export.record --config {run.file('config.json')} --seed S)")
+        _check_fields(run.file("result.json"), res)
         for name in ("train.log", "train_gpt.py", Path(res["artifact"]).name):
             if not run.file(name).is_file():
                 raise PgolfError(f"{run.file(name)}: missing (the record run is incomplete)")
@@ -75,6 +76,28 @@ def load_runs(paths: list[str]) -> list[dict[str, Any]]:
             raise PgolfError(f"{r['run'].path}/train_gpt.py differs from {runs[0]['run'].path}/train_gpt.py "
                              "(the runs were made by different code)")
     return sorted(runs, key=lambda r: r["seed"])
+
+
+# what the folder is written from: a record run's result.json fields and the JSON type each must have
+RESULT_FIELDS: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("seed", "steps", "total_bytes", "model_bytes", "code_bytes", "code_bytes_raw"), (int,)),
+    **dict.fromkeys(("train_seconds", "val_bpb_prequant", "quant_val_bpb", "ttt_val_bpb", "ttt_val_loss",
+                     "ttt_eval_seconds"), (int, float)),
+    **dict.fromkeys(("artifact", "preset", "ttt_method"), (str,)), "eval_time": (dict,)}
+
+
+def _check_fields(path: Path, res: dict[str, Any]) -> None:
+    """A finished record result holds every field the folder is written from, each of its JSON type."""
+    for key, types in RESULT_FIELDS.items():
+        if key not in res:
+            raise PgolfError(f"{path}: no {key!r} (not a complete record result)")
+        v = res[key]
+        if not isinstance(v, types) or isinstance(v, bool):
+            want = {int: "an integer", str: "a string", dict: "an object"}.get(types[0], "a number")
+            raise PgolfError(f"{path}: {key} is {v!r}, expected {want}")
+    if not isinstance(res["eval_time"].get("total_seconds"), (int, float)):
+        raise PgolfError(f"{path}: eval_time.total_seconds is {res['eval_time'].get('total_seconds')!r}, "
+                         "expected a number")
 
 
 def _trace_files(folder: Path) -> list[Path]:
