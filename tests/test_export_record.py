@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from pgolf.errors import PgolfError
 from pgolf.export import record
+from pgolf.presets import get_preset
 
 # cpu-smoke made tiny for speed; micro_batch_tokens=256 makes one process accumulate the two
 # micro-batches that two ranks take (the same global batch, the same data).
@@ -107,7 +109,16 @@ def test_exported_script_stands_alone_and_reproduces_the_run(record_run, fresh_p
     bad = subprocess.run([str(fresh_python), "train_gpt.py"], cwd=tmp_path, env={**env, "ITERATIONS": "many"},
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == \
-        "train_gpt.py: error: ITERATIONS='many': expected int (train.iterations)"
+        "train_gpt.py: error: ITERATIONS='many': expected int >= 1 (train.iterations)"
+    for var, value, line in [
+        ("ITERATIONS", "-1", "ITERATIONS='-1': expected int >= 1 (train.iterations)"),
+        ("MAX_WALLCLOCK_SECONDS", "nan", "MAX_WALLCLOCK_SECONDS='nan': expected float >= 0 (train.max_seconds)"),
+        ("RUN_ID", "../escape", "RUN_ID='../escape': expected a folder name, not a path"),
+    ]:  # out of the field's domain, or a path where a name goes: refused before any work
+        bad = subprocess.run([str(fresh_python), "train_gpt.py"], cwd=tmp_path, env={**env, var: value},
+                             capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == f"train_gpt.py: error: {line}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "train_gpt.py"]
 
 
 def test_exported_script_under_torchrun_gives_the_one_process_curve(record_run, fresh_python, sp1024_data, tmp_path):
@@ -128,6 +139,27 @@ def test_exported_script_under_torchrun_gives_the_one_process_curve(record_run, 
     assert two["val_bpb_prequant"] == pytest.approx(res["val_bpb_prequant"], rel=1e-4)
     assert sorted(p.name for p in (tmp_path / "runs" / "two").glob("trace*.npz")) == \
         ["trace.rank0.npz", "trace.rank1.npz"]
+
+
+def test_environment_overrides_are_typed_and_in_their_fields_domain():
+    """ENV's least values are the fields' domains in pgolf.config_domains (the script carries only these)."""
+    from pgolf.config_domains import DOMAINS
+
+    for var, (section, key, least) in record.ENV.items():
+        domain = DOMAINS.get(f"{section}.{key}")
+        assert least == (domain.lo if domain else None), var
+    cfg = get_preset("cpu-smoke")
+    assert record.apply_env(cfg, {"ITERATIONS": "7", "MAX_WALLCLOCK_SECONDS": "0", "SEED": "3"}).train.iterations == 7
+    assert (cfg.train.max_seconds, cfg.train.seed) == (0.0, 3)
+    for env, words in [({"ITERATIONS": "0"}, "expected int >= 1"), ({"MAX_WALLCLOCK_SECONDS": "-1"}, ">= 0"),
+                       ({"MAX_WALLCLOCK_SECONDS": "inf"}, "expected float >= 0"), ({"SEED": "-3"}, "expected int >= 0 (train.seed)")]:
+        with pytest.raises(PgolfError, match=re.escape(words)):
+            record.apply_env(get_preset("cpu-smoke"), env)
+    assert record.run_name(cfg, {"RUN_ID": "mine"}) == "mine"
+    assert record.run_name(cfg, {}).endswith("_cpu-smoke_s3")
+    for name in ("..", ".", "a/b", "/abs"):
+        with pytest.raises(PgolfError, match="expected a folder name, not a path"):
+            record.run_name(cfg, {"RUN_ID": name})
 
 
 def test_bad_input_is_one_line_and_never_a_finished_run(sp1024_data, tmp_path, capsys):

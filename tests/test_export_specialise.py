@@ -107,7 +107,7 @@ def plain(stmts: list[ast.stmt]) -> str:
 
 def special(src: str, preset: str = "pr1855") -> tuple[str, list[str]]:
     stmts = placeholders(src)
-    why = specialise.specialise(stmts, bundle.baked_config(get_preset(preset)), set(ENV.values()),
+    why = specialise.specialise(stmts, bundle.baked_config(get_preset(preset)), {v[:2] for v in ENV.values()},
                                 lambda b: external_attrs(b, instance=True))
     return plain(stmts), why
 
@@ -357,7 +357,7 @@ def replaced(m: ModelConfig):
     for n in ast.walk(stmts[2]):  # the real dataclasses.replace
         if isinstance(n, ast.Attribute) and n.attr == "replace":
             stmts[2].body[0].value.func = ast.Name(id="ext:dataclasses.replace", ctx=ast.Load())
-    specialise.specialise(stmts, bundle.baked_config(get_preset("pr1855")), set(ENV.values()),
+    specialise.specialise(stmts, bundle.baked_config(get_preset("pr1855")), {v[:2] for v in ENV.values()},
                           lambda b: external_attrs(b, instance=True))
     assert "return (m.doc_mask, True, m.skip_gates)" in plain(stmts)
 

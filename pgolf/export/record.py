@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -36,23 +37,38 @@ from pgolf.fileio import atomic_write_bytes, atomic_write_json
 from pgolf.model.gpt import GPT
 from pgolf.train import Trainer
 
-# The official script's environment overrides -> (section, field)
-ENV = {"DATA_PATH": ("data", "path"), "TOKENIZER_PATH": ("data", "tokenizer"), "SEED": ("train", "seed"),
-       "ITERATIONS": ("train", "iterations"), "MAX_WALLCLOCK_SECONDS": ("train", "max_seconds")}
+# The official script's environment overrides -> (section, field, least value: the field's domain in
+# pgolf.config_domains, which the script does not carry)
+ENV = {"DATA_PATH": ("data", "path", None), "TOKENIZER_PATH": ("data", "tokenizer", None),
+       "SEED": ("train", "seed", 0), "ITERATIONS": ("train", "iterations", 1),
+       "MAX_WALLCLOCK_SECONDS": ("train", "max_seconds", 0)}
 TRAINER_STEP_LINE = re.compile(r"step \d+ (loss|val_loss) ")  # pgolf's own step lines; metric() logs them
 
 
 def apply_env(cfg: Config, environ) -> Config:
-    """`cfg` with the environment overrides applied, each value typed as its field."""
-    for var, (section, key) in ENV.items():
+    """`cfg` with the environment overrides applied, each value typed as its field and in its domain."""
+    for var, (section, key, least) in ENV.items():
         if var in environ:
             sec = getattr(cfg, section)
             kind = type(getattr(sec, key))
             try:
-                setattr(sec, key, kind(environ[var]))
+                value = kind(environ[var])
+                ok = least is None or least <= value < math.inf  # NaN fails too
             except ValueError:
-                raise PgolfError(f"{var}={environ[var]!r}: expected {kind.__name__} ({section}.{key})") from None
+                ok = False
+            if not ok:
+                raise PgolfError(f"{var}={environ[var]!r}: expected {kind.__name__}"
+                                 f"{'' if least is None else f' >= {least}'} ({section}.{key})")
+            setattr(sec, key, value)
     return cfg
+
+
+def run_name(cfg: Config, environ) -> str:
+    """RUN_ID (a folder name under runs/, not a path), or a new one from the time, preset and seed."""
+    name = environ.get("RUN_ID") or default_run_id(cfg)
+    if name == ".." or Path(name).name != name:  # "." has no name
+        raise PgolfError(f"RUN_ID={name!r}: expected a folder name, not a path")
+    return name
 
 
 def check_config(cfg: Config) -> None:
@@ -284,7 +300,7 @@ def main(cfg: Config) -> None:
         apply_env(cfg, os.environ)
         check_config(cfg)
         ctx = distributed.setup()
-        out = Path("runs") / distributed.broadcast_object(os.environ.get("RUN_ID") or default_run_id(cfg))
+        out = Path("runs") / distributed.broadcast_object(run_name(cfg, os.environ))
         result = run_record(cfg, ctx, out, Path(__file__).read_text())
     except PgolfError as e:
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
@@ -328,8 +344,8 @@ def cli(argv: list[str] | None = None) -> int:
         check_config(cfg)
         script = build(cfg).text
         ctx = distributed.setup()
-        run_id = os.environ.get("RUN_ID") or default_run_id(cfg)
-        out = Path(distributed.broadcast_object(str(Path(args.out) if args.out else Path(args.runs_root) / run_id)))
+        out = Path(distributed.broadcast_object(str(Path(args.out) if args.out else
+                                                    Path(args.runs_root) / run_name(cfg, os.environ))))
         if ctx.is_main:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(out / "env.json", {**environment(cfg.data.path, cfg.data.tokenizer or

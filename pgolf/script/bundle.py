@@ -480,7 +480,7 @@ def _env_fields(closure: Closure) -> set[tuple[str, str]]:
     (the bundle never imports the entry: it imports the bundle); none when it has no table."""
     for stmt in closure.mods[ENTRY].tree.body:
         if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "ENV" for t in stmt.targets):
-            return {tuple(v) for v in ast.literal_eval(stmt.value).values()}
+            return {tuple(v[:2]) for v in ast.literal_eval(stmt.value).values()}  # (section, field, least)
     return set()  # an entry without the table lets the environment change nothing
 
 
