@@ -199,11 +199,28 @@ DOMAINS: dict[str, Range] = {
 
 def check(cfg: Any, where: str = "config") -> None:
     """Raise one PgolfError naming the first field of `cfg` (a `pgolf.config.Config`) outside its domain."""
+    prefix = "" if where in ("config", "--set") else f"{where}: "
     for key, domain in DOMAINS.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         for v in value if isinstance(value, list) else [value]:
             why = domain.violation(v)
             if why:
-                prefix = "" if where in ("config", "--set") else f"{where}: "
                 raise PgolfError(f"{prefix}{key}: {value!r}: {why}")
+    why = level_violation(cfg.quant)
+    if why:
+        raise PgolfError(f"{prefix}quant.level: {cfg.quant.level!r}: {why}")
+
+
+def level_violation(q: Any) -> str | None:
+    """quant.level's upper bound is the codecs': the strongest level of each one the config writes
+    (pergroup: its group codec and brotli; best: every fast codec). Checked here, where a config is
+    resolved, so an exported script, whose level is baked in, carries no check of it."""
+    from pgolf.artifact.codecs import BEST_CODECS, MAX_LEVEL
+
+    written = set(BEST_CODECS) if q.compressor == "best" else \
+        {q.group_codec, "brotli"} if q.compressor == "pergroup" else {q.compressor}
+    for codec in sorted(written & set(MAX_LEVEL)):
+        if q.level > MAX_LEVEL[codec]:
+            return f"{codec} takes -1 (its strongest) or 0..{MAX_LEVEL[codec]}"
+    return None

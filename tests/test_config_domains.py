@@ -120,3 +120,32 @@ def test_train_refuses_zero_layers_before_writing_anything(tmp_path, cli):
         assert rc == 2 and res is None and err.count("pgolf: error:") == 1
         assert ("model.num_layers" if "num_layers" in argv[1] else "train.") in err
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("sets, line", [
+    (["quant.level=10"], "quant.level: 10: zlib takes -1 (its strongest) or 0..9"),  # cpu-smoke writes zlib
+    (["quant.compressor=\"brotli\"", "quant.level=12"], "quant.level: 12: brotli takes -1 (its strongest) or 0..11"),
+    (["quant.compressor=\"pergroup\"", "quant.group_codec=\"zpaq\"", "quant.level=12"],
+     "quant.level: 12: brotli takes -1 (its strongest) or 0..11"),  # pergroup's rest stream is brotli
+    (["quant.compressor=\"best\"", "quant.level=10"], "quant.level: 10: lzma takes -1 (its strongest) or 0..9"),
+], ids=["zlib", "brotli", "pergroup", "best"])
+def test_a_level_the_codec_rejects_is_named_before_any_work(sets, line, cli):
+    """quant.level's bound depends on the codecs the config writes (zlib.error was the traceback)."""
+    rc, res, err = cli("params", "--preset", "cpu-smoke", *[a for s in sets for a in ("--set", s)])
+    assert rc == 2 and res is None and err.strip() == f"pgolf: error: {line}"
+
+
+def test_levels_each_codec_takes_pass_and_compress():
+    """Each codec's strongest level (and -1) is accepted and compresses; zpaq clamps any level."""
+    from pgolf.artifact import codecs
+
+    data = bytes(range(256)) * 64
+    for codec, top in codecs.MAX_LEVEL.items():
+        for level in (-1, 0, top):
+            cfg = get_preset("cpu-smoke")
+            cfg.quant.compressor, cfg.quant.level = codec, level
+            assert config_domains.level_violation(cfg.quant) is None
+            assert codecs.decompress(codecs.compress(data, codec, level)) == data
+    cfg = get_preset("pr1855")
+    cfg.quant.level = 9  # zpaq groups (clamped to 5) and brotli's rest stream
+    assert config_domains.level_violation(cfg.quant) is None

@@ -152,7 +152,8 @@ def test_environment_overrides_are_typed_and_in_their_fields_domain():
     assert record.apply_env(cfg, {"ITERATIONS": "7", "MAX_WALLCLOCK_SECONDS": "0", "SEED": "3"}).train.iterations == 7
     assert (cfg.train.max_seconds, cfg.train.seed) == (0.0, 3)
     for env, words in [({"ITERATIONS": "0"}, "expected int >= 1"), ({"MAX_WALLCLOCK_SECONDS": "-1"}, ">= 0"),
-                       ({"MAX_WALLCLOCK_SECONDS": "inf"}, "expected float >= 0"), ({"SEED": "-3"}, "expected int >= 0 (train.seed)")]:
+                       ({"MAX_WALLCLOCK_SECONDS": "inf"}, "expected float >= 0"),
+                       ({"SEED": "-3"}, "expected int >= 0 (train.seed)")]:
         with pytest.raises(PgolfError, match=re.escape(words)):
             record.apply_env(get_preset("cpu-smoke"), env)
     assert record.run_name(cfg, {"RUN_ID": "mine"}) == "mine"
