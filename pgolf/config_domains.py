@@ -6,7 +6,8 @@ the field ("model.num_heads: 0: expected >= 1"), not a ZeroDivisionError deep in
 tests/test_config_domains.py fails when a numeric field has no entry here, so a field added later
 must get one. Cross-field rules (num_heads divides model_dim, loop_end < num_layers, ...) stay with
 the code that owns them (`pgolf.model.validate`, `pgolf.train.validate_training`,
-`pgolf.quant.quantize.validate`); choices of string fields are checked there too.
+`pgolf.quant.quantize.validate`); choices of string fields are checked there too. One domain depends
+on another field: quant.level's upper bound is the codecs' the config writes (`level_violation`).
 """
 from __future__ import annotations
 
