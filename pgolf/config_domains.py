@@ -213,13 +213,17 @@ def check(cfg: Any, where: str = "config") -> None:
         raise PgolfError(f"{prefix}quant.level: {cfg.quant.level!r}: {why}")
 
 
+# The strongest level each codec of pgolf.artifact.codecs takes (-1 means it). zpaq clamps any level
+# into its 1..5; the other four are the fast codecs that "best" tries (codecs.BEST_CODECS, a test holds
+# the two lists together: this module sits below the artifact package and does not import it).
+MAX_LEVEL = {"zlib": 9, "lzma": 9, "brotli": 11, "zstd": 22}
+
+
 def level_violation(q: Any) -> str | None:
     """quant.level's upper bound is the codecs': the strongest level of each one the config writes
     (pergroup: its group codec and brotli; best: every fast codec). Checked here, where a config is
     resolved, so an exported script, whose level is baked in, carries no check of it."""
-    from pgolf.artifact.codecs import BEST_CODECS, MAX_LEVEL
-
-    written = set(BEST_CODECS) if q.compressor == "best" else \
+    written = set(MAX_LEVEL) if q.compressor == "best" else \
         {q.group_codec, "brotli"} if q.compressor == "pergroup" else {q.compressor}
     for codec in sorted(written & set(MAX_LEVEL)):
         if q.level > MAX_LEVEL[codec]:

@@ -139,8 +139,9 @@ def test_levels_each_codec_takes_pass_and_compress():
     """Each codec's strongest level (and -1) is accepted and compresses; zpaq clamps any level."""
     from pgolf.artifact import codecs
 
+    assert set(config_domains.MAX_LEVEL) == set(codecs.BEST_CODECS) == set(codecs.CODECS) - {"zpaq"}
     data = bytes(range(256)) * 64
-    for codec, top in codecs.MAX_LEVEL.items():
+    for codec, top in config_domains.MAX_LEVEL.items():
         for level in (-1, 0, top):
             cfg = get_preset("cpu-smoke")
             cfg.quant.compressor, cfg.quant.level = codec, level

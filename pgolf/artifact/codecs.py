@@ -121,8 +121,6 @@ CODECS = {"zlib": Codec(0x01, _zlib_c, _zlib_d), "lzma": Codec(0x02, _lzma_c, _l
           "brotli": Codec(0x03, _brotli_c, _brotli_d), "zstd": Codec(0x04, _zstd_c, _zstd_d),
           "zpaq": Codec(0x05, _zpaq_c, _zpaq_d)}
 BEST_CODECS = ("zlib", "lzma", "brotli", "zstd")  # what "best" tries: the fast codecs
-# the strongest level each codec takes (-1 means it); zpaq clamps any level into its 1..5
-MAX_LEVEL = {"zlib": 9, "lzma": 9, "brotli": 11, "zstd": 22}
 
 
 def codecs_for(q) -> set[str]:
