@@ -185,6 +185,7 @@ def test_params_prints_the_code_bytes(cli):
     rc, out, _ = cli("params", "--preset", "pr1855", "--code-bytes")
     assert rc == 0 and out["params"] == 35945671
     assert out["code_bytes"] == codebytes.code_bytes(get_preset("pr1855"))["code_bytes"] > 0
+    assert out["code_bytes_raw"] > out["code_bytes"]  # the contract's keys (docs/cli-contract.md)
 
 
 def test_registry_table_with_a_key_that_is_not_a_literal_is_refused():

@@ -53,3 +53,29 @@ def test_the_record_pipeline_rejects_a_bad_flag_in_one_line(capsys):
     assert record.cli(["--bogus"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "pgolf: error: unrecognized arguments: --bogus (see `python -m pgolf.export.record --help`)"]
+
+
+def test_every_command_has_a_row_in_the_cli_contract():
+    """docs/cli-contract.md is what callers rely on: each subcommand the parser knows (and each of
+    `data`'s) has a row there, and the rows name no command the parser lacks."""
+    import argparse
+    import re
+    from pathlib import Path
+
+    from pgolf.cli import build_parser
+
+    def commands(parser: argparse.ArgumentParser, prefix: str) -> set[str]:
+        out = set()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    nested = commands(sub, f"{prefix} {name}")
+                    out |= nested or {f"{prefix} {name}"}
+        return out
+
+    known = commands(build_parser(), "pgolf")
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "cli-contract.md").read_text()
+    rows = {" ".join(m.group(1).split()[:3 if m.group(1).startswith("pgolf data") else 2])
+            for m in re.finditer(r"^\| `(pgolf [a-z]+(?: [a-z]+)?)", doc, re.M)}
+    assert rows == known, (known - rows, rows - known)
+
