@@ -64,6 +64,9 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
         return _bench_ttt(args)
     if getattr(args, "quant", False) or getattr(args, "run", None):
         return _bench_quant(args)
+    if args.steps < 1 or args.warmup < 0:
+        raise PgolfError(f"--steps {args.steps} / --warmup {args.warmup}: need at least 1 timed step and "
+                         "0 or more warm-up steps")
     cfg = get_preset(args.preset, args.overrides)
     ctx = distributed.setup()
     dev = ctx.device

@@ -23,6 +23,14 @@ def test_bench_rejects_a_batch_that_does_not_divide(cli):
     assert rc == 2 and "train.micro_batch_tokens" in err
 
 
+def test_bench_needs_a_timed_step(cli):
+    """--steps 0 was a StatisticsError (the median of no times)."""
+    for argv, bad in ((["--steps", "0"], "--steps 0 / --warmup 5"), (["--warmup", "-1"], "--steps 20 / --warmup -1")):
+        rc, res, err = cli("bench", "--preset", "cpu-smoke", *argv)
+        assert rc == 2 and err.strip() == (f"pgolf: error: {bad}: need at least 1 timed step and 0 or more "
+                                           "warm-up steps")
+
+
 def test_flops_count_looped_blocks_once_per_visit():
     from pgolf.bench import flops_per_token
     from pgolf.model import build_model

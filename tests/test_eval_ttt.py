@@ -117,3 +117,18 @@ def test_two_ranks_match_one():
         for k in ("slide", "lora0", "lora2", "sgd0"):
             assert got[r][k] == pytest.approx(one[k], rel=1e-5), k  # same tokens, same sums
         assert got[r]["hedge0"] == got[0]["hedge0"]  # per-rank mixers, all-reduced sums
+
+
+def test_a_chunk_wider_than_the_window_is_refused_before_any_work():
+    """ttt.chunk_size above ttt.eval_seq_len was an index error deep in LoRA TTT's window arithmetic."""
+    from pgolf.errors import PgolfError
+    from pgolf.eval.ttt import runner_key
+
+    cfg = tiny_cfg()
+    assert runner_key(cfg) == "lora"
+    cfg.ttt.chunk_size = cfg.ttt.eval_seq_len + 1
+    with pytest.raises(PgolfError, match=rf"^ttt.chunk_size: {cfg.ttt.chunk_size}: expected <= ttt.eval_seq_len "
+                                         rf"{cfg.ttt.eval_seq_len} \(LoRA TTT"):
+        runner_key(cfg)
+    cfg.ttt.method = "sgd"  # score-first SGD has chunks of its own (ttt.sgd_chunk_tokens)
+    assert runner_key(cfg) == "sgd"

@@ -59,6 +59,9 @@ def runner_key(cfg: Config) -> str:
     method = cfg.ttt.method
     if method not in METHODS:
         raise PgolfError(f"ttt.method: unknown method {method!r} (choose from {METHODS})")
+    if method == "lora" and cfg.ttt.chunk_size > cfg.ttt.eval_seq_len:  # a chunk is scored in one window
+        raise PgolfError(f"ttt.chunk_size: {cfg.ttt.chunk_size}: expected <= ttt.eval_seq_len "
+                         f"{cfg.ttt.eval_seq_len} (LoRA TTT scores each chunk inside one context window)")
     return "phased" if method == "lora" and cfg.ttt.phases > 0 else method
 
 
