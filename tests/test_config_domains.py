@@ -150,3 +150,13 @@ def test_levels_each_codec_takes_pass_and_compress():
     cfg = get_preset("pr1855")
     cfg.quant.level = 9  # zpaq groups (clamped to 5) and brotli's rest stream
     assert config_domains.level_violation(cfg.quant) is None
+
+
+def test_a_positive_mlp_mult_too_small_for_one_hidden_unit_is_named(cli):
+    """mlp_mult lies in its domain (> 0) yet 0.001 x 128 floors to a 0-wide MLP (a ZeroDivisionError in
+    the optimizer's shape scaling, found by fuzzing `pgolf train --set`)."""
+    rc, res, err = cli("params", "--preset", "cpu-smoke", "--set", "model.mlp_mult=0.001")
+    assert rc == 2
+    assert err.strip() == "pgolf: error: model.mlp_mult: 0.001 x model_dim 128 leaves the MLP no hidden unit"
+    rc, res, _ = cli("params", "--preset", "cpu-smoke", "--set", "model.mlp_mult=0.008")  # 1 hidden unit
+    assert rc == 0 and res["params"] > 0

@@ -54,6 +54,8 @@ def validate(cfg: ModelConfig) -> None:
         bad("num_heads", f"{cfg.num_heads} does not divide model_dim {cfg.model_dim}")
     if cfg.num_heads % cfg.num_kv_heads:
         bad("num_kv_heads", f"{cfg.num_kv_heads} does not divide num_heads {cfg.num_heads}")
+    if int(cfg.mlp_mult * cfg.model_dim) < 1:  # the MLP's hidden width (MLP.__init__)
+        bad("mlp_mult", f"{cfg.mlp_mult} x model_dim {cfg.model_dim} leaves the MLP no hidden unit")
     head_dim = cfg.model_dim // cfg.num_heads
     if head_dim % 2:
         bad("num_heads", f"head dim {head_dim} must be even for RoPE")
