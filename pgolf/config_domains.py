@@ -103,7 +103,7 @@ DOMAINS: dict[str, Range] = {
     "optim.muon_wd": NONNEG,
     "optim.beta1": DECAY,
     "optim.beta2": DECAY,
-    "optim.adam_eps": NONNEG,
+    "optim.adam_eps": POSITIVE,  # 0 divides 0 by 0 where a parameter had no gradient yet (NaN)
     "optim.adam_wd": NONNEG,
     "optim.embed_wd": NONNEG,
     "optim.grad_clip_norm": NONNEG,  # 0 = off
@@ -166,7 +166,7 @@ DOMAINS: dict[str, Range] = {
     "ttt.lora_lr": NONNEG,
     "ttt.beta1": DECAY,
     "ttt.beta2": DECAY,
-    "ttt.eps": NONNEG,
+    "ttt.eps": POSITIVE,  # as optim.adam_eps
     "ttt.weight_decay": NONNEG,
     "ttt.chunk_size": COUNT,
     "ttt.eval_seq_len": COUNT,

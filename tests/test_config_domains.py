@@ -160,3 +160,11 @@ def test_a_positive_mlp_mult_too_small_for_one_hidden_unit_is_named(cli):
     assert err.strip() == "pgolf: error: model.mlp_mult: 0.001 x model_dim 128 leaves the MLP no hidden unit"
     rc, res, _ = cli("params", "--preset", "cpu-smoke", "--set", "model.mlp_mult=0.008")  # 1 hidden unit
     assert rc == 0 and res["params"] > 0
+
+
+def test_adam_eps_zero_is_named_not_a_nan_later(cli):
+    """ttt.eps=0 ended in "distribution: negative or non-finite probabilities" (Adam's 0/0 on a parameter
+    with no gradient yet), which hid its cause; both Adam epsilons must be > 0."""
+    for key in ("ttt.eps", "optim.adam_eps"):
+        rc, _, err = cli("params", "--preset", "cpu-smoke", "--set", f"{key}=0")
+        assert rc == 2 and err.strip() == f"pgolf: error: {key}: 0.0: expected > 0"
