@@ -62,9 +62,6 @@ def runner_key(cfg: Config) -> str:
     if method == "lora" and cfg.ttt.chunk_size > cfg.ttt.eval_seq_len:  # a chunk is scored in one window
         raise PgolfError(f"ttt.chunk_size: {cfg.ttt.chunk_size}: expected <= ttt.eval_seq_len "
                          f"{cfg.ttt.eval_seq_len} (LoRA TTT scores each chunk inside one context window)")
-    if method == "lora" and cfg.ttt.lora_rank > cfg.model.model_dim:  # no adapted matrix is wider
-        raise PgolfError(f"ttt.lora_rank: {cfg.ttt.lora_rank}: expected <= model.model_dim {cfg.model.model_dim} "
-                         "(a LoRA rank above an adapted matrix's smaller side adds nothing)")
     return "phased" if method == "lora" and cfg.ttt.phases > 0 else method
 
 
