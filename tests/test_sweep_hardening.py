@@ -80,6 +80,25 @@ def test_bad_names_fail_before_the_first_point(case, nb, tmp_path, cli):
     assert not root.exists() or not any(root.iterdir())  # no point ran
 
 
+@pytest.mark.parametrize("extra, line", [
+    (["-p", "preset", "nope"], '-p preset="nope": unknown preset \'nope\''),
+    (["--grid", "preset=cpu-smoke,nope"], '--grid preset="nope": unknown preset \'nope\''),
+    (["-p", "overrides", '["model.bogus=1"]'],
+     '-p overrides (on preset "cpu-smoke"): --set model.bogus: unknown config key \'model.bogus\''),
+    (["-p", "max_seconds", "-5"], "-p max_seconds=-5: expected a number >= 0 (0: the preset's budget)"),
+    (["--grid", "max_seconds=10,NaN"], "--grid max_seconds=NaN: expected a number >= 0"),
+], ids=["preset", "grid-preset", "overrides", "budget", "grid-budget"])
+def test_train_notebook_values_fail_before_the_first_point(extra, line, tmp_path, cli):
+    """train.ipynb's preset, its --set strings and its budget are checked before any kernel starts: each
+    of these failed in every point's notebook (exit 1, a kernel and a Slurm job per point wasted)."""
+    root = tmp_path / "runs"
+    rc, res, err = cli("sweep", ROOT / "notebooks" / "train.ipynb", "--seeds", "1", "2", "--nproc", "1",
+                       "--runs-root", root, "-p", "data", tmp_path / "data", *extra)
+    lines = err.strip().splitlines()
+    assert rc == 2 and res is None and len(lines) == 1 and lines[0].startswith(f"pgolf: error: {line}"), err
+    assert not root.exists() or not any(root.iterdir())  # no point ran
+
+
 def test_grid_config_keys_reach_the_overrides_parameter(nb, tmp_path, cli):
     items = sweep.plan(nb, [1], {"overrides": ["train.iterations=3"], "model.attn_gate": "attn_out"},
                        {"model.attn_gate_width": [12, 24], "mode": ["ok"]}, tmp_path)

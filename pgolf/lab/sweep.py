@@ -22,10 +22,12 @@ to `<runs-root>/.failed/` before the point is retried, so its partial logs never
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -43,6 +45,7 @@ from pgolf.runs import RunDir
 
 KERNEL = "python3"  # the kernel of the interpreter running the sweep (ipykernel's native spec)
 OVERRIDES = "overrides"  # the notebook parameter that receives grid config keys as `--set` strings
+PRESET, BUDGET = "preset", "max_seconds"  # train.ipynb's preset name and wall-clock budget (0: the preset's)
 REQUIRED = ("seed", "run_dir")  # set by the sweep for every point: the notebook must use them
 STOP_SECONDS = 30  # for papermill to exit once its kernel was told to stop (a trainer stops within ~10 s)
 
@@ -112,6 +115,29 @@ def check(notebook: str | Path, params: dict[str, Any], grid: dict[str, list[Any
                 Config().with_overrides([_override(key, v)])  # the key exists; the value has its type and domain
             except PgolfError as e:
                 raise PgolfError(f"{flag} {key}={json.dumps(v)}: {e}") from None
+    if PRESET in declared and (PRESET in params or PRESET in grid or params.get(OVERRIDES)):
+        from pgolf.presets import get_preset
+
+        given = PRESET in params or PRESET in grid
+        for name in grid.get(PRESET, [params.get(PRESET, _default(declared[PRESET]))]):
+            try:  # the preset exists and takes the fixed --set strings
+                get_preset(name, params.get(OVERRIDES, []) if OVERRIDES in declared else [])
+            except PgolfError as e:
+                where = f"{'--grid' if PRESET in grid else '-p'} {PRESET}={json.dumps(name)}" if given else \
+                    f"-p {OVERRIDES} (on {PRESET} {json.dumps(name)})"
+                raise PgolfError(f"{where}: {e}") from None
+    for v in grid.get(BUDGET, [params[BUDGET]] if BUDGET in params else []) if BUDGET in declared else []:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+            flag = "--grid" if BUDGET in grid else "-p"
+            raise PgolfError(f"{flag} {BUDGET}={json.dumps(v)}: expected a number >= 0 (0: the preset's budget)")
+
+
+def _default(param: dict[str, Any]) -> Any:
+    """A declared parameter's default value (papermill gives its source text)."""
+    try:
+        return ast.literal_eval(param["default"])
+    except (ValueError, SyntaxError):
+        return param["default"]
 
 
 def point_name(notebook: str | Path, params: dict[str, Any], point: dict[str, Any], seed: int) -> str:
