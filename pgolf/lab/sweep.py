@@ -115,10 +115,10 @@ def check(notebook: str | Path, params: dict[str, Any], grid: dict[str, list[Any
                 Config().with_overrides([_override(key, v)])  # the key exists; the value has its type and domain
             except PgolfError as e:
                 raise PgolfError(f"{flag} {key}={json.dumps(v)}: {e}") from None
-    if PRESET in declared and (PRESET in params or PRESET in grid or params.get(OVERRIDES)):
+    given = PRESET in params or PRESET in grid
+    if PRESET in declared and (given or params.get(OVERRIDES)):
         from pgolf.presets import get_preset
 
-        given = PRESET in params or PRESET in grid
         for name in grid.get(PRESET, [params.get(PRESET, _default(declared[PRESET]))]):
             try:  # the preset exists and takes the fixed --set strings
                 get_preset(name, params.get(OVERRIDES, []) if OVERRIDES in declared else [])
