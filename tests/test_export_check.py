@@ -291,6 +291,18 @@ def test_reference_folder_skips_a_log_not_named_by_its_seed(tmp_path):
     for s, lo in ((1, 2.50), (2, 2.52)):
         (tmp_path / f"train_seed{s}.log").write_text(f"quantized_ttt val_loss:{lo} val_bpb:1.0\n")
     (tmp_path / "train_seed_old.log").write_text("quantized_ttt val_loss:9.0 val_bpb:3.0\n")
-    mean, std, n, label = check.reference(str(tmp_path), 1.0)
+    mean, std, n, label = check.reference(check.parse_vs(str(tmp_path)), 1.0)
     assert (n, label) == (2, f"{tmp_path.name} (2 seeds)")
     assert mean == pytest.approx(2.51) and std == pytest.approx(math.sqrt(0.0002))  # ddof=1: 2 * 0.01^2 / 1
+
+
+@pytest.mark.parametrize("vs", ["a,b,c", "1,2", "inf,0.001,3", "nan,0.001,3", "1.07,-0.001,3", "1.07,nan,3",
+                                "1.07,0.001,1", "1.07,0.001,2.5", "0,0.001,3"])
+def test_a_bad_vs_is_one_error_line_before_any_check(vs, tmp_path, cli):
+    """`--vs inf,0.001,3` passed the significance check (p = 0) and `--vs a,b,c` was hidden behind the
+    other failures: a reference that is not a folder or a finite mean > 0, std >= 0 and whole N >= 2 is
+    refused before any check runs."""
+    rc, _, err = cli("check", tmp_path, "--vs", vs)
+    assert rc == 2 and err.strip().splitlines() == [err.strip()], err
+    assert err.startswith(f"pgolf: error: --vs {vs!r}: expected"), err
+    assert check.parse_vs("1.07,0.001,3.0") == (1.07, 0.001, 3) and check.parse_vs(str(tmp_path)) == tmp_path

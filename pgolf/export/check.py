@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -295,11 +296,26 @@ def _number(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
-def reference(vs: str, ratio: float) -> tuple[float, float, int, str]:
-    """(mean, std, n) of the reference in nats/token: `BPB_MEAN,STD,N` (converted with this
-    submission's own nats-per-bit ratio, the same validation bytes) or a record folder's logs."""
+def parse_vs(vs: str) -> Path | tuple[float, float, int]:
+    """`--vs` as given: a record folder, or BPB_MEAN,STD,N (a finite mean > 0, a finite std >= 0,
+    a whole n >= 2), checked before any check runs."""
     path = Path(vs)
     if path.is_dir():
+        return path
+    try:
+        mean, std, n = (float(x) for x in vs.split(","))
+    except ValueError:
+        raise PgolfError(f"--vs {vs!r}: expected BPB_MEAN,STD,N or a record folder") from None
+    if not (0 < mean < math.inf and 0 <= std < math.inf and n >= 2 and n == int(n)):
+        raise PgolfError(f"--vs {vs!r}: expected a mean > 0, a std >= 0 (finite) and a whole N >= 2")
+    return mean, std, int(n)
+
+
+def reference(vs: Path | tuple[float, float, int], ratio: float) -> tuple[float, float, int, str]:
+    """(mean, std, n) of the reference in nats/token: `BPB_MEAN,STD,N` (converted with this
+    submission's own nats-per-bit ratio, the same validation bytes) or a record folder's logs."""
+    if isinstance(vs, Path):
+        path = vs
         logged = [read_log(p).val_loss for p in sorted(path.glob("train_seed*.log"))
                   if LOG.search(p.name) and p.is_file()]
         losses = [x for x in logged if x is not None]
@@ -316,14 +332,11 @@ def reference(vs: str, ratio: float) -> tuple[float, float, int, str]:
         m, s = mean_std(losses)
         assert s is not None  # >= 2 values
         return m, s, len(losses), f"{path.name} ({len(losses)} seeds)"
-    try:
-        mean, std, n = (float(x) for x in vs.split(","))
-    except ValueError:
-        raise PgolfError(f"--vs {vs!r}: expected BPB_MEAN,STD,N or a record folder") from None
-    return mean * ratio, std * ratio, int(n), f"{mean} +- {std} BPB (n={int(n)})"
+    mean, std, n = vs
+    return mean * ratio, std * ratio, n, f"{mean} +- {std} BPB (n={n})"
 
 
-def check_significance(logs: list[SeedLog], vs: str, rep: Report) -> None:
+def check_significance(logs: list[SeedLog], vs: Path | tuple[float, float, int], rep: Report) -> None:
     from pgolf.significance import mean_std, welch_from_stats
 
     ours = [(log.val_loss, log.val_bpb) for log in logs if log.val_loss is not None and log.val_bpb is not None]
@@ -345,6 +358,7 @@ def check(folder: str | Path, vs: str | None = None) -> dict[str, Any]:
     folder = Path(folder)
     if not folder.is_dir():
         raise PgolfError(f"{folder}: not a folder")
+    ref = parse_vs(vs) if vs else None
     rep = Report()
     script = folder / "train_gpt.py"
     missing = [n for n in ("train_gpt.py", "submission.json", "README.md", "requirements.txt")
@@ -367,8 +381,8 @@ def check(folder: str | Path, vs: str | None = None) -> dict[str, Any]:
     check_times(logs, rep)
     check_legality(folder, logs, rep)
     check_claims(folder, logs, totals, rep)
-    if vs:
-        check_significance(logs, vs, rep)
+    if ref is not None:
+        check_significance(logs, ref, rep)
     failed = [f"{name}: {detail}" for name, ok, detail in rep.lines if not ok]
     if failed:
         raise PgolfError(f"{folder}: {len(failed)} of {len(rep.lines)} checks failed (first: {failed[0]})")
