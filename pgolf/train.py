@@ -123,6 +123,19 @@ def optimizer_step(step_model, model, opt, ema, batches, clip: float, lr_mult: f
     return total
 
 
+def step_consensus(loss: torch.Tensor, elapsed: float, main: bool) -> tuple[bool, float]:
+    """(the loss is not finite on some rank, rank 0's training clock): one all-reduce and one host read
+    per step, after the per-step sync. Each rank's own clock drifts from the others' (rank 0 logs and
+    writes between steps), so every rank takes the budget stop, the learning-rate schedule and the switch
+    to depth recurrence from rank 0's: they stop and switch looping on the same step (ranks that loop
+    on different steps run different graphs, and a learned carry then has a gradient on some ranks
+    only). Divergence is caught on the step it happens."""
+    flags = torch.stack([(~torch.isfinite(loss)).double(),
+                         torch.tensor(elapsed if main else 0.0, dtype=torch.float64, device=loss.device)])
+    distributed.all_reduce_sum_([flags])
+    diverged, clock = flags.tolist()
+    return diverged > 0, clock
+
 
 class Trainer:
     def __init__(self, cfg: Config, ctx: distributed.Dist, run: RunDir | None):
@@ -205,15 +218,9 @@ class Trainer:
         self.log(f"step {step} val_loss {res['val_loss']:.4f} val_bpb {res['val_bpb']:.4f} ({res['seconds']:.1f}s)")
         return res
 
-    def stop_flags(self, loss: torch.Tensor, elapsed: float) -> tuple[bool, bool]:
-        """(the loss is not finite on some rank, the time budget is spent on some rank): one all-reduce
-        and one host read per step, after the per-step sync, so divergence is caught on the step it
-        happens and every rank stops on the same step."""
-        spent = self.budget > 0 and elapsed >= self.budget
-        flags = torch.stack([(~torch.isfinite(loss)).float(), torch.tensor(float(spent), device=loss.device)])
-        distributed.all_reduce_sum_([flags])
-        diverged, spent = (flags > 0).tolist()
-        return diverged, spent
+    def stop_flags(self, loss: torch.Tensor, elapsed: float) -> tuple[bool, float]:
+        """`step_consensus` of this rank (see there)."""
+        return step_consensus(loss, elapsed, self.ctx.is_main)
 
     @staticmethod
     def mean_loss(loss: torch.Tensor) -> float:
@@ -250,7 +257,8 @@ class Trainer:
             self.sync()
             elapsed += time.perf_counter() - t0
             step += 1
-            diverged, spent = self.stop_flags(loss, elapsed)
+            diverged, elapsed = self.stop_flags(loss, elapsed)
+            spent = self.budget > 0 and elapsed >= self.budget
             if diverged:
                 raise PgolfError(f"step {step}: training loss is {self.mean_loss(loss)} (diverged)")
             if step % t.log_every == 0 or step == 1:

@@ -131,3 +131,30 @@ def test_a_torchrun_worker_leaves_without_the_interpreter_shutdown(world, shutdo
     p = subprocess.run([sys.executable, "-c", LEAVE], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 3 and p.stdout == "result line"
     assert ("shutdown ran" in p.stderr) == shutdown
+
+
+def _consensus_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from pgolf.train import step_consensus
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        clocks = (12.5, 13.75)  # each rank's own training clock: rank 1's runs ahead
+        fine = step_consensus(torch.tensor(2.0), clocks[rank], rank == 0)
+        nan_on_1 = step_consensus(torch.tensor(float("nan") if rank == 1 else 2.0), clocks[rank], rank == 0)
+        torch.save((fine, nan_on_1), os.path.join(out_dir, f"consensus-{rank}.pt"))
+    finally:
+        from pgolf.distributed import teardown
+        teardown()
+
+
+def test_every_rank_takes_rank_0s_clock_and_sees_a_divergence_anywhere(tmp_path):
+    """The trainer's per-step consensus: each rank's own clock drifts (rank 0 logs between steps), and
+    ranks that read their own clock switched depth recurrence on different steps (different graphs; with
+    a learned carry, a gradient on some ranks only). Every rank now gets rank 0's clock, and a loss that
+    is not finite on one rank stops them all."""
+    mp.spawn(_consensus_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"consensus-{r}.pt") for r in range(2)]
+    assert got[0] == got[1] == ((False, 12.5), (True, 12.5))
+    from pgolf.train import step_consensus
+    assert step_consensus(torch.tensor(1.0), 3.25, True) == (False, 3.25)  # one process: its own clock
