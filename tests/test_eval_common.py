@@ -166,3 +166,39 @@ def test_warmup_uses_synthetic_tokens_and_leaves_weights_intact():
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_warmup_base_step_is_one_micro_batch_at_the_runners_shape(monkeypatch):
+    """The base-weight warm-up ran at (ttt.batch_size, ttt.eval_seq_len): 64 x 2048 = 131,072 tokens of
+    forward + backward for pr1855, four times global SGD's largest micro-batch, and at a shape global SGD
+    never runs. It is now one micro-batch as the runner takes it: global SGD's 32,768-token chunk is 16
+    rows of 2048 (fewer than ttt.global_batch_seqs = 32), one packed row on a varlen model; SGD / Hedge
+    TTT take eval.batch_seqs rows of the scoring window."""
+    from pgolf.eval.ttt_base import base_step_shape
+    from pgolf.presets import get_preset
+
+    assert base_step_shape(get_preset("pr1855"), True) == (16, 2048, True)
+    assert base_step_shape(get_preset("pr430"), False) == (32, 2048, False)  # hedge: eval.batch_seqs x 2048
+    assert base_step_shape(get_preset("pr1855", ["ttt.global_chunk_tokens=131072"]), True) == (32, 2048, True)
+    for segmentation in ("rows", "varlen"):
+        cfg = tiny_cfg()
+        cfg.data.segmentation = segmentation
+        model = tiny_model(cfg)
+        assert (model.max_doc_len > 0) == (segmentation == "varlen")
+        rows, T, packed = base_step_shape(cfg, model.max_doc_len > 0)
+        assert _warmup_forwards(model, cfg, monkeypatch) == [((1, rows * T) if packed else (rows, T), True)]
+
+
+def _warmup_forwards(model, cfg, monkeypatch) -> list[tuple[tuple[int, ...], bool]]:
+    """(input shape, whether the base weights train) of every forward `warmup(base=True)` makes."""
+    shapes = []
+    real = type(model).forward
+
+    def spy(self, x, *a, **k):
+        shapes.append((tuple(x.shape), torch.is_grad_enabled() and self.tok_emb.weight.requires_grad))
+        return real(self, x, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(type(model), "forward", spy)
+        warmup(model, cfg, lora=False, base=True)
+    return shapes

@@ -267,10 +267,11 @@ def warmup(model: GPT, cfg: Config, *, lora: bool = True, base: bool = False, se
     (docs/records/record-stack.md §5.1, §7.8); the weights are left exactly as they were. Returns seconds.
 
     `lora`: LoRA TTT's step (adapters on a frozen base, `ttt_forward`) at the full context, then at one
-    chunk; `base`: a forward + backward into the base weights too (global SGD, SGD / Hedge TTT)."""
+    chunk; `base`: a forward + backward into the base weights too, one micro-batch of global SGD or of
+    SGD / Hedge TTT at its own shape (`base_step_shape`)."""
     import torch.nn.functional as F
 
-    from pgolf.eval.score import autocast_for
+    from pgolf.eval.score import autocast_for, doc_len_cut, doc_masking
     from pgolf.model.attention import CAUSAL
     from pgolf.model.lora import BatchedLoRA
 
@@ -283,9 +284,9 @@ def warmup(model: GPT, cfg: Config, *, lora: bool = True, base: bool = False, se
     try:
         # the full context first: the compiled graph it makes has the widths as symbols and serves every
         # later window (pgolf.model.compile)
-        for T in sorted({min(tc.chunk_size, tc.eval_seq_len), tc.eval_seq_len}, reverse=True):
-            x = torch.randint(0, V, (tc.batch_size, T + 1), generator=g).to(device)  # (B, T+1) synthetic
-            if fwd is not None:
+        if fwd is not None:
+            for T in sorted({min(tc.chunk_size, tc.eval_seq_len), tc.eval_seq_len}, reverse=True):
+                x = torch.randint(0, V, (tc.batch_size, T + 1), generator=g).to(device)  # (B, T+1) synthetic
                 for p in model.parameters():
                     p.requires_grad_(False)
                 adapters = BatchedLoRA(model, tc.batch_size, tc.lora_rank, tc.lora_alpha, lora_targets(tc))
@@ -294,17 +295,39 @@ def warmup(model: GPT, cfg: Config, *, lora: bool = True, base: bool = False, se
                 with autocast_for(device):
                     z = fwd(x[:, :-1], gi, lora=adapters, mask=CAUSAL)  # (B, K, V)
                 F.cross_entropy(z.flatten(0, 1), x[:, 1:].gather(1, gi).flatten()).backward()
-            if base:
-                for p in model.parameters():
-                    p.requires_grad_(True)
-                with autocast_for(device):
-                    model(x[:, :-1], x[:, 1:]).backward()
+        if base:  # one micro-batch of the base-weight updates, at the shape the runner trains on
+            rows, T, packed = base_step_shape(cfg, int(getattr(model, "max_doc_len", 0)) > 0)
+            x = torch.randint(0, V, (rows, T + 1), generator=g).to(device)
+            xb, yb = x[:, :-1], x[:, 1:]
+            if packed:  # global SGD's micro-batch is one packed row
+                xb, yb = xb.reshape(1, -1), yb.reshape(1, -1)
+            for p in model.parameters():
+                p.requires_grad_(True)
+            with contextlib.ExitStack() as stack:
+                if tc.method == "lora":  # global SGD's attention: within documents, cut at its rows
+                    stack.enter_context(doc_masking(model, True))
+                    stack.enter_context(doc_len_cut(model, T if packed else 0))
+                stack.enter_context(autocast_for(device))
+                model(xb, yb).backward()
     finally:
         for p, r in zip(model.parameters(), req):
             p.grad = None
             p.requires_grad_(r)
     _sync()
     return time.perf_counter() - t0
+
+
+def base_step_shape(cfg: Config, packed_rows: bool) -> tuple[int, int, bool]:
+    """(rows, tokens per row, packed) of one micro-batch of the base-weight updates on one rank: global
+    SGD (`ttt.phases`) takes up to `ttt.global_batch_seqs` of a chunk's `ttt.eval_seq_len` rows, as one
+    packed row on a packed-rows model (pgolf.eval.phased.global_sgd); SGD / Hedge TTT take
+    `eval.batch_seqs` rows of the scoring window (pgolf.eval.sgd_ttt). On more ranks the rows split
+    across them, so this is the largest micro-batch any rank runs."""
+    tc = cfg.ttt
+    if tc.method == "lora":
+        rows = min(tc.global_batch_seqs, -(-tc.global_chunk_tokens // tc.eval_seq_len))
+        return rows, tc.eval_seq_len, packed_rows
+    return cfg.eval.batch_seqs, cfg.eval.seq_len or cfg.train.eval_seq_len, False
 
 
 def lora_targets(tc: TTTConfig) -> tuple[str, ...]:
