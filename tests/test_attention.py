@@ -1,6 +1,7 @@
 """Attention: every backend against a float64 reference with an explicit block-diagonal causal mask (GQA
 included), the backend resolution, and the full attention module (QK-norm, partial/NTK RoPE, q_gain,
 XSA, gates, VE) against docs/records/record-stack.md §2.4 / docs/records/hedge-stack.md §1.1, §3, §4 written out."""
+import importlib.util
 import math
 
 import pytest
@@ -245,3 +246,22 @@ def test_cuda_backend_equals_float64_reference(backend, dtype, tol, H, Hkv):
         y = attend(q, k, v, doc_ids=ids, backend=backend)
         assert y.is_cuda and y.shape == (B, T, H, D)
         assert max_diff(y, reference_attention(q, k, v, ids)) < tol, (backend, ids is None)
+
+
+def test_a_flash_wheel_that_does_not_load_falls_back_to_the_next_kernel(tmp_path, monkeypatch):
+    """A flash-attn wheel built for another torch / CUDA is found on the path but fails to import (an
+    undefined symbol): it used to count as available, and the first forward failed. It now counts as
+    missing, so `auto` on CUDA runs the next kernel."""
+    from pgolf.model import attention
+
+    (tmp_path / "pgolf_broken_fa.py").write_text("raise ImportError('undefined symbol: _ZN3c10')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(attention.FLASH_MODULES, "fa3", "pgolf_broken_fa")
+    monkeypatch.setitem(attention.FLASH_MODULES, "fa2", "pgolf_no_such_module")
+    attention._installed.cache_clear()
+    try:
+        assert importlib.util.find_spec("pgolf_broken_fa") is not None  # found, as before
+        assert not attention.kernel_available("fa3") and not attention.kernel_available("fa2")
+        assert attention.kernel_available("flex") and attention.resolve_backend("auto", "cuda") == "flex"
+    finally:
+        attention._installed.cache_clear()

@@ -38,7 +38,14 @@ FLASH_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}
 
 @functools.cache
 def _installed(module: str) -> bool:
-    return module in sys.modules or importlib.util.find_spec(module) is not None
+    """Whether `module` imports: a flash-attn wheel built for another torch or CUDA is found but fails to
+    load (an undefined symbol), and the next kernel of the fallbacks must run instead."""
+    if module in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec(module) is not None and importlib.import_module(module) is not None
+    except (ImportError, OSError):
+        return False
 
 
 def kernel_available(kernel: str) -> bool:
