@@ -41,7 +41,8 @@ step 55 bench-baseline $PG bench --preset baseline
 step 65 bench-pr1855-off $PG bench --preset pr1855 --set $PR1855_STEP --looping off
 step 65 bench-pr1855-on $PG bench --preset pr1855 --set $PR1855_STEP --looping on
 step 100 bench-quant-pr1855 $PG bench --quant --preset pr1855 --codecs brotli,pergroup:zpaq,pergroup:brotli
-step 60 bench-ttt-pr1855 $PG bench --ttt --preset pr1855 --tokens 262144
+# recompiles logged: eager FlexAttention (no flash-attn) compiles per shape (dynamic=False), 8 at most
+TORCH_LOGS=recompiles step 60 bench-ttt-pr1855 $PG bench --ttt --preset pr1855 --tokens 262144
 wait $PLANS
 cat "$OUT/plans.txt" | tee -a "$LOG"
 python3 scripts/plan_vs_bench.py "$OUT" | tee "$OUT/plan_vs_bench.md" | tee -a "$LOG"
