@@ -218,10 +218,6 @@ class Trainer:
         self.log(f"step {step} val_loss {res['val_loss']:.4f} val_bpb {res['val_bpb']:.4f} ({res['seconds']:.1f}s)")
         return res
 
-    def stop_flags(self, loss: torch.Tensor, elapsed: float) -> tuple[bool, float]:
-        """`step_consensus` of this rank (see there)."""
-        return step_consensus(loss, elapsed, self.ctx.is_main)
-
     @staticmethod
     def mean_loss(loss: torch.Tensor) -> float:
         """The loss averaged over ranks (a collective: every rank calls it)."""
@@ -257,7 +253,7 @@ class Trainer:
             self.sync()
             elapsed += time.perf_counter() - t0
             step += 1
-            diverged, elapsed = self.stop_flags(loss, elapsed)
+            diverged, elapsed = step_consensus(loss, elapsed, self.ctx.is_main)
             spent = self.budget > 0 and elapsed >= self.budget
             if diverged:
                 raise PgolfError(f"step {step}: training loss is {self.mean_loss(loss)} (diverged)")
