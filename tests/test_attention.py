@@ -201,9 +201,13 @@ def test_xsa_output_is_orthogonal_to_own_value_per_kv_group():
 def test_flex_kernel_on_cpu_equals_float64_reference():
     """FlexAttention is the CUDA kernel where no FlashAttention is installed. PyTorch compiles its forward
     for the CPU too (no backward there), so its mask is held here without a device: causal inside each
-    document, grouped-query heads, and plain causal without document ids (about 20 s of compiling)."""
-    q, k, v = _qkv(2, 128, 4, 2, 16, seed=4)
-    doc_ids = _packed_doc_ids(2, 128)
+    document, grouped-query heads, and plain causal without document ids (about 20 s of compiling); three
+    blocks of 128, so the block mask has full, partial and empty blocks."""
+    q, k, v = _qkv(2, 384, 4, 2, 16, seed=4)
+    doc_ids = _packed_doc_ids(2, 384)
+    doc_ids[0] = 1  # row 0 one document: blocks below the diagonal are full (no mask_mod inside them)
+    mask = prepare_doc_mask(doc_ids, "flex")
+    assert mask.plan.full_kv_num_blocks[0, 0].tolist() == [0, 1, 2]  # (document_block_mask)
     for ids in (doc_ids, None):
         y = attend(q, k, v, doc_ids=None if ids is None else prepare_doc_mask(ids, "flex"), backend="flex")
         assert y.shape == q.shape and max_diff(y, reference_attention(q, k, v, ids)) < 1e-5, ids is None
@@ -212,8 +216,8 @@ def test_flex_kernel_on_cpu_equals_float64_reference():
 @pytest.mark.slow
 def test_flex_model_on_cpu_equals_the_sdpa_model_with_packed_rows():
     """The whole pr1855 forward with `attention_backend = "flex"` gives the SDPA forward's logits and loss,
-    with document masks on and packed rows cut every 32 tokens (`varlen`: the block mask is built by the
-    compiled builder), so the mask the model prepares once per forward is the one each kernel needs."""
+    with document masks on and packed rows cut every 32 tokens (`varlen`: the block mask is built at block
+    level from the segment ids), so the mask the model prepares once per forward is the one each kernel needs."""
     idx, tgt = tokens(2, 128, seed=1, bos_at=(0, 40, 41, 100)), tokens(2, 128, seed=2)
     models = [tiny_model("pr1855", "model.doc_mask=true") for _ in range(2)]
     for m, backend in zip(models, ("flex", "sdpa")):
@@ -265,3 +269,38 @@ def test_a_flash_wheel_that_does_not_load_falls_back_to_the_next_kernel(tmp_path
         assert attention.kernel_available("flex") and attention.resolve_backend("auto", "cuda") == "flex"
     finally:
         attention._installed.cache_clear()
+
+
+def _dense(num: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(B, H, Q, KV) bool of the kv blocks a BlockMask lists for each q block."""
+    n = idx.size(-1)
+    keep = torch.arange(n)[None, None, None, :] < num[..., None]
+    return torch.zeros(*idx.shape[:-1], n, dtype=torch.bool).scatter_(-1, idx.long(), keep)
+
+
+def test_document_block_mask_is_create_block_masks_from_the_ids_alone():
+    """FlexAttention's document mask from segment ids at block level: (T / 128)^2 comparisons where
+    create_block_mask evaluates every (q, kv) pair (10^10 per micro-step for a 98,304-token packed row).
+    On random segmentations (documents crossing blocks, longer than a block, one token long, cut at
+    max_doc_len, rows of any length) its partial and full blocks are create_block_mask's, block for block."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from pgolf.model.attention import document_block_mask
+
+    g = torch.Generator().manual_seed(0)
+    fulls = 0
+    for trial in range(24):
+        n = int(torch.randint(100, 800, (1,), generator=g))
+        B, T = 2, (n // 128 + 1) * 128 if trial % 2 else n  # whole blocks, or a padded tail block
+        idx = torch.randint(2, 100, (B, T), generator=g)
+        idx.view(-1)[torch.randint(0, B * T, (int(torch.randint(0, 12, (1,), generator=g)),), generator=g)] = BOS
+        ids = segment_ids(idx, BOS, 64 * int(torch.randint(0, 4, (1,), generator=g)))
+
+        def mask_mod(b, h, qi, ki, ids=ids):
+            return (qi >= ki) & (ids[b, qi] == ids[b, ki])
+        ref, got = create_block_mask(mask_mod, B, None, T, T, device="cpu"), document_block_mask(ids, mask_mod)
+        for num, ind in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+            dense = [_dense(getattr(m, num), getattr(m, ind)) for m in (got, ref)]
+            assert torch.equal(*dense), (trial, T, num)
+        fulls += int(got.full_kv_num_blocks.sum())
+    assert fulls > 0  # the trials reach full blocks, not only partial ones

@@ -115,24 +115,46 @@ def prepare_doc_mask(doc_ids: torch.Tensor, backend: str, max_len: int = 0) -> D
             cu = F.pad(cu, (0, -cu.numel() % 64), value=B * T)  # so a compiled graph sees few shapes
         return DocMask(backend, (cu, min(T, max_len) if max_len > 0 else T))  # a bound: no host sync
     if backend == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
-
         def mask_mod(b, h, qi, ki):
             return (qi >= ki) & (doc_ids[b, qi] == doc_ids[b, ki])
-        # eager create_block_mask materialises the (T, T) mask: compiled for packed rows (T = 98,304)
-        eager = max_len == 0 or torch.compiler.is_compiling()
-        make = create_block_mask if eager else _compiled_create_block_mask()
-        return DocMask(backend, make(mask_mod, B, None, T, T, device=doc_ids.device))
+        return DocMask(backend, document_block_mask(doc_ids, mask_mod))
     if max_len > 0:
         return DocMask(backend, _segment_plan(doc_ids))
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     return DocMask(backend, ((doc_ids[:, :, None] == doc_ids[:, None, :]) & causal)[:, None])  # (B, 1, T, T)
 
 
-@functools.cache
-def _compiled_create_block_mask():
-    from torch.nn.attention.flex_attention import create_block_mask
-    return torch.compile(create_block_mask)
+FLEX_BLOCK = 128  # FlexAttention's block size (its default)
+
+
+def document_block_mask(doc_ids: torch.Tensor, mask_mod: Any, block: int = FLEX_BLOCK):
+    """The BlockMask of causal attention within segments, from the segment ids alone. Ids never decrease
+    along a row (`pgolf.data.segments.segment_ids`), so kv block j <= q block i holds a pair to attend
+    iff its last id reaches the q block's first id, and all its pairs attend iff j < i, the q block is
+    whole (not the padded tail of a row) and the kv block's first id is the q block's last. That is
+    (T / block)^2 comparisons per row where create_block_mask evaluates `mask_mod` on all T^2 pairs
+    (10^10 for a 98,304-token packed row, every micro-step); `mask_mod` runs inside the partial blocks."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    B, T = doc_ids.shape
+    n = -(-T // block)
+    ids = torch.cat([doc_ids, doc_ids[:, -1:].expand(B, n * block - T)], dim=1)  # the tail: its last id
+    blocks = ids.view(B, n, block)
+    first, last = blocks[..., 0], blocks[..., -1]  # (B, n) each block's smallest and largest segment id
+    i = torch.arange(n, device=doc_ids.device)
+    below = i[None, :] <= i[:, None]  # (q block, kv block): causal at block level
+    meets = below & (last[:, None, :] >= first[:, :, None])  # (B, n, n): some pair attends
+    whole = (i[None, :] < i[:, None]) & ((i[:, None] + 1) * block <= T)
+    full = whole & (first[:, None, :] == last[:, :, None])  # every pair attends
+
+    def ordered(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # kv blocks first, in order
+        num = m.sum(-1, dtype=torch.int32)[:, None].contiguous()  # (B, 1, n)
+        idx = m.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+        return num, idx[:, None].contiguous()  # (B, 1, n, n)
+
+    (num, idx), (full_num, full_idx) = ordered(meets & ~full), ordered(full)
+    return BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(T, T))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, doc_ids: torch.Tensor | DocMask | None,
