@@ -177,15 +177,16 @@ def test_warmup_base_step_is_one_micro_batch_at_the_runners_shape(monkeypatch):
     from pgolf.eval.ttt_base import base_step_shape
     from pgolf.presets import get_preset
 
-    assert base_step_shape(get_preset("pr1855"), True) == (16, 2048, True)
-    assert base_step_shape(get_preset("pr430"), False) == (32, 2048, False)  # hedge: eval.batch_seqs x 2048
-    assert base_step_shape(get_preset("pr1855", ["ttt.global_chunk_tokens=131072"]), True) == (32, 2048, True)
+    assert base_step_shape(get_preset("pr1855")) == (16, 2048)  # one packed row: the forward below
+    assert base_step_shape(get_preset("pr430")) == (32, 2048)  # hedge: eval.batch_seqs x 2048
+    assert base_step_shape(get_preset("pr1855", ["ttt.global_chunk_tokens=131072"])) == (32, 2048)
     for segmentation in ("rows", "varlen"):
         cfg = tiny_cfg()
         cfg.data.segmentation = segmentation
         model = tiny_model(cfg)
         assert (model.max_doc_len > 0) == (segmentation == "varlen")
-        rows, T, packed = base_step_shape(cfg, model.max_doc_len > 0)
+        rows, T = base_step_shape(cfg)
+        packed = segmentation == "varlen"
         assert _warmup_forwards(model, cfg, monkeypatch) == [((1, rows * T) if packed else (rows, T), True)]
 
 

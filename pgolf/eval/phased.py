@@ -24,7 +24,7 @@ import torch
 from pgolf.config import Config, TTTConfig
 from pgolf.errors import PgolfError
 from pgolf.eval.lora_ttt import LoRATTT
-from pgolf.eval.score import autocast_for, doc_len_cut, doc_masking
+from pgolf.eval.score import autocast_for, global_sgd_attention
 from pgolf.eval.trace import EvalStream
 from pgolf.eval.ttt_base import all_reduce_grads, cosine_lr
 from pgolf.model.gpt import GPT
@@ -44,9 +44,7 @@ def global_sgd(model: GPT, x: np.ndarray, y: np.ndarray, pos: np.ndarray, tc: TT
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=tc.global_lr, momentum=tc.global_momentum)
     model.train()
-    packed = int(getattr(model, "max_doc_len", 0)) > 0  # a pgolf GPT: packed rows (varlen) when > 0
-    # attention never crosses a BOS (GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=1); packed rows cut at seq_len
-    with doc_masking(model, True), doc_len_cut(model, seq_len if packed else 0):
+    with global_sgd_attention(model, seq_len):
         steps = _global_sgd_loop(model, x, y, pos, tc, stream, opt, params, seq_len=seq_len, rank=rank,
                                  world_size=world_size)
     return steps

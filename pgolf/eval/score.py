@@ -59,6 +59,16 @@ def doc_len_cut(model: GPT, max_doc_len: int) -> Iterator[None]:
         model.max_doc_len = before
 
 
+@contextlib.contextmanager
+def global_sgd_attention(model: GPT, seq_len: int) -> Iterator[bool]:
+    """Global SGD's attention (phased TTT) for a while: never across a BOS
+    (GLOBAL_TTT_RESPECT_DOC_BOUNDARIES=1) and, on a packed-rows model (`max_doc_len` > 0: varlen), each
+    micro-batch one packed row cut every `seq_len` tokens. Yields whether the rows are packed."""
+    packed = int(getattr(model, "max_doc_len", 0)) > 0  # a pgolf GPT: packed rows (varlen) when > 0
+    with doc_masking(model, True), doc_len_cut(model, seq_len if packed else 0):
+        yield packed
+
+
 def packed_plan(num_targets: int, seq_len: int, row_seqs: int, rank: int = 0,
                 world_size: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(a, e, s) of rank `rank`'s packed rows of `row_seqs` sequences (record `eval_val`).

@@ -271,7 +271,7 @@ def warmup(model: GPT, cfg: Config, *, lora: bool = True, base: bool = False, se
     SGD / Hedge TTT at its own shape (`base_step_shape`)."""
     import torch.nn.functional as F
 
-    from pgolf.eval.score import autocast_for, doc_len_cut, doc_masking
+    from pgolf.eval.score import autocast_for, global_sgd_attention
     from pgolf.model.attention import CAUSAL
     from pgolf.model.lora import BatchedLoRA
 
@@ -296,18 +296,15 @@ def warmup(model: GPT, cfg: Config, *, lora: bool = True, base: bool = False, se
                     z = fwd(x[:, :-1], gi, lora=adapters, mask=CAUSAL)  # (B, K, V)
                 F.cross_entropy(z.flatten(0, 1), x[:, 1:].gather(1, gi).flatten()).backward()
         if base:  # one micro-batch of the base-weight updates, at the shape the runner trains on
-            rows, T, packed = base_step_shape(cfg, int(getattr(model, "max_doc_len", 0)) > 0)
+            rows, T = base_step_shape(cfg)
             x = torch.randint(0, V, (rows, T + 1), generator=g).to(device)
-            xb, yb = x[:, :-1], x[:, 1:]
-            if packed:  # global SGD's micro-batch is one packed row
-                xb, yb = xb.reshape(1, -1), yb.reshape(1, -1)
             for p in model.parameters():
                 p.requires_grad_(True)
-            with contextlib.ExitStack() as stack:
-                if tc.method == "lora":  # global SGD's attention: within documents, cut at its rows
-                    stack.enter_context(doc_masking(model, True))
-                    stack.enter_context(doc_len_cut(model, T if packed else 0))
-                stack.enter_context(autocast_for(device))
+            phased = global_sgd_attention(model, T) if tc.method == "lora" else contextlib.nullcontext(False)
+            with phased as packed, autocast_for(device):
+                xb, yb = x[:, :-1], x[:, 1:]
+                if packed:  # global SGD's micro-batch is one packed row
+                    xb, yb = xb.reshape(1, -1), yb.reshape(1, -1)
                 model(xb, yb).backward()
     finally:
         for p, r in zip(model.parameters(), req):
@@ -317,17 +314,16 @@ def warmup(model: GPT, cfg: Config, *, lora: bool = True, base: bool = False, se
     return time.perf_counter() - t0
 
 
-def base_step_shape(cfg: Config, packed_rows: bool) -> tuple[int, int, bool]:
-    """(rows, tokens per row, packed) of one micro-batch of the base-weight updates on one rank: global
-    SGD (`ttt.phases`) takes up to `ttt.global_batch_seqs` of a chunk's `ttt.eval_seq_len` rows, as one
-    packed row on a packed-rows model (pgolf.eval.phased.global_sgd); SGD / Hedge TTT take
+def base_step_shape(cfg: Config) -> tuple[int, int]:
+    """(rows, tokens per row) of one micro-batch of the base-weight updates on one rank: global SGD
+    (`ttt.phases`) takes up to `ttt.global_batch_seqs` of a chunk's `ttt.eval_seq_len` rows (one packed
+    row on a packed-rows model: pgolf.eval.score.global_sgd_attention); SGD / Hedge TTT take
     `eval.batch_seqs` rows of the scoring window (pgolf.eval.sgd_ttt). On more ranks the rows split
     across them, so this is the largest micro-batch any rank runs."""
     tc = cfg.ttt
     if tc.method == "lora":
-        rows = min(tc.global_batch_seqs, -(-tc.global_chunk_tokens // tc.eval_seq_len))
-        return rows, tc.eval_seq_len, packed_rows
-    return cfg.eval.batch_seqs, cfg.eval.seq_len or cfg.train.eval_seq_len, False
+        return min(tc.global_batch_seqs, -(-tc.global_chunk_tokens // tc.eval_seq_len)), tc.eval_seq_len
+    return cfg.eval.batch_seqs, cfg.eval.seq_len or cfg.train.eval_seq_len
 
 
 def lora_targets(tc: TTTConfig) -> tuple[str, ...]:
