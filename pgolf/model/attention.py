@@ -43,9 +43,12 @@ def _installed(module: str) -> bool:
     if module in sys.modules:
         return True
     try:
-        return importlib.util.find_spec(module) is not None and importlib.import_module(module) is not None
+        if importlib.util.find_spec(module) is None:
+            return False
+        importlib.import_module(module)
     except (ImportError, OSError):
         return False
+    return True
 
 
 def kernel_available(kernel: str) -> bool:
