@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("params", help="count the trainable parameters of a preset")
     p.add_argument("--preset", default="baseline")
     p.add_argument("--code-bytes", action="store_true", help="also count the code bytes of its exported record script")
+    p.add_argument("--breakdown", nargs="?", const="module", choices=("module", "definition"),
+                   help="what each module (or top-level definition) of that script costs (implies --code-bytes)")
     _add_set(p)
     p.set_defaults(handler="pgolf.plan:cmd_params")
 

@@ -316,6 +316,25 @@ def cmd_params(args: Any) -> dict[str, Any]:
     cfg = get_preset(args.preset, args.overrides)
     model = build_model(cfg, "meta")
     out = {"preset": args.preset, "params": count_params(model)}
-    if getattr(args, "code_bytes", False):  # the exported record script, as `pgolf quantize` counts it
+    by = getattr(args, "breakdown", None)
+    if getattr(args, "code_bytes", False) or by:  # the exported record script, as `pgolf quantize` counts it
         out.update({k: v for k, v in code_bytes(cfg).items() if k != "code_files"})
+    if by:
+        out["code_breakdown"] = _print_breakdown(cfg, by)
     return out
+
+
+def _print_breakdown(cfg: Any, by: str) -> list[dict[str, Any]]:
+    """The parts of the configuration's record script, dearest first, as a table on stderr."""
+    from pgolf.script.bundle import build
+    from pgolf.script.codebytes import breakdown
+
+    info = breakdown(build(cfg).text, by)
+    print(f"{'bytes':>7} {'minified':>9}  {by} (wrapped bytes the script would lose without it; they do not add up: "
+          f"brotli shares repeats across parts)", file=sys.stderr)
+    for row in info["parts"]:
+        label = row["part"] if by == "module" else f"{row['part']}  [{row['module']}]"
+        print(f"{row['bytes']:>7,} {row['minified']:>9,}  {label}", file=sys.stderr)
+    print(f"{info['code_bytes']:>7,} {info['code_bytes_minified']:>9,}  the whole script (parts minified one by one: "
+          f"{info['approx_code_bytes']:,})", file=sys.stderr)
+    return info["parts"]

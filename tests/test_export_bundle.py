@@ -222,3 +222,67 @@ class Pair(NamedTuple):
     rope = types.SimpleNamespace()
     exec(compile("import torch\nimport torch.nn as nn\n" + out.split("@dataclass")[0], "<t>", "exec"), vars(rope))
     assert rope.Rope().scale == 1.0
+
+
+UNIQUE_A = "the quick brown fox jumps over the lazy dog while seven zebras quietly graze near the river bank"
+UNIQUE_B = "pack my box with five dozen liquor jugs, then sphinx of black quartz, judge my vow at noon today"
+SECTIONED = f'''"""A script in the bundle's layout."""
+import os
+# ---------- pgolf/a.py -------------------------------
+def f():
+    """Docstrings go in the minifier."""
+    return "{UNIQUE_A}"
+
+@staticmethod
+def g():
+    return "{UNIQUE_A}" + os.sep
+# ---------- pgolf/b.py -------------------------------
+LIMIT = 1
+def h():
+    return "{UNIQUE_B}"
+'''
+
+
+def test_parts_are_the_top_level_statements_under_their_banners():
+    got = [(sec, name) for sec, name, _ in codebytes.parts(SECTIONED)]
+    assert got == [(codebytes.PREAMBLE, '"A script in the bundle\'s layout."'), (codebytes.PREAMBLE, "import os"),
+                   ("pgolf/a.py", "f"), ("pgolf/a.py", "g"), ("pgolf/b.py", "LIMIT = 1"), ("pgolf/b.py", "h")]
+    g_text = codebytes.parts(SECTIONED)[3][2]
+    assert g_text.startswith("@staticmethod\ndef g():")  # a decorator belongs to its definition
+
+
+def test_breakdown_prices_a_part_by_what_leaving_it_out_saves():
+    """A part's bytes are the wrapped size of the script less that of the script without it, so text
+    held twice costs little in either place: f and g share a string, h's is its own."""
+    pieces = [(sec, name, codebytes.minify(text)) for sec, name, text in codebytes.parts(SECTIONED)]
+
+    def wrapped(keep) -> int:
+        return len(codebytes.wrap("\n".join(m for sec, name, m in pieces if m and keep(sec, name))).encode())
+
+    total = wrapped(lambda s, n: True)
+    by_def = codebytes.breakdown(SECTIONED, by="definition")
+    assert by_def["approx_code_bytes"] == total and by_def["code_bytes"] == codebytes.measure(SECTIONED)["code_bytes"]
+    cost = {r["part"]: r["bytes"] for r in by_def["parts"]}
+    assert cost["h"] == total - wrapped(lambda s, n: n != "h")
+    assert cost["h"] > 60 and cost["f"] < cost["h"] / 2 and cost["g"] < cost["h"] / 2
+    assert [r["bytes"] for r in by_def["parts"]] == sorted((r["bytes"] for r in by_def["parts"]), reverse=True)
+    by_mod = codebytes.breakdown(SECTIONED)
+    rows = {r["part"]: r for r in by_mod["parts"]}
+    assert set(rows) == {codebytes.PREAMBLE, "pgolf/a.py", "pgolf/b.py"}
+    assert rows["pgolf/a.py"]["statements"] == 2
+    assert rows["pgolf/a.py"]["bytes"] == total - wrapped(lambda s, n: s != "pgolf/a.py")
+    assert rows["pgolf/b.py"]["minified"] == len(pieces[4][2].encode()) + len(pieces[5][2].encode())
+    with pytest.raises(ValueError, match="breakdown by 'line'"):
+        codebytes.breakdown(SECTIONED, by="line")
+
+
+def test_params_breaks_the_code_bytes_down_by_module(cli):
+    rc, out, err = cli("params", "--preset", "cpu-smoke", "--breakdown")
+    assert rc == 0 and out["code_bytes"] == codebytes.code_bytes(get_preset("cpu-smoke"))["code_bytes"]
+    parts = out["code_breakdown"]
+    files = set(codebytes.code_bytes(get_preset("cpu-smoke"))["code_files"])
+    assert {p["part"] for p in parts} == files | {codebytes.PREAMBLE, "the configuration"}
+    assert {"pgolf/model/gpt.py", "pgolf/train.py"} <= files
+    assert all(0 < p["bytes"] < p["minified"] for p in parts)
+    assert [p["bytes"] for p in parts] == sorted((p["bytes"] for p in parts), reverse=True)
+    assert "pgolf/model/gpt.py" in err and "the whole script" in err  # the table, on stderr

@@ -78,3 +78,60 @@ def code_bytes(cfg) -> dict[str, Any]:
             pass  # a read-only home: the memory cache still holds it
     _MEMO[key] = info
     return dict(info)
+
+
+BANNER = "# ---------- "  # pgolf.script.bundle writes one above each module's code
+PREAMBLE = "(header and imports)"
+
+
+def parts(source: str) -> list[tuple[str, str, str]]:
+    """(section, name, text) of each top-level statement of a script: `section` is the module its
+    banner names (PREAMBLE above the first banner), `name` what the statement defines."""
+    import ast
+
+    tree = ast.parse(source)
+    lines = source.splitlines(keepends=True)
+    banners = [(i + 1, line[len(BANNER):].rstrip(" -\n")) for i, line in enumerate(lines) if line.startswith(BANNER)]
+    out = []
+    for node in tree.body:
+        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        section = next((name for line, name in reversed(banners) if line < start), PREAMBLE)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            name = node.name
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            name = "import " + ", ".join(a.asname or a.name for a in node.names)
+        else:
+            name = " ".join(ast.unparse(node).split())
+            name = name if len(name) <= 40 else name[:39] + "…"
+        out.append((section, name, "".join(lines[start - 1:node.end_lineno])))
+    return out
+
+
+def breakdown(source: str, by: str = "module") -> dict[str, Any]:
+    """What each part of a script costs in code bytes: the wrapped bytes the script would lose without it.
+
+    Parts are the script's module sections (`by="module"`, the bundle's banners) or its top-level
+    statements (`by="definition"`). Each statement is minified alone, so the script is their
+    concatenation (`approx_code_bytes`, within a few bytes of `code_bytes`, which measure() counts on
+    the whole script); a part's `bytes` is that size less the size of the concatenation without it.
+    brotli finds repeats across parts, so the parts' bytes do not add up to the total: a part that
+    repeats text held elsewhere costs little, however long. Sorted by cost, dearest first."""
+    if by not in ("module", "definition"):
+        raise ValueError(f"breakdown by {by!r}: expected 'module' or 'definition'")
+    pieces = [(sec, name, minify(text)) for sec, name, text in parts(source)]
+    keys = [sec if by == "module" else f"{sec}:{name}" for sec, name, _ in pieces]
+
+    def size(skip: str | None) -> int:
+        return len(wrap("\n".join(m for k, (_, _, m) in zip(keys, pieces) if m and k != skip)).encode())
+
+    total = size(None)
+    rows: dict[str, dict[str, Any]] = {}
+    for k, (sec, name, small) in zip(keys, pieces):
+        row = rows.setdefault(k, {"part": k if by == "module" else name, "module": sec, "statements": 0,
+                                  "minified": 0})
+        row["statements"] += 1
+        row["minified"] += len(small.encode())
+    for k, row in rows.items():
+        row["bytes"] = total - size(k)
+    return {**measure(source), "approx_code_bytes": total, "by": by,
+            "parts": sorted(rows.values(), key=lambda r: (-r["bytes"], r["part"]))}
