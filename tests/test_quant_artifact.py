@@ -1,6 +1,7 @@
 """Compressors, per-group container, quantised state and byte accounting: exact round trips."""
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -39,6 +40,32 @@ def test_nn_chain_is_a_permutation_that_groups_similar_rows():
     assert sorted(order.tolist()) == list(range(40)) and order[0] == 0
     changes = int((q[order][1:] != q[order][:-1]).any(dim=1).sum())
     assert changes == 3  # each distinct row visited as one run
+
+
+def _record_chain(q: np.ndarray) -> list[int]:
+    """The record's row order (#1855 train_gpt.py, `_similarity_sort_l1`), as it states it: from row 0,
+    the nearest unused row in L1, argmin over the unused rows in index order (so ties go to the
+    lowest row)."""
+    used = np.zeros(q.shape[0], bool)
+    order, used[0] = [0], True
+    for _ in range(q.shape[0] - 1):
+        unused = np.flatnonzero(~used)
+        best = int(unused[np.argmin(np.abs(q[unused].astype(np.int32) - q[order[-1]]).sum(axis=1))])
+        order.append(best)
+        used[best] = True
+    return order
+
+
+@pytest.mark.parametrize("values,cols", [(1, 3), (2, 6), (20, 64)])
+def test_nn_chain_breaks_ties_as_the_record_on_every_device(values, cols):
+    """Rows of few distinct values tie often; the order (and so the artifact's bytes) must be the
+    record's on the CPU path and on the torch path the GPU runs (here on CPU tensors: argmin is
+    documented to return the first minimum on every device)."""
+    g = torch.Generator().manual_seed(values)
+    q = torch.randint(-values, values + 1, (300, cols), dtype=torch.int8, generator=g)
+    want = _record_chain(q.numpy())
+    assert pergroup.nn_chain_order(q).tolist() == want
+    assert pergroup._chain_torch(q).tolist() == want
 
 
 def _tiny_state(dtype=torch.float32):

@@ -49,26 +49,20 @@ def role(name: str) -> str:
 
 
 def nn_chain_order(q: torch.Tensor) -> torch.Tensor:
-    """Greedy L1 nearest-neighbour chain over the rows of an int8 matrix, starting at row 0.
+    """Greedy L1 nearest-neighbour chain over the rows of an int8 matrix, starting at row 0: the next
+    row is the nearest unvisited one, the lowest row index among equally near rows (as the record's
+    `_similarity_sort_l1`, whose argmin runs over the unvisited rows in index order), so the order,
+    and the artifact's bytes, are the same on every device.
 
-    O(rows^2 * cols): on CUDA one distance kernel per step; on the CPU uint8 max-min in numpy
-    (about 4x faster than int16 abs), with visited rows swapped out of the candidate block.
+    O(rows^2 * cols): on CUDA one distance kernel per step (`_chain_torch`); on the CPU uint8
+    max-min in numpy (about 4x faster than int16 abs), with visited rows swapped out of the
+    candidate block.
     """
     n = q.shape[0]
     if n > 65_535:
         raise PgolfError(f"row reordering stores uint16 permutations; {n} rows is too many")
     if q.is_cuda:
-        qi = q.to(torch.int16)
-        left = torch.ones(n, dtype=torch.bool, device=q.device)
-        order = [0]
-        left[0] = False
-        for _ in range(n - 1):
-            d = (qi - qi[order[-1]]).abs().sum(dim=1, dtype=torch.int32)
-            d = torch.where(left, d, torch.iinfo(torch.int32).max)
-            nxt = int(torch.argmin(d))
-            order.append(nxt)
-            left[nxt] = False
-        return torch.tensor(order, dtype=torch.int64)
+        return _chain_torch(q)
     x = (q.cpu().numpy().astype(np.int16) + 128).astype(np.uint8)
     hi, lo = np.empty_like(x), np.empty_like(x)  # reused buffers: allocation dominated otherwise
     idx = np.arange(n)
@@ -82,11 +76,29 @@ def nn_chain_order(q: torch.Tensor) -> torch.Tensor:
         np.maximum(x[:m], cur, out=a)
         np.minimum(x[:m], cur, out=b)
         np.subtract(a, b, out=a)  # |x - cur| in uint8
-        k = int(np.argmin(a.sum(axis=1, dtype=np.int32)))
+        d = a.sum(axis=1, dtype=np.int32)
+        near = np.flatnonzero(d == d.min())  # the swaps disorder the candidates: ties go to the lowest row
+        k = int(near[np.argmin(idx[near])]) if near.size > 1 else int(near[0])
         order.append(int(idx[k]))
         cur = x[k].copy()
         x[k], idx[k] = x[m - 1], idx[m - 1]
         m -= 1
+    return torch.tensor(order, dtype=torch.int64)
+
+
+def _chain_torch(q: torch.Tensor) -> torch.Tensor:
+    """nn_chain_order in torch on q's device: argmin returns the first of equal minima, the lowest row."""
+    n = q.shape[0]
+    qi = q.to(torch.int16)
+    left = torch.ones(n, dtype=torch.bool, device=q.device)
+    order = [0]
+    left[0] = False
+    for _ in range(n - 1):
+        d = (qi - qi[order[-1]]).abs().sum(dim=1, dtype=torch.int32)
+        d = torch.where(left, d, torch.iinfo(torch.int32).max)
+        nxt = int(torch.argmin(d))
+        order.append(nxt)
+        left[nxt] = False
     return torch.tensor(order, dtype=torch.int64)
 
 
