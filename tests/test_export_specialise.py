@@ -488,3 +488,25 @@ def test_specialised_script_computes_what_the_unspecialised_one_does(preset, ove
     assert all(torch.equal(a, b) for a, b in zip(res_a, res_b))
     assert not torch.equal(res_a[0], res_a[2]) or preset == "cpu-smoke"  # (pr1855 loops: another forward)
     assert torch.isfinite(res_a[1]) and res_a[1] > 0
+
+
+def test_membership_in_a_tuple_constant_that_unpacks_another_folds():
+    """`BACKENDS = ("auto", *KERNELS)` is a constant when KERNELS is one: a membership test of a
+    literal in it folds, and its dead check goes; a tuple unpacking a name bound twice (or anything
+    else) stays a run-time read."""
+    out, why = special('''
+KERNELS = ("flex", "sdpa")
+BACKENDS = ("auto", *KERNELS)
+TWICE = ("a",)
+TWICE = ("b",)
+MIXED = ("auto", *TWICE)
+
+def pick(name):
+    if "auto" not in BACKENDS:
+        raise ValueError(BACKENDS)
+    if "flex" in MIXED:
+        return 1
+    return "sdpa" in BACKENDS
+''')
+    assert why == []
+    assert "raise" not in out and "'flex' in MIXED" in out and "return True" in out

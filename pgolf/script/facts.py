@@ -235,20 +235,37 @@ def fits(args: ast.arguments, call: ast.Call) -> bool:
 
 
 def module_constants(stmts: list[ast.stmt]) -> dict[str, Any]:
-    """Module-level names bound once, to a literal (a number, a string, a tuple of those), and never
-    declared `global` anywhere."""
+    """Module-level names bound once, to a literal (a number, a string, a tuple of those, which may
+    unpack a tuple constant bound above it: `("auto", *KERNELS)`), and never declared `global` anywhere."""
     count: dict[str, int] = {}
     values: dict[str, Any] = {}
     for s in stmts:
         for name in Binder.of([s]).names:
             count[name] = count.get(name, 0) + 1
+    declared = {n for s in stmts for x in ast.walk(s) if isinstance(x, ast.Global) for n in x.names}
+    for s in stmts:
         if isinstance(s, (ast.Assign, ast.AnnAssign)) and s.value is not None:
             targets = s.targets if isinstance(s, ast.Assign) else [s.target]
-            v = F.value_of(s.value)
-            if len(targets) == 1 and isinstance(targets[0], ast.Name) and v is not F.NO:
-                values[targets[0].id] = v
-    declared = {n for s in stmts for x in ast.walk(s) if isinstance(x, ast.Global) for n in x.names}
-    return {k: v for k, v in values.items() if count.get(k) == 1 and k not in declared and is_placeholder(k)}
+            v = F.value_of(_unpacked(s.value, values))
+            name = targets[0].id if len(targets) == 1 and isinstance(targets[0], ast.Name) else None
+            if name is not None and v is not F.NO and count.get(name) == 1 and name not in declared:
+                values[name] = v
+    return {k: v for k, v in values.items() if is_placeholder(k)}
+
+
+def _unpacked(node: ast.expr, tuples: dict[str, Any]) -> ast.expr:
+    """A tuple display with `*NAME` of known tuple constants written out (else `node` itself)."""
+    if not isinstance(node, ast.Tuple) or not any(isinstance(e, ast.Starred) for e in node.elts):
+        return node
+    elts: list[ast.expr] = []
+    for e in node.elts:
+        if not isinstance(e, ast.Starred):
+            elts.append(e)
+        elif isinstance(e.value, ast.Name) and isinstance(tuples.get(e.value.id), tuple):
+            elts += [F.literal(x) for x in tuples[e.value.id]]
+        else:
+            return node
+    return ast.Tuple(elts=elts, ctx=ast.Load())
 
 
 def plain_class(base: ast.expr) -> bool:
