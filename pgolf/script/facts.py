@@ -247,9 +247,9 @@ def module_constants(stmts: list[ast.stmt]) -> dict[str, Any]:
         if isinstance(s, (ast.Assign, ast.AnnAssign)) and s.value is not None:
             targets = s.targets if isinstance(s, ast.Assign) else [s.target]
             v = F.value_of(_unpacked(s.value, values))
-            name = targets[0].id if len(targets) == 1 and isinstance(targets[0], ast.Name) else None
-            if name is not None and v is not F.NO and count.get(name) == 1 and name not in declared:
-                values[name] = v
+            own = targets[0].id if len(targets) == 1 and isinstance(targets[0], ast.Name) else None
+            if own is not None and v is not F.NO and count.get(own) == 1 and own not in declared:
+                values[own] = v
     return {k: v for k, v in values.items() if is_placeholder(k)}
 
 
