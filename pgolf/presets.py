@@ -189,7 +189,8 @@ def pr1855() -> Config:
     q = c.quant
     q.mlp_clip_sigmas, q.embed_clip_sigmas = 11.5, 14.0
     q.lqer, q.lqer_rank, q.lqer_top_k, q.lqer_asym, q.lqer_group, q.lqer_factor_bits = True, 4, 3, True, 64, 4
-    q.compressor, q.group_codec = "pergroup", "zpaq"  # lrzip -z -L 9 in the record: its ZPAQ stage
+    q.compressor, q.group_codec = "pergroup", "zpaq"  # lrzip -z -L 9 in the record (rzip + its own ZPAQ level 3)
+    q.byte_shuffle = 0  # _serialize_pergroup: the remainder stream is plain brotli
     tt = c.ttt
     tt.lora_rank, tt.lora_alpha, tt.warm_start_a = 80, 144.0, True
     tt.weight_decay, tt.beta1, tt.beta2 = 0.5, 0.0, 0.99

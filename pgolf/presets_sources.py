@@ -164,9 +164,11 @@ PR1855 = {
         "ttt.lora_rank": 80, "ttt.beta2": 0.99, "ttt.weight_decay": 0.5, "ttt.prefix_docs": 2500,
     }),
     **_facts(1855, "code", {"model.smear_bos_mask": True,  # the leak fix, §2.2
-                            "ttt.lora_alpha": 144.0, "ttt.warm_start_a": True}),  # Appendix A.5
-    **_facts(None, "pgolf: ZPAQ, the back end of the record's `lrzip -z -L 9` (docs/records/record-stack.md §4.6)",
-             {"quant.group_codec": "zpaq"}),
+                            "ttt.lora_alpha": 144.0, "ttt.warm_start_a": True,  # Appendix A.5
+                            # _serialize_pergroup: the remainder is plain brotli (no byte shuffle)
+                            "quant.byte_shuffle": 0}),
+    **_facts(None, "pgolf: ZPAQ (the `zpaq` package, method 5) stands in for the record's `lrzip -z -L 9` "
+             "(rzip, then libzpaq at lrzip's level 3; docs/records/record-stack.md §4.6)", {"quant.group_codec": "zpaq"}),
 }
 
 # ---- PR #430 (= #824) as its three runs were configured (docs/records/hedge-stack.md §4.4: no environment

@@ -7,11 +7,13 @@
    (uint16) with the rest.
 3. Each matrix is serialised transposed (column-major).
 4. Each group is compressed on its own, the groups in parallel, with `quant.group_codec`. The record
-   ran `lrzip -z -L 9`: rzip long-range matching, then ZPAQ context mixing. pgolf's `zpaq` codec is
-   the ZPAQ stage in memory (level 5, the `zpaq` package); the rzip stage finds repeats hundreds of
-   KB apart, which quantised weights do not have (docs/perf.md has the measured sizes).
+   ran `lrzip -z -L 9`: rzip long-range matching, then ZPAQ context mixing (lrzip's own libzpaq at
+   its level 9 / 4 + 1 = 3). pgolf's `zpaq` codec is ZPAQ context mixing in memory, the `zpaq`
+   package's method 5 (not the same model); the rzip stage finds repeats hundreds of KB apart, which
+   quantised weights do not have (docs/perf.md has the measured sizes).
 5. Everything else (scales, permutations, LQER factors, gates, passthrough tensors, shapes) is one
-   torch.save stream compressed with brotli.
+   torch.save stream compressed with brotli (byte-shuffled when `quant.byte_shuffle` > 1; the record
+   does not shuffle it, and the pr1855 preset sets 0).
 6. Container: b"PGRP" + uint32 stream count + uint32 lengths + the streams (rest first).
 """
 from __future__ import annotations
