@@ -190,12 +190,18 @@ class _Looped(nn.Module):
         return self.fc(self.fc(x))  # the same layer twice (depth recurrence)
 
 
-def test_collect_hessians_accumulates_every_visit():
+def test_collect_hessians_accumulates_every_visit_over_the_batches():
+    """H = the sum of X^T X over every visit of every batch, divided by the number of batches (the
+    record's `hessians[name] / n_calibration_batches`), not by the tokens or the visits."""
     m = _Looped()
-    idx = torch.randint(0, 50, (2, 5))
-    H = collect_hessians(m, [idx], min_numel=0)
-    x1 = m.tok_emb(idx).reshape(-1, 16)
-    x2 = m.fc(x1)
-    h = m.fc(x2)
-    torch.testing.assert_close(H["fc.weight"], (x1.T @ x1 + x2.T @ x2) / 20)
-    torch.testing.assert_close(H["tok_emb.weight"], h.T @ h / 10)
+    batches = [torch.randint(0, 50, (2, 5)), torch.randint(0, 50, (3, 5))]
+    H = collect_hessians(m, batches, min_numel=0)
+    want_fc, want_head = torch.zeros(16, 16), torch.zeros(16, 16)
+    for idx in batches:
+        x1 = m.tok_emb(idx).reshape(-1, 16)
+        x2 = m.fc(x1)
+        h = m.fc(x2)
+        want_fc += x1.T @ x1 + x2.T @ x2
+        want_head += h.T @ h
+    torch.testing.assert_close(H["fc.weight"], want_fc / 2)
+    torch.testing.assert_close(H["tok_emb.weight"], want_head / 2)

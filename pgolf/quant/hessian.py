@@ -9,7 +9,12 @@ cu_seqlens. Hooks record:
 - each `nn.Linear` whose weight is large enough to be quantised (q/k/v/o, MLP fc/proj, an untied
   head): its input;
 - the tied embedding as the output head: the final normalised hidden state (the head's input).
-H is normalised by the number of input rows (tokens x visits), in fp32 on the model's device.
+H is the sum over the calibration batches divided by their number, for looped layers too, in fp32 on
+the model's device: the #1530-line records' `collect_hessians` (`hessians[name] / n_calibration_batches`).
+GPTQ does not depend on H's scale in exact arithmetic (damping is relative to the mean diagonal), but
+in fp32 it does: with the record's scale, pgolf's GPTQ gave the record's integers bit for bit on the
+CPU in session 8's comparison (with H divided by the rows instead, 0.4% of a 512 x 512 matrix's integers
+differed; docs/fidelity.md).
 Results are cached in the run directory (`hessians.pt`), keyed by a hash of the calibration settings
 and the weights file, so sweeps compute them once.
 """
@@ -44,15 +49,12 @@ def collect_hessians(model: GPT, batches, *, min_numel: int = 65_536,
     model's document masking off for the calibration forward."""
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {}
 
     def add(key: str, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
         if key not in sums:
             sums[key] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-            rows[key] = 0
         sums[key].addmm_(x.T, x)
-        rows[key] += x.shape[0]
 
     hooks = []
     for name, mod in model.named_modules():
@@ -65,8 +67,10 @@ def collect_hessians(model: GPT, batches, *, min_numel: int = 65_536,
     model.eval()
     if unmask:
         mcfg.doc_mask = False
+    n = 0
     try:
         for idx in batches:
+            n += 1
             with _autocast(device):
                 h = model.hidden(idx.to(device))  # (B, T, d): the head's input
             # the head is applied with F.linear inside GPT.logits, so no hook sees its input
@@ -77,7 +81,7 @@ def collect_hessians(model: GPT, batches, *, min_numel: int = 65_536,
         model.train(was_training)
         if unmask:
             mcfg.doc_mask = True
-    return {k: sums[k] / max(rows[k], 1) for k in sums}
+    return {k: sums[k] / max(n, 1) for k in sums}
 
 
 def calibration_key(cfg, weights: Path) -> str:
@@ -87,7 +91,7 @@ def calibration_key(cfg, weights: Path) -> str:
     blob = json.dumps({"data": str(Path(cfg.data.path).resolve()), "batches": q.calibration_batches,
                        "seqs": q.calibration_seqs, "seq_len": q.calibration_seq_len, "seed": q.calibration_seed,
                        "looping": bool(cfg.model.num_loops), "min_numel": q.passthrough_numel,
-                       "doc_mask": cfg.model.doc_mask and q.calibration_doc_mask,
+                       "doc_mask": cfg.model.doc_mask and q.calibration_doc_mask, "scale": "per batch",
                        "weights": [weights.name, st.st_size, st.st_mtime_ns]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
