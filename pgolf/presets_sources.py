@@ -168,7 +168,8 @@ PR1855 = {
                             # _serialize_pergroup: the remainder is plain brotli (no byte shuffle)
                             "quant.byte_shuffle": 0}),
     **_facts(None, "pgolf: ZPAQ (the `zpaq` package, method 5) stands in for the record's `lrzip -z -L 9` "
-             "(rzip, then libzpaq at lrzip's level 3; docs/records/record-stack.md §4.6)", {"quant.group_codec": "zpaq"}),
+             "(rzip, then libzpaq at lrzip's level 3; docs/records/record-stack.md §4.6)",
+             {"quant.group_codec": "zpaq"}),
 }
 
 # ---- PR #430 (= #824) as its three runs were configured (docs/records/hedge-stack.md §4.4: no environment

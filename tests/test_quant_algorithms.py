@@ -113,3 +113,46 @@ def test_quantile_clip_and_688_options():
     W2, H = _problem(rows=16, cols=64)
     qa, _ = quantize_gptq(W2, H, 5, 12.0, ascending=True, scale=quantile_clip_scale(W2, 5))
     assert int(qa.abs().max()) <= R
+
+
+def test_exact_fp32_turns_tf32_off_on_cuda_and_restores_it():
+    """GPTQ runs with TF32 off on CUDA (the record pipeline turns it on for training) and one thread
+    on the CPU; both settings come back afterwards, also after an error. (The flag is a process
+    setting that a CPU build holds too, so this runs without a GPU.)"""
+    from pgolf.quant.gptq import exact_fp32
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    threads = torch.get_num_threads()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        with pytest.raises(RuntimeError, match="inside"):
+            with exact_fp32(torch.device("cuda")):
+                assert torch.backends.cuda.matmul.allow_tf32 is False
+                raise RuntimeError("inside")
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        with exact_fp32(torch.device("cpu")):
+            assert torch.get_num_threads() == 1 and torch.backends.cuda.matmul.allow_tf32 is True
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.gpu
+def test_gptq_and_lqer_on_cuda_give_the_cpu_result_with_tf32_on():
+    """With TF32 on (as during training), GPTQ on CUDA gives the CPU's integers but for fp32 rounding,
+    and LQER's factors are the CPU's exactly: its SVD runs on the CPU (singular-vector signs are the
+    solver's choice, and asym packing is not sign-symmetric)."""
+    assert torch.cuda.is_available(), "run the gpu tests on a CUDA machine"
+    W, H = _problem(512, 512)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        q_cpu, s_cpu = quantize_gptq(W, H, 6, 13.0)
+        q_gpu, _ = quantize_gptq(W.cuda(), H.cuda(), 6, 13.0, scale=s_cpu.cuda())  # the same row scales
+        assert (q_cpu != q_gpu.cpu()).float().mean().item() < 1e-3
+        assert torch.backends.cuda.matmul.allow_tf32 is True  # restored
+        E = W - q_cpu.float() * s_cpu.float()[:, None]
+        A, B = lqer.factors(E, 4)
+        Ag, Bg = lqer.factors(E.cuda(), 4)
+        assert Ag.is_cuda and torch.equal(A, Ag.cpu()) and torch.equal(B, Bg.cpu())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False

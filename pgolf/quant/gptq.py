@@ -102,7 +102,7 @@ def quantize_gptq(w: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: floa
     Returns int8 values and fp16 per-row scales (SDClip unless `scale` is given), in the original
     column order. `ascending` sorts act-order by ascending diag(H), as the #688 family did.
     """
-    with one_thread_on_cpu(w.device):
+    with exact_fp32(w.device):
         return _gptq(w, H, bits, clip_sigmas, damp, block_size, act_order, ascending, scale)
 
 
@@ -172,6 +172,24 @@ def one_thread_on_cpu(device: torch.device) -> Iterator[None]:
             _THREADS_STATE["depth"] -= 1
             if _THREADS_STATE["depth"] == 0:
                 torch.set_num_threads(_THREADS_STATE["saved"])
+
+
+@contextmanager
+def exact_fp32(device: torch.device) -> Iterator[None]:
+    """The numerics GPTQ and LQER run under: one thread on the CPU (`one_thread_on_cpu`), and on CUDA
+    fp32 matmuls in full precision. The record pipeline turns TF32 on for training, as the records do;
+    TF32's 10-bit mantissa in GPTQ's error feedback and in the Hessian's Cholesky products would move
+    the integers far from the records', which quantise on the CPU in fp32. Restores the flag after."""
+    if torch.device(device).type != "cuda":
+        with one_thread_on_cpu(device):
+            yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def cpu_workers(device: torch.device) -> int:

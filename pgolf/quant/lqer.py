@@ -17,11 +17,15 @@ from pgolf.quant.gptq import MIN_SCALE, one_thread_on_cpu
 
 
 def factors(E: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated SVD of the error: A = U_r S_r (rows, r), B = V_r^T (r, cols)."""
-    with one_thread_on_cpu(E.device):
-        U, S, Vh = torch.linalg.svd(E.float(), full_matrices=False)
+    """Truncated SVD of the error: A = U_r S_r (rows, r), B = V_r^T (r, cols), on E's device.
+
+    The SVD runs on the CPU whatever E's device, as the record's (LAPACK, one thread under torchrun):
+    each singular pair's sign is the solver's choice, and asym packing is not sign-symmetric (A's
+    INT2 levels are -2..1), so cuSOLVER's choice could store another correction."""
+    with one_thread_on_cpu(torch.device("cpu")):
+        U, S, Vh = torch.linalg.svd(E.detach().float().cpu(), full_matrices=False)
     r = min(rank, S.numel())
-    return U[:, :r] * S[:r][None, :], Vh[:r]
+    return (U[:, :r] * S[:r][None, :]).to(E.device), Vh[:r].to(E.device)
 
 
 # ---- packing of the factors

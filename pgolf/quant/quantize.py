@@ -28,7 +28,7 @@ from pgolf.artifact.qstate import FORMAT, dequantize
 from pgolf.config import QuantConfig
 from pgolf.errors import PgolfError
 from pgolf.quant import lqer
-from pgolf.quant.gptq import (cpu_workers, one_thread_on_cpu, quantile_clip_scale, quantize_absmax_int8,
+from pgolf.quant.gptq import (cpu_workers, exact_fp32, quantile_clip_scale, quantize_absmax_int8,
                               quantize_gptq, quantize_rtn)
 
 GROUPS = ("attn", "mlp", "embed", "other")
@@ -150,7 +150,7 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], q: QuantConfig,
         else:
             jobs.append((name, t, kind))
     errors: dict[str, float] = {}
-    with one_thread_on_cpu(device), ThreadPoolExecutor(cpu_workers(device)) as pool:
+    with exact_fp32(device), ThreadPoolExecutor(cpu_workers(device)) as pool:
         # (mypy types a lambda's argument as Any here, and *Any could fill every parameter)
         results = pool.map(lambda j: _quantize_matrix(*j, q, hessians.get(j[0]), device), jobs)  # type: ignore[call-arg]
         for (name, _t, _kind), (fields, tinfo, err) in zip(jobs, results):
