@@ -107,6 +107,10 @@ class OptimConfig:
     adam_wd: float = 0.0  # control tensors / scalars
     embed_wd: float = 0.0
     grad_clip_norm: float = 0.0  # 0 = off
+    # global: clip the gradient averaged over ranks | rank: each rank clips its own (accumulated) gradient,
+    # then the clipped gradients are averaged (the #1530-line records: no DDP, clip_grad_norm_ before the
+    # optimizers' all-reduce). The same on one process.
+    grad_clip_scope: str = "global"
     ema_decay: float = 0.0  # 0 = off; the EMA weights are the ones exported
     # CROWN-Q (#700 and later; docs/records/hedge-stack.md §1.2): lambda/12 * sum mean(w^2 Delta^2) in the warm-down
     crown_q_lambda: float = 0.0  # 0 = off; 0.01 in the records

@@ -114,6 +114,7 @@ def _record_procedures(c: Config) -> None:
     c.ttt.phase_select = "shortest"  # eval_val_ttt_phased: scored docs sorted by (batch index, position)
     c.model.tok_emb_bf16 = True  # GPT(h).bfloat16() + restore_fp32_params: only tok_emb stays bf16
     c.optim.muon_momentum_bf16 = True  # Muon: g = p.grad.bfloat16(), momentum_buffer zeros_like(g)
+    c.optim.grad_clip_scope = "rank"  # no DDP: clip_grad_norm_ on each rank's gradient, then the all-reduce
 
 
 def pr1765() -> Config:

@@ -61,6 +61,7 @@ def validate_training(cfg: Config) -> None:
     o, t = cfg.optim, cfg.train
     checks = [
         ("optim.muon_coeffs", o.muon_coeffs in ("classic", "polar_express"), "expected classic or polar_express"),
+        ("optim.grad_clip_scope", o.grad_clip_scope in ("global", "rank"), "expected global or rank"),
         ("train.gptq_reserve_seconds", t.max_seconds == 0 or t.gptq_reserve_seconds < t.max_seconds,
          "expected within [0, max_seconds)"),
         ("train.export", t.export in ("int8", "none"), "expected int8 or none"),

@@ -2,7 +2,8 @@
 and 4 gloo processes at the same global batch.
 
 20 optimizer steps of the trainer's own step (pgolf.train.optimizer_step) with looping switched on half
-way, the EMA, the 0.3 global clip, and Muon sharded across ranks (Parallel Muon: reduce-scatter of the
+way, the EMA, the 0.3 clip of the averaged gradient (`optim.grad_clip_scope=global`; the records' per-rank
+clip is tested on its own below), and Muon sharded across ranks (Parallel Muon: reduce-scatter of the
 gradient, each rank orthogonalising its shard, all-gather of the updates); then the EMA weights loaded
 and one global-SGD phase of phased TTT, whose gradients are all-reduced across ranks. Micro-batch m of
 each step goes to rank m % W, as the loader deals them. fp32 throughout (bf16 storage switches off), so
@@ -28,7 +29,8 @@ ROW = 4 * SEQ  # one packed row of 128 tokens per micro-batch (data.segmentation
 
 def _cfg():
     return tiny_cfg("pr1855", "optim.muon_momentum_bf16=false", "model.tok_emb_bf16=false",
-                    f"train.train_seq_len={SEQ}", "ttt.global_chunk_tokens=256", "ttt.global_batch_seqs=2")
+                    "optim.grad_clip_scope=global", f"train.train_seq_len={SEQ}", "ttt.global_chunk_tokens=256",
+                    "ttt.global_batch_seqs=2")
 
 
 def _rows(n: int, seed: int) -> torch.Tensor:
@@ -158,3 +160,56 @@ def test_every_rank_takes_rank_0s_clock_and_sees_a_divergence_anywhere(tmp_path)
     assert got[0] == got[1] == ((False, 12.5), (True, 12.5))
     from pgolf.train import step_consensus
     assert step_consensus(torch.tensor(1.0), 3.25, True) == (False, 3.25)  # one process: its own clock
+
+
+def _clip_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from pgolf.config import OptimConfig
+    from pgolf.optim.groups import build_optimizers
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        got = {}
+        for scope in ("global", "rank"):
+            model = torch.nn.Linear(4, 3)  # weight: Muon (rank 0 holds its averaged rows); bias: AdamW
+            opt = build_optimizers(model, OptimConfig(grad_clip_scope=scope), tied=False)
+            g = _local_grads(rank)
+            model.weight.grad, model.bias.grad = g[0].clone(), g[1].clone()
+            opt.reduce_and_clip(0.3)
+            held = opt.optimizers["muon"]._held()
+            got[scope] = (held[model.weight].clone() if model.weight in held else None, model.bias.grad.clone())
+        torch.save(got, os.path.join(out_dir, f"clip-{rank}.pt"))
+    finally:
+        from pgolf.distributed import teardown
+        teardown()
+
+
+def _local_grads(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each rank's own gradient of (weight, bias): rank 1's is large and points another way."""
+    g = torch.Generator().manual_seed(rank)
+    return torch.randn(3, 4, generator=g) * (0.1, 2.0)[rank], torch.randn(3, generator=g) * (0.1, 2.0)[rank]
+
+
+def _clipped(gs: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
+    norm = torch.cat([g.reshape(-1) for g in gs]).norm()
+    return [g * min(1.0, max_norm / (float(norm) + 1e-6)) for g in gs]
+
+
+def test_each_rank_clips_its_own_gradient_before_the_average_with_rank_scope(tmp_path):
+    """`optim.grad_clip_scope`: "global" clips the averaged gradient (the single-process clip); "rank"
+    clips each rank's own gradient, then averages, as the #1530-line records (no DDP: their step_fn calls
+    clip_grad_norm_ on the local gradients before Optimizers.step all-reduces them). Worked out here
+    from the two ranks' gradients."""
+    mp.spawn(_clip_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"clip-{r}.pt") for r in range(2)]
+    g = [_local_grads(r) for r in range(2)]
+    mean = [(g[0][i] + g[1][i]) / 2 for i in range(2)]
+    want_global = _clipped(mean, 0.3)
+    per_rank = [_clipped(list(g[r]), 0.3) for r in range(2)]
+    want_rank = [(per_rank[0][i] + per_rank[1][i]) / 2 for i in range(2)]
+    for scope, want in (("global", want_global), ("rank", want_rank)):
+        assert got[1][scope][0] is None  # Parallel Muon: one matrix, held by rank 0
+        torch.testing.assert_close(got[0][scope][0], want[0], rtol=1e-5, atol=1e-7)
+        for r in range(2):
+            torch.testing.assert_close(got[r][scope][1], want[1], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(want_global[1], want_rank[1], rtol=1e-2)  # the two rules differ here

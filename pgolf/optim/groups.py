@@ -65,17 +65,30 @@ class OptimizerSet:
         self.cfg = cfg
 
     def reduce_and_clip(self, max_norm: float) -> torch.Tensor:
-        """Average the gradients over ranks, then clip their global L2 norm (GRAD_CLIP_NORM; 0 = off).
+        """Average the gradients over ranks and clip their L2 norm (GRAD_CLIP_NORM; 0 = off).
 
         Muon's matrices are reduce-scattered (each rank gets the averaged rows it updates: Parallel
-        Muon, pgolf.optim.muon); every other gradient is all-reduced. The norm is the norm of the whole
-        averaged gradient (the shards' squares summed over ranks), so the clip is the single-process
-        clip. Returns the pre-clip norm as a 0-d tensor (no host sync)."""
+        Muon, pgolf.optim.muon); every other gradient is all-reduced. With `optim.grad_clip_scope`
+        "global" the norm is the norm of the whole averaged gradient (the shards' squares summed over
+        ranks), so the clip is the single-process clip; with "rank" each rank clips its own gradient
+        before the average, as the #1530-line records (`clip_grad_norm_` on the local gradients, which
+        their optimizers all-reduce afterwards). Returns the pre-clip norm (of the averaged gradient,
+        or of this rank's own) as a 0-d tensor (no host sync)."""
         from pgolf import distributed
 
         muon = self.optimizers.get("muon")
         others = [p.grad for k, opt in self.optimizers.items() if k != "muon"
                   for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        if self.cfg.grad_clip_scope == "rank":
+            norm = torch.zeros(())
+            if max_norm > 0:
+                local = others + ([p.grad for g in muon.param_groups for p in g["params"] if p.grad is not None]
+                                  if isinstance(muon, Muon) else [])
+                norm = _clip_(local, max_norm)
+            if isinstance(muon, Muon):
+                muon.reduce_grads()
+            distributed.all_reduce_mean_(others)
+            return norm
         if isinstance(muon, Muon):
             muon.reduce_grads()
         distributed.all_reduce_mean_(others)
@@ -125,6 +138,16 @@ class OptimizerSet:
     def lrs(self) -> dict[str, float]:
         """Current lr of each group (after the last `step`)."""
         return {g["name"]: g["lr"] for opt in self.optimizers.values() for g in opt.param_groups}
+
+
+def _clip_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale `grads` in place to L2 norm at most max_norm, as torch.nn.utils.clip_grad_norm_ (norm
+    in fp32, coefficient max_norm / (norm + 1e-6) capped at 1); returns the norm before."""
+    if not grads:
+        return torch.zeros(())
+    norm = torch.stack([n.float() for n in torch._foreach_norm(grads)]).norm()
+    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
+    return norm
 
 
 def build_optimizers(model: nn.Module, cfg: OptimConfig, tied: bool) -> OptimizerSet:
