@@ -62,6 +62,9 @@ class ModelConfig:
     attn_gate_init_std: float = 0.0  # dense / sparse gate weight init std (0 = zeros)
     doc_mask: bool = False  # attention never crosses a BOS (segments at every BOS and every row)
     tok_emb_bf16: bool = False  # store tok_emb in bf16 (#1530 line: model.bfloat16() keeps only it in bf16)
+    # every initial weight and RoPE's inv_freq rounded to bf16 values, kept in their dtypes (#1530 line: the
+    # model is built, cast with .bfloat16() and restored to fp32, for training and for evaluation alike)
+    bf16_rounding: bool = False
     # --- embedding path
     smear_gate: str = "off"  # off | gated (#1667, width-w input) | channel (#430 per-channel)
     smear_gate_width: int = 12

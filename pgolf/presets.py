@@ -113,6 +113,7 @@ def _record_procedures(c: Config) -> None:
     c.quant.calibration_doc_mask = False  # collect_hessians: forward_logits(x) without cu_seqlens
     c.ttt.phase_select = "shortest"  # eval_val_ttt_phased: scored docs sorted by (batch index, position)
     c.model.tok_emb_bf16 = True  # GPT(h).bfloat16() + restore_fp32_params: only tok_emb stays bf16
+    c.model.bf16_rounding = True  # ... and every initial value and RoPE's inv_freq are bf16 values
     c.optim.muon_momentum_bf16 = True  # Muon: g = p.grad.bfloat16(), momentum_buffer zeros_like(g)
     c.optim.grad_clip_scope = "rank"  # no DDP: clip_grad_norm_ on each rank's gradient, then the all-reduce
 

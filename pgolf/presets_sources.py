@@ -95,6 +95,7 @@ _PR1626 = {
     **_facts(1530, "code", {
         "data.segmentation": "varlen",  # one packed row per rank, _build_cu_seqlens, §1.5
         "model.tok_emb_bf16": True,  # model cast to bf16, controls restored to fp32: tok_emb stays bf16, §2.1
+        "model.bf16_rounding": True,  # the same cast rounds the initial weights and RoPE's inv_freq buffer
         "optim.muon_momentum_bf16": True,  # the sharded Muon momentum buffer is bf16, §3.3
         "optim.grad_clip_scope": "rank",  # step_fn clips the local gradients; Optimizers.step all-reduces, §3.7
         "quant.calibration_doc_mask": False,  # Hessians through forward_logits without cu_seqlens, §4.2

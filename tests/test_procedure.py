@@ -19,10 +19,12 @@ def test_presets_default_to_the_record_procedures():
         c = get_preset(name)
         assert (c.data.segmentation, c.quant.calibration_doc_mask, c.ttt.phase_select) == ("varlen", False, "shortest")
         assert c.model.tok_emb_bf16 and c.optim.muon_momentum_bf16 and c.model.doc_mask, name
+        assert c.model.bf16_rounding and c.optim.grad_clip_scope == "rank", name
     for name in ("baseline", "cpu-smoke", "pr430"):  # fixed rows, as their records
         c = get_preset(name)
         assert (c.data.segmentation, c.quant.calibration_doc_mask, c.ttt.phase_select) == ("rows", True, "queue")
-        assert not (c.model.tok_emb_bf16 or c.optim.muon_momentum_bf16), name
+        assert not (c.model.tok_emb_bf16 or c.optim.muon_momentum_bf16 or c.model.bf16_rounding), name
+        assert c.optim.grad_clip_scope == "global", name
 
 
 # ---------------------------------------------------------------- GPTQ calibration
@@ -192,3 +194,31 @@ def test_unknown_procedure_values_name_their_key():
     val = tiny_val(6)
     with pytest.raises(PgolfError, match="ttt.phase_select"):
         PhasedTTT(eval_model(cfg), val, cfg, stream_for(val))
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_bf16_rounding_leaves_the_records_bf16_values(on):
+    """The #1530-line records build GPT(h), cast it with .bfloat16() and restore fp32: every initial
+    weight, and RoPE's inv_freq buffer (which stays bf16 and is read back with .float()), holds a bf16
+    value, e.g. the parallel residual lambdas start at 1.1015625, not 1.1. With the switch off, fp32."""
+    from pgolf.model import build_model
+
+    cfg = tiny_cfg("pr1855", f"model.bf16_rounding={str(on).lower()}")
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    rotary = model.physical_blocks()[0].attn.rotary
+    dims = rotary.dims
+    exact = cfg.model.rope_base ** (-torch.arange(0, dims, 2, dtype=torch.float32) / dims)
+    tensors = [*model.parameters(), rotary.inv_freq]
+    assert {t.dtype for t in tensors} == {torch.float32, torch.bfloat16}  # tok_emb is stored in bf16
+    lam = model.parallel_resid_lambdas.detach()
+    if on:
+        assert all(torch.equal(t, t.to(torch.bfloat16).to(t.dtype)) for t in tensors)
+        assert torch.equal(rotary.inv_freq, exact.to(torch.bfloat16).float())
+        assert not torch.equal(rotary.inv_freq, exact)
+        assert float(lam.flatten()[0]) == 1.1015625
+        cos, _ = rotary.cos_sin(64, torch.device("cpu"))
+        assert torch.equal(cos, torch.outer(torch.arange(64.0), exact.to(torch.bfloat16).float()).cos())
+    else:
+        assert torch.equal(rotary.inv_freq, exact) and float(lam.flatten()[0]) == float(torch.tensor(1.1))
+        assert not all(torch.equal(t, t.to(torch.bfloat16).to(t.dtype)) for t in tensors)

@@ -355,6 +355,8 @@ class GPT(nn.Module):
             self.lm_head = nn.Linear(d, V, bias=False)
         if self.tok_emb.weight.device.type != "meta":
             self.reset_parameters()
+        if cfg.bf16_rounding:
+            self.round_to_bf16()
         if cfg.tok_emb_bf16:  # initialised in fp32, stored in bf16 (the records' model.bfloat16())
             self.tok_emb.to(torch.bfloat16)
 
@@ -418,6 +420,15 @@ class GPT(nn.Module):
             nn.init.zeros_(self.smear_gate.weight)
         if hasattr(self, "lm_head"):
             nn.init.zeros_(self.lm_head.weight)
+
+    @torch.no_grad()
+    def round_to_bf16(self) -> None:
+        """Round the parameters and RoPE's frequencies to bf16 values, each kept in its own dtype: what
+        the #1530-line records' `GPT(h).bfloat16()` followed by `restore_fp32_params` leaves, both for
+        the model they train and for the one they evaluate (their inv_freq buffer stays bf16 and is read
+        back as `.float()`, so RoPE turns at the rounded frequencies)."""
+        for t in [*self.parameters(), *(m.inv_freq for m in self.modules() if isinstance(m, Rotary))]:
+            t.copy_(t.to(torch.bfloat16))
 
     # ---- the one forward
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, lora=None,
