@@ -112,12 +112,15 @@ def _rms64(x):
     return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
 
 
-def _rope64(x, dims, base, ntk):
-    """Rotate x[..., :dims] in pairs (i, i + dims/2) by angle t * base'^(-2i/dims); base' = base ntk^(d/(d-2))."""
+def _rope64(x, dims, base, ntk, bf16=False):
+    """Rotate x[..., :dims] in pairs (i, i + dims/2) by angle t * base'^(-2i/dims); base' = base ntk^(d/(d-2)).
+    `bf16`: the frequencies are fp32 values rounded to bf16 (the #1530-line records' cast model)."""
     if ntk != 1.0:
         base = base * ntk ** (dims / (dims - 2))
     half = dims // 2
     inv = base ** (-torch.arange(0, dims, 2, dtype=torch.float64) / dims)
+    if bf16:
+        inv = inv.float().to(torch.bfloat16).double()
     ang = torch.arange(x.shape[1], dtype=torch.float64)[:, None] * inv  # (T, half)
     cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
     x1, x2 = x[..., :half], x[..., half:dims]
@@ -139,7 +142,8 @@ def reference_attention_module(attn, cfg, n, doc_ids, ve):
     if cfg.qk_norm:
         q, k = _rms64(q), _rms64(k)
     dims = cfg.rope_dims or D
-    q, k = _rope64(q, dims, cfg.rope_base, cfg.rope_ntk_factor), _rope64(k, dims, cfg.rope_base, cfg.rope_ntk_factor)
+    rope = (dims, cfg.rope_base, cfg.rope_ntk_factor, cfg.bf16_rounding)
+    q, k = _rope64(q, *rope), _rope64(k, *rope)
     q = q * w["q_gain"][None, None, :, None]
     y = reference_attention(q, k, v, doc_ids)
     if attn.xsa:  # y_h <- y_h - (y_h . vhat) vhat with the token's own value of the head's KV group
