@@ -94,6 +94,35 @@ def test_calibration_windows(tiny):
         calibration_batches(tiny, n_batches=10, seqs=4, seq_len=8)
 
 
+def _record_windows(tiny, n_windows: int, seq_len: int, rank: int, world: int) -> list[list[int]]:
+    """The record's ShuffledSequenceLoader (#1855 train_gpt.py), as its code states the rule: PCG64(rank),
+    files[rank::world]; per shard in order a phase below seq_len then a permutation of the windows; per
+    window a shard drawn with p = windows left / total, the last start popped, tokens [start, start +
+    seq_len) as the input."""
+    files = sorted(tiny.glob("fineweb_train_*.bin"))[rank::world]
+    rng = np.random.Generator(np.random.PCG64(rank))
+    toks = [shards.read_shard(f) for f in files]
+    start_inds = []
+    for t in toks:
+        max_phase = min(seq_len - 1, max(0, t.size - seq_len - 1))
+        phase = int(rng.integers(max_phase + 1)) if max_phase > 0 else 0
+        start_inds.append((phase + rng.permutation((t.size - 1 - phase) // seq_len) * seq_len).tolist())
+    remaining = np.array([len(s) for s in start_inds], dtype=np.float64)
+    out = []
+    for _ in range(n_windows):
+        si = int(rng.choice(len(files), p=remaining / remaining.sum()))
+        start = start_inds[si].pop()
+        remaining[si] -= 1
+        out.append(toks[si][start:start + seq_len].tolist())
+    return out
+
+
+@pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
+def test_calibration_windows_with_seed_0_are_the_records(tiny, rank, world):
+    got = torch.cat(calibration_batches(tiny, n_batches=2, seqs=3, seq_len=8, rank=rank, world_size=world))
+    assert got.tolist() == _record_windows(tiny, 6, 8, rank, world)
+
+
 def test_real_shards(sp1024_data):
     loader = TrainLoader(sp1024_data, seq_len=1024, vocab_size=1024)
     batches = [loader.next_batch(8 * 1024, accum_steps=2) for _ in range(3)]

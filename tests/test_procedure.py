@@ -58,6 +58,30 @@ def test_calibration_key_tells_the_mask_settings_apart(tmp_path):
     assert calibration_key(masked, w) != calibration_key(record, w)
 
 
+def test_calibration_draws_as_rank_0_of_the_runs_world(tmp_path, monkeypatch):
+    """A run trained on W ranks calibrates as the records' rank 0, from shards[0::W]: cached_hessians
+    takes W from the run's env.json (or from the trainer), passes it to the windows and keys the
+    cache by it, so a run's Hessians are never reused for another world size."""
+    from pgolf.quant import hessian
+
+    w = tmp_path / "final_model.pt"
+    w.write_bytes(b"weights")
+    cfg = get_preset("pr1855")
+    seen = []
+    monkeypatch.setattr(hessian, "calibrate", lambda model, c, world_size=1: (
+        seen.append(world_size) or ({}, {"world_size": world_size, "calibration_data_seconds": 0.0,
+                                        "hessian_seconds": 0.0})))
+    assert hessian.run_world_size(tmp_path) == 1  # no env.json
+    hessian.cached_hessians(tmp_path, lambda: None, cfg)
+    (tmp_path / "env.json").write_text('{"world_size": 8}')
+    assert hessian.run_world_size(tmp_path) == 8
+    _, info = hessian.cached_hessians(tmp_path, lambda: None, cfg)  # the world-1 cache does not serve it
+    assert seen == [1, 8] and info["cached"] is False
+    _, info = hessian.cached_hessians(tmp_path, lambda: None, cfg)
+    assert info["cached"] is True and seen == [1, 8]
+    assert hessian.calibration_key(cfg, w, 8) != hessian.calibration_key(cfg, w, 1)
+
+
 # ---------------------------------------------------------------- phased TTT: which documents a phase trains on
 
 LENGTHS = [5, 9, 3, 7, 11, 4, 8]  # document lengths (targets), worked out below

@@ -106,27 +106,34 @@ class TrainLoader:
 def calibration_batches(data_dir: str | Path, n_batches: int, seqs: int, seq_len: int, seed: int = 0,
                         rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
     """`n_batches` int64 tensors (seqs, seq_len) of random non-overlapping windows from the TRAIN
-    shards only (GPTQ calibration, docs/records/record-stack.md §4.2): rank r uses shards files[r::world_size],
-    each shard's windows start at a random phase, RNG seeded by (seed, rank)."""
+    shards only (GPTQ calibration, docs/records/record-stack.md §4.2), drawn as the #1530-line records'
+    `ShuffledSequenceLoader` draws them: rank r reads shards files[r::world_size]; each shard's windows
+    (seq_len + 1 tokens, the inputs kept) start at a random phase below seq_len and are shuffled; each
+    window comes from a shard chosen in proportion to the windows it has left, the last of its shuffled
+    list. The RNG is the record's `PCG64(rank)` for seed 0 and is seeded by (seed, rank) otherwise, so
+    seed 0 gives the record's windows."""
     files = _train_files(data_dir)
     mine = files[rank::world_size] or files  # more ranks than shards: share them
-    rng = np.random.default_rng([seed, rank])
-    file_parts, start_parts = [], []
-    for i, f in enumerate(mine):
+    rng = np.random.default_rng(rank if seed == 0 else [seed, rank])  # default_rng(r) is PCG64(r)
+    starts: list[list[int]] = []
+    for f in mine:
         n = shards.read_header(f)
-        if n < seq_len:
-            continue
-        phase = int(rng.integers(0, min(seq_len, n - seq_len + 1)))
-        s = np.arange(phase, n - seq_len + 1, seq_len)
-        file_parts.append(np.full(s.size, i))
-        start_parts.append(s)
+        max_phase = min(seq_len - 1, max(0, n - seq_len - 1))
+        phase = int(rng.integers(max_phase + 1)) if max_phase > 0 else 0
+        order = rng.permutation(max(0, (n - 1 - phase) // seq_len))
+        starts.append((phase + order * seq_len).tolist())
     need = n_batches * seqs
-    total = sum(s.size for s in start_parts)
-    if total < need:
-        raise PgolfError(f"{data_dir}: train shards hold {total} windows of {seq_len} tokens for rank {rank}, "
-                         f"calibration needs {need} ({n_batches} x {seqs})")
-    file_idx, starts = np.concatenate(file_parts), np.concatenate(start_parts)
-    pick = rng.choice(total, size=need, replace=False)
-    tokens = [shards.read_shard(f) for f in mine]
-    windows = np.stack([tokens[file_idx[j]][starts[j]:starts[j] + seq_len] for j in pick]).astype(np.int64)
+    remaining = np.array([len(s) for s in starts], dtype=np.float64)
+    if remaining.sum() < need:
+        raise PgolfError(f"{data_dir}: train shards hold {int(remaining.sum())} windows of {seq_len} tokens for "
+                         f"rank {rank}, calibration needs {need} ({n_batches} x {seqs})")
+    tokens: dict[int, np.ndarray] = {}
+    windows = np.empty((need, seq_len), np.int64)
+    for j in range(need):
+        si = int(rng.choice(len(mine), p=remaining / remaining.sum()))
+        start = starts[si].pop()
+        remaining[si] -= 1
+        if si not in tokens:
+            tokens[si] = shards.read_shard(mine[si])
+        windows[j] = tokens[si][start:start + seq_len]
     return list(torch.from_numpy(windows).view(n_batches, seqs, seq_len).unbind(0))

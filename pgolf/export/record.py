@@ -124,8 +124,9 @@ class RecordTrainer(Trainer):
 
 
 def quantize(cfg: Config, model: GPT, state: dict[str, torch.Tensor], device: torch.device,
-             say: Log) -> tuple[bytes, dict[str, Any]]:
-    """GPTQ calibration (training shards only) timed against the reserve, then quantise + compress."""
+             say: Log, world_size: int = 1) -> tuple[bytes, dict[str, Any]]:
+    """GPTQ calibration (training shards only, as rank 0 of `world_size`) timed against the reserve,
+    then quantise + compress."""
     from pgolf.artifact.qstate import serialize
     from pgolf.quant import quantize as Q
 
@@ -135,7 +136,7 @@ def quantize(cfg: Config, model: GPT, state: dict[str, torch.Tensor], device: to
     if q.method == "gptq":
         from pgolf.quant.hessian import calibrate
 
-        hessians, calib = calibrate(model, cfg)
+        hessians, calib = calibrate(model, cfg, world_size=world_size)
         spent = calib["calibration_data_seconds"] + calib["hessian_seconds"]
         calib.update(computed_by="record", reserve_seconds=reserve, within_reserve=spent <= reserve)
         say(f"GPTQ:collected {len(hessians)} Hessians in {spent:.1f}s (reserve {reserve:g}s)")
@@ -258,7 +259,7 @@ def _run(cfg: Config, ctx: distributed.Dist, out: Path, script: str, say: Log) -
         atomic_write_bytes(out / "final_model.pt", buf.getvalue())
         say(f"Serialized model: {len(buf.getvalue())} bytes")
         t0 = time.perf_counter()
-        blob, result = quantize(cfg, trainer.model, state, ctx.device, say)
+        blob, result = quantize(cfg, trainer.model, state, ctx.device, say, ctx.world_size)
         atomic_write_bytes(out / name, blob)
         result["quantize_seconds"] = round(time.perf_counter() - t0, 3)
         code = measure(script)

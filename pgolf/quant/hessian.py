@@ -84,11 +84,13 @@ def collect_hessians(model: GPT, batches, *, min_numel: int = 65_536,
     return {k: sums[k] / max(n, 1) for k in sums}
 
 
-def calibration_key(cfg, weights: Path) -> str:
-    """Hash of everything the Hessians depend on: data, windows, seed, looping and the weights."""
+def calibration_key(cfg, weights: Path, world_size: int = 1) -> str:
+    """Hash of everything the Hessians depend on: data, windows (and the shards rank 0 of `world_size`
+    draws them from), seed, looping and the weights."""
     st = weights.stat()
     q = cfg.quant
-    blob = json.dumps({"data": str(Path(cfg.data.path).resolve()), "batches": q.calibration_batches,
+    blob = json.dumps({"data": str(Path(cfg.data.path).resolve()), "world_size": world_size,
+                       "batches": q.calibration_batches,
                        "seqs": q.calibration_seqs, "seq_len": q.calibration_seq_len, "seed": q.calibration_seed,
                        "looping": bool(cfg.model.num_loops), "min_numel": q.passthrough_numel,
                        "doc_mask": cfg.model.doc_mask and q.calibration_doc_mask, "scale": "per batch",
@@ -97,7 +99,9 @@ def calibration_key(cfg, weights: Path) -> str:
 
 
 def calibrate(model: GPT, cfg, *, rank: int = 0, world_size: int = 1) -> tuple[dict, dict]:
-    """Draw calibration windows from the train shards and collect Hessians; timed."""
+    """Draw calibration windows from the train shards and collect Hessians; timed. A run on
+    `world_size` ranks calibrates as its rank 0 (the records keep rank 0's artifact): from
+    files[0::world_size] (`pgolf.data.loader.calibration_batches`)."""
     from pgolf.data.loader import calibration_batches
 
     q = cfg.quant
@@ -109,13 +113,13 @@ def calibrate(model: GPT, cfg, *, rank: int = 0, world_size: int = 1) -> tuple[d
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t2 = time.perf_counter()
-    info = {"calibration_data_seconds": t1 - t0, "hessian_seconds": t2 - t1,
+    info = {"calibration_data_seconds": t1 - t0, "hessian_seconds": t2 - t1, "world_size": world_size,
             "calibration_tokens": sum(b.numel() for b in batches), "hessians": len(H)}
     return H, info
 
 
 def cached_hessians(run_dir: str | Path, model: GPT | Callable[[], GPT], cfg, weights: str = "final_model.pt",
-                    caller: str = "quantize", write: bool = True) -> tuple[dict, dict]:
+                    caller: str = "quantize", write: bool = True, world_size: int | None = None) -> tuple[dict, dict]:
     """Hessians from `<run>/hessians.pt` when the key matches, else computed and (with `write`) cached
     there. `model` is the model, or a function building it (only called on a cache miss).
 
@@ -126,7 +130,8 @@ def cached_hessians(run_dir: str | Path, model: GPT | Callable[[], GPT], cfg, we
     `write_cache` only when it publishes its results, so a failed run leaves the run directory as it was.
     """
     run_dir = Path(run_dir)
-    key = calibration_key(cfg, run_dir / weights)
+    world = run_world_size(run_dir) if world_size is None else world_size
+    key = calibration_key(cfg, run_dir / weights, world)
     path = run_dir / CACHE
     if path.exists():
         try:
@@ -135,13 +140,22 @@ def cached_hessians(run_dir: str | Path, model: GPT | Callable[[], GPT], cfg, we
                 return obj["hessians"], {**obj["info"], "cached": True}
         except (RuntimeError, EOFError, KeyError, AttributeError):
             pass  # a stale or broken cache is recomputed
-    H, info = calibrate(model if isinstance(model, GPT) else model(), cfg)
+    H, info = calibrate(model if isinstance(model, GPT) else model(), cfg, world_size=world)
     spent = info["calibration_data_seconds"] + info["hessian_seconds"]
     info.update(computed_by=caller, reserve_seconds=cfg.train.gptq_reserve_seconds,
                 within_reserve=caller == "train" and spent <= cfg.train.gptq_reserve_seconds)
     if write:
         write_cache(run_dir, cfg, H, info, weights)
     return H, {**info, "cached": False}
+
+
+def run_world_size(run_dir: Path) -> int:
+    """The number of ranks the run trained on (env.json), 1 when it does not say."""
+    try:
+        world = json.loads((run_dir / "env.json").read_text()).get("world_size", 1)
+    except (OSError, ValueError, AttributeError):
+        return 1
+    return world if isinstance(world, int) and world >= 1 else 1
 
 
 def write_cache(run_dir: str | Path, cfg, H: dict, info: dict, weights: str = "final_model.pt") -> None:
@@ -151,6 +165,6 @@ def write_cache(run_dir: str | Path, cfg, H: dict, info: dict, weights: str = "f
     run_dir = Path(run_dir)
     buf = io.BytesIO()
     info = {k: v for k, v in info.items() if k != "cached"}
-    torch.save({"key": calibration_key(cfg, run_dir / weights), "hessians": {k: v.cpu() for k, v in H.items()},
-                "info": info}, buf)
+    key = calibration_key(cfg, run_dir / weights, info.get("world_size", 1))
+    torch.save({"key": key, "hessians": {k: v.cpu() for k, v in H.items()}, "info": info}, buf)
     atomic_write_bytes(run_dir / CACHE, buf.getvalue())
