@@ -104,6 +104,10 @@ class OptimConfig:
     muon_row_normalize: bool = False  # MuonEq-R (PR #1285)
     muon_wd: float = 0.0
     muon_momentum_bf16: bool = False  # momentum buffer and Nesterov update in bf16 (the records' banked Muon)
+    # after the compile warm-up: reset (the optimizer state rolled back) | keep_sharded: on more than one rank
+    # the warm-up's momentum stays (#1530 line: the sharded Muon holds it in shard_mom, outside the state
+    # train_model restores; on one GPU it is reset there too)
+    muon_warmup_momentum: str = "reset"
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8

@@ -116,6 +116,7 @@ def _record_procedures(c: Config) -> None:
     c.model.bf16_rounding = True  # ... and every initial value and RoPE's inv_freq are bf16 values
     c.optim.muon_momentum_bf16 = True  # Muon: g = p.grad.bfloat16(), momentum_buffer zeros_like(g)
     c.optim.grad_clip_scope = "rank"  # no DDP: clip_grad_norm_ on each rank's gradient, then the all-reduce
+    c.optim.muon_warmup_momentum = "keep_sharded"  # shard_mom is outside the state the warm-up restores
 
 
 def pr1765() -> Config:

@@ -98,6 +98,7 @@ _PR1626 = {
         "model.bf16_rounding": True,  # the same cast rounds the initial weights and RoPE's inv_freq buffer
         "optim.muon_momentum_bf16": True,  # the sharded Muon momentum buffer is bf16, §3.3
         "optim.grad_clip_scope": "rank",  # step_fn clips the local gradients; Optimizers.step all-reduces, §3.7
+        "optim.muon_warmup_momentum": "keep_sharded",  # shard_mom survives the warm-up's restore, §3.8
         "quant.calibration_doc_mask": False,  # Hessians through forward_logits without cu_seqlens, §4.2
     }),
     **_facts(1626, "code", {"ttt.phase_select": "shortest"}),  # scored docs sorted by (batch, position), §5.5

@@ -62,6 +62,8 @@ def validate_training(cfg: Config) -> None:
     checks = [
         ("optim.muon_coeffs", o.muon_coeffs in ("classic", "polar_express"), "expected classic or polar_express"),
         ("optim.grad_clip_scope", o.grad_clip_scope in ("global", "rank"), "expected global or rank"),
+        ("optim.muon_warmup_momentum", o.muon_warmup_momentum in ("reset", "keep_sharded"),
+         "expected reset or keep_sharded"),
         ("train.gptq_reserve_seconds", t.max_seconds == 0 or t.gptq_reserve_seconds < t.max_seconds,
          "expected within [0, max_seconds)"),
         ("train.export", t.export in ("int8", "none"), "expected int8 or none"),
@@ -71,6 +73,11 @@ def validate_training(cfg: Config) -> None:
         if not ok:
             section, name = key.split(".")
             raise PgolfError(f"{key}: {getattr(getattr(cfg, section), name)!r}: {why}")
+
+
+def keeps_warmup_momentum(cfg: Config, world: int) -> bool:
+    """Whether Muon's momentum survives the warm-up's roll-back (`optim.muon_warmup_momentum`)."""
+    return cfg.optim.muon_warmup_momentum == "keep_sharded" and world > 1
 
 
 def batch_shape(cfg: Config, world: int) -> tuple[int, int]:
@@ -202,7 +209,7 @@ class Trainer:
             for i in range(n):
                 self.train_step(i, 1.0)
         self.model.load_state_dict(model_state)
-        self.opt.load_state_dict(opt_state)
+        self.opt.load_state_dict(opt_state, keep_muon_momentum=keeps_warmup_momentum(self.cfg, self.ctx.world_size))
         if self.ema is not None:
             self.ema = type(self.ema)(self.model, self.cfg.optim.ema_decay)
         self.model.looping = False

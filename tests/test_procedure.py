@@ -246,3 +246,31 @@ def test_bf16_rounding_leaves_the_records_bf16_values(on):
     else:
         assert torch.equal(rotary.inv_freq, exact) and float(lam.flatten()[0]) == float(torch.tensor(1.1))
         assert not all(torch.equal(t, t.to(torch.bfloat16).to(t.dtype)) for t in tensors)
+
+
+def test_warm_up_momentum_survives_on_several_ranks_only_with_keep_sharded():
+    """The #1530-line records save the optimizer state before the compile warm-up and restore it after;
+    their sharded Muon (more than one GPU) holds its momentum in `shard_mom`, outside that state, so the
+    warm-up's momentum carries into training; on one GPU it lives in the state and is reset."""
+    from pgolf.optim import build_optimizers
+    from pgolf.train import keeps_warmup_momentum
+
+    rec, plain = get_preset("pr1855"), get_preset("pr1855", ["optim.muon_warmup_momentum=reset"])
+    assert [keeps_warmup_momentum(rec, 8), keeps_warmup_momentum(rec, 1), keeps_warmup_momentum(plain, 8)] == \
+        [True, False, False]
+    model = torch.nn.Linear(8, 6)
+    for keep in (True, False):
+        opt = build_optimizers(model, rec.optim, tied=False)
+        before = opt.state_dict()
+        for _ in range(2):
+            model.weight.grad, model.bias.grad = torch.randn(6, 8), torch.randn(6)
+            opt.reduce_and_clip(0.0)
+            opt.step(1.0, 0)
+        buf = opt.optimizers["muon"].state[model.weight]["momentum_buffer"].clone()
+        opt.load_state_dict(before, keep_muon_momentum=keep)
+        muon_state = opt.optimizers["muon"].state
+        assert not opt.optimizers["adam"].state  # AdamW is rolled back either way
+        if keep:
+            assert torch.equal(muon_state[model.weight]["momentum_buffer"], buf) and buf.abs().sum() > 0
+        else:
+            assert "momentum_buffer" not in muon_state.get(model.weight, {})

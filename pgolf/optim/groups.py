@@ -125,11 +125,18 @@ class OptimizerSet:
         """A deep copy, so a snapshot taken before compile warm-up survives the warm-up steps."""
         return {k: copy.deepcopy(opt.state_dict()) for k, opt in self.optimizers.items()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, keep_muon_momentum: bool = False) -> None:
+        """Load `state`; `keep_muon_momentum` keeps Muon's current momentum buffers instead of the
+        state's (the #1530-line records' sharded Muon after the warm-up, `optim.muon_warmup_momentum`)."""
         if set(state) != set(self.optimizers):
             raise KeyError(f"optimizer state has {sorted(state)}, expected {sorted(self.optimizers)}")
+        muon = self.optimizers.get("muon")
+        kept = {p: st["momentum_buffer"] for p, st in muon.state.items() if "momentum_buffer" in st} \
+            if keep_muon_momentum and muon is not None else {}
         for k, opt in self.optimizers.items():
             opt.load_state_dict(copy.deepcopy(state[k]))
+        for p, buf in kept.items():
+            muon.state[p]["momentum_buffer"] = buf  # type: ignore[union-attr]
 
     def summary(self, numel: bool = False) -> dict[str, int]:
         """Group -> number of parameter tensors (or of elements with numel=True), for logs."""
