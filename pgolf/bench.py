@@ -79,7 +79,8 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     looping = {"on": True, "off": False}.get(args.looping, False)
     model.looping = looping and bool(cfg.model.num_loops)
     step_model: Any = compile_train(model) if t.compile and dev.type == "cuda" else model
-    opt = build_optimizers(model, cfg.optim, cfg.model.tie_embeddings)
+    opt = build_optimizers(model, cfg.optim, cfg.model.tie_embeddings,
+                           compile_ns="inductor" if t.compile and dev.type == "cuda" else None)
     packed = cfg.data.segmentation == "varlen"  # one packed row per micro-step, as the loader yields
     rows, width = (1, micro) if packed else (micro // t.train_seq_len, t.train_seq_len)
     gen = torch.Generator(device="cpu").manual_seed(0)

@@ -170,7 +170,8 @@ class Trainer:
         if t.compile and ctx.device.type == "cuda":  # fullgraph: a graph break is an error (pgolf.model.compile)
             from pgolf.model.compile import compile_train
             self.step_model = compile_train(self.model)
-        self.opt = build_optimizers(self.model, cfg.optim, cfg.model.tie_embeddings)
+        self.opt = build_optimizers(self.model, cfg.optim, cfg.model.tie_embeddings,
+                                    compile_ns="inductor" if t.compile and ctx.device.type == "cuda" else None)
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.budget = max(t.max_seconds - t.gptq_reserve_seconds, 0.0) if t.max_seconds > 0 else 0.0
         self.timings: dict[str, float] = {}

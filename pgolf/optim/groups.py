@@ -157,7 +157,8 @@ def _clip_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return norm
 
 
-def build_optimizers(model: nn.Module, cfg: OptimConfig, tied: bool) -> OptimizerSet:
+def build_optimizers(model: nn.Module, cfg: OptimConfig, tied: bool, compile_ns: str | None = None) -> OptimizerSet:
+    """Muon for the matrices (Newton-Schulz compiled with backend `compile_ns`, or eager) and AdamW."""
     groups = classify_params(model)
     optimizers: dict[str, torch.optim.Optimizer] = {}
     if groups["muon"]:
@@ -165,7 +166,8 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, tied: bool) -> Optimize
             [{"params": [p for _, p in groups["muon"]], "name": "muon", "base_lr": cfg.matrix_lr}],
             lr=cfg.matrix_lr, momentum=momentum_at(0, cfg), nesterov=True, weight_decay=cfg.muon_wd,
             backend_steps=cfg.muon_backend_steps, coeffs=cfg.muon_coeffs,
-            row_normalize=cfg.muon_row_normalize, momentum_dtype=torch.bfloat16 if cfg.muon_momentum_bf16 else None)
+            row_normalize=cfg.muon_row_normalize, momentum_dtype=torch.bfloat16 if cfg.muon_momentum_bf16 else None,
+            compile_ns=compile_ns)
     # (group, base lr, decoupled wd). The records' untied head uses plain Adam: no weight decay.
     adam_spec = [
         ("embed", cfg.tied_embed_lr if tied else cfg.embed_lr, cfg.embed_wd),

@@ -14,6 +14,8 @@ shards in between (`reduce_grads`, `shard_sq_norm`, `scale_grads_`; pgolf.optim.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -68,6 +70,13 @@ def zeropower(G: torch.Tensor, steps: int = 5, coeffs: str = "classic",
     return X.mT if tall else X
 
 
+@functools.cache
+def compiled_zeropower(backend: str = "inductor"):
+    """`zeropower` under torch.compile, one graph per bank shape (a run has a handful: dynamo's limit of
+    8 is not reached), shared by every Muon of the process."""
+    return torch.compile(zeropower, dynamic=False, fullgraph=True, backend=backend)
+
+
 def _grads(ps: list[torch.Tensor]) -> list[torch.Tensor]:
     """The gradients of a bank's parameters (a bank holds only parameters that have one)."""
     return [g for p in ps if (g := p.grad) is not None]
@@ -94,13 +103,17 @@ class Muon(torch.optim.Optimizer):
     Gradients must already be averaged across ranks. `ns_dtype` None = `ns_dtype_for(device)`.
     `momentum_dtype` None keeps the buffer in the gradient's dtype; bf16 casts the gradient and
     keeps the buffer and the Nesterov update in bf16, as the records' banked Muon (docs/records/record-stack.md §3.3).
+    `compile_ns`: a torch.compile backend for Newton-Schulz (the trainer passes "inductor" on CUDA with
+    `train.compile`, as the records compile `zeropower_via_newtonschulz5`: fused, and rounded as theirs),
+    None for eager.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, backend_steps: int = 5, coeffs: str = "classic",
                  row_normalize: bool = False, ns_dtype: torch.dtype | None = None,
-                 momentum_dtype: torch.dtype | None = None):
+                 momentum_dtype: torch.dtype | None = None, compile_ns: str | None = None):
         ns_coefficients(0, coeffs)  # validate the name early
+        self.zeropower = compiled_zeropower(compile_ns) if compile_ns else zeropower
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         backend_steps=backend_steps, coeffs=coeffs, row_normalize=row_normalize,
                         ns_dtype=ns_dtype, momentum_dtype=momentum_dtype)
@@ -182,7 +195,7 @@ class Muon(torch.optim.Optimizer):
         U = torch.stack(us)  # (k, ..., rows, cols)
         if group["row_normalize"]:  # MuonEq-R: unit rows *before* orthogonalising (norms in fp32)
             U = U / U.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(U.dtype)
-        return zeropower(U, group["backend_steps"], group["coeffs"], group["ns_dtype"])
+        return self.zeropower(U, group["backend_steps"], group["coeffs"], group["ns_dtype"])
 
     @torch.no_grad()
     def step(self, closure=None):
