@@ -427,7 +427,7 @@ class GPT(nn.Module):
         the #1530-line records' `GPT(h).bfloat16()` followed by `restore_fp32_params` leaves, both for
         the model they train and for the one they evaluate (their inv_freq buffer stays bf16 and is read
         back as `.float()`, so RoPE turns at the rounded frequencies)."""
-        for t in [*self.parameters(), *(m.inv_freq for m in self.modules() if isinstance(m, Rotary))]:
+        for t in [*self.parameters(), *(b.attn.rotary.inv_freq for b in self.physical_blocks())]:
             t.copy_(t.to(torch.bfloat16))
 
     # ---- the one forward
