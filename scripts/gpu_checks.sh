@@ -2,7 +2,7 @@
 # Every GPU check of docs/perf.md in one command, for a session that has the `device` H100:
 #   here:    make gpu-wheels                      (cp312 wheels the device image lacks -> .whl/)
 #   device:  run(command="bash scripts/gpu_checks.sh", carry=[".whl"], timeout_s=600)
-# Each step is time-boxed (the timeouts add up to 535 s, inside 9 minutes) and prints one JSON line
+# Each step is time-boxed (the timeouts add up to 555 s, inside 10 minutes with the wheel install) and prints one JSON line
 # (pgolf's contract); everything lands in $OUT/gpu_checks.log. `pgolf plan` runs on the CPU beside the
 # GPU steps, and the last step puts each plan next to the `pgolf bench` it predicts: predicted and
 # measured ms/step, memory and MFU in one table ($OUT/plan_vs_bench.md). Copy the numbers into
@@ -36,10 +36,10 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 ( step 60 plan-baseline $PG plan --preset baseline --nproc 1
   step 60 plan-pr1855 $PG plan --preset pr1855 --nproc 1 --set $PR1855_STEP ) > "$OUT/plans.txt" 2>&1 &
 PLANS=$!
-step 130 pytest-gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests
-step 55 bench-baseline $PG bench --preset baseline
-step 65 bench-pr1855-off $PG bench --preset pr1855 --set $PR1855_STEP --looping off
-step 65 bench-pr1855-on $PG bench --preset pr1855 --set $PR1855_STEP --looping on
+step 170 pytest-gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests
+step 45 bench-baseline $PG bench --preset baseline
+step 60 bench-pr1855-off $PG bench --preset pr1855 --set $PR1855_STEP --looping off
+step 60 bench-pr1855-on $PG bench --preset pr1855 --set $PR1855_STEP --looping on
 step 100 bench-quant-pr1855 $PG bench --quant --preset pr1855 --codecs brotli,pergroup:zpaq,pergroup:brotli
 # recompiles logged: eager FlexAttention (no flash-attn) compiles per shape (dynamic=False), 8 at most
 TORCH_LOGS=recompiles step 60 bench-ttt-pr1855 $PG bench --ttt --preset pr1855 --tokens 262144
