@@ -48,6 +48,31 @@ def test_lora_resets_per_batch(warm):
     assert sum(float(b.detach().abs().sum()) for b in spy.lora.B.values()) > 0  # the adapters did train
 
 
+def test_a_short_batch_trains_adapters_of_its_own():
+    """Record `eval_val_ttt_phased`: only a batch of `batch_size` documents reuses `reusable_lora`; a
+    shorter one (here the first in the queue, the longest documents) gets new adapters and an
+    optimizer that are dropped after it, so the next batch starts from the shared A untouched."""
+    cfg = tiny_cfg()
+    cfg.ttt.warm_start_a = True  # as the #1765-line records: A carried from batch to batch
+    model, val = tiny_model(cfg), tiny_val(11)
+    spy = Spy(model, val, cfg, stream_for(val))
+    shared, initial = spy.lora, {k: a.detach().clone() for k, a in spy.lora.A.items()}
+    seen = []
+    step = spy.step
+
+    def step_and_note(ch):
+        if ch.c == 0:
+            seen.append(spy.lora)
+        step(ch)
+    spy.step = step_and_note
+    spy.run()
+    assert [len(b) for b in spy.batches] == [2, 3, 3, 3]
+    assert seen[0] is not shared and all(lora is shared for lora in seen[1:]) and spy.lora is shared
+    assert all(torch.equal(spy.starts[1][1][k], initial[k]) for k in initial)  # untouched by batch 0
+    assert not all(torch.equal(spy.starts[0][1][k], initial[k]) for k in initial)  # its own A, drawn anew
+    assert not all(torch.equal(spy.starts[2][1][k], initial[k]) for k in initial)  # batch 1 trained A on
+
+
 def test_lora_updates_once_per_chunk_never_on_last_chunks():
     cfg = tiny_cfg()
     cfg.ttt.grad_steps = 2

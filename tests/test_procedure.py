@@ -148,6 +148,41 @@ def test_global_sgd_on_packed_rows_trains_on_one_packed_row_per_micro_batch():
     assert shapes == [(1, 32)] * 6 and set(cuts) == {16} and model.max_doc_len == before
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_global_sgd_gives_each_rank_a_contiguous_range_of_the_chunk(world):
+    """Record `train_val_ttt_global_sgd_distributed`: rank r trains on sequences
+    [n r / W, n (r + 1) / W) of each chunk, so a packed micro-batch joins neighbouring text. (pgolf dealt
+    them out r, r + W, ...: a packed row then ran one sequence into an unrelated one, attention
+    crossing documents with no BOS between them.) Each rank's rows here are written out by hand."""
+    from pgolf.eval.phased import global_sgd, pack_docs
+    from pgolf.eval.trace import EvalStream
+    from test_eval_common import tiny_cfg as eval_cfg, tiny_model as eval_model, tiny_val
+
+    cfg = eval_cfg()
+    cfg.model.doc_mask, cfg.data.segmentation = True, "varlen"
+    tc = cfg.ttt
+    tc.global_chunk_tokens, tc.global_batch_seqs = 128, 2  # 8 sequences of 16 per chunk
+    val = tiny_val(12)
+    x, y, pos = pack_docs(val.tokens.numpy(), np.array([0]), np.array([200]))
+    starts = {}
+    for rank in range(world):
+        model = eval_model(cfg)
+        stream = EvalStream(val.num_targets)
+        stream.record(np.arange(val.num_targets), None, np.zeros(val.num_targets), np.ones(val.num_targets))
+        firsts: list[int] = []
+
+        def seen(m, args, firsts=firsts):
+            row = args[0][0].cpu().numpy()
+            firsts.append(int(np.flatnonzero((np.lib.stride_tricks.sliding_window_view(x, row.size) == row).all(1))[0]))
+        model.register_forward_pre_hook(seen)
+        global_sgd(model, x, y, pos, tc, stream, seq_len=16, rank=rank, world_size=world)  # no process group
+        starts[rank] = firsts
+    per = 8 // world  # sequences per rank and chunk; chunk 0 only (of 2: the last chunk is skipped)
+    for rank in range(world):
+        mine = list(range(rank * per, (rank + 1) * per))
+        assert starts[rank] == [16 * s for s in mine[::2]], rank  # packed rows of 2 neighbouring sequences
+
+
 # ---------------------------------------------------------------- bf16 storage
 
 def _step(model, cfg, opt, ema, seed):

@@ -136,19 +136,31 @@ class LoRATTT:
         if self.deadline.fallback is not None:
             return self.score_plain(b, docs)
         tc = self.tc
-        self.lora.reset_B()
-        if not tc.warm_start_a:  # re-drawn from the batch index: the same on any number of ranks
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                torch.manual_seed(b)
-                self.lora.reset_A()
-        self.opt = torch.optim.AdamW(self.lora.parameters(), lr=tc.lora_lr, betas=(tc.beta1, tc.beta2),
-                                     eps=tc.eps, weight_decay=tc.weight_decay)  # fresh state per batch
-        starts, lens, doc = self.rows(docs)
-        nch = -(-lens // tc.chunk_size)  # chunks per row (0 for padding rows)
-        for c in range(int(nch.max())):
-            self.step(self.chunk(c, starts, lens, nch, doc))
-            if self.log is not None and c % LOG_EVERY_CHUNKS == LOG_EVERY_CHUNKS - 1 and c < nch.max() - 1:
-                self.log.batch(b, phase=self.phase, kind="chunk", chunk=c)  # long batches: points inside
+        shared = self.lora
+        fork = [self.device] if self.device.type == "cuda" else []
+        if len(docs) < tc.batch_size:
+            # a batch short of batch_size documents trains adapters of its own, dropped after it, as the
+            # record's `eval_val_ttt_phased` (only a full batch reuses `reusable_lora`): the next batch
+            # starts from the shared adapters as the last full batch left them
+            with torch.random.fork_rng(devices=fork):
+                torch.manual_seed(b)  # the same on any number of ranks
+                self.lora = self.new_lora()
+        try:
+            self.lora.reset_B()
+            if not tc.warm_start_a:  # re-drawn from the batch index: the same on any number of ranks
+                with torch.random.fork_rng(devices=fork):
+                    torch.manual_seed(b)
+                    self.lora.reset_A()
+            self.opt = torch.optim.AdamW(self.lora.parameters(), lr=tc.lora_lr, betas=(tc.beta1, tc.beta2),
+                                         eps=tc.eps, weight_decay=tc.weight_decay)  # fresh state per batch
+            starts, lens, doc = self.rows(docs)
+            nch = -(-lens // tc.chunk_size)  # chunks per row (0 for padding rows)
+            for c in range(int(nch.max())):
+                self.step(self.chunk(c, starts, lens, nch, doc))
+                if self.log is not None and c % LOG_EVERY_CHUNKS == LOG_EVERY_CHUNKS - 1 and c < nch.max() - 1:
+                    self.log.batch(b, phase=self.phase, kind="chunk", chunk=c)  # long batches: points inside
+        finally:
+            self.lora = shared
         if self.log is not None:
             self.log.batch(b, phase=self.phase, docs=len(docs))
 

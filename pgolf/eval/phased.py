@@ -62,7 +62,10 @@ def _global_sgd_loop(model, x, y, pos, tc, stream, opt, params, *, seq_len, rank
                 g["lr"] = cosine_lr(tc.global_lr, c, n_chunks)
             stream.declare_update(pos[lo:hi])
             opt.zero_grad(set_to_none=True)
-            rows = list(range(lo, hi, seq_len))[rank::world_size]  # sequences split across ranks
+            rows = list(range(lo, hi, seq_len))
+            # each rank a contiguous range of the chunk's sequences (record: my_seq_s .. my_seq_e), so a
+            # packed row joins neighbouring text, never sequences another rank's lie between
+            rows = rows[len(rows) * rank // world_size:len(rows) * (rank + 1) // world_size]
             for i in range(0, len(rows), tc.global_batch_seqs):
                 group = rows[i:i + tc.global_batch_seqs]
                 for r0 in sorted({min(seq_len, hi - r) for r in group}):  # full rows, then the short tail
