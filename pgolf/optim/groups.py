@@ -79,12 +79,9 @@ class OptimizerSet:
         muon = self.optimizers.get("muon")
         others = [p.grad for k, opt in self.optimizers.items() if k != "muon"
                   for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        if self.cfg.grad_clip_scope == "rank":
-            norm = torch.zeros(())
-            if max_norm > 0:
-                local = others + ([p.grad for g in muon.param_groups for p in g["params"] if p.grad is not None]
-                                  if isinstance(muon, Muon) else [])
-                norm = _clip_(local, max_norm)
+        if self.cfg.grad_clip_scope == "rank":  # the records' own call, on this rank's gradients
+            local = [p for ps in self.groups.values() for _, p in ps if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(local, max_norm) if max_norm > 0 else torch.zeros(())
             if isinstance(muon, Muon):
                 muon.reduce_grads()
             distributed.all_reduce_mean_(others)
@@ -145,16 +142,6 @@ class OptimizerSet:
     def lrs(self) -> dict[str, float]:
         """Current lr of each group (after the last `step`)."""
         return {g["name"]: g["lr"] for opt in self.optimizers.values() for g in opt.param_groups}
-
-
-def _clip_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Scale `grads` in place to L2 norm at most max_norm, as torch.nn.utils.clip_grad_norm_ (norm
-    in fp32, coefficient max_norm / (norm + 1e-6) capped at 1); returns the norm before."""
-    if not grads:
-        return torch.zeros(())
-    norm = torch.stack([n.float() for n in torch._foreach_norm(grads)]).norm()
-    torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
-    return norm
 
 
 def build_optimizers(model: nn.Module, cfg: OptimConfig, tied: bool, compile_ns: str | None = None) -> OptimizerSet:
