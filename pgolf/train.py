@@ -357,7 +357,7 @@ def train(cfg: Config, ctx: distributed.Dist, out: str | None = None, runs_root:
             # free (docs/records/record-stack.md §3.9), and `pgolf quantize` reuses the cached Hessians.
             from pgolf.quant.hessian import cached_hessians
             t0 = time.perf_counter()
-            _, calib = cached_hessians(run.path, trainer.model, cfg, caller="train", world_size=ctx.world_size)
+            _, calib = cached_hessians(run.path, trainer.model, cfg, caller="train")
             trainer.timings["gptq_calibration_s"] = time.perf_counter() - t0
             export["calibration"] = calib
             run.log(f"GPTQ calibration {trainer.timings['gptq_calibration_s']:.1f}s "

@@ -60,7 +60,7 @@ def test_calibration_key_tells_the_mask_settings_apart(tmp_path):
 
 def test_calibration_draws_as_rank_0_of_the_runs_world(tmp_path, monkeypatch):
     """A run trained on W ranks calibrates as the records' rank 0, from shards[0::W]: cached_hessians
-    takes W from the run's env.json (or from the trainer), passes it to the windows and keys the
+    takes W from the run's env.json (which the trainer writes before training), passes it to the windows and keys the
     cache by it, so a run's Hessians are never reused for another world size."""
     from pgolf.quant import hessian
 

@@ -119,7 +119,7 @@ def calibrate(model: GPT, cfg, *, rank: int = 0, world_size: int = 1) -> tuple[d
 
 
 def cached_hessians(run_dir: str | Path, model: GPT | Callable[[], GPT], cfg, weights: str = "final_model.pt",
-                    caller: str = "quantize", write: bool = True, world_size: int | None = None) -> tuple[dict, dict]:
+                    caller: str = "quantize", write: bool = True) -> tuple[dict, dict]:
     """Hessians from `<run>/hessians.pt` when the key matches, else computed and (with `write`) cached
     there. `model` is the model, or a function building it (only called on a cache miss).
 
@@ -130,7 +130,7 @@ def cached_hessians(run_dir: str | Path, model: GPT | Callable[[], GPT], cfg, we
     `write_cache` only when it publishes its results, so a failed run leaves the run directory as it was.
     """
     run_dir = Path(run_dir)
-    world = run_world_size(run_dir) if world_size is None else world_size
+    world = run_world_size(run_dir)  # the trainer wrote it before training
     key = calibration_key(cfg, run_dir / weights, world)
     path = run_dir / CACHE
     if path.exists():
