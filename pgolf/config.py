@@ -118,6 +118,9 @@ class OptimConfig:
     # then the clipped gradients are averaged (the #1530-line records: no DDP, clip_grad_norm_ before the
     # optimizers' all-reduce). The same on one process.
     grad_clip_scope: str = "global"
+    # average over ranks in bf16: Muon's gradients cast to bf16 first, a bf16 gradient (tok_emb) kept in bf16;
+    # the rest in fp32 (#1855: Muon.launch_reduce_scatters, Optimizers.step). No effect on one process.
+    grad_reduce_bf16: bool = False
     ema_decay: float = 0.0  # 0 = off; the EMA weights are the ones exported
     # CROWN-Q (#700 and later; docs/records/hedge-stack.md §1.2): lambda/12 * sum mean(w^2 Delta^2) in the warm-down
     crown_q_lambda: float = 0.0  # 0 = off; 0.01 in the records
@@ -235,6 +238,10 @@ class TTTConfig:
     # which scored documents phase k trains on: queue = the first `boundary` in queue order (longest
     # first); shortest = the records' rule, scored documents sorted by (length-sorted batch, position)
     phase_select: str = "queue"
+    # global SGD's tokens and steps: packed = the documents' own targets, one step per chunk (its short
+    # tail a row of its own); record = #1855's train_val_ttt_global_sgd_distributed: the documents from
+    # BOS through the next BOS concatenated, whole sequences only, a step per micro-batch, epochs per chunk
+    global_procedure: str = "packed"
     # score-first SGD of the #549 / #430 line
     sgd_chunk_tokens: int = 32_768
     sgd_epochs: int = 3

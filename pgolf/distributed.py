@@ -75,10 +75,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Average tensors across ranks in place, as one flat all-reduce (gloo has no AVG op)."""
+def all_reduce_mean_(tensors: list[torch.Tensor], per_dtype: bool = False) -> None:
+    """Average tensors across ranks in place: one flat all-reduce in the promoted dtype, or with `per_dtype`
+    one per dtype, each summed in its own (#1855 averages a bf16 gradient in bf16). The sum is scaled by
+    1/world afterwards; NCCL's AVG scales each input first, the same thing for 2^k ranks (exact scaling)."""
     if dist.is_available() and dist.is_initialized():
-        all_reduce_sum_(tensors, scale=1.0 / dist.get_world_size())
+        groups = [[t for t in tensors if t.dtype == d] for d in dict.fromkeys(t.dtype for t in tensors)] \
+            if per_dtype else [tensors]  # dtypes in order of appearance: the same on every rank
+        for g in groups:
+            all_reduce_sum_(g, scale=1.0 / dist.get_world_size())
 
 
 def all_reduce_sum_(tensors: list[torch.Tensor], scale: float = 1.0) -> None:

@@ -99,9 +99,11 @@ _PR1626 = {
         "optim.muon_momentum_bf16": True,  # the sharded Muon momentum buffer is bf16, §3.3
         "optim.grad_clip_scope": "rank",  # step_fn clips the local gradients; Optimizers.step all-reduces, §3.7
         "optim.muon_warmup_momentum": "keep_sharded",  # shard_mom survives the warm-up's restore, §3.8
+        "optim.grad_reduce_bf16": True,  # Muon's bf16 padded_grad reduce-scatter and tok_emb's bf16 all-reduce (AVG)
         "quant.calibration_doc_mask": False,  # Hessians through forward_logits without cu_seqlens, §4.2
     }),
     **_facts(1626, "code", {"ttt.phase_select": "shortest"}),  # scored docs sorted by (batch, position), §5.5
+    **_facts(1626, "code", {"ttt.global_procedure": "record"}),  # train_val_ttt_global_sgd_distributed, _find_docs
     **_facts(None, "pgolf: the records export through GPTQ, i.e. `pgolf quantize`", {"train.export": "none"}),
     **_facts(None, "pgolf: WARMDOWN_FRAC sets the warm-down, so no iteration count", {"train.warmdown_iters": 0}),
 }

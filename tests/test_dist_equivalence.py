@@ -29,8 +29,11 @@ ROW = 4 * SEQ  # one packed row of 128 tokens per micro-batch (data.segmentation
 
 def _cfg():
     return tiny_cfg("pr1855", "optim.muon_momentum_bf16=false", "model.tok_emb_bf16=false",
-                    "optim.grad_clip_scope=global", f"train.train_seq_len={SEQ}", "ttt.global_chunk_tokens=256",
-                    "ttt.global_batch_seqs=2")
+                    "optim.grad_reduce_bf16=false", "optim.grad_clip_scope=global", f"train.train_seq_len={SEQ}",
+                    "ttt.global_chunk_tokens=256", "ttt.global_batch_seqs=2",
+                    # one global-SGD step per chunk on any world: the record's procedure steps per micro-batch
+                    # of each rank's share, so its steps depend on the world (test_phased_record_stream.py)
+                    "ttt.global_procedure=packed")
 
 
 def _rows(n: int, seed: int) -> torch.Tensor:

@@ -9,7 +9,9 @@ in queue order (`ttt.phase_select = queue`), or, as the records' `eval_val_ttt_p
 documents sorted by (length-sorted batch index, position in batch), i.e. the shortest (`shortest`).
 Every one of those documents was scored before: the ledger checks it. With packed rows (varlen) each
 micro-batch of sequences is one packed row, cut at BOS and every `eval_seq_len` tokens from a
-document's start. Then new adapters are built and scoring resumes. Under the evaluation deadline
+document's start. `ttt.global_procedure = packed` trains the documents' own targets with one step per
+chunk; `record` follows #1855's `train_val_ttt_global_sgd_distributed` (`record_stream`,
+`_record_sgd_loop`). Then new adapters are built and scoring resumes. Under the evaluation deadline
 (ttt_base.Deadline) the phases count as work, and after a fallback no further phase runs.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from pgolf.config import Config, TTTConfig
-from pgolf.errors import PgolfError
+from pgolf.errors import LegalityError, PgolfError
 from pgolf.eval.lora_ttt import LoRATTT
 from pgolf.eval.score import autocast_for, global_sgd_attention
 from pgolf.eval.trace import EvalStream
@@ -36,6 +38,21 @@ def pack_docs(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple
     return tokens[pos], tokens[pos + 1], pos
 
 
+def record_stream(tokens: np.ndarray, starts: np.ndarray, ends: np.ndarray, bos: int) -> tuple[np.ndarray, ...]:
+    """(inputs, targets, target positions) of the record's global-SGD tokens: each document from its BOS
+    through the next BOS inclusive (record `_find_docs`), concatenated. Besides the documents' own targets
+    that adds one pair per junction, (closing BOS or last token -> the next document's BOS), which no
+    validation position holds (position -1; docs/fidelity.md, procedure 18). Its input closes a scored
+    document and its target is the BOS id, a constant: it carries nothing unscored, so the ledger is not
+    told of it, and a junction whose target is not a BOS (a prefix document before the first BOS) is refused."""
+    if (tokens[starts[1:]] != bos).any():
+        raise LegalityError("global SGD (record stream): a junction would train on a document's first "
+                            "token, which is not a BOS and was never scored")
+    idx = np.concatenate([np.arange(s, e + 1) for s, e in zip(starts, ends)])  # (a phase has >= 1 document)
+    pos = np.concatenate([np.r_[np.arange(s, e), -1] for s, e in zip(starts, ends)])
+    return tokens[idx[:-1]], tokens[idx[1:]], pos[:-1]
+
+
 def global_sgd(model: GPT, x: np.ndarray, y: np.ndarray, pos: np.ndarray, tc: TTTConfig,
                stream: EvalStream, *, seq_len: int, rank: int = 0, world_size: int = 1) -> int:
     """SGD on every base weight over the packed pairs (x, y); returns the optimizer steps taken."""
@@ -44,9 +61,13 @@ def global_sgd(model: GPT, x: np.ndarray, y: np.ndarray, pos: np.ndarray, tc: TT
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=tc.global_lr, momentum=tc.global_momentum)
     model.train()
+    loop = _record_sgd_loop if tc.global_procedure == "record" else _global_sgd_loop
     with global_sgd_attention(model, seq_len):
-        steps = _global_sgd_loop(model, x, y, pos, tc, stream, opt, params, seq_len=seq_len, rank=rank,
-                                 world_size=world_size)
+        steps = loop(model, x, y, pos, tc, stream, opt, params, seq_len=seq_len, rank=rank, world_size=world_size)
+    opt.zero_grad(set_to_none=True)
+    for p in params:
+        p.requires_grad_(False)
+    model.eval()
     return steps
 
 
@@ -82,10 +103,48 @@ def _global_sgd_loop(model, x, y, pos, tc, stream, opt, params, *, seq_len, rank
                 torch.nn.utils.clip_grad_norm_(params, tc.global_grad_clip)
             opt.step()
             steps += 1
-    opt.zero_grad(set_to_none=True)
-    for p in params:
-        p.requires_grad_(False)
-    model.eval()
+    return steps
+
+
+def _record_sgd_loop(model, x, y, pos, tc, stream, opt, params, *, seq_len, rank, world_size) -> int:
+    """Record #1855 `train_val_ttt_global_sgd_distributed`: of each chunk but the last only its whole
+    sequences (the tail is dropped), rank r the contiguous range [n r / W, n (r + 1) / W); per epoch, inside
+    the chunk, one step per micro-batch of `global_batch_seqs` sequences on the micro-batch's mean loss,
+    the gradient averaged over ranks."""
+    device = next(model.parameters()).device
+    CT, B = tc.global_chunk_tokens, tc.global_batch_seqs
+    n_chunks, n = -(-x.size // CT), CT // seq_len  # a trained chunk holds CT tokens: n whole sequences
+    shares = [(n * r // world_size, n * (r + 1) // world_size) for r in range(world_size)]
+    # every rank steps as often as the largest share needs (where the record's ranks would wait for each
+    # other's all-reduce forever): a rank whose share has run out adds a zero gradient
+    most = max(e - s for s, e in shares)
+    steps = 0
+    for c in range(n_chunks - 1):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(tc.global_lr, c, n_chunks)
+        for _ in range(tc.global_epochs):
+            for i in range(0, most, B):
+                spans = [(c * CT + (s + i) * seq_len, c * CT + min(s + i + B, e) * seq_len) for s, e in shares]
+                p = np.concatenate([pos[a:b] for a, b in spans])
+                stream.declare_update(p[p >= 0])  # every rank's micro-batch; not the junctions (-1)
+                opt.zero_grad(set_to_none=True)
+                lo, hi = spans[rank]
+                if hi > lo:
+                    xb = torch.from_numpy(x[lo:hi]).to(device).view(-1, seq_len)  # (b, seq_len)
+                    yb = torch.from_numpy(y[lo:hi]).to(device).view(-1, seq_len)
+                    if model.max_doc_len > 0:  # varlen: the micro-batch is one packed row
+                        xb, yb = xb.view(1, -1), yb.view(1, -1)
+                    with autocast_for(device):
+                        loss = model(xb, yb)  # the micro-batch's mean
+                    loss.backward()
+                all_reduce_grads(params)
+                for q in params:  # the record's all-reduce SUM, then * (1 / world_size)
+                    if q.grad is not None and world_size > 1:
+                        q.grad.mul_(1.0 / world_size)
+                if tc.global_grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, tc.global_grad_clip)
+                opt.step()
+                steps += 1
     return steps
 
 
@@ -99,8 +158,9 @@ class PhasedTTT(LoRATTT):
         self.queue = np.concatenate(self.batches)  # documents in queue order
         prefix = min(tc.prefix_docs, self.queue.size)
         self.bounds = [prefix * (k + 1) // tc.phases for k in range(tc.phases)]
-        if tc.phase_select not in ("queue", "shortest"):
-            raise PgolfError(f"ttt.phase_select: unknown rule {tc.phase_select!r} (queue | shortest)")
+        for key, rules in (("phase_select", ("queue", "shortest")), ("global_procedure", ("packed", "record"))):
+            if getattr(tc, key) not in rules:
+                raise PgolfError(f"ttt.{key}: unknown rule {getattr(tc, key)!r} ({' | '.join(rules)})")
         cum = np.cumsum([len(b) for b in self.batches])
         self.fire: dict[int, list[int]] = {}  # batch index -> phases that start after it
         self.fired_after: list[int] = []  # phase k -> the queue batch after which it starts
@@ -130,16 +190,18 @@ class PhasedTTT(LoRATTT):
         """The `bounds[k]` documents phase k trains on (cumulative), by `ttt.phase_select`."""
         if self.tc.phase_select == "queue":
             return self.queue[:self.bounds[k]]
-        # the scored batches, in length-sorted (ascending) batch order: the queue runs longest first, so
-        # that is the queue reversed; within a batch, documents keep their position (ascending length)
-        scored = self.batches[:self.fired_after[k] + 1][::-1]
-        return np.concatenate(scored)[:self.bounds[k]]
+        # the scored documents by (length-sorted batch index, position in batch): the batches were cut
+        # from the documents sorted stably by length, so that is the order of (length, document index)
+        scored = np.concatenate(self.batches[:self.fired_after[k] + 1])
+        return scored[np.lexsort((scored, self.docs.lengths[scored]))][:self.bounds[k]]
 
     def global_phase(self, k: int) -> None:
         t0 = time.perf_counter()
         self.stream.sync_scored()  # the documents other ranks scored count as scored
         docs = self.phase_docs(k)
-        x, y, pos = pack_docs(self.tokens, self.docs.starts[docs], self.docs.ends[docs])
+        starts, ends = self.docs.starts[docs], self.docs.ends[docs]
+        x, y, pos = record_stream(self.tokens, starts, ends, self.cfg.data.bos_id) \
+            if self.tc.global_procedure == "record" else pack_docs(self.tokens, starts, ends)
         steps = global_sgd(self.model, x, y, pos, self.tc, self.stream, seq_len=self.tc.eval_seq_len,
                            rank=self.rank, world_size=self.world_size)
         self.lora = self.new_lora()  # fresh adapters on the adapted base

@@ -25,10 +25,11 @@ from pgolf.model.gpt import GPT
 
 def doc_batches(docs: Docs, batch_size: int) -> list[np.ndarray]:
     """Documents sorted by length, cut into batches; the queue runs longest first
-    (docs/records/record-stack.md §5.2)."""
+    (docs/records/record-stack.md §5.2), batches whose longest documents tie in ascending order (record
+    `_build_ttt_global_batches` sorts them stably by that length)."""
     order = np.argsort(docs.lengths, kind="stable")
     batches = [order[i:i + batch_size] for i in range(0, order.size, batch_size)]
-    return batches[::-1]
+    return [batches[i] for i in np.argsort([-docs.lengths[b[-1]] for b in batches], kind="stable")]
 
 
 def cosine_lr(lr: float, i: int, n: int) -> float:

@@ -73,7 +73,8 @@ class OptimizerSet:
         ranks), so the clip is the single-process clip; with "rank" each rank clips its own gradient
         before the average, as the #1530-line records (`clip_grad_norm_` on the local gradients, which
         their optimizers all-reduce afterwards). Returns the pre-clip norm (of the averaged gradient,
-        or of this rank's own) as a 0-d tensor (no host sync)."""
+        or of this rank's own) as a 0-d tensor (no host sync). `optim.grad_reduce_bf16`: Muon's gradients
+        are cast to bf16 and reduced in bf16, a bf16 gradient (tok_emb) in bf16, the rest in fp32."""
         from pgolf import distributed
 
         muon = self.optimizers.get("muon")
@@ -84,11 +85,11 @@ class OptimizerSet:
             norm = torch.nn.utils.clip_grad_norm_(local, max_norm) if max_norm > 0 else torch.zeros(())
             if isinstance(muon, Muon):
                 muon.reduce_grads()
-            distributed.all_reduce_mean_(others)
+            distributed.all_reduce_mean_(others, per_dtype=self.cfg.grad_reduce_bf16)
             return norm
         if isinstance(muon, Muon):
             muon.reduce_grads()
-        distributed.all_reduce_mean_(others)
+        distributed.all_reduce_mean_(others, per_dtype=self.cfg.grad_reduce_bf16)
         if max_norm <= 0:
             return torch.zeros(())
         dev = next(p.device for ps in self.groups.values() for _, p in ps)
@@ -154,7 +155,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, tied: bool, compile_ns:
             lr=cfg.matrix_lr, momentum=momentum_at(0, cfg), nesterov=True, weight_decay=cfg.muon_wd,
             backend_steps=cfg.muon_backend_steps, coeffs=cfg.muon_coeffs,
             row_normalize=cfg.muon_row_normalize, momentum_dtype=torch.bfloat16 if cfg.muon_momentum_bf16 else None,
-            compile_ns=compile_ns)
+            reduce_dtype=torch.bfloat16 if cfg.grad_reduce_bf16 else None, compile_ns=compile_ns)
     # (group, base lr, decoupled wd). The records' untied head uses plain Adam: no weight decay.
     adam_spec = [
         ("embed", cfg.tied_embed_lr if tied else cfg.embed_lr, cfg.embed_wd),

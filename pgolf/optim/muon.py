@@ -103,6 +103,8 @@ class Muon(torch.optim.Optimizer):
     Gradients must already be averaged across ranks. `ns_dtype` None = `ns_dtype_for(device)`.
     `momentum_dtype` None keeps the buffer in the gradient's dtype; bf16 casts the gradient and
     keeps the buffer and the Nesterov update in bf16, as the records' banked Muon (docs/records/record-stack.md §3.3).
+    `reduce_dtype` None reduce-scatters the gradient in its own dtype; bf16 casts it to bf16 first and sums
+    in bf16, as record #1855's `launch_reduce_scatters` (the rows held, and so the momentum, are then bf16).
     `compile_ns`: a torch.compile backend for Newton-Schulz (the trainer passes "inductor" on CUDA with
     `train.compile`, as the records compile `zeropower_via_newtonschulz5`: fused, and rounded as theirs),
     None for eager.
@@ -111,12 +113,13 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, backend_steps: int = 5, coeffs: str = "classic",
                  row_normalize: bool = False, ns_dtype: torch.dtype | None = None,
-                 momentum_dtype: torch.dtype | None = None, compile_ns: str | None = None):
+                 momentum_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
+                 compile_ns: str | None = None):
         ns_coefficients(0, coeffs)  # validate the name early
         self.zeropower = compiled_zeropower(compile_ns) if compile_ns else zeropower
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         backend_steps=backend_steps, coeffs=coeffs, row_normalize=row_normalize,
-                        ns_dtype=ns_dtype, momentum_dtype=momentum_dtype)
+                        ns_dtype=ns_dtype, momentum_dtype=momentum_dtype, reduce_dtype=reduce_dtype)
         super().__init__(params, defaults)
         self._shards: dict[torch.Tensor, torch.Tensor] | None = None  # set by reduce_grads, used by step
         for group in self.param_groups:
@@ -142,13 +145,13 @@ class Muon(torch.optim.Optimizer):
         world, rank = _world()
         shards: dict[torch.Tensor, torch.Tensor] = {}
         self._shards = shards
-        for _, ps in self._banks():
+        for group, ps in self._banks():
             grads = _grads(ps)
             if world == 1:
                 shards.update(zip(ps, grads))
                 continue
             n = -(-len(ps) // world)  # matrices per rank; the stack is padded to n * world
-            stack = torch.stack(grads)
+            stack = torch.stack(grads).to(group.get("reduce_dtype") or grads[0].dtype)
             stack = torch.cat([stack, stack.new_zeros(n * world - len(ps), *stack.shape[1:])])
             shard = stack.new_empty(n, *stack.shape[1:])
             dist.reduce_scatter_tensor(shard, stack)  # SUM: gloo has no AVG
