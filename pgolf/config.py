@@ -31,6 +31,10 @@ class DataConfig:
     # validation packs eval.batch_seqs sequences per row, dropping the tail (PR #1530; the segments cut
     # attention when model.doc_mask is on)
     segmentation: str = "rows"
+    # where the train stream checks a shard's end (a span that would cross it drops the remainder): step =
+    # once per optimizer step, for all micro-steps; micro = before each micro-step, the #1530 line's
+    # DocumentPackingLoader._prepare_batch (differs only with accumulation > 1)
+    shard_end: str = "step"
 
 
 @dataclass
@@ -65,6 +69,9 @@ class ModelConfig:
     # every initial weight and RoPE's inv_freq rounded to bf16 values, kept in their dtypes (#1530 line: the
     # model is built, cast with .bfloat16() and restored to fp32, for training and for evaluation alike)
     bf16_rounding: bool = False
+    # under autocast the residual stream keeps tok_emb's dtype (bf16 with tok_emb_bf16), controls are cast to
+    # it and RMSNorm returns its input's dtype: the #1530 line's activations (torch 2.9.1); off: an fp32 stream
+    bf16_stream: bool = False
     # --- embedding path
     smear_gate: str = "off"  # off | gated (#1667, width-w input) | channel (#430 per-channel)
     smear_gate_width: int = 12

@@ -110,11 +110,13 @@ def _record_1626() -> Config:
 def _record_procedures(c: Config) -> None:
     """How the #1530-line records cut, calibrate, select and store (docs/fidelity.md)."""
     c.data.segmentation = "varlen"  # one packed row per rank, cut at BOS and every 2048 (_build_cu_seqlens)
+    c.data.shard_end = "micro"  # _prepare_batch checks the shard's end before each micro-step
     c.quant.calibration_doc_mask = False  # collect_hessians: forward_logits(x) without cu_seqlens
     c.ttt.phase_select = "shortest"  # eval_val_ttt_phased: scored docs sorted by (batch index, position)
     c.ttt.global_procedure = "record"  # train_val_ttt_global_sgd_distributed on the _find_docs tokens
     c.model.tok_emb_bf16 = True  # GPT(h).bfloat16() + restore_fp32_params: only tok_emb stays bf16
     c.model.bf16_rounding = True  # ... and every initial value and RoPE's inv_freq are bf16 values
+    c.model.bf16_stream = True  # ... so under autocast the stream is bf16 (controls cast to x.dtype)
     c.optim.muon_momentum_bf16 = True  # Muon: g = p.grad.bfloat16(), momentum_buffer zeros_like(g)
     c.optim.grad_clip_scope = "rank"  # no DDP: clip_grad_norm_ on each rank's gradient, then the all-reduce
     c.optim.grad_reduce_bf16 = True  # ... in bf16: Muon's bf16 padded_grad, tok_emb's own bf16 grad

@@ -94,12 +94,14 @@ _PR1626 = {
     # the procedures around the model, from #1530's code on (docs/fidelity.md holds each to a test)
     **_facts(1530, "code", {
         "data.segmentation": "varlen",  # one packed row per rank, _build_cu_seqlens, §1.5
+        "data.shard_end": "micro",  # DocumentPackingLoader._prepare_batch: shard end checked per micro-step
         "model.tok_emb_bf16": True,  # model cast to bf16, controls restored to fp32: tok_emb stays bf16, §2.1
         "model.bf16_rounding": True,  # the same cast rounds the initial weights and RoPE's inv_freq buffer
         "optim.muon_momentum_bf16": True,  # the sharded Muon momentum buffer is bf16, §3.3
         "optim.grad_clip_scope": "rank",  # step_fn clips the local gradients; Optimizers.step all-reduces, §3.7
         "optim.muon_warmup_momentum": "keep_sharded",  # shard_mom survives the warm-up's restore, §3.8
         "optim.grad_reduce_bf16": True,  # Muon's bf16 padded_grad reduce-scatter and tok_emb's bf16 all-reduce (AVG)
+        "model.bf16_stream": True,  # x = tok_emb(ids) stays bf16; _forward_hidden casts controls to x.dtype
         "quant.calibration_doc_mask": False,  # Hessians through forward_logits without cu_seqlens, §4.2
     }),
     **_facts(1626, "code", {"ttt.phase_select": "shortest"}),  # scored docs sorted by (batch, position), §5.5

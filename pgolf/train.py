@@ -38,7 +38,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if getattr(args, "config", None):
         cfg = Config.load(args.config).with_overrides(args.overrides)
     else:
-        cfg = get_preset(args.preset, args.overrides)
+        cfg = get_preset(args.preset or "baseline", args.overrides)
     if args.data:
         cfg.data.path = args.data
     if args.tokenizer:
@@ -159,7 +159,7 @@ class Trainer:
         self.val = load_val(cfg.data.path, cfg.data.tokenizer or None, cfg.model.vocab_size, t.eval_seq_len,
                             cfg.data.val_max_tokens, bos_id=cfg.data.bos_id)
         self.loader = TrainLoader(cfg.data.path, t.train_seq_len, ctx.rank, ctx.world_size, cfg.model.vocab_size,
-                                  cfg.data.segmentation, cfg.data.bos_id)
+                                  cfg.data.segmentation, cfg.data.bos_id, cfg.data.shard_end)
         self.micro, self.accum = batch_shape(cfg, ctx.world_size)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.backend = resolve_backend(t.attention_backend, ctx.device)
@@ -332,6 +332,9 @@ def train(cfg: Config, ctx: distributed.Dist, out: str | None = None, runs_root:
         raise PgolfError(f"{run_path}: already holds a finished run (choose another --out)")
     check_output(run_path, "--out", kind="dir")  # a file there, or an unwritable parent: fail before training
     trainer = Trainer(cfg, ctx, None)
+    # Shards too short for one batch fail now, before the run directory exists; then back to the start.
+    trainer.loader.next_batch(trainer.micro, trainer.accum)
+    trainer.loader.reset()
     trainer.run_path = run_path
     if ctx.is_main:
         run = RunDir.create(run_path)
@@ -406,6 +409,9 @@ def _state_bytes(model: torch.nn.Module) -> bytes:
 
 # --------------------------------------------------------------------------- entry points
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    if args.config and args.preset:  # the config names its preset: two answers, so neither is chosen silently
+        raise PgolfError(f"--config {args.config} and --preset {args.preset} conflict: a config.json holds its whole "
+                         "configuration, preset included (give one; --set changes fields of either)")
     cfg = resolve_config(args)
     ctx = distributed.setup()
     try:

@@ -129,3 +129,88 @@ def test_real_shards(sp1024_data):
     x, y = batches[0][0]
     assert x.shape == (8, 1024) and x[0, 0] == 1  # the stream starts at the first BOS
     assert int(torch.cat([b[0][0] for b in batches]).max()) < 1024
+
+
+# ---------------------------------------------------------------- where a shard's end is checked
+def _record_chunks(data_dir, steps: int, micro: int, accum: int, rank: int, world: int,
+                   bos: int | None) -> list[list[int]]:
+    """The #1530 line's training loader (#1855 train_gpt.py: DocumentPackingLoader `_init_shard`,
+    `_advance_shard`, `_prepare_batch`, `next_batch`), transcribed: each next_batch (one per micro-step)
+    takes a span of world * (micro + 1) tokens at the cursor; while that span would cross the shard's
+    end, the next shard (wrapping) is opened and the cursor set to its first BOS; rank r's tokens are
+    the span's r-th slice of micro + 1. `bos=None`: the cursor opens at 0 (fixed rows, pgolf only)."""
+    toks = [shards.read_shard(f) for f in sorted(data_dir.glob("fineweb_train_*.bin"))]
+
+    def first(t):
+        return 0 if bos is None else int(np.flatnonzero(t == bos)[0])
+
+    si, cursor, per_rank = 0, first(toks[0]), micro + 1
+    out = []
+    for _ in range(steps * accum):
+        while cursor + world * per_rank > toks[si].size:
+            si = (si + 1) % len(toks)
+            cursor = first(toks[si])
+        start = cursor + rank * per_rank
+        out.append(toks[si][start:start + per_rank].tolist())
+        cursor += world * per_rank
+    return out
+
+
+def _chunks(loader: TrainLoader, steps: int, micro: int, accum: int) -> list[list[int]]:
+    """Each micro-step's tokens: the inputs, then the last target."""
+    return [x.flatten().tolist() + [int(y.flatten()[-1])]
+            for _ in range(steps) for x, y in loader.next_batch(micro, accum)]
+
+
+def test_shard_end_by_hand(tiny):
+    # shards 0..99 | 100..156 | 157..236; 2 ranks x 2 micro-steps of 4 tokens: a micro-step of both ranks
+    # is 10 tokens, a step 20. Shard 0 holds 5 steps exactly; shard 1 holds 2 steps (100..139), then
+    # step 8: `step` drops 140..156 and starts at 157; `micro` still fits micro-step 0 (140..149),
+    # drops 150..156 and starts micro-step 1 at 157.
+    def step8(rank, shard_end):
+        loader = TrainLoader(tiny, seq_len=4, rank=rank, world_size=2, shard_end=shard_end)
+        return [c[0] for c in _chunks(loader, 8, 4, 2)[-2:]]
+    assert [step8(r, "step") for r in range(2)] == [[157, 167], [162, 172]]
+    assert [step8(r, "micro") for r in range(2)] == [[140, 157], [145, 162]]
+    # 1 rank x 4 micro-steps of 8 (spans of 9): step 3 starts at 72; 72 + 36 > 100, so `step` moves to
+    # shard 1, while `micro` fits 72, 81, 90 and only then moves (99 + 9 > 100)
+    for shard_end, want in (("step", [100, 109, 118, 127]), ("micro", [72, 81, 90, 100])):
+        loader = TrainLoader(tiny, seq_len=4, shard_end=shard_end)
+        assert [c[0] for c in _chunks(loader, 3, 8, 4)[-4:]] == want, shard_end
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("segmentation", ["rows", "varlen"])
+def test_shard_end_micro_is_the_records_loader(tmp_path, segmentation, world):
+    # documents start at BOS = 0; each shard's first BOS is a few tokens in, so varlen skips a prefix
+    for i, (n, lead) in enumerate(zip(SIZES, [0, 3, 5])):
+        t = np.arange(OFFSETS[i], OFFSETS[i] + n) + 1
+        t[lead::13] = 0
+        shards.write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", t)
+    micro, accum, steps = 8, 3, 12  # long enough to cross every shard's end and wrap around
+    for rank in range(world):
+        loader = TrainLoader(tmp_path, seq_len=4, rank=rank, world_size=world, segmentation=segmentation,
+                             bos_id=0, shard_end="micro")
+        want = _record_chunks(tmp_path, steps, micro, accum, rank, world, 0 if segmentation == "varlen" else None)
+        assert _chunks(loader, steps, micro, accum) == want
+        step = TrainLoader(tmp_path, seq_len=4, rank=rank, world_size=world, segmentation=segmentation, bos_id=0)
+        assert _chunks(step, steps, micro, accum) != want  # the default differs here: the test can fail
+        micro_1 = TrainLoader(tmp_path, seq_len=4, rank=rank, world_size=world, segmentation=segmentation,
+                              bos_id=0, shard_end="micro")
+        step.reset()
+        assert _chunks(step, steps, micro, 1) == _chunks(micro_1, steps, micro, 1)  # accumulation 1: the same
+
+
+def test_shard_end_default_and_presets():
+    from pgolf.config import DataConfig
+    from pgolf.presets import get_preset
+    assert DataConfig().shard_end == "step"  # pin: the stream of before, unless a preset says otherwise
+    for name in ("pr1765", "pr1784", "pr1790", "pr1801", "pr1855"):
+        assert get_preset(name).data.shard_end == "micro", name
+    for name in ("baseline", "cpu-smoke", "pr430"):
+        assert get_preset(name).data.shard_end == "step", name
+
+
+def test_shard_end_unknown_value(tiny):
+    with pytest.raises(PgolfError, match="data.shard_end"):
+        TrainLoader(tiny, seq_len=4, shard_end="splice")

@@ -2,10 +2,14 @@
 
 The stream follows the records' loader (docs/records/record-stack.md §1.2): shards in sorted order, no shuffling;
 a span that would cross a shard's end drops that shard's remainder and starts at the next shard,
-wrapping around after the last. Each optimizer step takes ONE span of
+wrapping around after the last. `shard_end="step"`: each optimizer step takes ONE span of
 `accum_steps * world_size * (micro_tokens + 1)` tokens; micro-step m of rank r is chunk
 `m * world_size + r`, so one process with accumulation A*W sees exactly the chunks that W
-processes with accumulation A see, shard ends included.
+processes with accumulation A see, shard ends included. `"micro"` (the #1530 line's
+`DocumentPackingLoader._prepare_batch`): each micro-step takes its own span of
+`world_size * (micro_tokens + 1)` tokens, so a step's micro-steps may straddle two shards. Both give
+the same chunks until a shard's end falls inside a step. (The root baseline's `TokenStream` splices the
+remainder onto the next shard instead: docs/fidelity.md, known differences.)
 
 Segmentation `rows` cuts each chunk into fixed rows of `seq_len`. `varlen` (PR #1530, record
 `DocumentPackingLoader`) yields each chunk as ONE packed row; the model cuts it into segments
@@ -41,14 +45,17 @@ def _first_bos(tokens: np.ndarray, bos_id: int, block: int = 1 << 16) -> int:
 
 class TrainLoader:
     def __init__(self, data_dir: str | Path, seq_len: int, rank: int = 0, world_size: int = 1,
-                 vocab_size: int | None = None, segmentation: str = "rows", bos_id: int = 1):
+                 vocab_size: int | None = None, segmentation: str = "rows", bos_id: int = 1,
+                 shard_end: str = "step"):
         if not 0 <= rank < world_size:
             raise PgolfError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
         if segmentation not in ("rows", "varlen"):
             raise PgolfError(f"data.segmentation: unknown segmentation {segmentation!r} (rows | varlen)")
+        if shard_end not in ("step", "micro"):
+            raise PgolfError(f"data.shard_end: unknown value {shard_end!r} (step | micro)")
         self.data_dir, self.seq_len, self.rank, self.world_size = Path(data_dir), seq_len, rank, world_size
         self.vocab_size = vocab_size
-        self.packed, self.bos_id = segmentation == "varlen", bos_id
+        self.packed, self.bos_id, self.per_micro = segmentation == "varlen", bos_id, shard_end == "micro"
         self.files = _train_files(data_dir)
         for f in self.files:  # every header and file size up front (cheap), before any timed step
             shards.read_header(f)
@@ -90,11 +97,12 @@ class TrainLoader:
             raise PgolfError(f"micro-batch of {micro_tokens} tokens: must be a positive multiple of "
                              f"seq_len {self.seq_len}")
         chunk = micro_tokens + 1  # +1: the last input's target
-        span = self._take(accum_steps * self.world_size * chunk)
+        n = self.world_size * chunk  # one micro-step of every rank
+        span = None if self.per_micro else self._take(accum_steps * n)
         out = []
         for m in range(accum_steps):
-            k = m * self.world_size + self.rank
-            c = torch.from_numpy(span[k * chunk:(k + 1) * chunk].astype(np.int64))
+            s = self._take(n) if span is None else span[m * n:(m + 1) * n]  # micro: shard end checked here
+            c = torch.from_numpy(s[self.rank * chunk:(self.rank + 1) * chunk].astype(np.int64))
             row = micro_tokens if self.packed else self.seq_len
             x, y = c[:-1].view(-1, row), c[1:].view(-1, row)  # (B, T) each
             if device is not None:

@@ -110,8 +110,10 @@ def virtual_layer_order(cfg: ModelConfig, looping: bool) -> list[int]:
     return list(range(cfg.loop_start)) + loop * (cfg.num_loops + 1) + list(range(cfg.loop_end + 1, cfg.num_layers))
 
 
-def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))  # weightless RMSNorm, default eps
+def rms_norm(x: torch.Tensor, keep_dtype: bool = False) -> torch.Tensor:
+    y = F.rms_norm(x, (x.size(-1),))  # weightless RMSNorm, default eps
+    # keep_dtype (model.bf16_stream): torch >= 2.12's CUDA autocast returns fp32, the records' 2.9.1 the input's
+    return y.to(x.dtype) if keep_dtype else y
 
 
 class Rotary(nn.Module):
@@ -176,7 +178,7 @@ class Attention(nn.Module):
             v = v + ve
         q, k, v = q.view(B, T, self.H, self.D), k.view(B, T, self.Hkv, self.D), v.view(B, T, self.Hkv, self.D)
         if self.cfg.qk_norm:
-            q, k = rms_norm(q), rms_norm(k)
+            q, k = rms_norm(q, self.cfg.bf16_stream), rms_norm(k, self.cfg.bf16_stream)
         cos, sin = self.rotary.cos_sin(T, n.device)
         q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
@@ -245,11 +247,12 @@ class Block(nn.Module):
         return m[0] * x + m[1] * x0
 
     def _attn(self, x_in, *, slot, lora, doc_ids, ve, backend):
-        return self.attn_scale.to(x_in.dtype) * self.attn(rms_norm(x_in) * self.ln, slot=slot, lora=lora,
-                                                           doc_ids=doc_ids, ve=ve, backend=backend)
+        n = rms_norm(x_in, self.cfg.bf16_stream) * self.ln
+        return self.attn_scale.to(x_in.dtype) * self.attn(n, slot=slot, lora=lora, doc_ids=doc_ids, ve=ve,
+                                                           backend=backend)
 
     def _mlp(self, x, *, slot, lora):
-        n = rms_norm(x) * self.ln
+        n = rms_norm(x, self.cfg.bf16_stream) * self.ln
         out = self.mlp(n)
         if lora is not None:  # the MLP adapter is a bypass from the normalised MLP input
             out = lora.add(slot, "mlp", n, out)
@@ -482,17 +485,19 @@ class GPT(nn.Module):
         first[:, 0] = True
         if cfg.smear_bos_mask:  # token mixing never crosses a document boundary (#1851/#1855 fix)
             first = first | bos
-        e = self.tok_emb(idx).float()  # a bf16-stored table (tok_emb_bf16) is read into the fp32 stream
+        e = self.tok_emb(idx)  # bf16_stream under autocast: the stream keeps the table's dtype (#1530 line)
+        if not (cfg.bf16_stream and torch.is_autocast_enabled(idx.device.type)):
+            e = e.float()  # else a bf16-stored table (tok_emb_bf16) is read into an fp32 stream
         if hasattr(self, "bigram"):
             e = e + self.bigram(idx, first).to(e.dtype)
         if cfg.smear_gate == "gated":
             w = cfg.smear_gate_width
-            g = self.smear_lambda * torch.sigmoid(self.smear_gate(e[..., 1:, :w]))  # (B, T-1, 1)
+            g = self.smear_lambda.to(e.dtype) * torch.sigmoid(self.smear_gate(e[..., 1:, :w]))  # (B, T-1, 1)
             prev = e[:, :-1]
             if cfg.smear_bos_mask:
                 g = g.masked_fill(bos[:, 1:, None], 0.0)
             e = torch.cat([e[:, :1], e[:, 1:] + g.to(e.dtype) * prev], dim=1)
-        x = rms_norm(e)
+        x = rms_norm(e, cfg.bf16_stream)
         if cfg.smear_gate == "channel":
             s = torch.sigmoid(self.smear_gate).to(x.dtype)  # type: ignore[arg-type]  # the channel gate's Parameter
             prev = F.pad(x[:, :-1], (0, 0, 1, 0))  # the previous token at t = 0 is zero
@@ -528,7 +533,7 @@ class GPT(nn.Module):
                 cur = lanes[0] if lanes is not None else x
                 w = self.skip_weights[j].to(cur.dtype) * skip
                 if cfg.skip_gates:
-                    cur = torch.lerp(w, cur, torch.sigmoid(self.skip_gates[j]).to(cur.dtype))
+                    cur = torch.lerp(w, cur, torch.sigmoid(self.skip_gates[j].to(cur.dtype)))
                 else:
                     cur = cur + w
                 if lanes is not None:
@@ -556,7 +561,7 @@ class GPT(nn.Module):
                 skips.append(x)
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
-        return rms_norm(x)
+        return rms_norm(x, cfg.bf16_stream)
 
 
 def count_params(model: nn.Module) -> int:
