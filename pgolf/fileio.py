@@ -83,7 +83,10 @@ def staged_dir(path: str | Path) -> Iterator[Path]:
     old = None
     try:
         yield tmp
-        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.is_dir() else 0o755)  # mkdtemp makes 0700
+        mask = os.umask(0o022)  # the umask can only be read by setting it: set it straight back
+        os.umask(mask)
+        # mkdtemp makes 0700: the folder gets the old one's mode, else what a plain mkdir would give it
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.is_dir() else 0o777 & ~mask)
         with signals_deferred():
             if path.exists():
                 old = tmp.with_suffix(".old")

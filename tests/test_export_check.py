@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from pgolf.config import Config
 from pgolf.export import check, record
 from pgolf.script import bundle, codebytes
 from pgolf.presets import get_preset
-from pgolf.significance import welch
+from pgolf.significance import mean_std, welch
 
 TINY = ["model.num_layers=2", "model.model_dim=64", "model.num_heads=2", "model.num_kv_heads=1",
         "train.train_seq_len=64", "train.eval_seq_len=64", "train.train_batch_tokens=512",
@@ -131,12 +133,20 @@ def test_check_passes_on_a_valid_export(folder, cli):
 
 
 def _claim_the_files(d: Path) -> None:
-    """submission.json's bytes made to agree with the (edited) files, so only the fault itself shows."""
-    code = codebytes.measure((d / "train_gpt.py").read_text())["code_bytes"]
+    """submission.json's figures made to agree with the (edited) files and seeds, so only the fault
+    itself shows: each seed's bytes, and the mean, std and largest bytes over the seeds it lists."""
+    measured = codebytes.measure((d / "train_gpt.py").read_text())
+    code = measured["code_bytes"]
     sub = json.loads((d / "submission.json").read_text())
     for seed, res in sub["seed_results"].items():
         model = next((d / "artifacts" / f"seed{seed}").glob("*.ptz")).stat().st_size
-        res.update(bytes_model=model, bytes_code=code, bytes_total=model + code)
+        res.update(bytes_model=model, bytes_code=code, bytes_total=model + code, artifact_bytes=model + code)
+    seeds = list(sub["seed_results"].values())
+    for key in ("val_bpb", "val_loss"):
+        sub[key], sub[f"{key}_std"] = mean_std([r[key] for r in seeds])
+    total = [r["bytes_total"] for r in seeds]
+    sub.update(bytes_total=max(total), artifact_bytes_max=max(total), artifact_bytes_mean=round(np.mean(total)),
+               bytes_code=code, bytes_code_raw=measured["code_bytes_raw"])
     (d / "submission.json").write_text(json.dumps(sub))
 
 
@@ -153,6 +163,7 @@ def _two_seeds(d: Path) -> None:
     sub = json.loads((d / "submission.json").read_text())
     del sub["seed_results"]["3"]
     (d / "submission.json").write_text(json.dumps(sub))
+    _claim_the_files(d)
 
 
 def _same_run(d: Path) -> None:
@@ -164,6 +175,7 @@ def _same_run(d: Path) -> None:
     sub = json.loads((d / "submission.json").read_text())
     sub["seed_results"]["3"] = sub["seed_results"]["1"]
     (d / "submission.json").write_text(json.dumps(sub))
+    _claim_the_files(d)
 
 
 def _slow_eval(d: Path) -> None:
@@ -196,17 +208,33 @@ def _update_before_score(d: Path) -> None:
     (_imports_pgolf, "imports", "imports pgolf"),
     (_update_before_score, "legality", "score before update"),
 ])
-def test_check_fails_with_one_clear_line(folder, tmp_path, cli, fault, condition, words):
+def test_check_fails_with_one_clear_line(folder, tmp_path, capsys, fault, condition, words):
+    """...and the JSON result is still the last stdout line: a check that finds a failure is a result
+    (it used to print nothing on stdout)."""
     bad = tmp_path / "bad"
     shutil.copytree(folder, bad)
     fault(bad)
-    rc, _, err = cli("check", bad)
+    rc, out, err = run_check(capsys, bad)
     assert rc == 2
     fails = [ln for ln in err.splitlines() if ln.startswith("FAIL")]
     mine = [ln for ln in fails if ln.startswith(f"FAIL {condition}:")]
     assert len(mine) == 1 and words in mine[0], err
     assert fails == mine, err
     assert err.strip().splitlines()[-1].startswith("pgolf: error:")
+    assert out is not None and out["ok"] is False and out["folder"] == str(bad)
+    assert [k for k, c in out["checks"].items() if not c["ok"]] == [condition]
+    assert words in out["checks"][condition]["detail"] and out["checks"]["files"]["ok"] is True
+
+
+def run_check(capsys, *args) -> tuple[int, dict | None, str]:
+    """`pgolf check ARGS` in-process: (exit status, the last stdout line as JSON whatever the status, stderr)."""
+    from pgolf.cli import main
+
+    capsys.readouterr()
+    rc = main(["check", *map(str, args)])
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    return rc, json.loads(lines[-1]) if lines else None, err
 
 
 def _edit_claim(key, value):
@@ -306,3 +334,114 @@ def test_a_bad_vs_is_one_error_line_before_any_check(vs, tmp_path, cli):
     assert rc == 2 and err.strip().splitlines() == [err.strip()], err
     assert err.startswith(f"pgolf: error: --vs {vs!r}: expected"), err
     assert check.parse_vs("1.07,0.001,3.0") == (1.07, 0.001, 3) and check.parse_vs(str(tmp_path)) == tmp_path
+
+
+def _set_claim(key, value, seed=None):
+    """Edit one figure of submission.json: top level (seed None) or one seed's; `value` maps the old one."""
+    def edit(d: Path) -> None:
+        sub = json.loads((d / "submission.json").read_text())
+        where = sub if seed is None else sub["seed_results"][seed]
+        where[key] = value(where[key])
+        (d / "submission.json").write_text(json.dumps(sub))
+    return edit
+
+
+@pytest.mark.parametrize("fault, field", [
+    (_set_claim("val_bpb", lambda v: 1.0), "val_bpb"),
+    (_set_claim("val_loss", lambda v: v - 0.001), "val_loss"),
+    (_set_claim("val_bpb_std", lambda v: v / 2), "val_bpb_std"),
+    (_set_claim("val_loss_std", lambda v: None), "val_loss_std"),
+    (_set_claim("bytes_total", lambda v: v - 1), "bytes_total"),
+    (_set_claim("artifact_bytes_max", lambda v: v - 1), "artifact_bytes_max"),
+    (_set_claim("artifact_bytes_mean", lambda v: v - 2), "artifact_bytes_mean"),
+    (_set_claim("bytes_code", lambda v: v - 1), "bytes_code"),
+    (_set_claim("bytes_code_raw", lambda v: v + 1), "bytes_code_raw"),
+    (_set_claim("val_loss", lambda v: v + 0.001, seed="2"), "seed 2: val_loss"),
+    (_set_claim("bytes_model", lambda v: v - 1, seed="2"), "seed 2: bytes_model"),
+    (_set_claim("bytes_code", lambda v: v - 1, seed="2"), "seed 2: bytes_code"),
+    (_set_claim("artifact_bytes", lambda v: v - 1, seed="2"), "seed 2: artifact_bytes"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_check_compares_every_claimed_figure(folder, tmp_path, cli, fault, field):
+    """submission.json's top-level val_bpb edited to 1.0 passed `claims` (only the per-seed val_bpb and
+    bytes_total were compared): every score and byte figure it carries is recomputed from the logs and
+    files, and a wrong one is one FAIL line naming the field."""
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    fault(bad)
+    rc, _, err = cli("check", bad)
+    fails = [ln for ln in err.splitlines() if ln.startswith("FAIL")]
+    assert rc == 2 and len(fails) == 1 and fails[0].startswith(f"FAIL claims: {field} "), err
+
+
+def test_claims_hold_to_the_precision_they_are_written_with(folder, tmp_path, cli):
+    """The records write a mean to a few decimals: 4 decimals agree with the logs' mean to 4 decimals,
+    and one unit in the last place off does not."""
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    sub = json.loads((bad / "submission.json").read_text())
+    mean = sub["val_bpb"]
+    for value, ok in ((round(mean, 4), True), (round(mean, 4) + 2e-4, False), (round(mean, 2), True)):
+        (bad / "submission.json").write_text(json.dumps({**sub, "val_bpb": value}))
+        rc, _, err = cli("check", bad)
+        assert (rc == 0) == ok and ("FAIL claims: val_bpb" in err) != ok, (value, err)
+
+
+def test_a_failed_check_still_prints_its_json(folder, capsys):
+    """`--vs` against a record this folder does not beat by 0.005 nats: exit 2, and the JSON result (ok
+    false, each condition's status) is the last stdout line, the `pgolf: error:` line last on stderr."""
+    sub = json.loads((folder / "submission.json").read_text())
+    rc, out, err = run_check(capsys, folder, "--vs", f"{sub['val_bpb'] + 0.002},0.0009,3")
+    assert rc == 2 and out is not None and out["ok"] is False, err
+    assert {k: c["ok"] for k, c in out["checks"].items()} == {
+        "files": True, "bytes": True, "imports": True, "network": True, "seeds": True, "train_time": True,
+        "eval_time": True, "legality": True, "claims": True, "significance": False}
+    assert err.strip().splitlines()[-1].startswith(f"pgolf: error: {folder}: 1 of 10 checks failed")
+    rc, out, err = run_check(capsys, folder, "--vs", "a,b,c")  # a usage error stays one line, no JSON
+    assert rc == 2 and out is None and err.strip().splitlines() == ["pgolf: error: --vs 'a,b,c': expected "
+                                                                     "BPB_MEAN,STD,N or a record folder"]
+
+
+def test_export_checks_its_out_path_before_any_work(runs, tmp_path, cli):
+    """`--out` naming a file, or a path under one, was a NotADirectoryError / FileExistsError traceback
+    after the runs were read: it is one error line, before the runs are looked at (here one is bogus)."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for out, why in ((a_file, "exists and is not a directory"),
+                     (a_file / "x", f"{a_file} is a file, so nothing can be created under it")):
+        rc, _, err = cli("export", runs[0], tmp_path / "no-such-run", "--out", out)
+        assert rc == 2 and err.strip().splitlines() == [f"pgolf: error: --out {out}: {why}"], err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep").write_text("x")
+    rc, _, err = cli("export", runs[0], "--out", tmp_path / "full")
+    assert rc == 2 and "exists and is not empty" in err and (tmp_path / "full" / "keep").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "full"]  # nothing left behind
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["022", "027"])
+def test_export_folder_mode_follows_the_umask(runs, tmp_path, umask):
+    """The folder was drwx------ (tempfile.mkdtemp's mode, kept by the rename): a plain mkdir's mode
+    now, as data and run folders have; an existing empty --out keeps its own."""
+    from pgolf.export.submission import export
+
+    before = os.umask(umask)
+    try:
+        export([str(r) for r in runs], tmp_path / "new")
+        (tmp_path / "empty").mkdir(mode=0o700)
+        export([str(r) for r in runs], tmp_path / "empty")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE((tmp_path / "new").stat().st_mode) == 0o777 & ~umask
+    assert stat.S_IMODE((tmp_path / "empty").stat().st_mode) == 0o700
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]
+
+
+def test_requirements_pin_public_versions(monkeypatch):
+    """requirements.txt pinned `torch==2.13.0+cpu` (or `+cu128` from a GPU run's env.json): a local
+    version label that pip never finds on PyPI. Pins carry the public version only."""
+    from pgolf.export import submission
+
+    monkeypatch.setattr(submission, "distribution_of", lambda name: {"torch": "torch", "numpy": "numpy"}.get(name))
+    monkeypatch.setattr(submission.importlib.metadata, "version", lambda dist: {"numpy": "2.1.0+local.7"}[dist])
+    text = submission.requirements("import torch\nimport numpy\n", [{"versions": {"torch": "2.9.1+cu128"}}])
+    pins = [ln for ln in text.splitlines() if not ln.startswith("#")]
+    assert pins == ["numpy==2.1.0", "torch==2.9.1"]

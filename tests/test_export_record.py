@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -41,15 +43,17 @@ def curve(log: str) -> list[float]:
 
 @pytest.fixture(scope="module")
 def record_run(sp1024_data, tmp_path_factory):
+    """(the run folder, its result.json, the JSON line it printed last)."""
     out = tmp_path_factory.mktemp("record") / "run"
-    rc = record.cli(["--preset", "cpu-smoke", "--data", str(sp1024_data), "--max-seconds", "0", "--out", str(out),
-                     *sets(TINY)])
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        rc = record.cli(["--preset", "cpu-smoke", "--data", str(sp1024_data), "--max-seconds", "0", "--out",
+                         str(out), *sets(TINY)])
     assert rc == 0
-    return out, json.loads((out / "result.json").read_text())
+    return out, json.loads((out / "result.json").read_text()), json.loads(stdout.getvalue().splitlines()[-1])
 
 
 def test_record_run_is_train_quantize_eval(record_run, sp1024_data, tmp_path, cli):
-    out, res = record_run
+    out, res, _ = record_run
     assert res["status"] == "finished" and res["pipeline"] == "record" and res["steps"] == 6
     assert (out.parent / "index.jsonl").read_text().count(str(out)) == 1  # in the registry
     log = (out / "train.log").read_text()
@@ -67,6 +71,30 @@ def test_record_run_is_train_quantize_eval(record_run, sp1024_data, tmp_path, cl
     assert res["ttt_val_bpb"] == ev["val_bpb"] and res["ttt_updates"] == ev["updates"]
     assert Path(quant["artifact"]).read_bytes() == Path(res["artifact"]).read_bytes()
     assert quant["code_bytes"] == res["code_bytes"]  # pgolf quantize counts the exported script
+    # each score is a stage with (at least) the keys the three commands give theirs
+    plain = json.loads((run / "result.json").read_text())["stages"]
+    mine = {s["name"]: s for s in res["stages"]}
+    for name in ("pre-quant", "quantised", "ttt"):
+        theirs = [s for s in plain if s["name"] == name][-1]
+        assert set(theirs) <= set(mine[name]) and mine[name]["by"] == "record", name
+        assert (mine[name]["val_bpb"], mine[name]["tokens"]) == (theirs["val_bpb"], theirs["tokens"]), name
+
+
+def test_record_result_headline_is_what_it_prints_exports_and_stats_reads(record_run, tmp_path, cli):
+    """A record run's result.json said val_bpb = the quantised score without TTT and had no stages, while
+    its JSON line and `pgolf export` gave the TTT score: `pgolf stats` on the seeds reported another mean."""
+    out, res, last = record_run
+    assert [s["name"] for s in res["stages"]] == ["pre-quant", "quantised", "ttt"] and res["stages_comparable"]
+    assert [s["val_bpb"] for s in res["stages"]] == [res["val_bpb_prequant"], res["quant_val_bpb"], res["ttt_val_bpb"]]
+    assert res["stages"][2]["val_loss"] == res["ttt_val_loss"] and res["stages"][2]["updates"] == res["ttt_updates"]
+    assert res["val_bpb"] == last["val_bpb"] == res["ttt_val_bpb"] and res["val_loss"] == last["val_loss"]
+    rc, exported, err = cli("export", out, "--out", tmp_path / "rec")
+    assert rc == 0, err
+    seed = json.loads((tmp_path / "rec" / "submission.json").read_text())["seed_results"][str(res["seed"])]
+    assert exported["val_bpb"] == seed["val_bpb"] == res["val_bpb"]
+    rc, stats, err = cli("stats", str(out))
+    assert rc == 0, err
+    assert stats["a"]["mean"] == res["val_bpb"] and stats["a"]["loss_mean"] == res["ttt_val_loss"]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +116,7 @@ def fresh_env(**extra) -> dict[str, str]:
 
 
 def test_exported_script_stands_alone_and_reproduces_the_run(record_run, fresh_python, sp1024_data, tmp_path):
-    out, res = record_run
+    out, res, _ = record_run
     (tmp_path / "train_gpt.py").write_text((out / "train_gpt.py").read_text())
     no_pgolf = subprocess.run([str(fresh_python), "-c", "import pgolf"], cwd=tmp_path, env=fresh_env(),
                               capture_output=True, text=True)
@@ -100,7 +128,7 @@ def test_exported_script_stands_alone_and_reproduces_the_run(record_run, fresh_p
     assert r.returncode == 0, r.stderr[-3000:]
     last = json.loads(r.stdout.strip().splitlines()[-1])
     again = json.loads((tmp_path / "runs" / "again" / "result.json").read_text())
-    assert last["val_bpb"] == pytest.approx(res["ttt_val_bpb"], abs=1e-6)
+    assert last["val_bpb"] == pytest.approx(res["ttt_val_bpb"], abs=1e-6) and again["val_bpb"] == last["val_bpb"]
     for key in ("val_bpb_prequant", "quant_val_bpb", "ttt_val_bpb", "ttt_val_loss", "code_bytes", "model_bytes"):
         assert again[key] == pytest.approx(res[key], abs=1e-6), key
     assert (tmp_path / "runs" / "again" / Path(res["artifact"]).name).read_bytes() == Path(res["artifact"]).read_bytes()
@@ -122,7 +150,7 @@ def test_exported_script_stands_alone_and_reproduces_the_run(record_run, fresh_p
 
 
 def test_exported_script_under_torchrun_gives_the_one_process_curve(record_run, fresh_python, sp1024_data, tmp_path):
-    out, res = record_run
+    out, res, _ = record_run
     (tmp_path / "train_gpt.py").write_text((out / "train_gpt.py").read_text())
     env = fresh_env(DATA_PATH=str(sp1024_data), SEED=str(res["seed"]), RUN_ID="two", ITERATIONS="6",
                     MAX_WALLCLOCK_SECONDS="0")

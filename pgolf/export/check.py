@@ -1,7 +1,9 @@
 """`pgolf check DIR [--vs BPB_MEAN,STD,N | --vs RECORD_DIR]`: the pre-submission checks.
 
-One line per condition on stderr (PASS / FAIL and the facts), exit status 2 when any fails. Every
-figure is recomputed from the folder's files, never taken from submission.json:
+One line per condition on stderr (PASS / FAIL and the facts); the JSON last on stdout says `ok` and
+each condition's `ok` and `detail`, and when any fails the exit status is 2 (after the JSON, one
+`pgolf: error:` line). Every figure is recomputed from the folder's files, never taken from
+submission.json:
 - bytes        per seed: the artifact's size on disk + the code bytes of train_gpt.py (minified,
                brotli, base85 stub: pgolf.script.codebytes) <= 16,000,000;
 - imports      one script that imports only the standard library and the packages in
@@ -12,7 +14,11 @@ figure is recomputed from the folder's files, never taken from submission.json:
 - eval_time    per seed, from the log: the TTT timer (`total_eval_time`, as the records) <= 600 s;
 - legality     each seed's trace (artifacts/seed<S>/trace*.npz) passes `pgolf.eval.legality.audit_trace`:
                every token scored once, every update after the tokens it used were scored;
-- claims       submission.json's per-seed val_bpb and bytes agree with the logs and files;
+- claims       every score and byte figure submission.json carries agrees with the logs and files, to
+               the precision it is written with: per seed (val_bpb, val_loss, bytes_total,
+               bytes_model, bytes_code, artifact_bytes) and over the seeds (val_bpb / val_loss mean
+               and std, bytes_total and bytes_model of the largest seed, artifact_bytes_max / _mean,
+               bytes_code, bytes_code_raw);
 - significance with --vs: the challenge's rule against the current record (>= 0.005 nats better,
                one-sided Welch p < 0.01, pgolf.significance, the code of `pgolf stats`).
 A per-seed condition fails, never passes, on a folder without seed logs: no seeds, nothing shown.
@@ -20,6 +26,7 @@ A per-seed condition fails, never passes, on a folder without seed logs: no seed
 from __future__ import annotations
 
 import ast
+import decimal
 import hashlib
 import json
 import math
@@ -260,6 +267,10 @@ def check_legality(folder: Path, logs: list[SeedLog], rep: Report) -> None:
 
 
 def check_claims(folder: Path, logs: list[SeedLog], totals: dict[int, int], rep: Report) -> None:
+    """Every score and byte figure submission.json carries, per seed and over the seeds, against the
+    same figure recomputed from the logs and files (to the precision the claim is written with)."""
+    from pgolf.script.codebytes import measure
+
     try:
         sub = json.loads((folder / "submission.json").read_text())
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -272,6 +283,7 @@ def check_claims(folder: Path, logs: list[SeedLog], totals: dict[int, int], rep:
     if not logs:
         rep.add("claims", False, NO_LOGS)
         return
+    code = measure((folder / "train_gpt.py").read_text())
     bad = []
     for log in logs:
         c = claimed.get(str(log.seed))
@@ -281,14 +293,61 @@ def check_claims(folder: Path, logs: list[SeedLog], totals: dict[int, int], rep:
         if not isinstance(c, dict):
             bad.append(f"seed {log.seed}: its seed_results entry is a JSON {type(c).__name__}, not an object")
             continue
-        bpb = _number(c.get("val_bpb"))
-        if log.val_bpb is None or bpb is None or abs(bpb - log.val_bpb) > 1e-6:
+        if not _agrees(c.get("val_bpb"), log.val_bpb):
             bad.append(f"seed {log.seed}: val_bpb {c.get('val_bpb')!r} claimed, {log.val_bpb} in the log")
+        if "val_loss" in c and not _agrees(c["val_loss"], log.val_loss):
+            bad.append(f"seed {log.seed}: val_loss {c['val_loss']!r} claimed, {log.val_loss} in the log")
         if log.seed in totals and _number(c.get("bytes_total")) != totals[log.seed]:
             bad.append(f"seed {log.seed}: {c.get('bytes_total')} bytes claimed, {totals[log.seed]:,} from the files")
+        if log.seed in totals:
+            files = {"artifact_bytes": totals[log.seed], "bytes_model": totals[log.seed] - code["code_bytes"],
+                     "bytes_code": code["code_bytes"]}
+            bad += [f"seed {log.seed}: {k} {c[k]!r} claimed, {v:,} from the files"
+                    for k, v in files.items() if k in c and _number(c[k]) != v]
     extra = sorted(set(claimed) - {str(log.seed) for log in logs})
     bad += [f"seed {s} in submission.json has no log" for s in extra]
+    bad += [f"{k} {sub[k]!r} claimed, {v} {where}" for k, v, where in _headline(logs, totals, code)
+            if k in sub and not _agrees(sub[k], v)]
     rep.add("claims", not bad, "; ".join(bad) if bad else "submission.json agrees with the logs and the files")
+
+
+def _headline(logs: list[SeedLog], totals: dict[int, int], code: dict[str, int]) -> list[tuple[str, Any, str]]:
+    """(field, value, where from) of the figures over the seeds that submission.json may carry: the
+    mean and std of the logged scores, the largest seed's bytes, the script's bytes."""
+    from pgolf.significance import mean_std
+
+    out: list[tuple[str, Any, str]] = []
+    for key in ("val_bpb", "val_loss"):
+        values = [getattr(log, key) for log in logs]
+        if None not in values:  # else the seed's own claim has failed already
+            m, s = mean_std(values)
+            out += [(key, m, f"from the logs (mean of {len(values)} seeds)"), (f"{key}_std", s, "from the logs")]
+    out += [("bytes_code", code["code_bytes"], "from train_gpt.py"),
+            ("bytes_code_raw", code["code_bytes_raw"], "from train_gpt.py")]
+    if totals and len(totals) == len(logs):
+        t = list(totals.values())
+        out += [("bytes_total", max(t), "from the files (largest seed)"),
+                ("artifact_bytes_max", max(t), "from the files"),
+                ("artifact_bytes_mean", sum(t) / len(t), "from the files"),
+                ("bytes_model", max(t) - code["code_bytes"], "from the files (largest seed)")]
+    return out
+
+
+LOG_DIGITS = 1e-8  # the logs write scores with 8 decimals
+
+
+def _agrees(claimed: Any, actual: float | None) -> bool:
+    """Whether a claimed figure is `actual` to the precision it is written with (1.0811 claims 4
+    decimals, 987009 a whole number) and the logs'; a null claim agrees only with no figure (the std
+    of one seed)."""
+    x = _number(claimed)
+    if x is None or actual is None:
+        return claimed is None and actual is None
+    if not math.isfinite(x):
+        return False
+    exponent = decimal.Decimal(repr(claimed)).as_tuple().exponent  # of the number as written: 987009 is whole
+    assert isinstance(exponent, int)  # finite
+    return abs(x - actual) <= 0.5 * 10.0 ** exponent + LOG_DIGITS
 
 
 def _number(x: Any) -> float | None:
@@ -383,12 +442,17 @@ def check(folder: str | Path, vs: str | None = None) -> dict[str, Any]:
     check_claims(folder, logs, totals, rep)
     if ref is not None:
         check_significance(logs, ref, rep)
-    failed = [f"{name}: {detail}" for name, ok, detail in rep.lines if not ok]
-    if failed:
-        raise PgolfError(f"{folder}: {len(failed)} of {len(rep.lines)} checks failed (first: {failed[0]})")
-    return {"folder": str(folder), "ok": True, "checks": {name: detail for name, _, detail in rep.lines},
+    return {"folder": str(folder), "ok": rep.ok,
+            "checks": {name: {"ok": ok, "detail": detail} for name, ok, detail in rep.lines},
             "seeds": [log.seed for log in logs], "bytes_total": totals}
 
 
 def cmd_check(args: Any) -> dict[str, Any]:
-    return check(args.folder, args.vs)
+    """A check that finds failures is a result, not a usage error: its JSON (ok false) is still the
+    last stdout line, then one `pgolf: error:` line sums it up and the exit status is 2."""
+    res = check(args.folder, args.vs)
+    if not res["ok"]:
+        print(json.dumps(res), flush=True)
+        failed = [f"{name}: {c['detail']}" for name, c in res["checks"].items() if not c["ok"]]
+        raise PgolfError(f"{res['folder']}: {len(failed)} of {len(res['checks'])} checks failed (first: {failed[0]})")
+    return res

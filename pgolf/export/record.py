@@ -13,8 +13,9 @@ One process tree (`torchrun --nproc_per_node=N` shards it as pgolf.train does):
    final_model.pt, the artifact, trace.npz, ttt.jsonl, train_gpt.py) and one JSON line last on stdout.
 
 `python -m pgolf.export.record (--preset P | --config C) [--seed S] [--out DIR] [--set k=v]` runs it
-from pgolf (the run joins runs/index.jsonl). The exported script is this module's `main` with the
-configuration baked in (pgolf.script.bundle), so both run the same code.
+from pgolf (the run joins runs/index.jsonl, and its result.json records each score as a stage). The
+exported script is this module's `main` with the configuration baked in (pgolf.script.bundle), so both
+run the same code. In result.json, as on the JSON line, `val_bpb` / `val_loss` are the score with TTT.
 """
 from __future__ import annotations
 
@@ -150,8 +151,10 @@ def quantize(cfg: Config, model: GPT, state: dict[str, torch.Tensor], device: to
                   "lqer_tensors": [x["name"] for x in info["lqer"]]}
 
 
-def score_artifact(cfg: Config, ctx: distributed.Dist, path: Path, out: Path, say: Log) -> dict[str, Any]:
-    """The artifact alone: loaded, scored without TTT, then with the configuration's TTT."""
+def score_artifact(cfg: Config, ctx: distributed.Dist, path: Path, out: Path,
+                   say: Log) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The artifact alone: loaded, scored without TTT, then with the configuration's TTT; returns the
+    result's keys and the two scores."""
     from pgolf.artifact.qstate import load_artifact
     from pgolf.eval.bpb import load_val
     from pgolf.eval.score import score_stream
@@ -192,15 +195,17 @@ def score_artifact(cfg: Config, ctx: distributed.Dist, path: Path, out: Path, sa
         f"eval_time:{1000 * ttt_s:.0f}ms")
     say(f"total_eval_time:{ttt_s:.1f}s")
     stream.trace().save(trace_path(out / "trace.npz", ctx.rank, ctx.world_size))
-    return {"val_loss": base["val_loss"], "val_bpb": base["val_bpb"], "quant_val_bpb": base["val_bpb"],
+    # val_loss / val_bpb: the run's headline, its last score (with TTT), as its JSON line and `pgolf export`
+    return {"val_loss": final["val_loss"], "val_bpb": final["val_bpb"], "quant_val_bpb": base["val_bpb"],
             "quant_val_loss": base["val_loss"], "val_tokens": n, "ttt_method": method,
             "ttt_val_bpb": final["val_bpb"], "ttt_val_loss": final["val_loss"], "ttt_val_bpb_no_ttt": base["val_bpb"],
             "ttt_updates": final["updates"], "ttt_eval_seconds": round(ttt_s, 3), "eval_time": ledger.as_dict("ttt"),
-            "trace": "trace.npz"}
+            "trace": "trace.npz"}, base, final
 
 
-def run_record(cfg: Config, ctx: distributed.Dist, out: Path, script: str) -> dict[str, Any]:
-    """The whole pipeline into the run folder `out`; returns the run's result (result.json on rank 0)."""
+def run_record(cfg: Config, ctx: distributed.Dist, out: Path, script: str) -> tuple[dict[str, Any], list[dict]]:
+    """The whole pipeline into the run folder `out`; returns the run's result (result.json on rank 0)
+    and its three scores (unquantised, quantised, with TTT) for `stages`."""
     if _status(out) == "finished":
         raise PgolfError(f"{out}: already holds a finished run (choose another RUN_ID / --out)")
     if ctx.is_main:
@@ -226,7 +231,7 @@ def _status(out: Path) -> str | None:
         return None
 
 
-def _run(cfg: Config, ctx: distributed.Dist, out: Path, script: str, say: Log) -> dict[str, Any]:
+def _run(cfg: Config, ctx: distributed.Dist, out: Path, script: str, say: Log) -> tuple[dict[str, Any], list[dict]]:
     from pgolf.script.codebytes import measure
 
     t, q = cfg.train, cfg.quant
@@ -271,7 +276,7 @@ def _run(cfg: Config, ctx: distributed.Dist, out: Path, script: str, say: Log) -
         result.update(code, model_bytes=len(blob), total_bytes=total, limit=q.limit_bytes,
                       under_limit=total <= q.limit_bytes)
     distributed.barrier()
-    scores = score_artifact(cfg, ctx, out / name, out, say)
+    scores, base, final = score_artifact(cfg, ctx, out / name, out, say)
     result = {"pipeline": "record", "preset": cfg.preset, "seed": t.seed, "run_id": out.name, "run_dir": str(out),
               "status": "finished", "params": trainer.params, **fit, "world_size": ctx.world_size,
               "device": str(ctx.device), "attention_backend": trainer.backend, "val_loss_prequant": pre["val_loss"],
@@ -280,7 +285,25 @@ def _run(cfg: Config, ctx: distributed.Dist, out: Path, script: str, say: Log) -
     if ctx.is_main:
         atomic_write_json(out / "result.json", result)
         say(f"final val_bpb:{scores['ttt_val_bpb']:.8f} bytes_total:{result['total_bytes']}")
-    return result
+    return result, [pre, base, final]
+
+
+def stages(cfg: Config, result: dict[str, Any], scores: list[dict]) -> list[dict[str, Any]]:
+    """The run's three scores as stages (pgolf.runs), as `pgolf train`, `quantize` and `eval --ttt`
+    record theirs. (Not in the exported script: its bytes count; its result.json has the flat keys.)"""
+    from pgolf.quant.pipeline import scoring_setting
+    from pgolf.runs import artifact_stage, setting, stage
+
+    pre, base, final = scores
+    art, out = Path(result["artifact"]), result["run_dir"]
+    return [stage("pre-quant", pre, by="record", weights="fp", artifact="final_model.pt",
+                  setting=setting(cfg.train.eval_seq_len, 0, cfg.model.doc_mask)),  # Trainer.validate's windows
+            artifact_stage("quantised", base, art, out, by="record", method=cfg.quant.method,
+                           setting=scoring_setting(cfg), model_bytes=result["model_bytes"],
+                           total_bytes=result["total_bytes"], under_limit=result["under_limit"]),
+            artifact_stage("ttt", final, art, out, by="record", method=result["ttt_method"],
+                           setting=f"seq_len={cfg.ttt.eval_seq_len} (test-time training)", updates=final["updates"],
+                           fallback=final.get("ttt_fallback"))]
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -302,7 +325,7 @@ def main(cfg: Config) -> None:
         check_config(cfg)
         ctx = distributed.setup()
         out = Path("runs") / distributed.broadcast_object(run_name(cfg, os.environ))
-        result = run_record(cfg, ctx, out, Path(__file__).read_text())
+        result = run_record(cfg, ctx, out, Path(__file__).read_text())[0]
     except PgolfError as e:
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -352,9 +375,9 @@ def cli(argv: list[str] | None = None) -> int:
             atomic_write_json(out / "env.json", {**environment(cfg.data.path, cfg.data.tokenizer or
                                                                Path(cfg.data.path) / "tokenizer.model", ctx.device),
                                                  "world_size": ctx.world_size, "dist_backend": ctx.backend})
-        result = run_record(cfg, ctx, out, script)
+        result, scores = run_record(cfg, ctx, out, script)
         if ctx.is_main:
-            result = RunDir(out).finish(result)
+            result = RunDir(out).finish({**result, "stages": stages(cfg, result, scores)})
     except PgolfError as e:
         if args.debug:
             raise

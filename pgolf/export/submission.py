@@ -24,13 +24,13 @@ import importlib.metadata
 import json
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from pgolf.config import Config
 from pgolf.errors import PgolfError
+from pgolf.fileio import check_output, staged_dir
 from pgolf.runs import config_key, resolve
 
 GITIGNORE = "*\n!.gitignore\n"
@@ -171,7 +171,8 @@ def requirements(script: str, envs: list[dict[str, Any]]) -> str:
         if dist is None:  # not installed where the runs were exported, e.g. flash_attn on a CPU machine
             optional.append(f"{OPTIONAL}{name}")
             continue
-        pin = f"{dist}=={ran.get(dist.lower()) or importlib.metadata.version(dist)}"
+        version = ran.get(dist.lower()) or importlib.metadata.version(dist)
+        pin = f"{dist}=={version.split('+', 1)[0]}"  # no local label (2.9.1+cu128): PyPI has no such build
         if how == "guarded":  # imported inside try/except ImportError: the script runs without it
             optional.append(f"{OPTIONAL}{pin}")
         else:
@@ -323,10 +324,10 @@ def export(paths: list[str], out: str | Path, *, name: str | None = None, author
     from pgolf.eval.legality import audit_trace
     from pgolf.eval.trace import load_trace
 
+    out = check_output(out, "--out", kind="dir")  # before any work
+    if out.is_dir() and any(out.iterdir()):
+        raise PgolfError(f"--out {out}: exists and is not empty (choose a new --out)")
     runs = load_runs(paths)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise PgolfError(f"{out}: exists and is not empty (choose a new --out)")
     cfg = Config.from_dict(runs[0]["config"], where=str(runs[0]["run"].file("config.json")))
     envs = [r["run"].read_json("env.json") for r in runs if r["run"].file("env.json").is_file()]
     name = name or f"pgolf {cfg.preset}"
@@ -337,9 +338,7 @@ def export(paths: list[str], out: str | Path, *, name: str | None = None, author
         audits[r["seed"]] = audit_trace(load_trace(path), r["result"].get("val_tokens"))
     sub = submission_json(name, author, github_id, blurb or f"{name}: {cfg.preset} through pgolf's record pipeline",
                           runs, envs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with staged_dir(out) as tmp:  # beside `out`, renamed into place when complete (an empty `out` replaced)
         (tmp / "train_gpt.py").write_text(runs[0]["script"])
         (tmp / "requirements.txt").write_text(requirements(runs[0]["script"], envs))
         (tmp / "submission.json").write_text(json.dumps(sub, indent=2) + "\n")
@@ -353,12 +352,6 @@ def export(paths: list[str], out: str | Path, *, name: str | None = None, author
             shutil.copyfile(r["artifact"], dest / r["artifact"].name)
             for t in _trace_files(r["run"].path):
                 shutil.copyfile(t, dest / t.name)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "seeds": sub["seeds"], "val_bpb": sub["val_bpb"], "val_bpb_std": sub["val_bpb_std"],
             "bytes_total": sub["bytes_total"], "code_bytes": sub["bytes_code"], "code_bytes_raw": sub["bytes_code_raw"],
             "config_key": runs[0]["key"], "legal": all(a["ok"] for a in audits.values())}
