@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 from typing import Any
 
@@ -82,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler="pgolf.data.cli:cmd_audit")
 
     p = sub.add_parser("train", help="train a preset (single process or under torchrun)")
-    p.add_argument("--preset", default="baseline")
-    p.add_argument("--config", default=None, help="a config.json to start from instead of a preset")
+    p.add_argument("--preset", default=None, help="default baseline; not with --config")
+    p.add_argument("--config", default=None, help="a config.json to start from instead of a preset (it names its own)")
     p.add_argument("--data", default=None)
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--out", default=None, help="run directory (default runs/<run_id>)")
@@ -150,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torchrun processes per point (per node with slurm; default: one per GPU, one without)")
     p.add_argument("--runs-root", default="runs")
     p.add_argument("--status", metavar="RUNS_ROOT", default=None,
-                   help="list the Slurm points under RUNS_ROOT with their job ids and states")
+                   help="list every point of the sweeps under RUNS_ROOT (local and Slurm) with its state "
+                        "(finished, active, failed, new) and, for Slurm, its job id")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local",
                    help="local: one point after another here; slurm: one job per point (submitit)")
     s = p.add_argument_group("--launcher slurm")
@@ -194,6 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def finite(obj: Any) -> Any:
+    """`obj` with every float that JSON cannot hold (NaN, +-Infinity: a std of one run, a t statistic
+    without spread) replaced by None, so the last stdout line is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     try:
@@ -218,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         print("pgolf: terminated (SIGTERM)", file=sys.stderr)
         return EXIT_SIGTERM
     sys.stdout.flush()
-    print(json.dumps(result, default=str))
+    print(json.dumps(finite(result), default=str, allow_nan=False))  # strict JSON: no NaN / Infinity
     failed = result.get("failed")
     if failed:
         print(f"pgolf: {len(failed)} failed (listed under \"failed\" in the result)", file=sys.stderr)

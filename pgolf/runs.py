@@ -11,6 +11,8 @@ appended to): which weights were scored (`fp` = final_model.pt, `artifact` = a c
 named with its sha256), on how many tokens and bytes, in which setting, by which command and when.
 The flat keys (`val_bpb`, `quant_val_bpb`, `ttt_val_bpb`, ...) are the latest of each kind; the
 stages keep every one, so a re-quantisation adds a stage instead of erasing the trainer's numbers.
+A flat score describes the run's current `artifact` or final_model.pt, never an artifact since
+replaced: a new artifact clears its predecessor's flat scores (`replaced_artifact`).
 `stages(result)` reads them back; a stage scored on fewer tokens than another is flagged
 (`fewer_tokens`), and `stages_comparable` says whether all stages scored the same number of tokens.
 """
@@ -252,6 +254,62 @@ def stages(result: dict[str, Any]) -> list[dict[str, Any]]:
     """A result's stages, oldest first, each flagged `fewer_tokens` when another stage of the run scored
     more tokens (such scores do not compare like with like)."""
     return _stage_fields(result.get("stages", []))["stages"]
+
+
+# Flat keys that score the run's artifact (`artifact`): the trainer's export, the last `pgolf quantize`
+# evaluation, and a `pgolf eval` of an artifact (the eval_* / ttt_* group, unless its weights were fp).
+_ARTIFACT_SCORES = ("quant_val_bpb", "quant_val_loss", "quant_val_tokens", "quant_delta_bpb",
+                    "artifact_val_bpb", "artifact_val_loss", "artifact_val_tokens", "artifact_val_bytes")
+_EVAL_GROUP = ("val_bpb", "val_loss", "val_tokens", "eval_seconds", "artifact", "weights")
+_TTT_GROUP = ("ttt_method", "ttt_val_bpb_no_ttt", "ttt_updates", "ttt_fallback")
+
+
+def artifact_sha256(result: dict[str, Any]) -> str | None:
+    """The sha256 of the run's current `artifact`, as the latest stage naming that file recorded it."""
+    art = result.get("artifact")
+    named = [s.get("artifact_sha256") for s in result.get("stages") or []
+             if art and isinstance(s, dict) and s.get("artifact") == Path(str(art)).name and s.get("artifact_sha256")]
+    return named[-1] if named else None
+
+
+def replaced_artifact(result: dict[str, Any], sha256: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A new artifact (of `sha256`) replaces the run's `artifact`: (the result.json updates after which no
+    flat score describes the old one as if it were the new one, the values those updates replace). The
+    old artifact's scores are cleared (its stages keep them); a `val_bpb` / `val_loss` that scored it goes
+    back to the trainer's score of final_model.pt (`val_bpb_train`), which a new artifact leaves true.
+    The very same bytes again replace nothing."""
+    if sha256 is not None and artifact_sha256(result) == sha256:
+        return {}, {}
+    keys = [k for k in _ARTIFACT_SCORES if result.get(k) is not None]
+    for prefix in ("eval_", "ttt_"):
+        if result.get(f"{prefix}val_bpb") is not None and result.get(f"{prefix}weights") != "fp":
+            group = [prefix + k for k in _EVAL_GROUP] + list(_TTT_GROUP if prefix == "ttt_" else ())
+            keys += [k for k in group if k in result]
+    updates: dict[str, Any] = dict.fromkeys(keys)
+    if _scores_artifact(result):
+        train = _latest(result, weights="fp", val_bpb=result.get("val_bpb_train"))
+        updates.update(val_bpb=result.get("val_bpb_train"), val_loss=train and train.get("val_loss"))
+    old = {k: result.get(k) for k, v in updates.items() if result.get(k) != v}
+    return {k: updates[k] for k in old}, old
+
+
+def _scores_artifact(result: dict[str, Any]) -> bool:
+    """Whether `val_bpb` is an artifact's score (a quantize evaluation, a record's TTT score), not the
+    trainer's of final_model.pt: the stage it came from says so (else: it differs from `val_bpb_train`)."""
+    if result.get("val_bpb") is None:
+        return False
+    st = _latest(result, val_bpb=result["val_bpb"])
+    if st is not None:
+        return st.get("weights") == "artifact"
+    return "val_bpb_train" in result and result["val_bpb"] != result["val_bpb_train"]
+
+
+def _latest(result: dict[str, Any], **match: Any) -> dict[str, Any] | None:
+    """The latest recorded stage whose fields equal `match` (None when none does)."""
+    st = result.get("stages")
+    found = [s for s in st if isinstance(s, dict) and all(s.get(k) == v for k, v in match.items())] \
+        if isinstance(st, list) else []
+    return found[-1] if found else None
 
 
 def _stage_fields(recorded: list[dict[str, Any]]) -> dict[str, Any]:

@@ -42,11 +42,13 @@ def welch_from_stats(mean_a: float, std_a: float, n_a: int, mean_b: float, std_b
         raise PgolfError(f"the significance test needs at least 2 runs per group (got {n_a} and {n_b})")
     res = st.ttest_ind_from_stats(mean_a - min_delta, std_a, n_a, mean_b, std_b, n_b, equal_var=False,
                                   alternative="greater")
-    p = float(res.pvalue)
+    p, t = float(res.pvalue), float(res.statistic)
     va, vb = std_a ** 2 / n_a, std_b ** 2 / n_b
-    df = (va + vb) ** 2 / (va ** 2 / (n_a - 1) + vb ** 2 / (n_b - 1)) if va + vb > 0 else float("nan")
-    return {"delta_nats": mean_a - mean_b, "t": float(res.statistic), "df": df, "p_value": p,
-            "significant": bool(p < alpha), "min_delta_nats": min_delta, "alpha": alpha}
+    df = (va + vb) ** 2 / (va ** 2 / (n_a - 1) + vb ** 2 / (n_b - 1)) if va + vb > 0 else None
+    # without any spread t is +-infinity and df undefined: None (JSON holds neither); p is still 0 or 1
+    return {"delta_nats": mean_a - mean_b, "t": t if math.isfinite(t) else None, "df": df,
+            "p_value": p if math.isfinite(p) else None, "significant": bool(p < alpha),
+            "min_delta_nats": min_delta, "alpha": alpha}
 
 
 def welch(a: Iterable[float], b: Iterable[float], min_delta: float = MIN_DELTA_NATS,

@@ -71,6 +71,10 @@ def test_ttt_beats_no_ttt_with_one_trace_entry_per_token(run_dir, ttt_eval):
                                                                 "score_seconds", "ttt_seconds"} <= set(led)
     res = json.loads((run_dir / "result.json").read_text())
     assert res["ttt_val_bpb"] == out["val_bpb"] and res["ttt_val_bpb_no_ttt"] == out["val_bpb_no_ttt"]
+    # the run's own artifact, adapted over every token its score had: the run's headline, as a record's
+    assert res["val_bpb"] == out["val_bpb"] and res["val_loss"] == out["val_loss"]
+    trained = [s for s in res["stages"] if s["by"] == "train" and s["weights"] == "fp"][-1]
+    assert res["val_bpb_train"] == trained["val_bpb"]  # the trainer's score, kept for a later quantize
     rows = [json.loads(x) for x in (run_dir / "ttt.jsonl").read_text().splitlines()]
     assert rows[-1]["kind"] == "done" and rows[-1]["bpb"] == pytest.approx(out["val_bpb"], rel=1e-9)
     assert rows[-1]["bpb_no_ttt"] == pytest.approx(out["val_bpb_no_ttt"], rel=1e-6)

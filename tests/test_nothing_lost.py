@@ -265,6 +265,36 @@ def test_requantisation_keeps_the_trainers_export_and_adds_stages(run, cli, code
     assert ev["val_bpb"] == pytest.approx(res["val_bpb"], abs=1e-9)
 
 
+def test_an_unscored_requantisation_clears_the_replaced_artifacts_scores(run, cli, code_bytes_once):
+    """`quantize --no-eval` after a scored quantisation: the int8q artifact's scores must not stay in the
+    flat keys beside the rtn artifact's bytes (nor reach `pgolf stats` through the stages)."""
+    trained = RunDir(run).result()
+    rc, q8, err = cli("quantize", run, *INT8)
+    assert rc == 0, err
+    rc, ev, err = cli("eval", run)  # eval_* now score final_model.int8q.ptz
+    assert rc == 0, err
+    rc, rtn, err = cli("quantize", run, "--no-eval", "--set", 'quant.method="rtn"')
+    assert rc == 0, err
+    after = RunDir(run).result()
+    assert Path(after["artifact"]).name == "final_model.rtn.ptz" and after["total_bytes"] == rtn["total_bytes"]
+    assert after["quant_method"] == "rtn"
+    for key in ("quant_val_bpb", "quant_val_tokens", "quant_delta_bpb", "artifact_val_bpb", "artifact_val_loss",
+                "eval_val_bpb", "eval_val_loss", "eval_artifact"):
+        assert after[key] is None, key
+    # final_model.pt did not change: its scores still hold
+    assert (after["val_bpb"], after["val_loss"]) == (trained["val_bpb"], trained["val_loss"])
+    assert after["val_bpb_prequant"] == q8["val_bpb_prequant"]
+    last = stages(after)[-1]  # nothing lost: the cleared values, under the artifact they scored
+    assert last["artifact"] == "final_model.rtn.ptz" and last["val_bpb"] is None
+    assert last["replaced"]["artifact"] == "final_model.int8q.ptz"
+    assert last["replaced"]["scores"]["quant_val_bpb"] == q8["val_bpb"]
+    assert last["replaced"]["scores"]["eval_val_bpb"] == ev["val_bpb"]
+    rc, _, err = cli("stats", run, "--metric", "quant_val_bpb")  # no score of the rtn artifact yet
+    assert rc == 2 and "no finished run with 'quant_val_bpb'" in one_line(err)
+    rc, st, err = cli("stats", run)
+    assert rc == 0 and st["a"]["mean"] == trained["val_bpb"], err
+
+
 def test_unfinished_runs_and_model_overrides_are_refused(run, cli, code_bytes_once):
     result = json.loads((run / "result.json").read_text())
     (run / "result.json").write_text(json.dumps({**result, "status": "interrupted"}))
@@ -281,6 +311,18 @@ def test_unfinished_runs_and_model_overrides_are_refused(run, cli, code_bytes_on
     for argv in (["quantize", run, "--allow-unfinished"], ["eval", run, "--allow-unfinished"]):
         rc, _, err = cli(*argv, "--set", "model.num_layers=1")
         assert rc == 2 and "model.num_layers" in one_line(err)
+
+
+def test_eval_without_an_artifact_suggests_a_command_that_works(run, cli, code_bytes_once):
+    result = json.loads((run / "result.json").read_text())
+    result = {k: v for k, v in result.items() if k != "artifact"}  # as a run that exported none
+    (run / "result.json").write_text(json.dumps({**result, "status": "interrupted"}))
+    rc, _, err = cli("eval", run, "--allow-unfinished")
+    line = one_line(err)
+    assert rc == 2 and f"run `pgolf quantize {run} --allow-unfinished`" in line
+    suggested = line.split("run `pgolf ")[1].split("`")[0].split()
+    rc, _, err = cli(*suggested, "--no-eval")
+    assert rc == 0, err
 
 
 # ---- eval: --trace checked first; TTT scores the artifact, and a shorter TTT score is flagged
@@ -306,6 +348,7 @@ def test_trace_to_an_unwritable_place_fails_before_scoring(run, cli, tmp_path, m
 
 
 def test_ttt_scores_the_artifact_and_a_shorter_ttt_score_is_flagged(run, cli):
+    before = RunDir(run).result()
     rc, res, err = cli("eval", run, "--ttt", "--set", "data.val_max_tokens=2048", "--set", "ttt.batch_size=1",
                        "--set", "ttt.eval_seq_len=64")
     assert rc == 0, err
@@ -316,6 +359,8 @@ def test_ttt_scores_the_artifact_and_a_shorter_ttt_score_is_flagged(run, cli):
     assert ttt[0]["weights"] == "artifact" and ttt[0]["artifact"] == "final_model.int8.ptz"
     assert result["stages_comparable"] is False and result["ttt_val_tokens"] == 2048
     assert [s["fewer_tokens"] for s in stages(result) if s["by"] == "train"] == [False, False]
+    # a TTT score on fewer tokens never becomes the run's headline
+    assert (result["val_bpb"], result["val_loss"]) == (before["val_bpb"], before["val_loss"])
 
 
 # ---- inputs of the wrong shape: one line naming the file, exit 2

@@ -92,6 +92,7 @@ def test_dry_run_writes_one_sbatch_script_per_point(tmp_path, cli):
                        "--account", "golf", "--sbatch", "qos=high", "--sbatch", "exclusive")
     assert rc == 0, err
     assert res["dry_run"] and res["submitted"] == [] and res["points"] == 4 and res["nproc"] == 8
+    assert res["runs"] == res["failed"] == [] and res["waited"] is False  # the contract's keys, always there
     scripts = [Path(s) for s in res["scripts"]]
     assert len(scripts) == 4 and all(s.is_file() for s in scripts)
     assert sorted(s.parent.name.split("width-")[1] for s in scripts) == ["12_s1", "12_s2", "24_s1", "24_s2"]
@@ -125,6 +126,23 @@ def test_a_dry_run_script_runs_as_a_slurm_job(dummy_nb, tmp_path, cli):
     assert json.loads(out.strip().splitlines()[-1])["status"] == "finished"
     [point] = cli("sweep", "--status", root)[1]["points"]  # submitted by hand: known from the job's record
     assert (point["status"], point["job_id"], point["state"]) == ("finished", "4242", "FINISHED")
+
+
+def test_submitting_without_wait_reports_runs_and_failed_empty(dummy_nb, tmp_path, cli, monkeypatch):
+    """Without --wait the jobs' outcome is unknown: `runs` / `failed` (the contract's keys) are empty
+    lists and `waited` says so; `submitted` lists the jobs."""
+    class Job:
+        job_id = "77"
+
+    class Executor:
+        def submit(self, fn, job_dir):
+            return Job()
+    monkeypatch.setattr(slurm, "_executor", lambda folder, opts, name: Executor())
+    root = tmp_path / "runs"
+    rc, res, err = cli("sweep", dummy_nb, "--launcher", "slurm", "--seeds", "1", "--runs-root", root)
+    assert rc == 0, err
+    assert res["runs"] == [] and res["failed"] == [] and res["waited"] is False
+    assert [s["job_id"] for s in res["submitted"]] == ["77"] and res["points"] == 1
 
 
 @pytest.mark.slow

@@ -100,3 +100,27 @@ def test_read_metrics_leaves_out_a_line_cut_short(tmp_path):
     run = RunDir(tmp_path)
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 7.0}\n{"step": 2, "train_lo')
     assert run.read_metrics() == [{"step": 1, "train_loss": 7.0}]
+
+
+def test_a_replaced_artifact_leaves_no_flat_score_behind():
+    """A record run (val_bpb: the artifact's TTT score) whose artifact `pgolf quantize` replaces: every
+    flat score of the old artifact is cleared, val_bpb goes back to the trainer's, fp evaluations stay."""
+    from pgolf.runs import replaced_artifact
+
+    art = {"weights": "artifact", "artifact": "final_model.gptq.ptz", "setting": "s", "artifact_sha256": "abc"}
+    result = {"artifact": "runs/r/final_model.gptq.ptz", "val_bpb": 1.06, "val_loss": 2.74, "val_bpb_train": 1.09,
+              "quant_val_bpb": 1.08, "quant_val_loss": 2.79, "ttt_val_bpb": 1.06, "ttt_val_loss": 2.74,
+              "ttt_method": "lora", "ttt_val_bpb_no_ttt": 1.08, "ttt_updates": 9, "eval_val_bpb": 1.09,
+              "eval_weights": "fp", "eval_artifact": "runs/r/final_model.pt",
+              "stages": [stage("pre-quant", _score(1.09, 4096), by="record", weights="fp", setting="s"),
+                         stage("quantised", _score(1.08, 4096), by="record", **art),
+                         stage("ttt", {**_score(1.06, 4096), "val_loss": 2.74}, by="record", **art)]}
+    updates, old = replaced_artifact(result)
+    assert updates == {"quant_val_bpb": None, "quant_val_loss": None, "ttt_val_bpb": None, "ttt_val_loss": None,
+                       "ttt_method": None, "ttt_val_bpb_no_ttt": None, "ttt_updates": None,
+                       "val_bpb": 1.09, "val_loss": pytest.approx(1.09 * 1.7)}  # the fp eval_* stay
+    assert old == {k: result[k] for k in updates}
+    assert replaced_artifact(result, "abc") == ({}, {})  # the very same bytes again: nothing replaced
+    assert replaced_artifact(result, "def")[0] == updates
+    trained = {"val_bpb": 1.09, "stages": result["stages"][:1]}  # only trained: nothing describes an artifact
+    assert replaced_artifact(trained) == ({}, {})

@@ -1,4 +1,5 @@
 """`pgolf stats` says which runs it skipped and why, and pools several configurations only with --pool."""
+import json
 import math
 
 import pytest
@@ -63,3 +64,26 @@ def test_two_configurations_under_one_pattern_need_pool(root, cli):
     assert rc == 0 and res["a"]["n"] == res["b"]["n"] == 3
     rc, res, err = cli("stats", "old_*", "--pool", "--runs-root", root)
     assert rc == 0 and res["a"]["n"] == 6 and len(res["a"]["config_keys"]) == 2 and len(res["groups"]) == 2
+
+
+def strict_json(line: str):
+    """json.loads that refuses NaN and Infinity, as strict JSON parsers (jq, JavaScript) do."""
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_pooled_groups_of_one_run_and_tests_without_spread_print_strict_json(root, capsys):
+    from pgolf.cli import main
+
+    finished(root, "old_lone_s0", 0, 2.32, "lone")  # a configuration with one run: no std
+    assert main(["stats", "old_*", "--pool", "--runs-root", str(root)]) == 0
+    res = strict_json(capsys.readouterr()[0].strip().splitlines()[-1])
+    lone = [g for g in res["groups"] if g["n"] == 1][0]
+    assert lone["val_bpb_std"] is None and lone["loss_std"] is None
+    for i in range(2):  # two groups with no spread at all: t is infinite, Welch's df undefined
+        finished(root, f"same_a_s{i}", i, 2.33, "same_a")
+        finished(root, f"same_b_s{i}", i, 2.30, "same_b")
+    assert main(["stats", "same_a_*", "--vs", "same_b_*", "--runs-root", str(root)]) == 0
+    res = strict_json(capsys.readouterr()[0].strip().splitlines()[-1])
+    assert res["t"] is None and res["df"] is None and res["significant"] is True

@@ -4,6 +4,7 @@ The sweep's mechanics are tested on a tiny notebook that finishes a run through 
 the acceptance sweep over notebooks/train.ipynb lives in test_notebooks.py.
 """
 import json
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -89,7 +90,54 @@ def test_sweep_records_failures_and_skips_finished(tmp_path, dummy_nb, capsys, m
     assert moved.name.startswith(bad.name + "-") and (moved / "error.json").exists()
     assert len((root / "index.jsonl").read_text().splitlines()) == 2
 
+    # --status sees the local sweep's points (its spec.json per point), not only Slurm jobs
+    assert cli.main(["sweep", "--status", str(root)]) == 0
+    st = json.loads(capsys.readouterr()[0].strip().splitlines()[-1])
+    assert st["counts"] == {"finished": 2}
+    assert sorted(p["run_dir"] for p in st["points"]) == sorted([str(ok), str(bad)])
+    assert all(p["launcher"] == "local" and p["job_id"] is None and p["state"] == "FINISHED" for p in st["points"])
+    assert all(Path(p["notebook"]) == Path(p["run_dir"]) / "dummy.ipynb" for p in st["points"])
+    assert cli.main(["stats", "*", "--runs-root", str(root), "--pool"]) == 0  # .jobs and .failed are no runs
+    assert json.loads(capsys.readouterr()[0].strip().splitlines()[-1])["skipped"] == []
+
 
 def test_sweep_bad_input(tmp_path, capsys):
     rc = cli.main(["sweep", str(tmp_path / "missing.ipynb"), "--runs-root", str(tmp_path)])
     assert rc == 2 and "notebook not found" in capsys.readouterr()[1]
+
+
+@pytest.mark.parametrize("launcher", [[], ["--launcher", "slurm", "--dry-run"]], ids=["local", "slurm"])
+def test_a_runs_root_that_is_a_file_is_one_error_line(launcher, tmp_path, dummy_nb, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for root in (blocker, blocker / "under"):
+        rc = cli.main(["sweep", str(dummy_nb), "--seeds", "1", "--runs-root", str(root), *launcher])
+        out, err = capsys.readouterr()
+        assert rc == 2 and out == "" and err.count("\n") == 1 and err.startswith("pgolf: error: --runs-root "), err
+    assert blocker.read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "dummy.ipynb"]
+
+
+def test_status_of_local_points_while_their_sweep_runs_and_after(tmp_path):
+    from pgolf.lab import slurm
+
+    root = tmp_path / "runs"
+    [item] = sweep.plan("dummy.ipynb", [1], {}, {}, root)
+    run_dir = Path(item["run_dir"])
+
+    def status():
+        [p] = slurm.status(root)["points"]
+        return p["launcher"], p["status"], p["state"]
+
+    me = sweep._this_sweep()  # this process plays the sweep: alive
+    sweep.write_spec(root, tmp_path / "dummy.ipynb", item, "local", **me)
+    assert status() == ("local", "active", "PENDING")  # queued behind other points
+    run_dir.mkdir()
+    (run_dir / "papermill.log").write_text("")
+    assert status() == ("local", "active", "RUNNING")
+    (run_dir / "error.json").write_text(json.dumps({"status": "failed", "error": "ValueError: no"}))
+    assert status() == ("local", "failed", "FAILED")
+    (run_dir / "error.json").unlink()
+    sweep.write_spec(root, tmp_path / "dummy.ipynb", item, "local", **{**me, "pid_started": 1.0})  # a reused pid
+    assert status() == ("local", "failed", "ENDED")  # the sweep is gone and left the point unfinished
+    shutil.rmtree(run_dir)
+    assert status() == ("local", "new", None)

@@ -93,7 +93,7 @@ def _corrupt_copy(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.parametrize("case", ["corrupt_shard", "missing_tokenizer", "vocab_mismatch", "unknown_key",
-                                  "wrong_type", "missing_data", "bad_value"])
+                                  "wrong_type", "missing_data", "bad_value", "short_shards", "config_and_preset"])
 def test_bad_input_gives_one_clear_line_and_records_nothing(case, sp1024_data, tmp_path, cli):
     data, extra = sp1024_data, []
     if case == "corrupt_shard":
@@ -110,6 +110,12 @@ def test_bad_input_gives_one_clear_line_and_records_nothing(case, sp1024_data, t
         data = tmp_path / "no-such-dir"
     elif case == "bad_value":
         extra = ["--set", "optim.ema_decay=1.5"]
+    elif case == "short_shards":  # one step's span (1M tokens) is longer than any shard (500k)
+        extra = ["--set", "train.train_batch_tokens=1048576"]
+    elif case == "config_and_preset":  # the config names its own preset: --preset would be silently ignored
+        config = tmp_path / "config.json"
+        config.write_text(get_preset("baseline").to_json())
+        extra = ["--config", str(config)]
     runs = tmp_path / "runs"
     rc, res, err = cli("train", "--preset", "cpu-smoke", "--data", data, "--out", runs / "bad", *extra)
     assert rc == 2 and res is None
@@ -118,9 +124,10 @@ def test_bad_input_gives_one_clear_line_and_records_nothing(case, sp1024_data, t
     assert "Traceback" not in err
     expect = {"corrupt_shard": "magic", "missing_tokenizer": "nope.model", "vocab_mismatch": "vocab",
               "unknown_key": "model.num_layerz", "wrong_type": "model.num_layers",
-              "missing_data": "no-such-dir", "bad_value": "optim.ema_decay"}[case]
+              "missing_data": "no-such-dir", "bad_value": "optim.ema_decay",
+              "short_shards": "no train shard holds a span", "config_and_preset": "--preset cpu-smoke conflict"}[case]
     assert expect in lines[0]
-    assert not (runs / "bad" / "result.json").exists()
+    assert not (runs / "bad").exists()  # checked before the run directory is made
     assert _index_lines(runs) == []
 
 

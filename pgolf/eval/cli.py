@@ -42,8 +42,9 @@ def weights_path(run: RunDir, result: dict[str, Any], artifact: str | None, weig
     if weights == "fp":
         return run.file(WEIGHTS)
     if not result.get("artifact"):
+        flag = "" if result.get("status") == "finished" else " --allow-unfinished"  # quantize refuses it otherwise
         raise PgolfError(f"{run.file('result.json')}: names no artifact (the trainer exported none and the run was "
-                         f"never quantised): run `pgolf quantize {run.path}` or score --weights fp")
+                         f"never quantised): run `pgolf quantize {run.path}{flag}` or score --weights fp")
     return run.file(Path(result["artifact"]).name)
 
 
@@ -172,4 +173,12 @@ def _record(run: RunDir, cfg: Config, out: dict[str, Any], base: dict[str, Any],
                                   "tokens": out["scored_tokens"], "bytes": out["scored_bytes"]},
                           method=out["method"], setting=f"seq_len={cfg.ttt.eval_seq_len} (test-time training)",
                           updates=out["updates"], fallback=out.get("ttt_fallback")))
+        prev = run.result()
+        headline = prev.get("quant_val_tokens") or prev.get("artifact_val_tokens") or prev.get("val_tokens") or 0
+        if not fp and artifact.name == Path(prev.get("artifact") or "").name and out["scored_tokens"] >= headline:
+            # the run's own artifact adapted over all the tokens its headline scored: the score a record
+            # reports becomes the run's val_bpb (the score without TTT stays quant_val_bpb)
+            upd.update(val_bpb=out["val_bpb"], val_loss=out["val_loss"])
+            if "val_bpb_train" not in prev:  # never quantised: val_bpb was the trainer's, kept once (as quantize)
+                upd["val_bpb_train"] = prev.get("val_bpb")
     run.update_result(upd, new)

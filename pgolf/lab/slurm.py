@@ -10,6 +10,7 @@ on a filesystem every node sees, as usual on a cluster.
 
 Files, under the runs root:
   .jobs/<point>/spec.json     what the job runs (notebook, parameters, nodes, cwd); the job reads it
+                              (a local sweep writes one per point too: `--status` lists both)
   .jobs/<point>/job.sbatch    with --dry-run: the sbatch script (`sbatch` it by hand), nothing submitted
   .jobs/<point>/<job id>_*    submitit's logs, submission script and result of each attempt
   .jobs/<point>/jobs.json     every submitted job id of the point, newest last
@@ -38,7 +39,7 @@ from pgolf.fileio import atomic_write_json
 from pgolf.lab import launch, sweep
 from pgolf.runs import RunDir
 
-JOBS = ".jobs"  # beside the run directories: one folder per point
+JOBS = sweep.JOBS  # beside the run directories: one folder per point
 # sacct states of a job that is queued or still running (or about to run again)
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
           "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
@@ -149,11 +150,7 @@ def submit(notebook: Path, items: list[dict[str, Any]], runs_root: str | Path, o
         if state["status"] == "active":
             active.append({"run_dir": run_dir, "job_id": state["job_id"], "state": state["state"]})
             continue
-        job_dir = _job_dir(root, run_dir)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(job_dir / "spec.json", {"notebook": str(notebook.absolute()), "item": item,
-                                                  "runs_root": str(root), "cwd": cwd or os.getcwd(),
-                                                  "nodes": opts.nodes, "cluster": opts.cluster})
+        job_dir = sweep.write_spec(root, notebook, item, "slurm", cwd=cwd, nodes=opts.nodes, cluster=opts.cluster)
         if dry_run:
             script = job_dir / "job.sbatch"
             script.write_text(sbatch_script(job_dir, opts))
@@ -164,9 +161,12 @@ def submit(notebook: Path, items: list[dict[str, Any]], runs_root: str | Path, o
         submitted.append({"run_dir": run_dir, "job_id": job.job_id})
         jobs.append(job)
         print(f"submitted {Path(run_dir).name}: job {job.job_id}", file=sys.stderr)
+    # runs / failed: the submitted points that ended finished / otherwise, known only when the sweep
+    # waited for its jobs (`waited`: --wait, --cluster local); else both empty (`--status` follows them)
     out: dict[str, Any] = {"launcher": "slurm", "cluster": opts.cluster, "notebook": str(notebook),
                            "points": len(items), "nodes": opts.nodes, "submitted": submitted,
-                           "skipped": skipped, "active": active}
+                           "skipped": skipped, "active": active, "runs": [], "failed": [],
+                           "waited": not dry_run and (wait or opts.cluster == "local")}
     if dry_run:
         return {**out, "dry_run": True, "scripts": scripts}
     if wait or opts.cluster == "local":  # local jobs are this process's children: see them through
@@ -206,11 +206,13 @@ def _scheduler_state(cluster: str, job_id: str, job_dir: Path) -> str:
 
 
 def point_status(runs_root: Path, run_dir: str | Path) -> dict[str, Any]:
-    """{run_dir, status: finished | active | failed | new, job_id, state, attempts, notebook, error}.
+    """{run_dir, launcher, status: finished | active | failed | new, job_id, state, attempts, notebook,
+    error}.
 
     The job's own record (`job.json`) says RUNNING / FINISHED / FAILED; the scheduler says the rest
     (PENDING, or TIMEOUT / CANCELLED for a job that could not record its end) and wins while it calls
-    the job active: a preempted Slurm job that recorded FAILED is requeued under the same id."""
+    the job active: a preempted Slurm job that recorded FAILED is requeued under the same id. A point
+    of a local sweep (no job) is told from its run directory and whether that sweep still runs."""
     run_dir = Path(run_dir)
     job_dir = _job_dir(runs_root, str(run_dir))
     history = json.loads((job_dir / "jobs.json").read_text()) if (job_dir / "jobs.json").exists() else []
@@ -218,14 +220,21 @@ def point_status(runs_root: Path, run_dir: str | Path) -> dict[str, Any]:
     if not history and record.get("job_id"):  # a --dry-run script submitted by hand: the job's own record
         history = [{"job_id": record["job_id"], "cluster": "slurm"}]
     last = history[-1] if history else None
-    out: dict[str, Any] = {"run_dir": str(run_dir), "job_id": last and last["job_id"], "state": None,
-                           "attempts": len(history)}
-    if (run_dir / "error.json").exists():
-        out["error"] = _read(run_dir / "error.json").get("error")
-    if record.get("notebook"):
-        out["notebook"] = record["notebook"]
+    spec = _read(job_dir / "spec.json")
+    local = last is None and spec.get("launcher") == "local"
+    out: dict[str, Any] = {"run_dir": str(run_dir), "launcher": "local" if local else "slurm",
+                           "job_id": last and last["job_id"], "state": None, "attempts": len(history)}
+    error = _read(run_dir / "error.json")
+    if error:
+        out["error"] = error.get("error")
+    if record.get("notebook") or error.get("notebook"):
+        out["notebook"] = record.get("notebook") or error["notebook"]
     if RunDir(run_dir).is_finished():
+        if local and (run_dir / Path(spec.get("notebook", "")).name).is_file():
+            out["notebook"] = str(run_dir / Path(spec["notebook"]).name)
         return {**out, "status": "finished", "state": record.get("state", "FINISHED")}
+    if local:
+        return {**out, **_local_state(run_dir, spec, error)}
     if last is None:
         return {**out, "status": "new"}
     cluster = last.get("cluster", "slurm")
@@ -240,6 +249,40 @@ def point_status(runs_root: Path, run_dir: str | Path) -> dict[str, Any]:
     return {**out, "status": "failed"}
 
 
+def _local_state(run_dir: Path, spec: dict[str, Any], error: dict[str, Any]) -> dict[str, Any]:
+    """An unfinished point of a local sweep. While its sweep runs: failed if it failed in that sweep,
+    else RUNNING (its papermill has started) or PENDING (queued behind other points), both `active`.
+    Once the sweep is gone: failed (error.json, or a run directory it left unfinished) or new."""
+    started = spec.get("written_at", 0)
+    log = run_dir / "papermill.log"
+    if _sweep_alive(spec):
+        if error and (run_dir / "error.json").stat().st_mtime >= started:
+            return {"status": "failed", "state": str(error.get("status", "failed")).upper()}
+        running = log.exists() and log.stat().st_mtime >= started
+        return {"status": "active", "state": "RUNNING" if running else "PENDING"}
+    if error:
+        return {"status": "failed", "state": str(error.get("status", "failed")).upper()}
+    if run_dir.exists() and any(run_dir.iterdir()):
+        return {"status": "failed", "state": "ENDED",
+                "error": "the sweep ended before this point finished (no result.json with status finished)"}
+    return {"status": "new"}
+
+
+def _sweep_alive(spec: dict[str, Any]) -> bool:
+    """Whether the local sweep that wrote `spec` still runs: its process, started when it says (a pid
+    is reused), on this host; a sweep on another host is taken to run (its processes are not visible)."""
+    import socket
+
+    import psutil
+
+    if spec.get("host") != socket.gethostname():
+        return True
+    try:
+        return abs(psutil.Process(int(spec["pid"])).create_time() - float(spec["pid_started"])) < 1e-3
+    except (psutil.Error, KeyError, TypeError, ValueError):
+        return False
+
+
 def _read(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -248,7 +291,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def status(runs_root: str | Path) -> dict[str, Any]:
-    """`pgolf sweep --status RUNS_ROOT`: every point submitted under it, with its job and state."""
+    """`pgolf sweep --status RUNS_ROOT`: every point of the sweeps under it (local and Slurm: each
+    has a spec.json), with its state and, for Slurm, its job."""
     root = Path(runs_root).absolute()
     if not root.is_dir():
         raise PgolfError(f"{runs_root}: no such runs root")

@@ -11,13 +11,17 @@ alternative="greater")`. `significant` is `p_value < 0.01`. Subtracting the marg
 leaves the variances alone and moves the null from "no difference" to "a difference of 0.005".
 
 Metrics are `result.json` keys. `val_bpb` is a run's latest score: the trainer's, replaced by the
-artifact's once `pgolf quantize` has evaluated it (which keeps the trainer's as `val_bpb_prequant`);
+artifact's once `pgolf quantize` has evaluated it (which keeps the trainer's as `val_bpb_prequant`),
+the TTT score once `pgolf eval --ttt` has adapted that artifact over every token its score had (a
+record run's is its TTT score too: what a record reports), and the trainer's again once
+`pgolf quantize --no-eval` has replaced that artifact unscored;
 `quant_val_bpb` and `ttt_val_bpb` are the quantised and test-time-trained scores. `val_bpb_prequant`
 falls back to `val_bpb` for a run that was never quantised.
 
 A stage metric missing from the flat keys comes from the run's latest stage of that name
-(`pgolf.runs` stages: `pre-quant`, `quantised`, `ttt`), e.g. `quant_val_bpb` of a run only trained is
-the score of the trainer's own export.
+(`pgolf.runs` stages: `pre-quant`, `quantised`, `ttt`) that scored the run's current artifact (or
+final_model.pt), e.g. `quant_val_bpb` of a run only trained is the score of the trainer's own export;
+a run whose artifact was replaced unscored has none, so its score never sits beside another file's bytes.
 
 Losses (nats/token) come from the key with "bpb" replaced by "loss" (`val_loss`, `ttt_val_loss`,
 `val_loss_prequant`) when the run recorded it, else from the stage the score came from, otherwise the
@@ -42,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, TypeGuard
 
 from pgolf.errors import PgolfError
-from pgolf.runs import RunDir
+from pgolf.runs import RunDir, artifact_sha256
 from pgolf.significance import ALPHA, MIN_DELTA_NATS, mean_std, welch  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -83,8 +87,19 @@ def source_stage(result: dict[str, Any], metric: str = "val_bpb") -> dict[str, A
     candidates = [s for s in _recorded_stages(result) if name is None or s.get("name") == name]
     v = _flat_value(result, metric)
     if not _present(v):
+        candidates = _of_current_artifact(result, candidates)
         return candidates[-1] if name and candidates else None
     return next((s for s in reversed(candidates) if float(s["val_bpb"]) == float(v)), None)
+
+
+def _of_current_artifact(result: dict[str, Any], candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The stages among `candidates` that scored what the run holds now: final_model.pt, or its current
+    `artifact` (the sha256 of the latest stage naming that file), never an artifact since replaced, whose
+    score beside the new artifact's bytes would compare nothing."""
+    sha = artifact_sha256(result)
+    if sha is None:
+        return candidates
+    return [s for s in candidates if s.get("weights") != "artifact" or s.get("artifact_sha256") == sha]
 
 
 def metric_value(result: dict[str, Any], metric: str = "val_bpb") -> float | None:
@@ -141,7 +156,9 @@ def select_runs(pattern: str, runs_root: str | Path = "runs",
         if not root.is_dir():
             raise PgolfError(f"{root}: runs root not found "
                              f"(pass --runs-root DIR, or a path glob such as DIR/{pattern})")
-        candidates = sorted(p for p in root.iterdir() if fnmatch.fnmatchcase(p.name, pattern))
+        # hidden folders (.jobs: sweep specs, .failed: retired attempts) hold no runs, as glob's `*` agrees
+        candidates = sorted(p for p in root.iterdir() if fnmatch.fnmatchcase(p.name, pattern)
+                            and not p.name.startswith("."))
         where = f"{root}/{pattern}"
     runs, skipped = [], []
     for p in (c for c in candidates if c.is_dir()):
@@ -334,13 +351,18 @@ def cmd_stats(args: Any) -> dict[str, Any]:
         a = summarize(a_runs, args.metric, args.a_glob)
         warning = token_warning({args.a_glob: a["tokens"]}, args.metric)
         return _warned({"a": a, "b": None, "delta_nats": None, "p_value": None, "significant": False,
-                        "metric": args.metric, "groups": table.to_dict("records"), "skipped": skipped,
+                        "metric": args.metric, "groups": _json_records(table), "skipped": skipped,
                         "equal_tokens": warning is None, "warnings": [warning] if warning else []})
     b_runs = groups["b"]
     overlap = {r["run_id"] for r in a_runs} & {r["run_id"] for r in b_runs}
     if overlap:
         raise PgolfError(f"run {sorted(overlap)[0]} matches both {args.a_glob!r} and {args.b_glob!r}")
     return _warned({**compare(a_runs, b_runs, args.metric, args.a_glob, args.b_glob), "skipped": skipped})
+
+
+def _json_records(table: "pandas.DataFrame") -> list[dict[str, Any]]:  # noqa: F821
+    """A table's rows for the JSON result: a missing value (NaN, e.g. the std of a one-run group) is None."""
+    return [{k: v if _present(v) else None for k, v in row.items()} for row in table.to_dict("records")]
 
 
 def _warned(out: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,10 @@ notebook's own error: the exception and, for a training child, its `pgolf: error
 sweep goes on; the command then exits 1 after printing its JSON. An earlier failed attempt is moved
 to `<runs-root>/.failed/` before the point is retried, so its partial logs never mix with the new ones.
 `pgolf.lab.slurm` runs the same points as Slurm jobs (`--launcher slurm`), each through `execute`.
+
+Before the first point, both launchers write every point's spec (`<runs-root>/.jobs/<point>/spec.json`:
+notebook, parameters, run directory, launcher; a local sweep adds its process), so
+`pgolf sweep --status RUNS_ROOT` (`pgolf.lab.slurm.status`) lists the points of local sweeps too.
 """
 from __future__ import annotations
 
@@ -39,10 +43,11 @@ from typing import Any, Iterable, Sequence
 
 from pgolf.config import Config
 from pgolf.errors import PgolfError
-from pgolf.fileio import atomic_write_json
+from pgolf.fileio import atomic_write_json, check_output
 from pgolf.lab.launch import default_nproc, error_line
 from pgolf.runs import RunDir
 
+JOBS = ".jobs"  # beside the run directories: one folder per point, with its spec.json
 KERNEL = "python3"  # the kernel of the interpreter running the sweep (ipykernel's native spec)
 OVERRIDES = "overrides"  # the notebook parameter that receives grid config keys as `--set` strings
 PRESET, BUDGET = "preset", "max_seconds"  # train.ipynb's preset name and wall-clock budget (0: the preset's)
@@ -180,6 +185,34 @@ def plan(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any], gri
     return out
 
 
+def check_runs_root(runs_root: str | Path) -> Path:
+    """`--runs-root` must be (or become) a writable folder: one error line before any point runs."""
+    return check_output(runs_root, "--runs-root", kind="dir")
+
+
+def write_spec(runs_root: str | Path, notebook: str | Path, item: dict[str, Any], launcher: str,
+               cwd: str | None = None, **fields: Any) -> Path:
+    """`<runs_root>/.jobs/<point>/spec.json` (atomic): what the point runs and which launcher runs it
+    (a Slurm job reads it; `--status` lists every point that has one). Returns the point's folder."""
+    root = Path(runs_root).absolute()
+    job_dir = root / JOBS / Path(item["run_dir"]).name
+    job_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(job_dir / "spec.json", {"notebook": str(Path(notebook).absolute()), "item": item,
+                                              "runs_root": str(root), "cwd": cwd or os.getcwd(),
+                                              "launcher": launcher, **fields})
+    return job_dir
+
+
+def _this_sweep() -> dict[str, Any]:
+    """What identifies this local sweep's process, so `--status` can tell whether it still runs."""
+    import socket
+
+    import psutil
+
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "pid_started": psutil.Process().create_time(), "written_at": time.time()}
+
+
 def retire(run_dir: Path, runs_root: Path) -> None:
     """Move an unfinished earlier attempt out of the way (kept for inspection, not deleted)."""
     if run_dir.exists() and any(run_dir.iterdir()):
@@ -303,9 +336,14 @@ def sweep(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any] | N
     """Execute `notebook` for every seed x grid point; returns {runs, failed, skipped, ...}."""
     from tqdm import tqdm
 
+    check_runs_root(runs_root)
     nb, params, grid = prepare(notebook, seeds, params, grid, default_nproc() if nproc is None else nproc)
     items = plan(nb, seeds, params, grid, runs_root)
     Path(runs_root).mkdir(parents=True, exist_ok=True)
+    me = _this_sweep()
+    for item in items:  # a point with Slurm jobs keeps their spec: a queued job reads it when it starts
+        if not (Path(runs_root) / JOBS / Path(item["run_dir"]).name / "jobs.json").exists():
+            write_spec(runs_root, nb, item, "local", cwd=cwd, **me)
     runs, failed, skipped = [], [], []
     bar = tqdm(items, desc=f"sweep {nb.name}", unit="run", file=sys.stderr)
     for item in bar:

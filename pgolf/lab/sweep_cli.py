@@ -19,6 +19,7 @@ def cmd_sweep(args: Any) -> dict[str, Any]:
         return slurm.status(args.status)
     if not args.notebook:
         raise PgolfError("give a notebook to sweep (or --status RUNS_ROOT)")
+    sweep.check_runs_root(args.runs_root)  # a file there, or an unwritable parent: one line, before any work
     params: dict[str, Any] = {}
     for name, raw in args.params:
         if not sweep.is_name(name):

@@ -12,6 +12,10 @@ from its bytes in memory; only then are the artifact (its own name, `artifact_na
 trainer's export), the result.json update (flat keys + new stages), the train.log lines and the
 Hessian cache written, with SIGINT/SIGTERM held back until all four are. An interrupt, an error or
 `--strict` over the limit leaves the run directory byte-identical.
+
+The new artifact replaces the run's `artifact`, so the flat scores of the old one are cleared
+(`pgolf.runs.replaced_artifact`; their values go into the new stage, under `replaced`): unscored
+(`--no-eval`), the run's `val_bpb` is the trainer's again, never the old artifact's beside the new bytes.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from pgolf.errors import PgolfError
 from pgolf.fileio import signals_deferred
 from pgolf.model import build_with_state
 from pgolf.quant import quantize as A
-from pgolf.runs import check_overrides, open_run, resolve, setting, stage
+from pgolf.runs import check_overrides, open_run, replaced_artifact, resolve, setting, stage
 
 WEIGHTS = "final_model.pt"
 TRAINER_EXPORT = "final_model.int8.ptz"  # `pgolf train`'s artifact: quantize never writes it
@@ -219,17 +223,22 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
     _timed(p.timings, "total_s", t_start)
     out["quant_timings"] = p.timings
     updates = dict(out)
-    if not evaluate:  # keep the trainer's scores; only the artifact changed
+    if not evaluate:  # the scores of final_model.pt still hold; those of the replaced artifact do not
         for k in ("val_bpb", "val_bpb_prequant", "quant_val_bpb"):
             updates.pop(k)
-    elif "val_bpb" in prev and "val_bpb_train" not in prev:
+    elif prev.get("val_bpb") is not None and "val_bpb_train" not in prev:
         updates["val_bpb_train"] = prev["val_bpb"]  # the trainer's (unquantised) score, kept once
+    sha = hashlib.sha256(blob).hexdigest()
+    cleared, replaced = replaced_artifact(prev, sha)  # the old artifact's flat scores move into the new stage
+    updates = {**cleared, **updates}
+    was = {"replaced": {"artifact": prev.get("artifact") and Path(prev["artifact"]).name, "scores": replaced}
+           } if replaced else {}
     new = [stage("pre-quant", p.prequant, by="quantize", weights="fp", artifact=WEIGHTS, setting=scoring_setting(cfg))
            ] if evaluate and p.prequant is not None and not p.prequant.get("reused") else []
     new.append(stage("quantised", res, by="quantize", weights="artifact", artifact=name, method=q.method,
                      setting=scoring_setting(cfg) if evaluate else None,
-                     artifact_sha256=hashlib.sha256(blob).hexdigest(), model_bytes=model_bytes, total_bytes=total,
-                     under_limit=out["under_limit"]))
+                     artifact_sha256=sha, model_bytes=model_bytes, total_bytes=total,
+                     under_limit=out["under_limit"], **was))
     _publish(p, name, blob, updates, new, notes)
     return out
 
