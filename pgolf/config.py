@@ -31,9 +31,11 @@ class DataConfig:
     # validation packs eval.batch_seqs sequences per row, dropping the tail (PR #1530; the segments cut
     # attention when model.doc_mask is on)
     segmentation: str = "rows"
-    # where the train stream checks a shard's end (a span that would cross it drops the remainder): step =
-    # once per optimizer step, for all micro-steps; micro = before each micro-step, the #1530 line's
-    # DocumentPackingLoader._prepare_batch (differs only with accumulation > 1)
+    # what the train stream does at a shard's end: step = a span that would cross it drops the remainder,
+    # checked once per optimizer step for all micro-steps; micro = the same before each micro-step, the #1530
+    # line's DocumentPackingLoader._prepare_batch (differs only with accumulation > 1); splice = a
+    # micro-step's span takes the shard's rest and the next shard's start, nothing dropped (the root
+    # train_gpt.py's TokenStream.take)
     shard_end: str = "step"
 
 

@@ -22,6 +22,7 @@ def baseline() -> Config:
     c.quant.method = "int8"
     c.quant.compressor = "zlib"
     c.quant.byte_shuffle = 0
+    c.data.shard_end = "splice"  # TokenStream.take: a span crossing a shard's end joins the next shard's start
     return c
 
 

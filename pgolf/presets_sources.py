@@ -46,6 +46,7 @@ BASELINE = _facts(None, "root train_gpt.py", {
     "train.micro_batch_tokens": 65_536,  # grad_accum_steps = 8 / world_size
     "train.val_every": 1000, "train.log_every": 200,  # VAL_LOSS_EVERY, TRAIN_LOG_EVERY
     "quant.method": "int8", "quant.compressor": "zlib", "quant.byte_shuffle": 0, "quant.passthrough_numel": 65_536,
+    "data.shard_end": "splice",  # TokenStream.take splices a span across a shard's end
 })
 
 # ---- the #1530 -> #1626 stack as #1626 (dexhunter, 1.07193) logged it; #1765, #1767, #1784 and #1790

@@ -1,5 +1,7 @@
 """The training stream and calibration windows, on tiny shards whose token ids are their global
 positions (so every batch says exactly where it came from)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -207,10 +209,50 @@ def test_shard_end_default_and_presets():
     assert DataConfig().shard_end == "step"  # pin: the stream of before, unless a preset says otherwise
     for name in ("pr1765", "pr1784", "pr1790", "pr1801", "pr1855"):
         assert get_preset(name).data.shard_end == "micro", name
-    for name in ("baseline", "cpu-smoke", "pr430"):
-        assert get_preset(name).data.shard_end == "step", name
+    for name in ("baseline", "cpu-smoke"):  # the root train_gpt.py's TokenStream
+        assert get_preset(name).data.shard_end == "splice", name
+    assert get_preset("pr430").data.shard_end == "step"
 
 
 def test_shard_end_unknown_value(tiny):
     with pytest.raises(PgolfError, match="data.shard_end"):
-        TrainLoader(tiny, seq_len=4, shard_end="splice")
+        TrainLoader(tiny, seq_len=4, shard_end="wrap")
+
+
+def _root_stream(data_dir, steps: int, micro: int, accum: int, rank: int, world: int) -> list[list[int]]:
+    """The root train_gpt.py's DistributedTokenLoader over TokenStream, written out: per micro-step one
+    take() of world x (micro + 1) tokens that splices a shard's rest with the next shard's start (wrapping),
+    rank r's slice r. The first token of each rank's chunk per micro-step."""
+    files = sorted(Path(data_dir).glob("fineweb_train_*.bin"))
+    f, toks, pos, out = 0, shards.read_shard(files[0]), 0, []
+    for _ in range(steps * accum):
+        need, parts = world * (micro + 1), []
+        while need > 0:
+            if pos >= toks.size:
+                f = (f + 1) % len(files)
+                toks, pos = shards.read_shard(files[f]), 0
+                continue
+            k = min(need, toks.size - pos)
+            parts.append(toks[pos:pos + k])
+            pos, need = pos + k, need - k
+        chunk = np.concatenate(parts)
+        out.append(chunk[rank * (micro + 1):(rank + 1) * (micro + 1)].tolist())
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_shard_end_splice_is_the_root_scripts_token_stream(tiny, world):
+    """Shards 0..99 | 100..156 | 157..236 (ids = positions): nothing is dropped, spans cross shard ends and
+    wrap after the last, and each micro-step of each rank is the root script's slice."""
+    micro, accum, steps = 8, 3, 12  # 12 x 3 x world x 9 tokens: past every shard end, wrapping around
+    for rank in range(world):
+        loader = TrainLoader(tiny, seq_len=4, rank=rank, world_size=world, shard_end="splice")
+        assert _chunks(loader, steps, micro, accum) == _root_stream(tiny, steps, micro, accum, rank, world)
+    flat = sum(_chunks(TrainLoader(tiny, seq_len=4, shard_end="splice"), 9, 8, 3), [])
+    assert flat == [i % 237 for i in range(9 * 3 * 9)]  # every token once, in order, then the wrap
+
+
+def test_train_shards_without_tokens_are_one_error(tmp_path):
+    shards.write_shard(tmp_path / "fineweb_train_000000.bin", np.zeros(0, np.uint16))
+    with pytest.raises(PgolfError, match="hold no tokens"):
+        TrainLoader(tmp_path, seq_len=4, shard_end="splice")

@@ -51,14 +51,16 @@ class TrainLoader:
             raise PgolfError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
         if segmentation not in ("rows", "varlen"):
             raise PgolfError(f"data.segmentation: unknown segmentation {segmentation!r} (rows | varlen)")
-        if shard_end not in ("step", "micro"):
-            raise PgolfError(f"data.shard_end: unknown value {shard_end!r} (step | micro)")
+        if shard_end not in ("step", "micro", "splice"):
+            raise PgolfError(f"data.shard_end: unknown value {shard_end!r} (step | micro | splice)")
         self.data_dir, self.seq_len, self.rank, self.world_size = Path(data_dir), seq_len, rank, world_size
         self.vocab_size = vocab_size
-        self.packed, self.bos_id, self.per_micro = segmentation == "varlen", bos_id, shard_end == "micro"
+        self.packed, self.bos_id, self.per_micro = segmentation == "varlen", bos_id, shard_end != "step"
+        self.splice = shard_end == "splice"
         self.files = _train_files(data_dir)
-        for f in self.files:  # every header and file size up front (cheap), before any timed step
-            shards.read_header(f)
+        # every header and file size up front (cheap), before any timed step
+        if not sum(shards.read_header(f) for f in self.files):
+            raise PgolfError(f"{self.data_dir}: the train shards hold no tokens")
         self.reset()
 
     def reset(self) -> None:
@@ -79,6 +81,17 @@ class TrainLoader:
                              "from different vocabularies)")
 
     def _take(self, n: int) -> np.ndarray:
+        if self.splice:  # the root script's TokenStream.take: a shard's rest, then the next one's start
+            parts = []
+            while n > 0:
+                if self.pos >= self.tokens.size:
+                    self._open((self.shard + 1) % len(self.files))
+                parts.append(self.tokens[self.pos:self.pos + n])
+                self.pos += parts[-1].size
+                n -= parts[-1].size
+            span = np.concatenate(parts)
+            self._check_ids(span)
+            return span
         for _ in range(len(self.files) + 1):
             if self.pos + n <= self.tokens.size:
                 span = self.tokens[self.pos:self.pos + n]
