@@ -78,9 +78,9 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     model.fused_ce = t.fused_ce and dev.type == "cuda"
     looping = {"on": True, "off": False}.get(args.looping, False)
     model.looping = looping and bool(cfg.model.num_loops)
-    step_model: Any = compile_train(model) if t.compile and dev.type == "cuda" else model
-    opt = build_optimizers(model, cfg.optim, cfg.model.tie_embeddings,
-                           compile_ns="inductor" if t.compile and dev.type == "cuda" else None)
+    compiled = t.compile and dev.type == "cuda"
+    step_model: Any = compile_train(model) if compiled else model
+    opt = build_optimizers(model, cfg.optim, cfg.model.tie_embeddings, compile_ns="inductor" if compiled else None)
     packed = cfg.data.segmentation == "varlen"  # one packed row per micro-step, as the loader yields
     rows, width = (1, micro) if packed else (micro // t.train_seq_len, t.train_seq_len)
     gen = torch.Generator(device="cpu").manual_seed(0)

@@ -167,11 +167,12 @@ class Trainer:
         self.model.fused_ce = t.fused_ce and ctx.device.type == "cuda"
         self.params = count_params(self.model)
         self.step_model: Callable[..., Any] = self.model  # or its torch.compile wrapper
-        if t.compile and ctx.device.type == "cuda":  # fullgraph: a graph break is an error (pgolf.model.compile)
+        compiled = t.compile and ctx.device.type == "cuda"
+        if compiled:  # fullgraph: a graph break is an error (pgolf.model.compile)
             from pgolf.model.compile import compile_train
             self.step_model = compile_train(self.model)
         self.opt = build_optimizers(self.model, cfg.optim, cfg.model.tie_embeddings,
-                                    compile_ns="inductor" if t.compile and ctx.device.type == "cuda" else None)
+                                    compile_ns="inductor" if compiled else None)
         self.ema = EMA(self.model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.budget = max(t.max_seconds - t.gptq_reserve_seconds, 0.0) if t.max_seconds > 0 else 0.0
         self.timings: dict[str, float] = {}

@@ -103,13 +103,14 @@ def audit(data_dir: str | Path, tokenizer_path: str | Path | None = None, bos_id
         # percents. Token by token the sidecar must give the piece's own bytes, or more where the piece
         # opens with a space (a run); 0.1% of them may differ otherwise (NFKC).
         side = shards.load_split(data_dir, "val_bytes").astype(np.int64)
-        text = [" " if sp.is_byte(i) else sp.id_to_piece(i).replace(SPACE, " ") for i in range(sp.vocab_size())]
+        is_byte = np.array([sp.is_byte(i) for i in range(sp.vocab_size())])
+        text = [" " if is_byte[i] else sp.id_to_piece(i).replace(SPACE, " ") for i in range(sp.vocab_size())]
         want = np.zeros_like(side)
         for a, b in zip(bounds[:-1], bounds[1:]):
             ids = [i for i in range(a, b) if val[i] != bos_id]
             want[ids] = caseops.original_bytes(text[val[i]] for i in ids)
         # a character split into byte pieces is one unit: its surface is the last piece's
-        byte = np.array([sp.is_byte(i) for i in range(sp.vocab_size())])[val]
+        byte = is_byte[val]
         unit = np.cumsum(np.r_[True, ~(byte[1:] & byte[:-1])]) - 1
         first = np.flatnonzero(np.r_[True, np.diff(unit) > 0])
         got, exp = np.bincount(unit, side), np.bincount(unit, want)

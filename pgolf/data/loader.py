@@ -8,8 +8,9 @@ wrapping around after the last. `shard_end="step"`: each optimizer step takes ON
 processes with accumulation A see, shard ends included. `"micro"` (the #1530 line's
 `DocumentPackingLoader._prepare_batch`): each micro-step takes its own span of
 `world_size * (micro_tokens + 1)` tokens, so a step's micro-steps may straddle two shards. Both give
-the same chunks until a shard's end falls inside a step. (The root baseline's `TokenStream` splices the
-remainder onto the next shard instead: docs/fidelity.md, known differences.)
+the same chunks until a shard's end falls inside a step. `"splice"` (the root `train_gpt.py`'s
+`TokenStream.take`): each micro-step's span takes the shard's rest and the next shard's start, so nothing
+is dropped (docs/fidelity.md, procedure 19).
 
 Segmentation `rows` cuts each chunk into fixed rows of `seq_len`. `varlen` (PR #1530, record
 `DocumentPackingLoader`) yields each chunk as ONE packed row; the model cuts it into segments
