@@ -89,7 +89,7 @@ def audit(data_dir: str | Path, tokenizer_path: str | Path | None = None, bos_id
     for i in range(0, len(docs), 1024):  # batches keep the Python lists small
         texts = sp.decode([d[d != bos_id].tolist() for d in docs[i:i + 1024]])
         if transform == caseops.NAME:  # the bytes the text had before the transform: operators are 0
-            decoded += sum(caseops.original_bytes(texts))
+            decoded += sum(map(caseops.original_length, texts))
         else:
             decoded += sum(len(t.encode("utf-8")) for t in texts)
     out = {"val_tokens": int(val.size), "lut_bytes": lut_bytes, "decoded_bytes": decoded,
@@ -105,10 +105,7 @@ def audit(data_dir: str | Path, tokenizer_path: str | Path | None = None, bos_id
         side = shards.load_split(data_dir, "val_bytes").astype(np.int64)
         is_byte = np.array([sp.is_byte(i) for i in range(sp.vocab_size())])
         text = [" " if is_byte[i] else sp.id_to_piece(i).replace(SPACE, " ") for i in range(sp.vocab_size())]
-        want = np.zeros_like(side)
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            ids = [i for i in range(a, b) if val[i] != bos_id]
-            want[ids] = caseops.original_bytes(text[val[i]] for i in ids)
+        want = caseops.token_bytes(val, text, boundary=bos_id)  # BOS: no bytes, no escape carried across
         # a character split into byte pieces is one unit: its surface is the last piece's
         byte = is_byte[val]
         unit = np.cumsum(np.r_[True, ~(byte[1:] & byte[:-1])]) - 1
