@@ -20,8 +20,8 @@ def autocast():
     return torch.autocast("cpu", dtype=BF16)
 
 
-def model_with(stream: bool, looping: bool = True):
-    model = tiny_model("pr1855", looping=looping)
+def model_with(stream: bool, looping: bool = True, preset: str = "pr1855"):
+    model = tiny_model(preset, looping=looping)
     model.cfg.bf16_stream = stream  # a fresh copy of the config: tiny_model deep-copies the model
     return model
 
@@ -34,7 +34,9 @@ def record_hidden(model, idx, x):
     """#1855's `_forward_hidden` (train_gpt.py l.1324-1395) on the stream `x` = tok_emb(idx), written out:
     `Block.forward` (l.1126) and `GPT._parallel_block` (l.1291), every control cast to x.dtype there. The
     attention and MLP are pgolf's modules (issue 17 held them to the record's); the stream around them is
-    the record's arithmetic, operation by operation."""
+    the record's arithmetic, operation by operation. With `model.recur_carry=frozen` (pr1801), #1801's
+    carry as its `_forward_hidden` adds it: x = beta_k * x, then x = x + alpha_kj * c_j for j = 0, 1, 2,
+    each sum rounded in x's dtype (leonk2k2k's parameter-golf, records/.../UpdatedCarry/train_gpt.py)."""
     cfg, d = model.cfg, x.size(-1)
     mask = model.attention_mask(idx)
     blocks = model.physical_blocks()
@@ -48,6 +50,20 @@ def record_hidden(model, idx, x):
         x_out = x_in + b.attn_scale.to(dtype=x_in.dtype)[None, None, :] * attn(b, F.rms_norm(x_in, (d,)) * b.ln)
         return x_out + b.mlp_scale.to(dtype=x_out.dtype)[None, None, :] * b.mlp(F.rms_norm(x_out, (d,)) * b.ln)
 
+    carry: dict[int, torch.Tensor] = {}
+
+    def carried(i, x):
+        if not (model.looping and cfg.recur_carry == "frozen" and cfg.loop_start <= i <= cfg.loop_end):
+            return x
+        if i not in carry:
+            carry[i] = x
+            return x
+        k = i - cfg.loop_start
+        x = model.carry_beta[k].to(dtype=x.dtype) * x
+        for j in range(cfg.loop_end + 1 - cfg.loop_start):
+            x = x + model.carry_alpha[k, j].to(dtype=x.dtype) * carry[cfg.loop_start + j]
+        return x
+
     def parallel(i, lane0, lane1, x0):
         b = blocks[i]
         mix = b.resid_mix.to(dtype=lane0.dtype)
@@ -59,10 +75,10 @@ def record_hidden(model, idx, x):
         return (resid[0] * lane0 + post[0][0] * a + post[1][0] * m,
                 resid[1] * lane1 + post[0][1] * a + post[1][1] * m)
 
-    # SmearGate with the BOS fix: g = lambda * sigmoid(W x_t[:w]), all in x's dtype
-    g = model.smear_lambda.to(dtype=x.dtype) * torch.sigmoid(model.smear_gate(x[:, 1:, :cfg.smear_gate_width]))
-    not_bos = (idx[:, 1:] != BOS).to(x.dtype).unsqueeze(-1)
-    x = torch.cat([x[:, :1], x[:, 1:] + g * x[:, :-1] * not_bos], dim=1)
+    if cfg.smear_gate != "off":  # SmearGate with the BOS fix: g = lambda * sigmoid(W x_t[:w]), all in x's dtype
+        g = model.smear_lambda.to(dtype=x.dtype) * torch.sigmoid(model.smear_gate(x[:, 1:, :cfg.smear_gate_width]))
+        not_bos = (idx[:, 1:] != BOS).to(x.dtype).unsqueeze(-1)
+        x = torch.cat([x[:, :1], x[:, 1:] + g * x[:, :-1] * not_bos], dim=1)
     x = x0 = F.rms_norm(x, (d,))
     L = cfg.num_layers
     if model.looping:
@@ -73,7 +89,7 @@ def record_hidden(model, idx, x):
     enc, dec = order[: len(order) // 2], order[len(order) // 2:]
     skips = []
     for i in enc:
-        x = block(blocks[i], x, x0)
+        x = carried(i, block(blocks[i], x, x0))
         skips.append(x)
     psl, lane0, lane1 = cfg.parallel_start_layer, None, None
     for j, i in enumerate(dec):
@@ -88,7 +104,7 @@ def record_hidden(model, idx, x):
         if lanes:
             lane0, lane1 = parallel(i, cur, lane1, x0)
         else:
-            x = block(blocks[i], cur, x0)
+            x = carried(i, block(blocks[i], cur, x0))
     if lane0 is not None:
         x = 0.5 * (lane0 + lane1)
     return F.rms_norm(x, (d,))
@@ -128,12 +144,15 @@ def test_stream_is_bf16_under_autocast_with_the_switch_and_fp32_without():
     assert torch.equal(on(idx), off(idx))
 
 
+@pytest.mark.parametrize("preset", ["pr1855", "pr1801"])
 @pytest.mark.parametrize("looping", [False, True])
-def test_stream_equals_the_records_arithmetic_bit_for_bit(looping):
+def test_stream_equals_the_records_arithmetic_bit_for_bit(looping, preset):
     """With the switch, pgolf's forward under autocast is #1855's stream arithmetic exactly: the smear gate's
-    lambda cast before the product, the skip gate's sigmoid of the cast gate, the lanes, the norms in bf16."""
+    lambda cast before the product, the skip gate's sigmoid of the cast gate, the lanes, the norms in bf16;
+    and pr1801's frozen carry adds its terms one at a time in #1801's order (adding their sum first, as
+    pgolf did, moved the bf16 stream by up to 0.25)."""
     idx = idx_with_bos()
-    model = model_with(True, looping)
+    model = model_with(True, looping, preset)
     with torch.no_grad(), autocast():
         h = model.hidden(idx)
         ref = record_hidden(model, idx, model.tok_emb(idx))

@@ -551,9 +551,9 @@ class GPT(nn.Module):
                     if phys not in first_visit:
                         first_visit[phys] = out.detach() if cfg.recur_carry == "frozen" else out
                     elif cfg.recur_carry == "frozen":  # x <- beta_k Block_k(x) + sum_j alpha_kj c_j (#1801)
-                        carry = sum(self.carry_alpha[k, i].to(out.dtype) * first_visit[p]
-                                    for i, p in enumerate(self.loop_layers))
-                        out = self.carry_beta[k].to(out.dtype) * out + carry
+                        out = self.carry_beta[k].to(out.dtype) * out
+                        for i, p in enumerate(self.loop_layers):  # one term at a time, as #1801 rounds in bf16
+                            out = out + self.carry_alpha[k, i].to(out.dtype) * first_visit[p]
                     else:  # x <- Block(x) + alpha_k * first-visit output (#1766)
                         out = out + self.recur_alpha[k].to(out.dtype) * first_visit[phys]
                 x = out
