@@ -217,6 +217,7 @@ def pr430() -> Config:
     normalised form, so its score is not comparable with the illegal 1.08965.
     """
     c = Config(preset="pr430")
+    c.data.shard_end = "splice"  # its DistributedTokenLoader takes from the root's TokenStream (hedge-stack.md §0)
     m = c.model
     m.vocab_size = 1024
     m.num_layers, m.model_dim, m.num_heads, m.num_kv_heads, m.mlp_mult = 11, 512, 8, 8, 3.5
