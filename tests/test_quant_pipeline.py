@@ -62,6 +62,31 @@ def test_quantize_cli_on_trained_cpu_smoke(smoke_run, cli):
     assert (smoke_run / "hessians.pt").is_file()
 
 
+def test_quantize_on_fewer_tokens_keeps_the_runs_headline(smoke_run, cli, tmp_path):
+    """A quantised score over fewer validation tokens than the run's val_bpb (`data.val_max_tokens`) is a
+    quant_* score only: val_bpb / val_loss stay the run's, in result.json and in the JSON line, which says
+    how many tokens were scored. Over all of them, the artifact's score becomes the headline."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run, run)
+    before = RunDir(run).result()
+    sets = sum((["--set", s] for s in INT6 + ["quant.level=9", "quant.method=rtn"]), [])
+    rc, res, err = cli("quantize", run, *sets, "--set", "data.val_max_tokens=512")
+    assert rc == 0, err
+    after = RunDir(run).result()
+    assert res["quant_val_tokens"] == after["quant_val_tokens"] < before["val_tokens"]
+    assert res["quant_val_bpb"] == after["quant_val_bpb"] != before["val_bpb"]
+    assert res["val_bpb"] == after["val_bpb"] == before["val_bpb"] and after["val_loss"] == before["val_loss"]
+    assert "val_bpb stays the run's" in err
+    rc, res, err = cli("quantize", run, *sets)
+    assert rc == 0, err
+    after = RunDir(run).result()
+    assert res["quant_val_tokens"] == after["val_tokens"] == before["val_tokens"]
+    assert res["val_bpb"] == after["val_bpb"] == after["quant_val_bpb"] != before["val_bpb"]
+    assert after["val_bpb_train"] == before["val_bpb"]
+
+
 def test_quantize_scores_like_eval(smoke_run, cli):
     """quantize scores in the run's evaluation setting (sliding, doc-masked here): both of its scores
     equal `pgolf eval` with the same settings (weights, then the artifact), and a pre-quantisation

@@ -16,6 +16,8 @@ Hessian cache written, with SIGINT/SIGTERM held back until all four are. An inte
 The new artifact replaces the run's `artifact`, so the flat scores of the old one are cleared
 (`pgolf.runs.replaced_artifact`; their values go into the new stage, under `replaced`): unscored
 (`--no-eval`), the run's `val_bpb` is the trainer's again, never the old artifact's beside the new bytes.
+A score over fewer validation tokens than the run's `val_tokens` (`--set data.val_max_tokens=N`) is kept
+as `quant_val_bpb` / `quant_val_tokens` only: the run's `val_bpb` is never a subset's score.
 """
 from __future__ import annotations
 
@@ -223,14 +225,21 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
     _timed(p.timings, "total_s", t_start)
     out["quant_timings"] = p.timings
     updates = dict(out)
+    headline = evaluate and res is not None and res["tokens"] >= (prev.get("val_tokens") or 0)
     if not evaluate:  # the scores of final_model.pt still hold; those of the replaced artifact do not
         for k in ("val_bpb", "val_bpb_prequant", "quant_val_bpb"):
             updates.pop(k)
+    elif not headline:  # fewer tokens than the run's val_bpb (data.val_max_tokens): a quant_* score only
+        del updates["val_bpb"], updates["val_loss"]
+        say(notes, f"quantize: scored {res['tokens']:,} of the run's {prev['val_tokens']:,} validation tokens, so "
+                   f"val_bpb stays the run's; this score is quant_val_bpb")
     elif prev.get("val_bpb") is not None and "val_bpb_train" not in prev:
         updates["val_bpb_train"] = prev["val_bpb"]  # the trainer's (unquantised) score, kept once
     sha = hashlib.sha256(blob).hexdigest()
     cleared, replaced = replaced_artifact(prev, sha)  # the old artifact's flat scores move into the new stage
     updates = {**cleared, **updates}
+    if evaluate and not headline:  # the JSON line's val_bpb is the run's, as result.json's
+        out.update(val_bpb=updates.get("val_bpb", prev.get("val_bpb")), val_loss=updates.get("val_loss", prev.get("val_loss")))
     was = {"replaced": {"artifact": prev.get("artifact") and Path(prev["artifact"]).name, "scores": replaced}
            } if replaced else {}
     new = [stage("pre-quant", p.prequant, by="quantize", weights="fp", artifact=WEIGHTS, setting=scoring_setting(cfg))
@@ -258,4 +267,4 @@ def _publish(p: Prepared, name: str, blob: bytes, updates: dict[str, Any], new_s
 
 
 CLI_KEYS = ("artifact", "model_bytes", "code_bytes", "total_bytes", "limit", "under_limit",
-            "val_bpb_prequant", "val_bpb")
+            "val_bpb_prequant", "val_bpb", "quant_val_bpb", "quant_val_tokens")
