@@ -239,7 +239,7 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
     cleared, replaced = replaced_artifact(prev, sha)  # the old artifact's flat scores move into the new stage
     updates = {**cleared, **updates}
     if evaluate and not headline:  # the JSON line's val_bpb is the run's, as result.json's
-        out.update(val_bpb=updates.get("val_bpb", prev.get("val_bpb")), val_loss=updates.get("val_loss", prev.get("val_loss")))
+        out.update({k: updates.get(k, prev.get(k)) for k in ("val_bpb", "val_loss")})
     was = {"replaced": {"artifact": prev.get("artifact") and Path(prev["artifact"]).name, "scores": replaced}
            } if replaced else {}
     new = [stage("pre-quant", p.prequant, by="quantize", weights="fp", artifact=WEIGHTS, setting=scoring_setting(cfg))
