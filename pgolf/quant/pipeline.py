@@ -231,8 +231,8 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
             updates.pop(k)
     elif not headline:  # fewer tokens than the run's val_bpb (data.val_max_tokens): a quant_* score only
         del updates["val_bpb"], updates["val_loss"]
-        say(notes, f"quantize: scored {res['tokens']:,} of the run's {prev['val_tokens']:,} validation tokens, so "
-                   f"val_bpb stays the run's; this score is quant_val_bpb")
+        say(notes, f"quantize: scored {out['quant_val_tokens']:,} of the run's {prev['val_tokens']:,} validation "
+                   f"tokens, so val_bpb stays the run's; this score is quant_val_bpb")
     elif prev.get("val_bpb") is not None and "val_bpb_train" not in prev:
         updates["val_bpb_train"] = prev["val_bpb"]  # the trainer's (unquantised) score, kept once
     sha = hashlib.sha256(blob).hexdigest()
