@@ -56,6 +56,22 @@ def test_plan_names_are_deterministic(tmp_path):
     assert sweep.parse_value('["model.num_layers=2"]') == ["model.num_layers=2"]
 
 
+def test_plan_never_puts_two_points_in_one_folder(tmp_path):
+    """Values whose plain name parts would be the same (long paths, `_` against `-`) get a hash of their
+    text; repeated seeds or grid values are refused rather than run once and reported "skipped"."""
+    long_a, long_b = (f"/data/sample_copy_with_a_long_descriptive_name_{x}" for x in "AB")
+    for values in ([long_a, long_b], ["attn_out", "attn-out"]):
+        items = sweep.plan("train.ipynb", [1], {}, {"data": values}, tmp_path)
+        names = [Path(i["run_dir"]).name for i in items]
+        assert len(set(names)) == 2, names
+    assert Path(sweep.plan("train.ipynb", [1], {}, {"gate": ["sparse"]}, tmp_path)[0]["run_dir"]).name.endswith(
+        "_gate-sparse_s1")  # a plain short value keeps its plain name (earlier sweeps' folders still match)
+    with pytest.raises(PgolfError, match="seed 1 given twice"):
+        sweep.plan("train.ipynb", [1, 1], {}, {}, tmp_path)
+    with pytest.raises(PgolfError, match="--grid scale: value 2 given twice"):
+        sweep.plan("train.ipynb", [1], {}, {"scale": [2, 0.5, 2]}, tmp_path)
+
+
 def test_sweep_records_failures_and_skips_finished(tmp_path, dummy_nb, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "runs"

@@ -154,8 +154,11 @@ def point_name(notebook: str | Path, params: dict[str, Any], point: dict[str, An
 
 
 def _slug(value: Any) -> str:
+    """A name part for `value`: its text where that is short and plain, else the text shortened and made
+    plain, with a hash of the whole text so that two values never share a part."""
     s = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-    return re.sub(r"[^A-Za-z0-9.+-]+", "-", s).strip("-")[:40] or "x"
+    plain = re.sub(r"[^A-Za-z0-9.+-]+", "-", s).strip("-")[:40] or "x"
+    return plain if plain == s else f"{plain[:33]}-{hashlib.sha256(s.encode()).hexdigest()[:6]}"
 
 
 def plan(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any], grid: dict[str, list[Any]],
@@ -169,6 +172,14 @@ def plan(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any], gri
         raise PgolfError(f"parameter {sorted(both)[0]!r} given both with -p and --grid")
     if not seeds:
         raise PgolfError("--seeds: give at least one seed")
+    twice = next((x for i, x in enumerate(seeds) if x in seeds[:i]), None)
+    if twice is not None:
+        raise PgolfError(f"--seeds: seed {twice} given twice")
+    for key, values in grid.items():
+        texts = [json.dumps(v, sort_keys=True) for v in values]
+        same = next((v for i, v in enumerate(values) if texts[i] in texts[:i]), None)
+        if same is not None:
+            raise PgolfError(f"--grid {key}: value {json.dumps(same)} given twice")
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())] if grid else [{}]
     root = Path(runs_root).absolute()
     out = []
@@ -182,6 +193,10 @@ def plan(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any], gri
             run_dir = root / point_name(notebook, params, point, seed)
             out.append({"seed": seed, "point": point, "run_dir": str(run_dir),
                         "parameters": {**parameters, "seed": seed, "run_dir": str(run_dir), "runs_root": str(root)}})
+    dirs = [item["run_dir"] for item in out]
+    if len(set(dirs)) < len(dirs):  # never two points in one folder (the second would be "skipped")
+        clash = next(d for i, d in enumerate(dirs) if d in dirs[:i])
+        raise PgolfError(f"grid points {[i['point'] for i in out if i['run_dir'] == clash]} would share {clash}")
     return out
 
 
