@@ -65,6 +65,18 @@ def new_run_id(preset: str, seed: int) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}_{preset}_s{seed}_{os.getpid() % 10000:04d}"
 
 
+def move_aside(run_dir: Path, runs_root: Path | None = None) -> Path:
+    """Move an unfinished earlier attempt out of the way, kept for inspection under
+    `<runs_root>/.failed/<name>-<time>` (runs_root: the folder's parent), so that its logs never mix with
+    the next attempt's. Returns where it went."""
+    dest = (runs_root or run_dir.parent) / ".failed" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    while dest.exists():
+        dest = dest.with_name(dest.name + "+")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.rename(dest)
+    return dest
+
+
 class RunDir:
     """One run's directory. Rank 0 writes; other ranks never touch it."""
 

@@ -26,7 +26,7 @@ from pgolf.config import Config
 from pgolf.config_domains import check as check_domains
 from pgolf.errors import PgolfError
 from pgolf.fileio import check_output
-from pgolf.runs import RunDir, new_run_id
+from pgolf.runs import RunDir, move_aside, new_run_id
 
 
 # --------------------------------------------------------------------------- configuration
@@ -338,6 +338,8 @@ def train(cfg: Config, ctx: distributed.Dist, out: str | None = None, runs_root:
     trainer.loader.reset()
     trainer.run_path = run_path
     if ctx.is_main:
+        earlier = run_path / "config.json"  # an unfinished earlier attempt's (finished ones are refused above)
+        moved = move_aside(run_path) if earlier.exists() else None
         run = RunDir.create(run_path)
         run.write_json("config.json", cfg.to_dict())
         tokenizer = cfg.data.tokenizer or Path(cfg.data.path) / "tokenizer.model"
@@ -346,6 +348,8 @@ def train(cfg: Config, ctx: distributed.Dist, out: str | None = None, runs_root:
                                     "dist_backend": ctx.backend})
         run.log(f"pgolf train: preset {cfg.preset}, seed {cfg.train.seed}, world {ctx.world_size}, device {ctx.device}")
         run.log("config " + json.dumps(cfg.to_dict()), echo=False)
+        if moved is not None:
+            run.log(f"pgolf train: an unfinished earlier attempt in {run_path} was moved to {moved}")
     trainer.run = run
     trainer.timings["setup_s"] = time.perf_counter() - t_start
     try:

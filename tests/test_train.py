@@ -145,6 +145,21 @@ def test_interrupted_run_is_never_recorded_as_finished(sp1024_data, tmp_path, cl
     result = json.loads((tmp_path / "runs" / "x" / "result.json").read_text())
     assert result["status"] == "interrupted"
     assert _index_lines(tmp_path / "runs") == []
+    # Trained again into the same folder: the interrupted attempt is moved aside whole, never mixed in.
+    old_metrics = (tmp_path / "runs" / "x" / "metrics.jsonl").read_text()
+    monkeypatch.undo()
+    rc, res, err = cli("train", "--preset", "cpu-smoke", "--data", sp1024_data, "--out", tmp_path / "runs" / "x",
+                       "--max-seconds", "0", *_sets(TINY + ["train.iterations=1"]))
+    assert rc == 0, err
+    run = tmp_path / "runs" / "x"
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "train_loss" in json.loads(line)]
+    assert steps == [1] and "iterations\": 2" not in (run / "train.log").read_text()
+    (old,) = (tmp_path / "runs" / ".failed").iterdir()
+    assert old.name.startswith("x-") and (old / "metrics.jsonl").read_text() == old_metrics
+    assert json.loads((old / "result.json").read_text())["status"] == "interrupted"
+    assert f"moved to {old}" in (run / "train.log").read_text()
+    assert len(_index_lines(tmp_path / "runs")) == 1
 
 
 def test_config_json_round_trip_and_overrides():

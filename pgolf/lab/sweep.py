@@ -45,7 +45,7 @@ from pgolf.config import Config
 from pgolf.errors import PgolfError
 from pgolf.fileio import atomic_write_json, check_output
 from pgolf.lab.launch import default_nproc, error_line
-from pgolf.runs import RunDir
+from pgolf.runs import RunDir, move_aside
 
 JOBS = ".jobs"  # beside the run directories: one folder per point, with its spec.json
 KERNEL = "python3"  # the kernel of the interpreter running the sweep (ipykernel's native spec)
@@ -231,9 +231,7 @@ def _this_sweep() -> dict[str, Any]:
 def retire(run_dir: Path, runs_root: Path) -> None:
     """Move an unfinished earlier attempt out of the way (kept for inspection, not deleted)."""
     if run_dir.exists() and any(run_dir.iterdir()):
-        dest = runs_root / ".failed" / f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        run_dir.rename(dest)
+        move_aside(run_dir, runs_root)
 
 
 def execute(notebook: str | Path, item: dict[str, Any], runs_root: str | Path, cwd: str | None = None,
