@@ -149,16 +149,17 @@ def point_name(notebook: str | Path, params: dict[str, Any], point: dict[str, An
     """Deterministic run directory name: notebook stem, hash of the fixed parameters, grid point, seed."""
     blob = json.dumps(params, sort_keys=True, default=str).encode()
     parts = [f"{Path(notebook).stem}-{hashlib.sha256(blob).hexdigest()[:6]}"]
-    parts += [f"{_slug(k)}-{_slug(v)}" for k, v in point.items()]
+    parts += [f"{_slug(k, exact=False)}-{_slug(v)}" for k, v in point.items()]
     return "_".join(parts + [f"s{seed}"])
 
 
-def _slug(value: Any) -> str:
+def _slug(value: Any, exact: bool = True) -> str:
     """A name part for `value`: its text where that is short and plain, else the text shortened and made
-    plain, with a hash of the whole text so that two values never share a part."""
+    plain, with a hash of the whole text so that two values never share a part (`exact`; a parameter or
+    config key is a name already, whose `_` -> `-` loses nothing)."""
     s = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
     plain = re.sub(r"[^A-Za-z0-9.+-]+", "-", s).strip("-")[:40] or "x"
-    return plain if plain == s else f"{plain[:33]}-{hashlib.sha256(s.encode()).hexdigest()[:6]}"
+    return plain if plain == s or not exact else f"{plain[:33]}-{hashlib.sha256(s.encode()).hexdigest()[:6]}"
 
 
 def plan(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any], grid: dict[str, list[Any]],
