@@ -70,6 +70,25 @@ def test_registry_names_a_malformed_result_instead_of_failing(tmp_path):
         check_result({"stages": {"a": 1}}, "result.json")
 
 
+def test_registry_leaves_out_listed_runs_that_are_no_longer_finished(tmp_path):
+    """index.jsonl lists every run that finished once; a folder since deleted, or reused by an attempt that
+    was interrupted, is not a finished run any more: left out of load / load_stages with a warning naming
+    it (it used to give a row of index-line values whose config and scores were missing)."""
+    import shutil
+
+    _finished_run(tmp_path, "a", 1)
+    b, c = _finished_run(tmp_path, "b", 2), _finished_run(tmp_path, "c", 3)
+    shutil.rmtree(b.path)
+    c.write_json("result.json", {"status": "interrupted"})
+    with pytest.warns(UserWarning, match=r"2 listed run\(s\) left out") as seen:
+        df = load(tmp_path)
+    assert list(df["run_id"]) == ["a"]
+    msg = str(seen[0].message)
+    assert f"{b.path} (its folder is gone)" in msg and f"{c.path} (status 'interrupted')" in msg
+    with pytest.warns(UserWarning):
+        assert set(load_stages(tmp_path)["run_id"]) == {"a"}
+
+
 def _ttt_rows(eval_id: str, n: int, done: bool) -> list[str]:
     rows = [{"eval_id": eval_id, "method": "lora", "kind": "batch", "batch": i, "tokens": 100 * (i + 1),
              "bpb": 2.0 - i / 10} for i in range(n)]

@@ -20,7 +20,11 @@ if TYPE_CHECKING:
 
 
 def _runs(root: str | Path) -> dict[str, tuple[RunDir, dict[str, Any]]]:
-    """{run path: (run, its index line)} for every finished run in `<root>/index.jsonl` (the latest line)."""
+    """{run path: (run, its index line)} for every finished run in `<root>/index.jsonl` (the latest line).
+    A run listed there whose folder no longer holds a finished run (deleted, or the folder reused by an
+    attempt that did not finish) is left out, with a warning that names it."""
+    import warnings
+
     index = Path(root) / INDEX
     out: dict[str, tuple[RunDir, dict[str, Any]]] = {}
     if index.exists():
@@ -32,7 +36,25 @@ def _runs(root: str | Path) -> dict[str, tuple[RunDir, dict[str, Any]]]:
             if not run.path.is_absolute() and not run.path.exists():
                 run = RunDir(Path(root) / run.path.name)
             out[str(run.path)] = (run, entry)
-    return out
+    gone = {path: why for path, (run, _) in out.items() if (why := _not_finished(run))}
+    if gone:
+        warnings.warn(f"{index}: {len(gone)} listed run(s) left out, no longer finished: "
+                      + "; ".join(f"{p} ({why})" for p, why in gone.items()), stacklevel=3)
+    return {p: v for p, v in out.items() if p not in gone}
+
+
+def _not_finished(run: RunDir) -> str | None:
+    """Why `run` no longer holds a finished run (None when it does; a finished result.json that fails its
+    checks is kept, and `load` names the fault)."""
+    if not run.path.is_dir():
+        return "its folder is gone"
+    try:
+        status = json.loads(run.file("result.json").read_text()).get("status")
+    except FileNotFoundError:
+        return "no result.json"
+    except (OSError, ValueError, AttributeError):
+        return "result.json unreadable"
+    return None if status == "finished" else f"status {status!r}"
 
 
 def _result(run: RunDir) -> dict[str, Any]:
