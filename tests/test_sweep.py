@@ -72,6 +72,29 @@ def test_plan_never_puts_two_points_in_one_folder(tmp_path):
         sweep.plan("train.ipynb", [1], {}, {"scale": [2, 0.5, 2]}, tmp_path)
 
 
+def test_data_folders_are_checked_before_any_point_and_a_silent_failure_says_why(tmp_path, capsys, monkeypatch):
+    """A notebook with a `data` parameter (train.ipynb's): a missing data folder, given or the notebook's
+    default, is one error line before any point runs. A notebook that ends without finishing its run
+    (train.ipynb prints why and skips its cells) has its last printed line in the failure."""
+    monkeypatch.chdir(tmp_path)
+    body = 'print("first line")\nprint("the reason: nothing to do")\n'
+    nb = parameterised_notebook(tmp_path / "d.ipynb", 'seed = 0\nrun_dir = ""\ndata = "nowhere"\nnproc = 1\n', body)
+    root = tmp_path / "runs"
+    argv = ["sweep", str(nb), "--seeds", "1", "--nproc", "1", "--runs-root", str(root)]
+    assert cli.main(argv) == 2
+    assert f"{nb}'s default data=\"nowhere\": " in capsys.readouterr().err
+    assert cli.main(argv + ["-p", "data", "elsewhere"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("pgolf: error:") == 1 and f'-p data="elsewhere": {tmp_path / "elsewhere"}: no data folder' in err
+    assert not root.exists() or not any(root.iterdir())
+    data = tmp_path / "d"
+    data.mkdir()
+    (data / "fineweb_val_000000.bin").touch()
+    assert cli.main(argv + ["-p", "data", str(data)]) == 1
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["failed"][0]["error"].endswith("; its last output: the reason: nothing to do")
+
+
 def test_sweep_records_failures_and_skips_finished(tmp_path, dummy_nb, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "runs"

@@ -51,6 +51,7 @@ JOBS = ".jobs"  # beside the run directories: one folder per point, with its spe
 KERNEL = "python3"  # the kernel of the interpreter running the sweep (ipykernel's native spec)
 OVERRIDES = "overrides"  # the notebook parameter that receives grid config keys as `--set` strings
 PRESET, BUDGET = "preset", "max_seconds"  # train.ipynb's preset name and wall-clock budget (0: the preset's)
+DATA = "data"  # train.ipynb's data folder, relative to the project root
 REQUIRED = ("seed", "run_dir")  # set by the sweep for every point: the notebook must use them
 STOP_SECONDS = 30  # for papermill to exit once its kernel was told to stop (a trainer stops within ~10 s)
 
@@ -135,6 +136,23 @@ def check(notebook: str | Path, params: dict[str, Any], grid: dict[str, list[Any
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
             flag = "--grid" if BUDGET in grid else "-p"
             raise PgolfError(f"{flag} {BUDGET}={json.dumps(v)}: expected a number >= 0 (0: the preset's budget)")
+
+
+def check_data(notebook: str | Path, params: dict[str, Any], grid: dict[str, list[Any]], cwd: str | None) -> None:
+    """A sweep run here: every data folder its points will read (given, or the notebook's default) holds
+    validation shards, found as the notebook finds it (relative paths from the project root)."""
+    from pgolf.lab.trials import data_ready
+    from pgolf.lab.workbench import project_root
+
+    declared = notebook_parameters(notebook)
+    if DATA not in declared:
+        return
+    root = project_root(cwd)
+    flag = "--grid" if DATA in grid else "-p" if DATA in params else f"{notebook}'s default"
+    for v in grid.get(DATA, [params.get(DATA, _default(declared[DATA]))]):
+        problem = data_ready(root / v) if isinstance(v, str) and v else ""
+        if problem:
+            raise PgolfError(f"{flag} {DATA}={json.dumps(v)}: {problem}")
 
 
 def _default(param: dict[str, Any]) -> Any:
@@ -263,7 +281,9 @@ def execute(notebook: str | Path, item: dict[str, Any], runs_root: str | Path, c
         error = _notebook_error(output) or error_line(log_path.read_text().splitlines()) or \
             f"papermill exited with status {rc}"
     elif not RunDir(run_dir).is_finished():
-        error = "the notebook ran but its run did not finish (no result.json with status finished)"
+        said = _notebook_last_line(output)
+        error = "the notebook ran but its run did not finish (no result.json with status finished)" + \
+            (f"; its last output: {said}" if said else "")
     if error is None:
         RunDir(run_dir).file("error.json").unlink(missing_ok=True)
         return {**entry, "status": "finished"}
@@ -322,6 +342,19 @@ def _notebook_error(output: Path) -> str | None:
     return None
 
 
+def _notebook_last_line(output: Path) -> str | None:
+    """The last line the executed notebook printed (a stream output), if any."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(output, as_version=4)
+    except Exception:
+        return None
+    lines = [line for cell in nb.cells for out in cell.get("outputs", []) if out.get("output_type") == "stream"
+             for line in str(out.get("text", "")).splitlines() if line.strip()]
+    return lines[-1][:500] if lines else None
+
+
 def _first_line(x: Any) -> str:
     s = str(x).strip()
     return s.splitlines()[0][:500] if s else ""
@@ -352,6 +385,7 @@ def sweep(notebook: str | Path, seeds: Sequence[int], params: dict[str, Any] | N
 
     check_runs_root(runs_root)
     nb, params, grid = prepare(notebook, seeds, params, grid, default_nproc() if nproc is None else nproc)
+    check_data(nb, params, grid, cwd)
     items = plan(nb, seeds, params, grid, runs_root)
     Path(runs_root).mkdir(parents=True, exist_ok=True)
     me = _this_sweep()
