@@ -310,6 +310,8 @@ class Config:
 
     def with_overrides(self, overrides: list[str] | None) -> "Config":
         """A copy with `section.key=value` overrides applied (values parsed as JSON when they parse)."""
+        if isinstance(overrides, str):  # a notebook's `overrides = "k=v"`: one string is not a list of them
+            raise PgolfError(f"overrides {overrides!r}: expected a list of key=value strings, not one string")
         d = self.to_dict()
         for item in overrides or []:
             if "=" not in item:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pgolf.data import loader, shards
+from pgolf.errors import PgolfError
 from pgolf.quant import sweep
 from pgolf.artifact.qstate import load_artifact
 from pgolf.quant.gptq import dequantize, hessian_error, quantize_gptq, quantize_rtn
@@ -121,6 +122,21 @@ def test_gptq_beats_rtn_at_int6(smoke_run):
         e_g = hessian_error(w, dequantize(*quantize_gptq(w, h, 6, 12.0)), h)
         e_r = hessian_error(w, dequantize(*quantize_rtn(w, 6, 12.0)), h)
         assert e_g < e_r, name
+
+
+def test_sweep_names_the_groups_it_really_quantised(smoke_run, capsys):
+    """At the default passthrough cut, cpu-smoke's block matrices are stored fp16 whatever the bits say: the
+    row says which groups were quantised, and a warning names the groups whose setting changes nothing.
+    A model key among the overrides is refused, as `pgolf quantize` refuses it."""
+    df = sweep(smoke_run, {"groups": ["attn+mlp+embed"], "bits": [6]}, overrides=["quant.level=9"], evaluate=False)
+    assert df["quantised_groups"].tolist() == ["embed"] and df["groups"].tolist() == ["attn+mlp+embed"]
+    err = capsys.readouterr().err
+    assert "no matrix of group(s) attn, mlp is quantised" in err and "quant.passthrough_numel=65,536" in err
+    df = sweep(smoke_run, {"groups": ["attn+mlp"]}, overrides=INT6 + ["quant.level=9"], evaluate=False)
+    assert set(df["quantised_groups"][0].split("+")) >= {"attn", "mlp"}  # passthrough cut 4096: blocks quantised
+    assert "no matrix of group" not in capsys.readouterr().err
+    with pytest.raises(PgolfError, match="quant.sweep may change only quant"):
+        sweep(smoke_run, {"bits": [6]}, overrides=["model.num_layers=2"], evaluate=False)
 
 
 def _poison(monkeypatch):

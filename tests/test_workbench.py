@@ -211,3 +211,24 @@ def test_the_train_both_and_grid_buttons(tmp_path, monkeypatch):
     assert calls[2:] == [['model.attn_gate="sparse"', "model.attn_gate_width=8"],
                          ['model.attn_gate="sparse"', "model.attn_gate_width=24"]]
     assert (figs / "grid_attn_gate_width.png").is_file()
+
+
+def test_notebook_parameters_fail_early_with_the_key_named(tmp_path):
+    """What the notebooks take from papermill: a config value set directly on the preset (train.ipynb's
+    max_seconds) is checked when the config is written, before any run folder exists; `overrides` given as
+    one string is refused rather than read character by character; the grid widget names a tweak it cannot
+    grid over."""
+    cfg = get_preset("cpu-smoke")
+    cfg.train.max_seconds = -5.0
+    with pytest.raises(PgolfError, match=r"train.max_seconds: -5.0: expected >= 0"):
+        workbench.write_config(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    cfg = get_preset("cpu-smoke")
+    cfg.model.num_heads = 3  # model_dim 128 is not a multiple of 3 heads
+    with pytest.raises(PgolfError, match="model.num_heads"):
+        workbench.write_config(cfg, tmp_path / "run")
+    with pytest.raises(PgolfError, match="expected a list of key=value strings, not one string"):
+        get_preset("cpu-smoke", "model.num_layers=2")  # type: ignore[arg-type]
+    controls = workbench.tweak_widget("cpu-smoke", [])
+    with pytest.raises(PgolfError, match=r"grid tweak 'attn_gate': expected a numeric tweak \(attn_gate_width"):
+        trials.grid_widget(controls, "cpu-smoke", [], str(tmp_path), tweak="attn_gate")

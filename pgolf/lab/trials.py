@@ -134,6 +134,8 @@ def grid_widget(controls: Any, preset: str, overrides: Sequence[str], data: str,
     from IPython.display import display
 
     numeric = [n for n, (_, spec) in TWEAKS.items() if not isinstance(spec[0], str)]
+    if tweak not in numeric:
+        raise PgolfError(f"grid tweak {tweak!r}: expected a numeric tweak ({', '.join(numeric)})")
     style, wide = {"description_width": "150px"}, w.Layout(width="420px")
 
     def run_grid(tweak: str, values: str, seconds: float) -> None:

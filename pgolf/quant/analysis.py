@@ -72,8 +72,9 @@ def sweep(run: str | Path, grid: dict[str, list], *, overrides: list[str] | None
 
     keys = list(grid)
     points = [dict(zip(keys, vals)) for vals in itertools.product(*(list(grid[k]) for k in keys))]
-    from pgolf.runs import resolve
+    from pgolf.runs import check_overrides, resolve
 
+    check_overrides(overrides or [], P.SECTIONS, "quant.sweep")
     cfg0 = Config.load(resolve(run).file("config.json")).with_overrides(overrides)
     configs = [point_config(cfg0.quant, pt) for pt in points]
     for c in configs:
@@ -82,6 +83,7 @@ def sweep(run: str | Path, grid: dict[str, list], *, overrides: list[str] | None
     p = P.prepare(run, overrides, device=device, evaluate=evaluate, hessians=need_h)
     code = code_bytes(cfg0)["code_bytes"]
     rows = []
+    warned: list[str] = []
     for pt, q in zip(points, configs):
         t0 = time.perf_counter()
         blob, qstate, info, streams = P.quantize_state(p, q)
@@ -91,6 +93,16 @@ def sweep(run: str | Path, grid: dict[str, list], *, overrides: list[str] | None
                    bits_per_param=rep["bits_per_param"],
                    **{f"bytes_{g}": n for g, n in rep["bytes_by_group"].items()})
         row["under_limit"] = row["total_bytes"] <= q.limit_bytes
+        # the groups whose matrices this point really quantised (a small model's matrices may all sit under
+        # quant.passthrough_numel, stored fp16 whatever the bits say)
+        done = {t.get("group") for t in info["tensors"].values() if t.get("kind") == "quant"}
+        row["quantised_groups"] = "+".join(g for g in ALL_GROUPS if g in done) or "none"
+        idle = [g for g in _groups(pt["groups"]) if g not in done] if "groups" in pt else []
+        if idle and verbose and idle != warned:
+            warned[:] = idle
+            print(f"sweep: no matrix of group(s) {', '.join(idle)} is quantised (each has at most "
+                  f"quant.passthrough_numel={q.passthrough_numel:,} values, stored fp16): their settings change "
+                  f"nothing", file=sys.stderr, flush=True)
         if evaluate:
             assert p.prequant is not None  # prepare(evaluate=True) scored the unquantised weights
             res = P.score(p.cfg, load_artifact(blob), p.val, p.device)
