@@ -101,5 +101,7 @@ def test_bench_ttt_reports_scored_tokens_per_second(cli):
         assert rc == 0, err
         assert res["method"] == method and res["targets"] == 1024 and res["updates"] > 0
         assert res["scored_tokens_per_s"] > 0 and res["time"]["within_budget"]
+        assert res["device"] == "cpu" and res["scored_tokens_per_s_per_gpu"] is None  # no GPU figure on a CPU
+        assert res["scored_tokens_per_s_per_rank"] == res["scored_tokens_per_s"]  # one rank
     rc, res, err = cli("bench", "--ttt", "--quant", "--preset", "cpu-smoke")
     assert rc == 2 and "one benchmark at a time" in err

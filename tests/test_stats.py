@@ -179,6 +179,28 @@ def test_cli_stats_says_loudly_when_token_sets_differ(tmp_path, capsys):
     assert rc == 0 and out["equal_tokens"] is True and out["warnings"] == [] and "WARNING" not in err
 
 
+def test_cli_stats_says_loudly_when_the_latest_scores_come_from_different_stages(tmp_path, capsys):
+    """`val_bpb` is each run's latest score: after `eval --ttt` a run's is its TTT score, another's may still
+    be the trainer's. Compared, the JSON names each group's stages and warns; total_bytes_runs says how
+    many runs the bytes mean is over."""
+    write_staged(tmp_path, "old", A, 36_864)
+    for i, loss in enumerate(B_FAR):
+        run = RunDir.create(tmp_path / f"adapted_s{i}")
+        run.write_json("config.json", {"train": {"seed": i}, "model": {"tag": "adapted"}})
+        r = staged(loss / 1.6, 36_864)
+        run.finish({"preset": "cpu-smoke", "seed": i, **r, "val_bpb": r["ttt_val_bpb"], "val_loss": r["ttt_val_loss"],
+                    **({"total_bytes": 15_000_000} if i == 0 else {})})
+    rc, out, err = run_cli(["stats", "old_*", "--vs", "adapted_*", "--runs-root", str(tmp_path)], capsys)
+    assert rc == 0 and out["a"]["stages"] == ["pre-quant"] and out["b"]["stages"] == ["ttt"]
+    assert out["equal_tokens"] is True and len(out["warnings"]) == 1
+    assert "val_bpb comes from different scoring stages (old_*: pre-quant; adapted_*: ttt)" in out["warnings"][0]
+    assert "pgolf stats: WARNING: val_bpb comes from different scoring stages" in err
+    assert out["b"]["total_bytes_mean"] == 15_000_000 and out["b"]["total_bytes_runs"] == 1
+    rc, out, err = run_cli(["stats", "old_*", "--vs", "adapted_*", "--metric", "ttt_val_bpb", "--runs-root",
+                            str(tmp_path)], capsys)
+    assert rc == 0 and out["warnings"] == [] and out["a"]["stages"] == out["b"]["stages"] == ["ttt"]
+
+
 def test_pairwise_flags_unequal_tokens_and_explains_too_few_seeds(tmp_path):
     rows = [{"config_key": k, "preset": k, "seed": i, **staged(v / 1.6, n)}
             for k, vals, n in (("ref", A, 36_864), ("far", B_FAR, 4096)) for i, v in enumerate(vals)]

@@ -83,5 +83,8 @@ def bench_ttt(cfg: Config, *, tokens: int, run_dir: str | None = None) -> dict[s
             "world_size": ctx.world_size, "targets": val.num_targets, "documents": int(val.doc_starts.numel()),
             "updates": res["updates"], "warmup_s": round(ledger.seconds["warmup"], 3), "ttt_s": round(secs, 3),
             "scored_tokens_per_s": round(val.num_targets / secs),
-            "scored_tokens_per_s_per_gpu": round(val.num_targets / secs / ctx.world_size),
+            "scored_tokens_per_s_per_rank": round(val.num_targets / secs / ctx.world_size),
+            # a GPU figure only where GPUs ran it (plan_vs_bench puts it beside `pgolf plan`'s prediction)
+            "scored_tokens_per_s_per_gpu": round(val.num_targets / secs / ctx.world_size)
+            if ctx.device.type == "cuda" else None,
             "time": ledger.as_dict("ttt")}

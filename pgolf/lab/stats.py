@@ -213,8 +213,26 @@ def summarize(results: list[dict[str, Any]], metric: str = "val_bpb", label: str
             "seeds": [r.get("seed") for r in results],
             "config_keys": sorted({str(r.get("config_key")) for r in results}),
             "metric": metric, "mean": m, "std": s, "loss_mean": ln, "loss_std": ls,
-            "tokens": token_counts(results, metric),
-            "total_bytes_mean": _mean_or_none(r.get("total_bytes") for r in results)}
+            "tokens": token_counts(results, metric), "stages": stage_names(results, metric),
+            "total_bytes_mean": _mean_or_none(r.get("total_bytes") for r in results),
+            "total_bytes_runs": sum(_present(r.get("total_bytes")) for r in results)}
+
+
+def stage_names(results: list[dict[str, Any]], metric: str = "val_bpb") -> list[str]:
+    """The distinct stages (pre-quant, quantised, ttt; "?" where no stage says) the runs' `metric` came from."""
+    names = {(source_stage(r, metric) or {}).get("name") or "?" for r in results}
+    return sorted(names)
+
+
+def stage_warning(groups: dict[str, list[str]], metric: str) -> str | None:
+    """A loud sentence when the scores of `groups` ({label: stage_names}) come from different stages (a
+    TTT score against an unquantised one): `val_bpb` is each run's latest score, whatever it scored."""
+    known = {n for names in groups.values() for n in names if n != "?"}
+    if len(known) <= 1:
+        return None
+    shown = "; ".join(f"{label}: {', '.join(names)}" for label, names in groups.items())
+    return (f"{metric} comes from different scoring stages ({shown}): these scores do not compare like with "
+            "like (choose one stage's metric: val_bpb_prequant, quant_val_bpb or ttt_val_bpb)")
 
 
 def token_counts(results: list[dict[str, Any]], metric: str = "val_bpb") -> list[int | None]:
@@ -246,9 +264,10 @@ def compare(a_results: list[dict[str, Any]], b_results: list[dict[str, Any]], me
     b = summarize(b_results, metric, b_label)
     test = welch([loss_nats(r, metric) for r in a_results], [loss_nats(r, metric) for r in b_results])
     warning = token_warning({a_label: a["tokens"], b_label: b["tokens"]}, metric)
+    mixed = stage_warning({a_label: a["stages"], b_label: b["stages"]}, metric)
     return {"a": a, "b": b, "metric": metric, "delta_metric": a["mean"] - b["mean"], **test,
             "test": f"one-sided Welch: H0 mu_A - mu_B <= {MIN_DELTA_NATS} nats/token, reject at p < {ALPHA}",
-            "equal_tokens": warning is None, "warnings": [warning] if warning else []}
+            "equal_tokens": warning is None, "warnings": [w for w in (warning, mixed) if w]}
 
 
 # ---- DataFrames (pgolf.lab.registry.load())
@@ -350,9 +369,10 @@ def cmd_stats(args: Any) -> dict[str, Any]:
         table = by_config(pd.DataFrame(a_runs), args.metric)
         a = summarize(a_runs, args.metric, args.a_glob)
         warning = token_warning({args.a_glob: a["tokens"]}, args.metric)
+        mixed = stage_warning({args.a_glob: a["stages"]}, args.metric)
         return _warned({"a": a, "b": None, "delta_nats": None, "p_value": None, "significant": False,
                         "metric": args.metric, "groups": _json_records(table), "skipped": skipped,
-                        "equal_tokens": warning is None, "warnings": [warning] if warning else []})
+                        "equal_tokens": warning is None, "warnings": [w for w in (warning, mixed) if w]})
     b_runs = groups["b"]
     overlap = {r["run_id"] for r in a_runs} & {r["run_id"] for r in b_runs}
     if overlap:
