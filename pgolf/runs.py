@@ -205,6 +205,40 @@ def check_overrides(overrides: Sequence[str], allowed: Sequence[str], command: s
             raise PgolfError(f"--set {item}: {command} may change only {names} (the model is fixed by the run)")
 
 
+MOVED_DATA = ("data.path", "data.tokenizer")  # where the run's data lives now: allowed when it is the same data
+
+
+def check_moved_data(run: "RunDir", cfg: Any, overrides: Sequence[str]) -> None:
+    """`--set data.path=` / `data.tokenizer=` on a trained run: its data in another place (moved, or a path
+    relative to another folder). Allowed only where it is the run's own data: the same validation shards
+    (names and sha256) and the same tokenizer as env.json recorded when the run trained."""
+    from pgolf.fileio import sha256_file
+
+    given = [k for k in MOVED_DATA if any(o.split("=", 1)[0].strip() == k for o in overrides)]
+    if not given:
+        return
+    env_path = run.file("env.json")
+    try:
+        env = json.loads(env_path.read_text())
+    except (OSError, ValueError):
+        env = {}
+    recorded = ((env.get("data") or {}) if isinstance(env, dict) else {}).get("shards")
+    if not isinstance(recorded, dict):
+        raise PgolfError(f"--set {given[0]}: {env_path} records no shard checksums, so the data cannot be checked "
+                         "to be the run's own")
+
+    want = {k: (v or {}).get("sha256") for k, v in recorded.items() if k.startswith("fineweb_val_")}
+    folder = Path(cfg.data.path)
+    here = {f.name: f for f in folder.glob("fineweb_val_*.bin")}  # the files themselves, not a manifest's word
+    if not want or set(here) != set(want) or any(sha256_file(f) != want[n] for n, f in here.items()):
+        raise PgolfError(f"--set data.path: {folder} does not hold the validation shards this run was scored on "
+                         f"(names and sha256 in {env_path})")
+    tok = (env.get("tokenizer") or {}).get("sha256")
+    path = Path(cfg.data.tokenizer or Path(cfg.data.path) / "tokenizer.model")
+    if tok and (not path.is_file() or sha256_file(path) != tok):
+        raise PgolfError(f"--set data.tokenizer: {path} is not the tokenizer this run used (sha256 in {env_path})")
+
+
 # ---- reading what runs wrote
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The rows of a JSON-lines file. Lines that do not parse are left out: a process killed while

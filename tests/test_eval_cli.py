@@ -87,6 +87,28 @@ def test_eval_of_the_int8_artifact(run_dir):
     assert res["eval_val_bpb"] == out["val_bpb"] and out["time"]["timed"] == "score"
 
 
+def test_moved_data_is_accepted_only_when_it_is_the_runs_own(run_dir, sp1024_data, tmp_path):
+    """config.json keeps data.path as it was given; from elsewhere, or after the data moved, `--set
+    data.path=` points eval (and quantize) at it: allowed when the validation shards there are byte for byte
+    the ones env.json recorded, and the tokenizer too. Another validation set is refused."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(sp1024_data, moved)
+    out = pgolf("eval", run_dir, "--artifact", run_dir / "final_model.int8.ptz", *VAL, "--set", f"data.path={moved}")
+    res = json.loads((run_dir / "result.json").read_text())
+    assert out["val_bpb"] == pytest.approx(res["artifact_val_bpb"], rel=1e-6)
+    val = sorted(moved.glob("fineweb_val_0*.bin"))[-1]
+    data = bytearray(val.read_bytes())
+    data[-2:] = bytes([data[-1], data[-2]])  # two tokens swapped: another validation set
+    val.write_bytes(bytes(data))
+    r = pgolf("eval", run_dir, *VAL, "--set", f"data.path={moved}", ok=False)
+    assert r.returncode == 2 and r.stderr.count("pgolf: error:") == 1
+    assert f"{moved} does not hold the validation shards this run was scored on" in r.stderr
+    r = pgolf("quantize", run_dir, "--no-eval", "--set", f"data.path={moved}", ok=False)
+    assert r.returncode == 2 and "does not hold the validation shards" in r.stderr
+
+
 def test_bad_input_is_one_line(run_dir, tmp_path, capsys):
     from pgolf.cli import main
 

@@ -23,12 +23,12 @@ import torch
 from pgolf.config import Config
 from pgolf.errors import PgolfError
 from pgolf.fileio import check_output, signals_deferred
-from pgolf.runs import RunDir, artifact_stage, check_overrides, open_run, setting, stage
+from pgolf.runs import MOVED_DATA, RunDir, artifact_stage, check_moved_data, check_overrides, open_run, setting, stage
 
 if TYPE_CHECKING:
     from pgolf.model.gpt import GPT
 
-EVAL_SECTIONS = ("eval.", "ttt.", "data.val_max_tokens")  # what --set may change at evaluation time
+EVAL_SECTIONS = ("eval.", "ttt.", "data.val_max_tokens", *MOVED_DATA)  # what --set may change at evaluation time
 WEIGHTS = "final_model.pt"
 
 
@@ -82,6 +82,7 @@ def cmd_eval(args: Any) -> dict[str, Any]:
     check_overrides(args.overrides, EVAL_SECTIONS, "eval")
     run, result = open_run(args.run_dir, "eval", args.allow_unfinished)
     cfg = Config.load(run.file("config.json")).with_overrides(args.overrides)
+    check_moved_data(run, cfg, args.overrides)
     if args.ttt:
         runner_for(cfg)  # an unknown ttt.method fails before anything is loaded
     path = weights_path(run, result, args.artifact, args.weights)

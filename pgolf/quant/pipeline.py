@@ -37,11 +37,12 @@ from pgolf.errors import PgolfError
 from pgolf.fileio import signals_deferred
 from pgolf.model import build_with_state
 from pgolf.quant import quantize as A
-from pgolf.runs import check_overrides, open_run, replaced_artifact, resolve, setting, stage
+from pgolf.runs import (MOVED_DATA, check_moved_data, check_overrides, open_run, replaced_artifact, resolve, setting,
+                        stage)
 
 WEIGHTS = "final_model.pt"
 TRAINER_EXPORT = "final_model.int8.ptz"  # `pgolf train`'s artifact: quantize never writes it
-SECTIONS = ("quant.", "eval.", "data.val_max_tokens")  # what --set may change: never the model
+SECTIONS = ("quant.", "eval.", "data.val_max_tokens", *MOVED_DATA)  # what --set may change: never the model
 
 
 def artifact_name(method: str) -> str:
@@ -82,6 +83,7 @@ def prepare(run_dir: str | Path, overrides: list[str] | None = None, *, device=N
     t0 = time.perf_counter()
     run = resolve(run_dir)
     cfg = Config.load(run.file("config.json")).with_overrides(overrides)
+    check_moved_data(run, cfg, overrides or [])
     A.validate(cfg.quant)  # a bad setting fails before calibration and the pre-quantisation score
     device = torch.device(device) if device else default_device()
     wpath = run.file(WEIGHTS)
@@ -224,7 +226,7 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
                    val_loss=res["val_loss"], quant_delta_bpb=res["val_bpb"] - p.prequant["val_bpb"])
     _timed(p.timings, "total_s", t_start)
     out["quant_timings"] = p.timings
-    updates = dict(out)
+    updates = {**out, "artifact": name}  # as the trainer writes it: the file's name in the run folder
     headline = evaluate and res is not None and res["tokens"] >= (prev.get("val_tokens") or 0)
     if not evaluate:  # the scores of final_model.pt still hold; those of the replaced artifact do not
         for k in ("val_bpb", "val_bpb_prequant", "quant_val_bpb"):
