@@ -136,6 +136,7 @@ def test_sweep_records_failures_and_skips_finished(tmp_path, dummy_nb, capsys, m
     assert sorted(p["run_dir"] for p in st["points"]) == sorted([str(ok), str(bad)])
     assert all(p["launcher"] == "local" and p["job_id"] is None and p["state"] == "FINISHED" for p in st["points"])
     assert all(Path(p["notebook"]) == Path(p["run_dir"]) / "dummy.ipynb" for p in st["points"])
+    assert {p["run_dir"]: p["attempts"] for p in st["points"]} == {str(ok): 1, str(bad): 2}  # .failed/ counts
     assert cli.main(["stats", "*", "--runs-root", str(root), "--pool"]) == 0  # .jobs and .failed are no runs
     assert json.loads(capsys.readouterr()[0].strip().splitlines()[-1])["skipped"] == []
 

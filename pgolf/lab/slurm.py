@@ -222,8 +222,12 @@ def point_status(runs_root: Path, run_dir: str | Path) -> dict[str, Any]:
     last = history[-1] if history else None
     spec = _read(job_dir / "spec.json")
     local = last is None and spec.get("launcher") == "local"
+    attempts = len(history)
+    if local:  # a local sweep's attempts: the retired ones under .failed/, and the one in the folder
+        attempts = len(list((runs_root / ".failed").glob(f"{run_dir.name}-[0-9]*"))) + \
+            int(run_dir.is_dir() and any(run_dir.iterdir()))
     out: dict[str, Any] = {"run_dir": str(run_dir), "launcher": "local" if local else "slurm",
-                           "job_id": last and last["job_id"], "state": None, "attempts": len(history)}
+                           "job_id": last and last["job_id"], "state": None, "attempts": attempts}
     error = _read(run_dir / "error.json")
     if error:
         out["error"] = error.get("error")
