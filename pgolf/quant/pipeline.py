@@ -227,6 +227,7 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
     _timed(p.timings, "total_s", t_start)
     out["quant_timings"] = p.timings
     updates = {**out, "artifact": name}  # as the trainer writes it: the file's name in the run folder
+    out["val_tokens"] = prev.get("val_tokens")  # the run's: what its val_bpb was scored on
     headline = evaluate and res is not None and res["tokens"] >= (prev.get("val_tokens") or 0)
     if not evaluate:  # the scores of final_model.pt still hold; those of the replaced artifact do not
         for k in ("val_bpb", "val_bpb_prequant", "quant_val_bpb"):
@@ -240,8 +241,6 @@ def quantize_run(run_dir: str | Path, overrides: list[str] | None = None, strict
     sha = hashlib.sha256(blob).hexdigest()
     cleared, replaced = replaced_artifact(prev, sha)  # the old artifact's flat scores move into the new stage
     updates = {**cleared, **updates}
-    if evaluate and not headline:  # the JSON line's val_bpb is the run's, as result.json's
-        out.update({k: updates.get(k, prev.get(k)) for k in ("val_bpb", "val_loss")})
     was = {"replaced": {"artifact": prev.get("artifact") and Path(prev["artifact"]).name, "scores": replaced}
            } if replaced else {}
     new = [stage("pre-quant", p.prequant, by="quantize", weights="fp", artifact=WEIGHTS, setting=scoring_setting(cfg))
@@ -268,5 +267,6 @@ def _publish(p: Prepared, name: str, blob: bytes, updates: dict[str, Any], new_s
             write_cache(p.run.path, p.cfg, p.hessians, p.hessian_info, WEIGHTS)
 
 
+# val_bpb: the artifact's score (the contract's); quant_val_tokens: on how many tokens, against the run's val_tokens
 CLI_KEYS = ("artifact", "model_bytes", "code_bytes", "total_bytes", "limit", "under_limit",
-            "val_bpb_prequant", "val_bpb", "quant_val_bpb", "quant_val_tokens")
+            "val_bpb_prequant", "val_bpb", "quant_val_tokens", "val_tokens")
