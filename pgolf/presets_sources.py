@@ -206,6 +206,8 @@ PR430 = {
         "model.xsa_last_n": 11, "model.bigram_buckets": 6144,  # never set: the script's defaults ran
         "model.attn_gate": "head_scalar", "model.value_residual": True, "eval.stride": 64,
     }),
+    **_facts(430, "#824's train_gpt.py (fork sahiee-dev/parameter-golf 61e1497): the root's TokenStream", {
+        "data.shard_end": "splice"}),
     **_facts(688, "docs/records/hedge-stack.md §1.4", {
         "quant.method": "gptq", "quant.attn_bits": 5, "quant.mlp_bits": 5, "quant.other_bits": 5,
         "quant.embed_bits": 8, "quant.calibration_batches": 1, "quant.calibration_seqs": 128,
