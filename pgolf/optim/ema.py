@@ -1,9 +1,10 @@
 """Exponential moving average of the weights (docs/records/record-stack.md §3.5; docs/records/hedge-stack.md §1.3).
 
 An fp32 copy of the full state dict (parameters and float buffers), updated after every optimizer
-step: `ema <- d*ema + (1-d)*w`. The EMA weights are the ones exported. With MIN_LR 0.1 it is worth
-about 0.01 BPB (#1855), so the copy stays fp32 even where the live weight is bf16 (tok_emb).
-Pass the bare model, not a DDP / compiled wrapper, so the keys match the model's own.
+step: `ema <- d*ema + (1-d)*w`, rounded as the records round it (`EMA.update`). The EMA weights are the
+ones exported. With MIN_LR 0.1 it is worth about 0.01 BPB (#1855), so the copy stays fp32 even where
+the live weight is bf16 (tok_emb). Pass the bare model, not a DDP / compiled wrapper, so the keys match
+the model's own.
 """
 from __future__ import annotations
 
@@ -26,9 +27,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        # lerp(ema, w, 1-d) = ema + (1-d)(w - ema) = d*ema + (1-d)*w; .float() is a no-op for fp32
-        live = [t.detach().float() for t in self._live(model)]
-        torch._foreach_lerp_(list(self.shadow.values()), live, 1.0 - self.decay)
+        """ema <- d*ema, then ema += (1-d)*w: the records' two roundings (`ema_t.mul_(d).add_(t, alpha=1-d)`,
+        #1855 `train_model`), not lerp's. fp32(d) + fp32(1-d) is not 1, so this average settles at w times
+        1 + 4.4e-6 at d = 0.9965, and the exported weights carry that scale as the records' do."""
+        live = [t.detach().float() for t in self._live(model)]  # .float() is exact for bf16 and a no-op for fp32
+        shadow = list(self.shadow.values())
+        torch._foreach_mul_(shadow, self.decay)
+        torch._foreach_add_(shadow, live, alpha=1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
