@@ -338,8 +338,10 @@ def train(cfg: Config, ctx: distributed.Dist, out: str | None = None, runs_root:
     trainer.loader.reset()
     trainer.run_path = run_path
     if ctx.is_main:
-        earlier = run_path / "config.json"  # an unfinished earlier attempt's (finished ones are refused above)
-        moved = move_aside(run_path) if earlier.exists() else None
+        # An unfinished earlier attempt (finished ones are refused above) wrote what the trainer writes; a
+        # config.json alone is the one a notebook wrote for this launch (workbench.write_config).
+        earlier = any((run_path / f).exists() for f in ("env.json", "train.log", "metrics.jsonl", "result.json"))
+        moved = move_aside(run_path) if earlier else None
         run = RunDir.create(run_path)
         run.write_json("config.json", cfg.to_dict())
         tokenizer = cfg.data.tokenizer or Path(cfg.data.path) / "tokenizer.model"

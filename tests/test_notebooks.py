@@ -197,6 +197,7 @@ def check_train(tmp_path, request, monkeypatch):
                          r"export / quantisation [\d.]+ s", text), text[-2000:]
     assert len((root / "runs" / "index.jsonl").read_text().splitlines()) == 2
     assert len(load(root / "runs")) == 2
+    assert not (root / "runs" / ".failed").exists()  # the config.json the notebook wrote is no earlier attempt
     again = cli_sweep(root, data)
     assert sorted(again["skipped"]) == sorted(res["runs"]) and again["runs"] == [] and again["failed"] == []
     assert len((root / "runs" / "index.jsonl").read_text().splitlines()) == 2

@@ -160,6 +160,14 @@ def test_interrupted_run_is_never_recorded_as_finished(sp1024_data, tmp_path, cl
     assert json.loads((old / "result.json").read_text())["status"] == "interrupted"
     assert f"moved to {old}" in (run / "train.log").read_text()
     assert len(_index_lines(tmp_path / "runs")) == 1
+    # A folder holding only the config.json a notebook wrote for this launch is not an earlier attempt.
+    fresh = tmp_path / "runs" / "nb"
+    fresh.mkdir()
+    (fresh / "config.json").write_text(json.dumps(get_preset("cpu-smoke", TINY).to_dict()))
+    rc, res, err = cli("train", "--config", fresh / "config.json", "--data", sp1024_data, "--out", fresh,
+                       "--max-seconds", "0", "--set", "train.iterations=1")
+    assert rc == 0, err
+    assert [p.name for p in (tmp_path / "runs" / ".failed").iterdir()] == [old.name]
 
 
 def test_config_json_round_trip_and_overrides():
