@@ -77,6 +77,11 @@ def move_aside(run_dir: Path, runs_root: Path | None = None) -> Path:
     return dest
 
 
+def moved_aside(run_dir: Path, runs_root: Path | None = None) -> list[Path]:
+    """The earlier attempts of `run_dir` that `move_aside` kept (none: an empty list)."""
+    return sorted(((runs_root or run_dir.parent) / ".failed").glob(f"{run_dir.name}-[0-9]*"))
+
+
 class RunDir:
     """One run's directory. Rank 0 writes; other ranks never touch it."""
 
@@ -212,6 +217,7 @@ def check_moved_data(run: "RunDir", cfg: Any, overrides: Sequence[str]) -> None:
     """`--set data.path=` / `data.tokenizer=` on a trained run: its data in another place (moved, or a path
     relative to another folder). Allowed only where it is the run's own data: the same validation shards
     (names and sha256) and the same tokenizer as env.json recorded when the run trained."""
+    from pgolf.data.build import default_tokenizer_path
     from pgolf.fileio import sha256_file
 
     given = [k for k in MOVED_DATA if any(o.split("=", 1)[0].strip() == k for o in overrides)]
@@ -234,7 +240,7 @@ def check_moved_data(run: "RunDir", cfg: Any, overrides: Sequence[str]) -> None:
         raise PgolfError(f"--set data.path: {folder} does not hold the validation shards this run was scored on "
                          f"(names and sha256 in {env_path})")
     tok = (env.get("tokenizer") or {}).get("sha256")
-    path = Path(cfg.data.tokenizer or Path(cfg.data.path) / "tokenizer.model")
+    path = Path(cfg.data.tokenizer or default_tokenizer_path(folder))
     if tok and (not path.is_file() or sha256_file(path) != tok):
         raise PgolfError(f"--set data.tokenizer: {path} is not the tokenizer this run used (sha256 in {env_path})")
 

@@ -32,7 +32,6 @@ from pgolf.runs import RunDir, move_aside, new_run_id
 # --------------------------------------------------------------------------- configuration
 def resolve_config(args: argparse.Namespace) -> Config:
     """Preset (or --config) + --set overrides + the explicit flags, validated."""
-    from pgolf.model import validate
     from pgolf.presets import get_preset
 
     if getattr(args, "config", None):
@@ -47,10 +46,18 @@ def resolve_config(args: argparse.Namespace) -> Config:
         cfg.train.seed = args.seed
     if args.max_seconds is not None:
         cfg.train.max_seconds = args.max_seconds
-    check_domains(cfg)  # again: the flags above bypass Config.from_dict
+    check_config(cfg)  # again: the flags above bypass Config.from_dict
+    return cfg
+
+
+def check_config(cfg: Config, where: str = "config") -> None:
+    """What `pgolf train` checks before it starts: every numeric field in its domain, the model's
+    settings, the optimizer's and training's. For a configuration whose fields were set directly."""
+    from pgolf.model import validate
+
+    check_domains(cfg, where)
     validate(cfg.model)
     validate_training(cfg)
-    return cfg
 
 
 def validate_training(cfg: Config) -> None:

@@ -372,24 +372,29 @@ def test_ema_rounds_as_the_records_update():
     """Bit for bit the records' `ema_t.mul_(d).add_(t, alpha=1 - d)` (#1855 `train_model`, also #1787 and
     #1667), a bf16 live weight included, over many steps; lerp, the form pgolf had, drifts from it (the
     records' average settles at w * (1 + 4.4e-6) at d = 0.9965, as fp32(d) + fp32(1 - d) != 1)."""
+    shadow, ref, lerp = _ema_beside_the_records_update(nn.Linear(64, 48), steps=300)
+    for k in ref:
+        assert torch.equal(shadow[k], ref[k]), k
+    assert any(not torch.equal(lerp[k], ref[k]) for k in ref)
+
+
+def _ema_beside_the_records_update(model: nn.Module, steps: int, d: float = 0.9965):
+    """`EMA.update` after each of `steps` random moves of `model` (its weight made bf16, as tok_emb), beside
+    the records' per-tensor `mul_(d).add_(t, alpha=1 - d)` and lerp: (EMA's shadow, the records', lerp's)."""
     torch.manual_seed(0)
-    model = nn.Linear(64, 48)
     model.weight.data = model.weight.data.bfloat16()
-    d = 0.9965
     ema = EMA(model, d)
     ref = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
     lerp = {k: v.clone() for k, v in ref.items()}
     with torch.no_grad():
-        for _ in range(300):
+        for _ in range(steps):
             for p in model.parameters():
                 p.add_(0.01 * torch.randn_like(p))
             ema.update(model)
             for k, t in model.state_dict().items():
                 ref[k].mul_(d).add_(t.detach(), alpha=1.0 - d)
                 lerp[k].lerp_(t.detach().float(), 1.0 - d)
-    for k in ref:
-        assert torch.equal(ema.shadow[k], ref[k]), k
-    assert any(not torch.equal(lerp[k], ref[k]) for k in ref)
+    return ema.shadow, ref, lerp
 
 
 def test_crown_q_penalty_value_and_gradient():
@@ -475,18 +480,6 @@ def test_inductor_newton_schulz_on_cuda_is_as_close_to_the_polar_factor_as_eager
 def test_ema_on_cuda_rounds_as_the_records_per_tensor_update():
     """The foreach kernels on CUDA give what the records' per-tensor `mul_(d).add_(t, alpha=1 - d)` gives."""
     assert torch.cuda.is_available(), "run the gpu tests on a CUDA machine"
-    torch.manual_seed(0)
-    model = nn.Linear(512, 384).cuda()
-    model.weight.data = model.weight.data.bfloat16()
-    d = 0.9965
-    ema = EMA(model, d)
-    ref = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        for _ in range(50):
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-            ema.update(model)
-            for k, t in model.state_dict().items():
-                ref[k].mul_(d).add_(t.detach(), alpha=1.0 - d)
+    shadow, ref, _ = _ema_beside_the_records_update(nn.Linear(512, 384).cuda(), steps=50)
     for k in ref:
-        assert torch.equal(ema.shadow[k], ref[k]), k
+        assert torch.equal(shadow[k], ref[k]), k

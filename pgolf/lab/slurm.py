@@ -37,7 +37,7 @@ from typing import Any, Sequence
 from pgolf.errors import PgolfError
 from pgolf.fileio import atomic_write_json
 from pgolf.lab import launch, sweep
-from pgolf.runs import RunDir
+from pgolf.runs import RunDir, moved_aside
 
 JOBS = sweep.JOBS  # beside the run directories: one folder per point
 # sacct states of a job that is queued or still running (or about to run again)
@@ -224,8 +224,7 @@ def point_status(runs_root: Path, run_dir: str | Path) -> dict[str, Any]:
     local = last is None and spec.get("launcher") == "local"
     attempts = len(history)
     if local:  # a local sweep's attempts: the retired ones under .failed/, and the one in the folder
-        attempts = len(list((runs_root / ".failed").glob(f"{run_dir.name}-[0-9]*"))) + \
-            int(run_dir.is_dir() and any(run_dir.iterdir()))
+        attempts = len(moved_aside(run_dir, runs_root)) + int(run_dir.is_dir() and any(run_dir.iterdir()))
     out: dict[str, Any] = {"run_dir": str(run_dir), "launcher": "local" if local else "slurm",
                            "job_id": last and last["job_id"], "state": None, "attempts": attempts}
     error = _read(run_dir / "error.json")

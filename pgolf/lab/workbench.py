@@ -108,14 +108,10 @@ def write_config(cfg: Config, run_dir: str | Path) -> Path:
     """Write `cfg` as `<run_dir>/config.json` (what `pgolf.train --config` reads) and return its path.
     The configuration is checked first, as `pgolf train` checks it (a value set on `cfg` directly never went
     through `--set`): a bad one is an error naming the key, and no run folder is made."""
-    from pgolf.config_domains import check as check_domains
-    from pgolf.model import validate
     from pgolf.runs import RunDir
-    from pgolf.train import validate_training
+    from pgolf.train import check_config
 
-    check_domains(cfg, "the configuration")
-    validate(cfg.model)
-    validate_training(cfg)
+    check_config(cfg, "the configuration")
     run = RunDir(run_dir)
     if run.is_finished():
         raise PgolfError(f"{run.path}: already holds a finished run (choose another run_name or run_dir)")
