@@ -79,12 +79,12 @@ def bench_ttt(cfg: Config, *, tokens: int, run_dir: str | None = None) -> dict[s
         distributed.teardown()
     secs = ledger.seconds["ttt"]
     name = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    per_rank = round(val.num_targets / secs / ctx.world_size)
     return {"device": name, "preset": cfg.preset, "method": method, "weights": "trained" if run_dir else "init",
             "world_size": ctx.world_size, "targets": val.num_targets, "documents": int(val.doc_starts.numel()),
             "updates": res["updates"], "warmup_s": round(ledger.seconds["warmup"], 3), "ttt_s": round(secs, 3),
             "scored_tokens_per_s": round(val.num_targets / secs),
-            "scored_tokens_per_s_per_rank": round(val.num_targets / secs / ctx.world_size),
+            "scored_tokens_per_s_per_rank": per_rank,
             # a GPU figure only where GPUs ran it (plan_vs_bench puts it beside `pgolf plan`'s prediction)
-            "scored_tokens_per_s_per_gpu": round(val.num_targets / secs / ctx.world_size)
-            if ctx.device.type == "cuda" else None,
+            "scored_tokens_per_s_per_gpu": per_rank if ctx.device.type == "cuda" else None,
             "time": ledger.as_dict("ttt")}
